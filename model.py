@@ -1,0 +1,667 @@
+"""
+model.py — everything in rscovlm that depends on the checkpoint.
+
+Loading a Qwen2.5-VL or Qwen3-VL checkpoint and its processor, the chat template, turning a record into
+training tensors (image tokens + label masking), batched generation, the resumable prediction loop the
+evaluation scripts share, and a tiny random-init checkpoint for tests and the CPU demo.
+
+    from model import load, read_records, tokenize, generate
+    model, processor = load("Qwen/Qwen2.5-VL-7B-Instruct-local-dir")
+    records = read_records("data/dota_val512.jsonl")
+    sample = tokenize(records[0], processor)          # input_ids, labels, pixel_values, ...
+    texts = generate(model, processor, records[:8])   # greedy answers, in input order
+
+    python model.py --make-tiny ckpt/tiny --family qwen2.5   # a tiny offline checkpoint (seconds, CPU)
+
+Conventions (see README "Record format"): a record is {"id", "task", "dataset", "images", "messages",
+"meta"}; "<image>" in a message marks where an image goes; the final assistant turn is the target; for det
+and ground records that target is rendered from meta by boxes.py in this model family's coordinates.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import boxes
+
+IMAGE_PLACEHOLDER = "<image>"
+FAMILIES = {"qwen2_5_vl": "qwen2.5", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3"}
+# How each family writes boxes (REFERENCE.md section 2): Qwen2.5-VL grounds in absolute pixels of the
+# resized image, Qwen3-VL in coordinates normalised to 0..1000.
+COORDS = {"qwen2.5": "abs", "qwen3": "norm1000"}
+
+# -----------------------------------------------------------------------------
+# Distributed helpers (rank-aware printing, data-parallel inference)
+
+
+def dist_info():
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when run plainly."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main():
+    return dist_info()[0] == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def init_dist():
+    """Initialise torch.distributed when launched by torchrun (nccl on GPU, gloo on CPU). Returns the device."""
+    rank, world, local_rank = dist_info()
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+# -----------------------------------------------------------------------------
+# Records: JSONL, one sample per line (README "Record format")
+
+TASKS = ("det", "ground", "vqa", "caption", "cls", "chat")
+
+
+def read_records(path):
+    """Read a JSONL file of records. Image paths become absolute (relative ones are relative to the JSONL's
+    folder). Any problem raises ValueError naming the file and line."""
+    path = Path(path)
+    root = path.resolve().parent
+    records, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"bad JSON at {where}: {e}") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"bad record at {where}: expected a JSON object")
+            for key in ("id", "messages"):
+                if key not in rec:
+                    raise ValueError(f"bad record at {where}: missing key '{key}'")
+            rec.setdefault("task", "chat")
+            rec.setdefault("dataset", path.stem)
+            rec.setdefault("images", [])
+            rec.setdefault("meta", {})
+            if rec["task"] not in TASKS:
+                raise ValueError(f"bad record at {where}: task '{rec['task']}' is not one of {TASKS}")
+            if rec["id"] in seen:
+                raise ValueError(f"bad record at {where}: duplicate id '{rec['id']}'")
+            seen.add(rec["id"])
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in msgs):
+                raise ValueError(f"bad record at {where}: messages must be a list of {{'role', 'content': str}}")
+            n_tags = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in msgs)
+            if n_tags != len(rec["images"]):
+                raise ValueError(f"bad record at {where}: {n_tags} '<image>' tags but {len(rec['images'])} images")
+            rec["images"] = [str(p) if os.path.isabs(p) else str(root / p) for p in rec["images"]]
+            records.append(rec)
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Processor: tokenizer + image processor + chat template. A small container instead of HF's
+# Qwen2_5_VLProcessor, which cannot be built without torchvision (its video processor needs it).
+
+
+@dataclass
+class Processor:
+    tokenizer: object
+    image_processor: object
+    chat_template: str
+    family: str
+
+    def __post_init__(self):
+        tok = self.tokenizer
+        ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>")}
+        missing = [t for t, i in ids.items() if i is None or i == tok.unk_token_id]
+        if missing:
+            raise ValueError(f"tokenizer lacks Qwen special tokens {missing}")
+        self.image_token_id = ids["<|image_pad|>"]
+        self.vision_start_id = ids["<|vision_start|>"]
+        self.vision_end_id = ids["<|vision_end|>"]
+        self.end_of_turn_id = ids["<|im_end|>"]
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+        ip = self.image_processor
+        self.patch_size = int(ip.patch_size)
+        self.merge_size = int(ip.merge_size)
+        self.min_pixels = int(ip.size["shortest_edge"])
+        self.max_pixels = int(ip.size["longest_edge"])
+
+    def save_pretrained(self, out_dir):
+        """Write tokenizer, image processor and chat template so that this loader, HF's AutoProcessor (with
+        torchvision installed) and vLLM can all read the directory."""
+        out_dir = Path(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)
+        cfg_path = out_dir / "preprocessor_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["processor_class"] = "Qwen2_5_VLProcessor" if self.family == "qwen2.5" else "Qwen3VLProcessor"
+        cfg["min_pixels"], cfg["max_pixels"] = self.min_pixels, self.max_pixels
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        (out_dir / "chat_template.jinja").write_text(self.chat_template)
+
+
+def family(obj):
+    """'qwen2.5' or 'qwen3' for a model, config, Processor or checkpoint directory. Dispatch is by the
+    config's model_type, never by path names."""
+    if isinstance(obj, Processor):
+        return obj.family
+    if isinstance(obj, (str, Path)):
+        cfg_path = Path(obj) / "config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
+        model_type = json.loads(cfg_path.read_text()).get("model_type")
+    else:
+        model_type = getattr(getattr(obj, "config", obj), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type '{model_type}': rscovlm supports {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def _read_chat_template(path):
+    """The checkpoint's chat template: chat_template.jinja, chat_template.json (processor-level, as the
+    official Qwen-VL repos ship it) or tokenizer_config.json."""
+    path = Path(path)
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").exists():
+        return json.loads((path / "chat_template.json").read_text())["chat_template"]
+    tc = path / "tokenizer_config.json"
+    if tc.exists() and json.loads(tc.read_text()).get("chat_template"):
+        return json.loads(tc.read_text())["chat_template"]
+    raise FileNotFoundError(f"no chat template in {path} (looked for chat_template.jinja/.json, tokenizer_config.json)")
+
+
+def load_processor(path, min_pixels=None, max_pixels=None):
+    """The Processor of a checkpoint directory. min/max_pixels override the saved pixel budget (train and
+    evaluate with the same budget: the box coordinates depend on it for Qwen2.5-VL)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    fam = family(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    size = dict(image_processor.size)
+    cfg = json.loads((Path(path) / "preprocessor_config.json").read_text())
+    size["shortest_edge"] = min_pixels or size.get("shortest_edge") or cfg.get("min_pixels")
+    size["longest_edge"] = max_pixels or size.get("longest_edge") or cfg.get("max_pixels")
+    image_processor.size = size
+    return Processor(tokenizer, image_processor, _read_chat_template(path), fam)
+
+
+def load(path, dtype=None, device=None, attn=None, min_pixels=None, max_pixels=None):
+    """Load any local Qwen2.5-VL / Qwen3-VL checkpoint directory (offline, no trust_remote_code).
+
+    dtype: torch dtype or name ('bfloat16'); default bf16 on CUDA, fp32 on CPU.
+    attn: attention implementation; default flash_attention_2 when importable on CUDA, else sdpa.
+    Returns (model in eval mode on device, Processor)."""
+    from transformers import AutoModelForImageTextToText
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if attn is None:
+        attn = "sdpa"
+        if device.type == "cuda":
+            try:
+                import flash_attn  # noqa: F401
+
+                attn = "flash_attention_2"
+            except ImportError:
+                pass
+    processor = load_processor(path, min_pixels, max_pixels)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    return model.to(device).eval(), processor
+
+
+# -----------------------------------------------------------------------------
+# Images and coordinates
+
+
+def smart_resize(height, width, factor, min_pixels, max_pixels):
+    """The size (h, w) Qwen-VL resizes an image to: multiples of `factor` (patch * merge), total pixels within
+    [min_pixels, max_pixels], aspect ratio kept. Mirrors the HF image processor (checked in tests against the
+    grid it actually produces)."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def coord_kwargs(processor, width, height):
+    """Keyword arguments for boxes.render_answer / parse_answer that put boxes in this model family's
+    coordinates for an image of width x height at the processor's pixel budget."""
+    coords = COORDS[processor.family]
+    if coords == "norm1000":
+        return {"coords": coords, "resized_hw": None}
+    factor = processor.patch_size * processor.merge_size
+    return {"coords": coords, "resized_hw": smart_resize(height, width, factor, processor.min_pixels, processor.max_pixels)}
+
+
+def load_image(path):
+    """An RGB PIL image; errors name the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# Chat formatting, image tokens and label masking
+
+
+def _to_template_messages(messages):
+    """Record messages (content: str with '<image>' tags) -> the list-of-parts form Qwen-VL templates take."""
+    out = []
+    for m in messages:
+        parts = []
+        for i, chunk in enumerate(m["content"].split(IMAGE_PLACEHOLDER)):
+            if i > 0:
+                parts.append({"type": "image"})
+            if chunk:
+                parts.append({"type": "text", "text": chunk})
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def _render(processor, messages, add_generation_prompt):
+    return processor.tokenizer.apply_chat_template(
+        _to_template_messages(messages), chat_template=processor.chat_template, tokenize=False,
+        add_generation_prompt=add_generation_prompt)
+
+
+def target_messages(record, processor, images_hw=None):
+    """The record's messages with a det/ground answer rendered from meta in this family's coordinates.
+    images_hw: [(h, w)] of the record's images as loaded (to check meta's width/height)."""
+    messages = [dict(m) for m in record["messages"]]
+    meta = record.get("meta", {})
+    if record.get("task") in ("det", "ground") and "objects" in meta:
+        w, h = meta["width"], meta["height"]
+        if images_hw and tuple(images_hw[0]) != (h, w):
+            raise ValueError(f"record {record['id']}: meta says {w}x{h} but image {record['images'][0]} is "
+                             f"{images_hw[0][1]}x{images_hw[0][0]}")
+        answer = boxes.render_answer(
+            meta["objects"], w, h, **coord_kwargs(processor, w, h),
+            box_format=meta.get("box_format", "poly" if record["task"] == "det" else "hbox"),
+            style=meta.get("answer_style", "plain"), with_label=record["task"] == "det")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            messages.append({"role": "assistant", "content": answer})
+        else:
+            messages[last]["content"] = answer
+    return messages
+
+
+def process_images(processor, paths):
+    """Load and preprocess images. Returns (pixel_values (P, C) or None, image_grid_thw (n, 3) or None,
+    [(h, w)] original sizes)."""
+    if not paths:
+        return None, None, []
+    images = [load_image(p) for p in paths]
+    out = processor.image_processor(images=images, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"], [(im.height, im.width) for im in images]
+
+
+def expand_image_tokens(ids, labels, processor, image_grid_thw):
+    """The one place image tokens are made: each <|image_pad|> the chat template wrote becomes t*h*w/merge^2
+    pads, one per merged patch feature of that image (labels -100 there). Returns (ids, labels)."""
+    n_images = 0 if image_grid_thw is None else len(image_grid_thw)
+    pads = [i for i, t in enumerate(ids) if t == processor.image_token_id]
+    if len(pads) != n_images:
+        raise ValueError(f"the chat template wrote {len(pads)} image placeholders for {n_images} images")
+    out_ids, out_labels, prev = [], [], 0
+    for pos, thw in zip(pads, image_grid_thw if n_images else []):
+        if labels[pos] != -100:
+            raise ValueError("an <image> tag inside an assistant turn is not supported")
+        n = int(thw.prod()) // processor.merge_size**2
+        out_ids += ids[prev:pos] + [processor.image_token_id] * n
+        out_labels += labels[prev:pos] + [-100] * n
+        prev = pos + 1
+    return out_ids + ids[prev:], out_labels + labels[prev:]
+
+
+def _split_turns(processor, messages):
+    """Split the rendered conversation into (text, supervised) segments. A supervised segment is one assistant
+    turn's content plus its end-of-turn token; everything else (system, user, the 'assistant\\n' header, the
+    newline after <|im_end|>) is context. Rendering prefixes keeps this independent of the template's wording."""
+    full = _render(processor, messages, add_generation_prompt=False)
+    segments, pos = [], 0
+    end_tok = processor.tokenizer.convert_ids_to_tokens(processor.end_of_turn_id)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_render(processor, messages[:i], add_generation_prompt=True))
+        stop = len(_render(processor, messages[: i + 1], add_generation_prompt=False))
+        span = full[start:stop]
+        if not full.startswith(_render(processor, messages[:i], add_generation_prompt=True)) or end_tok not in span:
+            raise ValueError("chat template does not render assistant turns as a prefix-stable "
+                             f"'...{end_tok}' span; cannot mask labels")
+        stop = start + span.rindex(end_tok) + len(end_tok)
+        segments += [(full[pos:start], False), (full[start:stop], True)]
+        pos = stop
+    segments.append((full[pos:], False))
+    return [(t, s) for t, s in segments if t]
+
+
+def tokenize(record, processor, max_length=None, truncate=False):
+    """One record -> training tensors.
+
+    Returns {"input_ids" (T,), "labels" (T,) with -100 except assistant tokens and their end-of-turn token,
+    "attention_mask" (T,), "mm_token_type_ids" (T,) 1 at image pads, "pixel_values" (P, C) or None,
+    "image_grid_thw" (n_images, 3) or None}.
+    Longer than max_length: ValueError naming the record, or with truncate=True the tail is cut (never inside
+    or before an image's tokens; then ValueError too)."""
+    pixel_values, grid, sizes = process_images(processor, record["images"])
+    messages = target_messages(record, processor, sizes)
+    ids, labels = [], []
+    for text, supervised in _split_turns(processor, messages):
+        # Segments are tokenized separately so the prompt tokens equal what generation sees.
+        seg = processor.tokenizer.encode(text, add_special_tokens=False)
+        ids += seg
+        labels += seg if supervised else [-100] * len(seg)
+    ids, labels = expand_image_tokens(ids, labels, processor, grid)
+    if max_length and len(ids) > max_length:
+        last_image = max((i for i, t in enumerate(ids) if t == processor.vision_end_id), default=-1)
+        if not truncate or last_image >= max_length:
+            raise ValueError(f"record {record['id']}: {len(ids)} tokens > max_length {max_length}"
+                             + (" (truncation would cut image tokens)" if truncate else ""))
+        ids, labels = ids[:max_length], labels[:max_length]
+    ids = torch.tensor(ids, dtype=torch.long)
+    return {
+        "input_ids": ids,
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == processor.image_token_id).long(),
+        "pixel_values": pixel_values,
+        "image_grid_thw": grid,
+    }
+
+
+def collate(samples, pad_token_id):
+    """Right-pad tokenized samples into a batch (training). Image tensors are concatenated in sample order,
+    which is the order the model consumes image features in."""
+    T = max(len(s["input_ids"]) for s in samples)
+
+    def pad(key, value):
+        return torch.stack([torch.nn.functional.pad(s[key], (0, T - len(s[key])), value=value) for s in samples])
+
+    batch = {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", -100),
+             "attention_mask": pad("attention_mask", 0), "mm_token_type_ids": pad("mm_token_type_ids", 0)}
+    pv = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    batch["pixel_values"] = torch.cat(pv) if pv else None
+    batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples if s["pixel_values"] is not None]) if pv else None
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# Generation (batched, greedy) and the resumable prediction loop of the evaluation scripts
+
+
+def _prompt(record, processor):
+    """Tokenized prompt of a record: its messages before the final assistant turn + the generation prompt."""
+    msgs = record["messages"]
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+    n_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in msgs[:last])
+    pixel_values, grid, _ = process_images(processor, record["images"][:n_images])
+    ids = processor.tokenizer.encode(_render(processor, msgs[:last], add_generation_prompt=True), add_special_tokens=False)
+    ids, _ = expand_image_tokens(ids, [-100] * len(ids), processor, grid)
+    return {"input_ids": ids, "pixel_values": pixel_values, "image_grid_thw": grid}
+
+
+def _estimated_length(record, processor):
+    """Prompt length without decoding pixels (image headers only), to sort records for tight batches."""
+    n = sum(len(m["content"]) for m in record["messages"]) // 3
+    factor = processor.patch_size * processor.merge_size
+    for p in record["images"]:
+        try:
+            with Image.open(p) as im:
+                h, w = smart_resize(im.height, im.width, factor, processor.min_pixels, processor.max_pixels)
+            n += (h // factor) * (w // factor)
+        except OSError:
+            pass  # reported with the file name when the batch loads it
+    return n
+
+
+@torch.no_grad()
+def generate(model, processor, records, batch_size=8, max_new_tokens=512):
+    """Greedy answers for records (prompt = messages before the final assistant turn). Batches are formed from
+    records sorted by length and left-padded; outputs come back in input order."""
+    order = sorted(range(len(records)), key=lambda i: -_estimated_length(records[i], processor))
+    texts = [None] * len(records)
+    device, dtype = model.device, next(model.parameters()).dtype
+    eos = [processor.end_of_turn_id, processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        prompts = [_prompt(records[i], processor) for i in idx]
+        T = max(len(p["input_ids"]) for p in prompts)
+        ids = torch.full((len(idx), T), processor.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[row, T - len(p["input_ids"]) :] = torch.tensor(p["input_ids"])
+            mask[row, T - len(p["input_ids"]) :] = 1
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                  "mm_token_type_ids": (ids == processor.image_token_id).long().to(device)}
+        pv = [p["pixel_values"] for p in prompts if p["pixel_values"] is not None]
+        if pv:
+            inputs["pixel_values"] = torch.cat(pv).to(device, dtype)
+            inputs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts if p["pixel_values"] is not None]).to(device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=processor.pad_token_id, eos_token_id=eos)
+        for row, i in enumerate(idx):
+            texts[i] = processor.tokenizer.decode(out[row, T:], skip_special_tokens=True).strip()
+    return texts
+
+
+def read_predictions(path, repair=False):
+    """{id: line dict} from a predictions JSONL (each line has at least 'id' and 'text'). A last line cut off
+    by an interrupted run is ignored (and with repair=True removed from the file); any other bad line raises
+    ValueError naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    preds = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("text"), str):
+                raise ValueError("expected an object with 'id' and 'text' (a string)")
+        except ValueError as e:
+            if lineno == len(lines) and not data.endswith(b"\n"):  # partial write of an interrupted run
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(len(data) - len(line))
+                break
+            raise ValueError(f"bad prediction line {path}:{lineno}: {e}") from None
+        preds[rec["id"]] = rec
+    return preds
+
+
+def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=512, postprocess=None):
+    """Generate answers for records into out_path (JSONL lines {"id", "text", **postprocess(record, text)}),
+    appending and flushing per batch, so an interrupted run loses at most one batch; records whose id is already
+    in the file are skipped. Under torchrun each rank takes every world-th record into its own part file and
+    rank 0 merges them in record order. Returns {id: line dict} for all records (on every rank)."""
+    from tqdm import tqdm
+
+    rank, world, _ = dist_info()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    part = out_path if world == 1 else out_path.with_name(f"{out_path.name}.rank{rank}")
+    done = read_predictions(out_path, repair=world == 1) | read_predictions(part, repair=True)
+    todo = [r for r in records[rank::world] if r["id"] not in done]
+    todo.sort(key=lambda r: -_estimated_length(r, processor))
+    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), disable=rank != 0, desc="predict") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            for rec, text in zip(chunk, generate(model, processor, chunk, batch_size, max_new_tokens)):
+                line = {"id": rec["id"], "text": text, **(postprocess(rec, text) if postprocess else {})}
+                f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    if world > 1:
+        torch.distributed.barrier()
+        if rank == 0:
+            merged = read_predictions(out_path)
+            for r in range(world):
+                merged |= read_predictions(out_path.with_name(f"{out_path.name}.rank{r}"))
+            order = {rec["id"]: i for i, rec in enumerate(records)}
+            tmp = out_path.with_name(out_path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for line in sorted(merged.values(), key=lambda l: order.get(l["id"], len(order))):
+                    f.write(json.dumps(line) + "\n")
+            os.replace(tmp, out_path)
+            for r in range(world):
+                out_path.with_name(f"{out_path.name}.rank{r}").unlink(missing_ok=True)
+        torch.distributed.barrier()
+    return read_predictions(out_path)
+
+
+# -----------------------------------------------------------------------------
+# A tiny random-init checkpoint (tests, the CPU demo): real Qwen-VL architecture, toy sizes, offline.
+
+# Qwen's special tokens; each must map to exactly one id.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2's pre-tokenizer split: digits one by one (so coordinates tokenize digit by digit, as in real Qwen).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# The official templates' behaviour, trimmed to text + images: Qwen2.5-VL adds a default system prompt,
+# Qwen3-VL does not.
+CHAT_TEMPLATE = (  # no whitespace control: the only newlines are the ones Qwen writes
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' and DEFAULT_SYSTEM %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_CORPUS = (
+    "You are a helpful assistant. Detect all objects of the following categories in the image and output "
+    "one object per line as the corner points followed by the category. There are none. plane ship "
+    "storage tank vehicle large small harbor bridge helicopter roundabout swimming pool tennis court "
+    "basketball baseball diamond ground track field soccer ball airport golffield windmill dam chimney "
+    "Where is the red plane in the top left corner? Is there a ship in the image? How many vehicles are "
+    "there? Are there more ships than planes? Answer the question using a single word or phrase. yes no "
+    "Describe the image. Classify the image from the following classes: forest farmland residential "
+    "industrial desert river beach parking lot. A satellite image with several buildings near a road. "
+    "bbox_2d label 0123456789 , . : ; ( ) [ ] { } \" ' - _ / \n"
+)
+
+
+def make_tiny(out_dir, family="qwen2.5", seed=0):
+    """Write a tiny random-init Qwen2.5-VL or Qwen3-VL checkpoint (config, safetensors, tokenizer trained here
+    with `tokenizers`, chat template, image processor config) loadable by `load` and by
+    transformers.AutoModelForImageTextToText offline. Returns the directory as a string."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
+
+    if family not in COORDS:
+        raise ValueError(f"family must be one of {sorted(COORDS)}, got '{family}'")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Tokenizer: byte-level BPE over a small corpus; the byte alphabet makes any text encodable.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TINY_CORPUS] * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=32768)
+    template = CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", "true" if family == "qwen2.5" else "false")
+    tokenizer.chat_template = template
+    vocab = len(tokenizer)
+    special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+    # Model: the real architecture at toy width/depth (REFERENCE.md section 8).
+    torch.manual_seed(seed)
+    ids = dict(image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+               vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"])
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
+                pad_token_id=special["<|endoftext|>"], tie_word_embeddings=True)
+    if family == "qwen2.5":
+        from transformers import Qwen2_5_VLConfig as Config
+
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[1])
+    else:
+        from transformers import Qwen3VLConfig as Config
+
+        text.update(head_dim=16)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True}
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+    config = Config(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.eos_token_id = [special["<|im_end|>"], special["<|endoftext|>"]]
+    model.generation_config.pad_token_id = special["<|endoftext|>"]
+    model.save_pretrained(out_dir)
+
+    # Processor: the PIL image processor with a small pixel budget so CPU steps stay fast.
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as ipm
+
+    patch = vision["patch_size"]
+    factor = patch * 2
+    image_processor = ipm.Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 4 * factor * factor, "longest_edge": 100 * factor * factor})
+    if family == "qwen3":  # Qwen3-VL normalises to [-1, 1]
+        image_processor.image_mean, image_processor.image_std = [0.5] * 3, [0.5] * 3
+    Processor(tokenizer, image_processor, template, family).save_pretrained(out_dir)
+    # Name the tokenizer class the real checkpoints use (it reads the same tokenizer.json), for other loaders.
+    tc_path = out_dir / "tokenizer_config.json"
+    tc_path.write_text(json.dumps({**json.loads(tc_path.read_text()), "tokenizer_class": "Qwen2Tokenizer"}, indent=2))
+    return str(out_dir)
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="rscovlm model utilities")
+    parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a tiny random-init checkpoint to DIR")
+    parser.add_argument("--family", default="qwen2.5", choices=sorted(COORDS), help="model family of the tiny checkpoint")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args()
+    print(make_tiny(args.make_tiny, args.family, args.seed))
