@@ -1,0 +1,449 @@
+"""Box geometry and the detection/grounding answer text format: the one place that turns
+object polygons into the text a model is trained on (render_answer) and a model's text back
+into polygons (parse_answer), so training and evaluation can never disagree about coordinates.
+
+Polygons are flat lists of 8 floats [x1, y1, ..., x4, y4] in pixels of the record's own image
+(x right, y down). Three box kinds can be written:
+    poly  x1,y1,x2,y2,x3,y3,x4,y4   vertices from the top-most (then left-most), clockwise on screen
+    hbox  x1,y1,x2,y2               horizontal box (min corner, max corner)
+    rbox  cx,cy,w,h,a               rotated box, le90: w >= h, a in [-90, 90) integer degrees
+in the model's coordinate frame (coord_scale): "abs" = pixels of the resized image the model sees
+(Qwen2.5-VL), "norm1000" = 0..1000 (Qwen3-VL). model coordinate = pixel * s.
+
+Decisions (documented because eval numbers depend on them):
+  * Rendered numbers are integers, rounded half up (floor(v + 0.5)).
+  * Model coordinates are clipped to the continuous frame [0, resized_w] x [0, resized_h]
+    (or [0, 1000]); a vertex on the right image border stays on it after a round trip.
+  * Parsed coordinates map back with pixel = model / s, then are clipped to [0, width] x [0, height].
+  * rbox is fitted in model space (anisotropic resizing changes angles), so a rotated
+    rectangle comes back as a parallelogram when sx != sy; that is the shape the text describes.
+
+Example:
+    >>> objs = [{"poly": [10, 10, 50, 10, 50, 30, 10, 30], "label": "large-vehicle"}]
+    >>> render_answer(objs, 100, 100, resized_hw=(200, 200))
+    '20,20,100,20,100,60,20,60 large vehicle'
+    >>> parse_answer('20,20,100,20,100,60,20,60 large vehicle', 100, 100, resized_hw=(200, 200),
+    ...              classes=["large-vehicle"])[0]
+    [{'poly': [10.0, 10.0, 50.0, 10.0, 50.0, 30.0, 10.0, 30.0], 'label': 'large-vehicle'}]
+"""
+import difflib
+import json
+import math
+import re
+from collections import Counter
+
+import numpy as np
+from shapely.geometry import MultiPoint, Polygon
+
+BOX_FORMATS = {"poly": 8, "hbox": 4, "rbox": 5}  # numbers per box
+NONE_ANSWER = "There are none."
+MIN_AREA = 1e-6  # px^2; anything smaller counts as zero-area
+JSON_KEYS = {"bbox_2d": "hbox", "bbox": "hbox", "poly": "poly", "rbox": "rbox"}
+
+
+# -----------------------------------------------------------------------------
+# Geometry
+
+def canonical_poly(poly):
+    """Same quadrilateral, starting at the top-most (then left-most) vertex, clockwise on screen.
+
+    >>> canonical_poly([0, 10, 10, 10, 10, 0, 0, 0])  # bottom-left, counter-clockwise on screen
+    [0.0, 0.0, 10.0, 0.0, 10.0, 10.0, 0.0, 10.0]
+    """
+    pts = np.asarray(poly, dtype=np.float64).reshape(4, 2)
+    x, y = pts[:, 0], pts[:, 1]
+    # shoelace with y down: positive = clockwise on screen; degenerate (0) keeps its order
+    if float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)) < 0:
+        pts = pts[::-1]
+    start = min(range(4), key=lambda i: (pts[i, 1], pts[i, 0]))
+    return np.roll(pts, -start, axis=0).reshape(-1).tolist()
+
+
+def fix_poly(poly):
+    """Make a predicted quadrilateral usable: None if non-finite or zero-area, the convex hull
+    for a self-intersecting ("bow-tie") one, otherwise the polygon unchanged.
+
+    >>> fix_poly([0, 0, 10, 10, 10, 0, 0, 10])  # bow-tie -> its hull, the 10x10 square
+    [0.0, 0.0, 10.0, 0.0, 10.0, 10.0, 0.0, 10.0]
+    >>> fix_poly([0, 0, 5, 5, 10, 10, 0, 0]) is None  # collinear
+    True
+    """
+    try:
+        vals = [float(v) for v in poly]
+    except (TypeError, ValueError):
+        return None
+    if len(vals) != 8 or not all(math.isfinite(v) for v in vals):
+        return None
+    pairs = list(zip(vals[0::2], vals[1::2]))
+    shape = Polygon(pairs)
+    if shape.is_valid:
+        return vals if shape.area > MIN_AREA else None
+    hull = MultiPoint(pairs).convex_hull
+    if hull.geom_type != "Polygon" or hull.area <= MIN_AREA:
+        return None
+    corners = list(hull.exterior.coords)[:-1]  # 3 or 4 points (the ring repeats its first)
+    if len(corners) == 3:
+        corners.append(corners[-1])  # a triangle stays a quadrilateral: repeat one vertex
+    return canonical_poly([c for p in corners for c in p])
+
+
+def poly_to_hbox(poly):
+    """[xmin, ymin, xmax, ymax] of a polygon.
+
+    >>> poly_to_hbox([5, 0, 10, 5, 5, 10, 0, 5])
+    [0.0, 0.0, 10.0, 10.0]
+    """
+    xs, ys = [float(v) for v in poly[0::2]], [float(v) for v in poly[1::2]]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
+def hbox_to_poly(b):
+    """Polygon of a horizontal box (corners in either order), canonical vertex order.
+
+    >>> hbox_to_poly([10, 20, 0, 5])
+    [0.0, 5.0, 10.0, 5.0, 10.0, 20.0, 0.0, 20.0]
+    """
+    x1, x2 = sorted((float(b[0]), float(b[2])))
+    y1, y2 = sorted((float(b[1]), float(b[3])))
+    return [x1, y1, x2, y1, x2, y2, x1, y2]
+
+
+def le90(cx, cy, w, h, a):
+    """Normalise a rotated box to le90: w >= h, angle in [-90, 90) degrees. A square is
+    ambiguous modulo 90 degrees, so its angle is put in [-45, 45).
+
+    >>> le90(0, 0, 2, 4, 30)      # w < h: swap and turn by 90
+    [0, 0, 4, 2, -60]
+    >>> le90(0, 0, 4, 2, 90)      # 90 is the same rectangle as -90
+    [0, 0, 4, 2, -90]
+    """
+    if w < h:
+        w, h, a = h, w, a + 90
+    a = (a + 90) % 180 - 90
+    if w == h:
+        a = (a + 45) % 90 - 45
+    return [cx, cy, w, h, a]
+
+
+def _hull(pts):
+    """Convex hull of a few 2-D points (Andrew's monotone chain), 1 to n points."""
+    pts = sorted(set(pts))
+    if len(pts) <= 2:
+        return pts
+
+    def half(seq):
+        out = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+
+    return half(pts) + half(pts[::-1])
+
+
+def poly_to_rbox(poly):
+    """Minimum-area rectangle around a polygon as [cx, cy, w, h, angle_deg] (le90, floats).
+    Angles are clockwise on screen (y down): the w side points along (cos a, sin a).
+
+    >>> poly_to_rbox([0, 0, 4, 0, 4, 2, 0, 2])
+    [2.0, 1.0, 4.0, 2.0, 0.0]
+    >>> [round(v, 6) for v in poly_to_rbox([1, 0, 2, 1, 1, 2, 0, 1])]  # diamond = square at 45
+    [1.0, 1.0, 1.414214, 1.414214, -45.0]
+    """
+    pts = [(float(x), float(y)) for x, y in zip(poly[0::2], poly[1::2])]
+    hull = _hull(pts)
+    if len(hull) == 1:
+        return le90(hull[0][0], hull[0][1], 0.0, 0.0, 0.0)
+    best = None
+    for i in range(len(hull)):  # the min-area rectangle has a side on a hull edge
+        (x0, y0), (x1, y1) = hull[i], hull[(i + 1) % len(hull)]
+        norm = math.hypot(x1 - x0, y1 - y0)
+        if norm == 0:
+            continue
+        ux, uy = (x1 - x0) / norm, (y1 - y0) / norm
+        us = [px * ux + py * uy for px, py in pts]    # along the edge
+        vs = [-px * uy + py * ux for px, py in pts]   # perpendicular, (-uy, ux)
+        w, h = max(us) - min(us), max(vs) - min(vs)
+        if best is None or w * h < best[0] - 1e-9:
+            mu, mv = (max(us) + min(us)) / 2, (max(vs) + min(vs)) / 2
+            best = (w * h, mu * ux - mv * uy, mu * uy + mv * ux, w, h, math.degrees(math.atan2(uy, ux)))
+    return le90(*best[1:])
+
+
+def rbox_to_poly(r):
+    """Corners of a rotated box [cx, cy, w, h, angle_deg], canonical vertex order:
+    centre +- (w/2)(cos a, sin a) +- (h/2)(-sin a, cos a).
+
+    >>> [round(v, 6) for v in rbox_to_poly([2, 1, 4, 2, 0])]
+    [0.0, 0.0, 4.0, 0.0, 4.0, 2.0, 0.0, 2.0]
+    """
+    cx, cy, w, h, a = (float(v) for v in r[:5])
+    c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
+    ux, uy, vx, vy = w / 2 * c, w / 2 * s, -h / 2 * s, h / 2 * c
+    corners = [(cx - ux - vx, cy - uy - vy), (cx + ux - vx, cy + uy - vy),
+               (cx + ux + vx, cy + uy + vy), (cx - ux + vx, cy - uy + vy)]
+    return canonical_poly([v for p in corners for v in p])
+
+
+# -----------------------------------------------------------------------------
+# Labels
+
+def class_to_text(name):
+    """Class name as written in prompts and answers.
+
+    >>> class_to_text("large-vehicle"), class_to_text("Expressway_Service-area")
+    ('large vehicle', 'expressway service area')
+    """
+    return re.sub(r"[\s_-]+", " ", str(name)).strip().lower()
+
+
+def match_label(text, classes):
+    """(canonical class name | None, exact) for a label the model wrote: exact after class_to_text
+    normalisation, else the closest class by difflib (cutoff 0.6), else None.
+
+    >>> match_label("Large Vehicle", ["large-vehicle", "ship"]), match_label("ships", ["ship"])
+    (('large-vehicle', True), ('ship', False))
+    """
+    norm = class_to_text(text)[:200]  # cap: difflib is quadratic and junk can be long
+    by_text = {class_to_text(c): c for c in classes}
+    if norm in by_text:
+        return by_text[norm], True
+    close = difflib.get_close_matches(norm, list(by_text), n=1, cutoff=0.6)
+    return (by_text[close[0]], False) if close else (None, False)
+
+
+# -----------------------------------------------------------------------------
+# Coordinate frames
+
+def coord_scale(width, height, coords, resized_hw=None):
+    """(sx, sy) with model coordinate = pixel * s.
+
+    >>> coord_scale(1000, 500, "abs", resized_hw=(252, 504)), coord_scale(1000, 500, "norm1000")
+    ((0.504, 0.504), (1.0, 2.0))
+    """
+    return _frame(width, height, coords, resized_hw)[:2]
+
+
+def _frame(width, height, coords, resized_hw):
+    """(sx, sy, frame_w, frame_h): scales and the extent model coordinates are clipped to."""
+    if coords == "abs":
+        fh, fw = (height, width) if resized_hw is None else resized_hw
+    elif coords == "norm1000":
+        fh, fw = 1000, 1000
+    else:
+        raise ValueError(f"unknown coords {coords!r}: expected 'abs' or 'norm1000'")
+    return fw / width, fh / height, fw, fh
+
+
+# -----------------------------------------------------------------------------
+# Rendering: objects -> answer text
+
+def _round(v):
+    return int(math.floor(v + 0.5))  # half up; for clipped (non-negative) coords = half away from 0
+
+
+def _model_numbers(poly, box_format, sx, sy, fw, fh):
+    """Integers written for one polygon (original pixels) in the model frame."""
+    xs = [min(max(float(x) * sx, 0.0), fw) for x in poly[0::2]]
+    ys = [min(max(float(y) * sy, 0.0), fh) for y in poly[1::2]]
+    mpoly = [v for p in zip(xs, ys) for v in p]
+    if box_format == "poly":
+        return [int(v) for v in canonical_poly([_round(v) for v in mpoly])]
+    if box_format == "hbox":
+        return [_round(v) for v in poly_to_hbox(mpoly)]
+    cx, cy, w, h, a = poly_to_rbox(mpoly)
+    return le90(_round(cx), _round(cy), _round(w), _round(h), _round(a))
+
+
+def render_answer(objects, width, height, *, coords="abs", resized_hw=None, box_format="poly",
+                  style="plain", with_label=True):
+    """Answer text for objects [{"poly": 8 floats (pixels), "label": str}, ...].
+
+    plain: one object per line `numbers label`; json: Qwen's fenced list of {"bbox_2d"|"poly"|
+    "rbox": [...], "label": ...}. Sorted by label then top-left (y, x) in model coordinates;
+    with_label=False (grounding) writes only the numbers and sorts by position. Identical lines
+    are written once. No object -> "There are none." (plain) or an empty list (json).
+
+    >>> render_answer([{"poly": [0, 0, 4, 0, 4, 2, 0, 2], "label": "ship"}], 10, 10, box_format="rbox")
+    '2,1,4,2,0 ship'
+    """
+    if box_format not in BOX_FORMATS or style not in ("plain", "json"):
+        raise ValueError(f"bad box_format {box_format!r} or style {style!r}")
+    sx, sy, fw, fh = _frame(width, height, coords, resized_hw)
+    rows = []
+    for i, obj in enumerate(objects):
+        poly = obj["poly"]
+        if len(poly) != 8 or not all(math.isfinite(float(v)) for v in poly):
+            raise ValueError(f"object {i} (label {obj.get('label')!r}): poly must be 8 finite numbers, got {poly}")
+        nums = _model_numbers(poly, box_format, sx, sy, fw, fh)
+        label = class_to_text(obj["label"]) if with_label else ""
+        corner = poly_to_hbox(nums if box_format != "rbox" else rbox_to_poly(nums))
+        rows.append(((label, _round(corner[1]), _round(corner[0]), nums), nums, label))
+    rows.sort(key=lambda r: r[0])
+    lines, seen = [], set()
+    for _, nums, label in rows:
+        if style == "plain":
+            line = ",".join(str(v) for v in nums) + (f" {label}" if with_label else "")
+        else:
+            item = {("bbox_2d" if box_format == "hbox" else box_format): nums}
+            if with_label:
+                item["label"] = label
+            line = json.dumps(item, ensure_ascii=False)
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    if style == "plain":
+        return "\n".join(lines) if lines else NONE_ANSWER
+    return "```json\n[\n" + ",\n".join("\t" + line for line in lines) + ("\n" if lines else "") + "]\n```"
+
+
+# -----------------------------------------------------------------------------
+# Parsing: answer text -> objects (never raises on any str)
+
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_NUM_RE = re.compile(_NUM)
+_SEP = r"[\s,;:()\[\]{}<>]*"
+_PREFIX_RE = re.compile(rf"(?:[-*•]\s+)?{_SEP}(?:{_NUM}{_SEP})+")  # leading numbers (after a bullet)
+_NONE_RE = re.compile(r"(there (is|are) (none|no\b|nothing)|none\b|no (objects?|targets?)\b|nothing\b)")
+_JSON_HINT_RE = re.compile(r"""['"](bbox_2d|bbox|poly|rbox|label)['"]\s*:""")
+_CHUNK_RE = re.compile(r"\{[^{}]*\}")
+_KEY_RE = re.compile(r"""['"](bbox_2d|bbox|poly|rbox)['"]\s*:\s*\[((?:[^\[\]]|\[[^\[\]]*\])*)\]""")
+_LABEL_RE = re.compile(r"""['"]label['"]\s*:\s*(?:"((?:[^"\\]|\\.)*)"|'([^']*)')""")
+
+
+def _clean_label(text):
+    """Label text after the numbers: no brackets/quotes/punctuation around it, single spaces."""
+    text = re.sub(r"\s+", " ", text).strip(" \t.,;:!?'\"`*-)]}>([{<")
+    return text[:200] or None
+
+
+def _plain_items(text, stats):
+    """(numbers, label text, None) per object line; junk and 'none' lines are counted/skipped."""
+    items = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not re.search(r"\w", line) or line.startswith("```"):
+            continue  # blank, a code fence, or only punctuation such as "[]"
+        if _NONE_RE.match(line.lower()):
+            continue
+        stats["lines"] += 1
+        m = _PREFIX_RE.match(line)
+        if not m:
+            stats["junk_lines"] += 1
+            continue
+        nums = [float(v) for v in _NUM_RE.findall(m.group())]
+        items.append((nums, _clean_label(line[m.end():]), None))
+    return items
+
+
+def _json_items(text, stats):
+    """(numbers, label text, kind hint) per {...} object; a truncated trailing object counts invalid."""
+    items, end = [], 0
+    for m in _CHUNK_RE.finditer(text):
+        end = m.end()
+        stats["lines"] += 1
+        key = _KEY_RE.search(m.group())
+        if not key:
+            stats["junk_lines"] += 1
+            continue
+        lab = _LABEL_RE.search(m.group())
+        label = None
+        if lab and lab.group(1) is not None:
+            try:
+                label = json.loads(f'"{lab.group(1)}"')
+            except ValueError:
+                label = lab.group(1)
+        elif lab:
+            label = lab.group(2)
+        nums = [float(v) for v in _NUM_RE.findall(key.group(2))]
+        items.append((nums, _clean_label(label or ""), JSON_KEYS[key.group(1)]))
+    if "{" in text[end:]:  # cut off mid-object (max_new_tokens)
+        stats["lines"] += 1
+        stats["invalid_boxes"] += 1
+    return items
+
+
+def _item_poly(nums, kind, sx, sy, width, height):
+    """Polygon in original pixels from model-frame numbers, clipped and fixed; None if invalid."""
+    if not all(abs(v) < 1e9 for v in nums):  # also rejects nan/inf; nothing real is this far out
+        return None
+    if kind == "rbox":
+        if nums[2] <= 0 or nums[3] <= 0:
+            return None
+        mpoly = rbox_to_poly(nums)
+    elif kind == "hbox":
+        mpoly = hbox_to_poly(nums)
+    else:
+        mpoly = nums
+    poly = []
+    for i, v in enumerate(mpoly):
+        v = v / (sx if i % 2 == 0 else sy)
+        if not math.isfinite(v):
+            return None
+        poly.append(min(max(v, 0.0), float(width if i % 2 == 0 else height)))
+    return fix_poly(poly)
+
+
+def parse_answer(text, width, height, *, coords="abs", resized_hw=None, box_format=None, classes=None):
+    """Objects and counts from a model's answer. Never raises on any str.
+
+    Returns (objects, stats): objects = [{"poly": 8 floats in original-image pixels (valid,
+    inside the image), "label": class name | None}] in answer order. With classes, labels are
+    matched by match_label (fuzzy matches kept and counted, unknown ones dropped and counted);
+    without, the raw label text is kept. box_format None: a JSON object's key gives its kind
+    (bbox_2d hbox, poly, rbox); plain answers take the kind of the most common count of numbers
+    among their lines (8 poly, 5 rbox, 4 hbox; else the largest that fits some line) for every
+    line. A box with too few numbers is invalid; extra numbers are dropped (counted).
+    Every counted line ends up in exactly one of boxes, junk_lines, invalid_boxes,
+    unknown_labels, duplicates.
+
+    >>> objs, st = parse_answer("1,1,5,5 ship\\n1,1,5,5 ship\\nhello", 10, 10, classes=["ship"])
+    >>> objs, st["duplicates"], st["junk_lines"]
+    ([{'poly': [1.0, 1.0, 5.0, 1.0, 5.0, 5.0, 1.0, 5.0], 'label': 'ship'}], 1, 1)
+    """
+    if box_format is not None and box_format not in BOX_FORMATS:
+        raise ValueError(f"unknown box_format {box_format!r}: expected one of {list(BOX_FORMATS)}")
+    sx, sy, _, _ = _frame(width, height, coords, resized_hw)
+    stats = dict.fromkeys(["lines", "boxes", "junk_lines", "unknown_labels", "mapped_labels",
+                           "invalid_boxes", "duplicates", "extra_numbers"], 0)
+    text = text if isinstance(text, str) else str(text)
+    is_json = "{" in text and _JSON_HINT_RE.search(text)
+    items = _json_items(text, stats) if is_json else _plain_items(text, stats)
+
+    # One format per answer (a record has one box_format): a truncated 8-number line that kept
+    # 5 or 4 numbers must not pass as an rbox or hbox.
+    exact = {n: k for k, n in BOX_FORMATS.items()}
+    kinds = Counter(exact[len(nums)] for nums, _, _ in items if len(nums) in exact)
+    answer_kind = kinds.most_common(1)[0][0] if kinds else next(
+        (k for k in ("poly", "rbox", "hbox") if any(len(n) >= BOX_FORMATS[k] for n, _, _ in items)), None)
+    objects, seen = [], set()
+    for nums, label, hint in items:
+        kind = box_format or hint or answer_kind
+        if kind is None or len(nums) < BOX_FORMATS[kind]:
+            stats["invalid_boxes"] += 1
+            continue
+        if len(nums) > BOX_FORMATS[kind]:
+            stats["extra_numbers"] += 1
+            nums = nums[:BOX_FORMATS[kind]]
+        poly = _item_poly(nums, kind, sx, sy, width, height)
+        if poly is None:
+            stats["invalid_boxes"] += 1
+            continue
+        mapped = False
+        if classes is not None and label is not None:
+            name, is_exact = match_label(label, classes)
+            if name is None:
+                stats["unknown_labels"] += 1
+                continue
+            label, mapped = name, not is_exact
+        key = (tuple(poly), label)
+        if key in seen:
+            stats["duplicates"] += 1
+            continue
+        seen.add(key)
+        stats["mapped_labels"] += mapped
+        objects.append({"poly": poly, "label": label})
+    stats["boxes"] = len(objects)
+    return objects, stats
