@@ -92,6 +92,7 @@ def read_records(path):
             for key in ("id", "messages"):
                 if key not in rec:
                     raise ValueError(f"bad record at {where}: missing key '{key}'")
+            rec["id"] = str(rec["id"])
             rec.setdefault("task", "chat")
             rec.setdefault("dataset", path.stem)
             rec.setdefault("images", [])
@@ -138,8 +139,7 @@ class Processor:
         ip = self.image_processor
         self.patch_size = int(ip.patch_size)
         self.merge_size = int(ip.merge_size)
-        self.min_pixels = int(ip.size["shortest_edge"])
-        self.max_pixels = int(ip.size["longest_edge"])
+        self.min_pixels, self.max_pixels = _pixel_budget(ip)
 
     def save_pretrained(self, out_dir):
         """Write tokenizer, image processor and chat template so that this loader, HF's AutoProcessor (with
@@ -153,6 +153,13 @@ class Processor:
         cfg["min_pixels"], cfg["max_pixels"] = self.min_pixels, self.max_pixels
         cfg_path.write_text(json.dumps(cfg, indent=2))
         (out_dir / "chat_template.jinja").write_text(self.chat_template)
+
+
+def _pixel_budget(image_processor):
+    """(min_pixels, max_pixels) of an image processor; its `size` is a dict or a SizeDict across versions."""
+    size = image_processor.size
+    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    return int(get("shortest_edge")), int(get("longest_edge"))
 
 
 def family(obj):
@@ -194,11 +201,8 @@ def load_processor(path, min_pixels=None, max_pixels=None):
     fam = family(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
-    size = dict(image_processor.size)
-    cfg = json.loads((Path(path) / "preprocessor_config.json").read_text())
-    size["shortest_edge"] = min_pixels or size.get("shortest_edge") or cfg.get("min_pixels")
-    size["longest_edge"] = max_pixels or size.get("longest_edge") or cfg.get("max_pixels")
-    image_processor.size = size
+    saved_min, saved_max = _pixel_budget(image_processor)
+    image_processor.size = {"shortest_edge": min_pixels or saved_min, "longest_edge": max_pixels or saved_max}
     return Processor(tokenizer, image_processor, _read_chat_template(path), fam)
 
 
@@ -210,7 +214,7 @@ def load(path, dtype=None, device=None, attn=None, min_pixels=None, max_pixels=N
     Returns (model in eval mode on device, Processor)."""
     from transformers import AutoModelForImageTextToText
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or (f"cuda:{dist_info()[2]}" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -514,6 +518,15 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
     out_path.parent.mkdir(parents=True, exist_ok=True)
     part = out_path if world == 1 else out_path.with_name(f"{out_path.name}.rank{rank}")
     done = read_predictions(out_path, repair=world == 1) | read_predictions(part, repair=True)
+    # Resuming must not mix answers of another checkpoint or generation setting into one file.
+    settings = {"model": str(getattr(model, "name_or_path", "")), "family": processor.family,
+                "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels, "max_new_tokens": max_new_tokens}
+    settings_path = out_path.with_name(out_path.name + ".settings.json")
+    if done and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"{out_path} holds predictions made with {settings_path.read_text().strip()}, not with "
+                         f"{json.dumps(settings)}: use another output directory or delete that file")
+    if rank == 0:
+        settings_path.write_text(json.dumps(settings) + "\n")
     todo = [r for r in records[rank::world] if r["id"] not in done]
     todo.sort(key=lambda r: -_estimated_length(r, processor))
     with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), disable=rank != 0, desc="predict") as bar:

@@ -210,6 +210,9 @@ def test_predict_resumes_after_interruption(loaded, images, tmp_path):
     assert resumed == full
     assert len(calls) == 3 and json.loads(lines[0])["id"] not in calls  # the complete line was not redone
     assert len(out.read_text().splitlines()) == 4
+    # Resuming with another generation setting is refused instead of mixing answers.
+    with pytest.raises(ValueError, match="use another output directory"):
+        model.predict(m, proc, recs, out, batch_size=2, max_new_tokens=9)
     # A bad line that is not a cut-off last line is an error naming the file and line.
     (tmp_path / "c.jsonl").write_text(lines[0] + "garbage\n" + lines[2])
     with pytest.raises(ValueError, match=r"c.jsonl:2"):

@@ -1,0 +1,585 @@
+"""
+eval_vqa.py — VQA, scene classification and captioning evaluation with the published metrics.
+
+Reads records (JSONL, see the record format) of task "vqa", "cls" and "caption"; other tasks are counted
+and skipped (det/ground belong to eval_det.py). Either generates answers with a checkpoint (batched,
+written incrementally to OUT/predictions.jsonl and resumable through model.predict, also under torchrun),
+or scores an existing predictions file: any JSONL whose lines carry "id" (the record id) and "text" (the
+raw answer), so answers from other models or APIs can be scored the same way.
+
+Metrics, per dataset (a file may mix datasets), all in percent:
+- vqa: accuracy per question type, AA (mean of the per-type accuracies) and OA (all correct / all), under
+  two rules named in the output: "exact" (normalised exact match, below) and "contain" (RSCoVLM's rule:
+  the lower-cased, '.'-stripped GT is a substring of the prediction). Counting questions also report MAE
+  where both the GT and the prediction are numbers; the rest are counted as not numeric.
+  RSVQA bucketed answers (LR counts "0 | between 1 and 10 | ... | more than 1000", HR areas in m2) are
+  compared by bucket: "34" is exact-correct for "between 11 and 100".
+- cls: accuracy (exact, contain), a confusion matrix in the JSON (rows GT, columns the class the
+  normalised prediction equals, or "(other)"), a PNG of it with --vis.
+- caption: BLEU-1..4, METEOR (needs Java; the output says when it was skipped), ROUGE-L and CIDEr-D,
+  computed by pycocoevalcap's own scorers on lower-cased, punctuation-stripped whitespace tokens, x100.
+
+Examples:
+  python eval_vqa.py --ckpt runs/exp1/final --data data/rsvqa_lr_test.jsonl --out runs/exp1/eval_rsvqa
+  torchrun --nproc-per-node 8 eval_vqa.py --ckpt runs/exp1/final --data val.jsonl --out runs/exp1/eval_val
+  python eval_vqa.py --preds other_model.jsonl --data val.jsonl --json-out other_metrics.json
+  python eval_vqa.py --preds runs/exp1/eval_val/predictions.jsonl --data val.jsonl --out re_scored --vis
+"""
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+TASKS = ("vqa", "cls", "caption")
+
+# -----------------------------------------------------------------------------
+# reading records and predictions (no torch here: --preds scoring stays fast)
+
+
+def read_jsonl(path):
+    """[(line number, dict)] of a JSONL file; blank lines skipped; errors name file:line."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"bad JSON at {path}:{lineno}: {e}") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"bad line {path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((lineno, obj))
+    return rows
+
+
+def read_data(path):
+    """Records for scoring, with model.read_records' defaults (task "chat", dataset = the file's stem) so
+    --preds and --ckpt name datasets alike; only what scoring needs is checked (model.read_records does the rest)."""
+    records, seen = [], set()
+    for lineno, r in read_jsonl(path):
+        if "id" not in r:
+            raise ValueError(f"bad record at {path}:{lineno}: missing key 'id'")
+        r.setdefault("task", "chat")
+        r.setdefault("dataset", Path(path).stem)
+        r["id"] = str(r["id"])
+        if r["id"] in seen:
+            raise ValueError(f"bad record at {path}:{lineno}: duplicate id {r['id']!r}")
+        seen.add(r["id"])
+        records.append(r)
+    return records
+
+
+def read_predictions(path):
+    """{id: text} from any JSONL with "id" and "text" per line. A later line for the same id wins
+    (and is counted), text null counts as an empty answer."""
+    preds, duplicates = {}, 0
+    for lineno, p in read_jsonl(path):
+        if "id" not in p or "text" not in p:
+            raise ValueError(f"bad prediction line {path}:{lineno}: needs 'id' and 'text', got keys {sorted(p)}")
+        text = p["text"]
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise ValueError(f"bad prediction line {path}:{lineno}: 'text' must be a string, got {type(text).__name__}")
+        pid = str(p["id"])
+        duplicates += pid in preds
+        preds[pid] = text
+    return preds, {"duplicate_ids": duplicates}
+
+
+def final_assistant(record):
+    msgs = record.get("messages") or []
+    return msgs[-1]["content"] if msgs and msgs[-1].get("role") == "assistant" else None
+
+
+def ground_truth(record):
+    """The GT of a vqa / cls / caption record: meta first, else the final assistant turn."""
+    meta, task = record.get("meta") or {}, record["task"]
+    key = {"vqa": "answer", "cls": "label", "caption": "references"}[task]
+    gt = meta.get(key)
+    if gt is None:
+        gt = final_assistant(record)
+        if gt is not None and task == "caption":
+            gt = [gt]
+    if gt is None or (task == "caption" and (not isinstance(gt, list) or not gt)):
+        raise ValueError(f"record {record['id']!r} ({task}) has no ground truth: needs meta.{key} or a final assistant turn")
+    return gt if task == "caption" else str(gt)
+
+
+# -----------------------------------------------------------------------------
+# answer normalisation and the two matching rules
+
+ARTICLES = {"a", "an", "the"}
+UNITS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+         "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
+         "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "none": 0}  # "none" -> 0 as VQA-v2
+TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+SCALES = ("hundred", "thousand")
+NUMBER_RE = re.compile(r"^\d+(?:\.\d+)?$")
+# a number, the area unit m2 (kept as one token so "500m2" and "500 m2" agree), or a run of letters
+TOKEN_RE = re.compile(r"\d+(?:\.\d+)?|m2(?![^\W_])|[^\W\d_]+")
+
+
+def _number_text(x):
+    """Canonical text of a number: 3.0 -> "3", "007" -> "7"."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def normalize(text):
+    """Lower-case; drop punctuation and articles; number words to digits ("twenty one" -> "21");
+    thousands separators dropped ("1,000" -> "1000"); numbers canonical; single spaces."""
+    t = text.lower().replace("m²", "m2")
+    t = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", t)
+    out, run = [], None  # run = [total, current] of a number-word run in progress
+
+    def flush():
+        nonlocal run
+        if run is not None:
+            out.append(_number_text(run[0] + run[1]))
+            run = None
+
+    for tok in TOKEN_RE.findall(t):
+        if tok in UNITS or tok in TENS or tok in SCALES:
+            run = run or [0, 0]
+            if tok == "hundred":
+                run[1] = max(run[1], 1) * 100
+            elif tok == "thousand":
+                run[0] += max(run[1], 1) * 1000
+                run[1] = 0
+            else:
+                run[1] += UNITS.get(tok, TENS.get(tok))
+            continue
+        flush()
+        if tok in ARTICLES:
+            continue
+        out.append(_number_text(tok) if NUMBER_RE.match(tok) else tok)
+    flush()
+    return " ".join(out)
+
+
+def parse_number(text):
+    """The first number in the normalised text ("There are five." -> 5.0), or None."""
+    for tok in normalize(text).split():
+        if NUMBER_RE.match(tok):
+            return float(tok)
+    return None
+
+
+# RSVQA quantises LR counts (and HR areas, in m2) into five buckets with these upper edges.
+BUCKET_EDGES = (0, 10, 100, 1000)
+BUCKET_PHRASE = re.compile(r"^(?:between (\d+(?:\.\d+)?)(?: m2)? and (\d+(?:\.\d+)?)(?: m2)?"
+                           r"|more than (\d+(?:\.\d+)?)(?: m2)?)$")
+PLAIN_NUMBER = re.compile(r"^(\d+(?:\.\d+)?)(?: m2)?$")
+
+
+def bucket_of_number(x):
+    """0 -> 0, (0, 10] -> 1, (10, 100] -> 2, (100, 1000] -> 3, > 1000 -> 4."""
+    return next((i for i, edge in enumerate(BUCKET_EDGES) if x <= edge), len(BUCKET_EDGES))
+
+
+def bucket_of(norm):
+    """Bucket index of a normalised answer that is a number or a bucket phrase, else None."""
+    m = PLAIN_NUMBER.match(norm)
+    if m:
+        return bucket_of_number(float(m.group(1)))
+    m = BUCKET_PHRASE.match(norm)
+    if not m:
+        return None
+    if m.group(2) is not None:  # "between a and b": the bucket that ends at b
+        return bucket_of_number(float(m.group(2)))
+    return bucket_of_number(float(m.group(3)) + 1)  # "more than x"
+
+
+def is_bucketed(record, gt_norm):
+    """RSVQA bucketed answer: the GT is itself a bucket phrase (as RSVQA-HR areas are), or an RSVQA-LR
+    count question, whose raw GT number the published protocol buckets."""
+    if BUCKET_PHRASE.match(gt_norm):
+        return True
+    qtype = str((record.get("meta") or {}).get("type", "")).lower()
+    lr = re.search(r"rsvqa[\W_]*lr", str(record.get("dataset", "")).lower())
+    return bool(lr) and qtype.startswith("count") and PLAIN_NUMBER.match(gt_norm) is not None
+
+
+def exact_match(pred, gt, bucketed=False):
+    """Normalised exact match. When the GT is yes/no, a prediction starting with yes/no is cut to that
+    word ("Yes, there is." matches "yes"). Bucketed answers match when they fall in the same bucket."""
+    p, g = normalize(pred), normalize(gt)
+    if bucketed:
+        bp, bg = bucket_of(p), bucket_of(g)
+        return bp is not None and bp == bg
+    if g in ("yes", "no") and p.split()[:1] in (["yes"], ["no"]):
+        p = p.split()[0]
+    return p == g
+
+
+def contain_match(pred, gt):
+    """RSCoVLM's "contain" accuracy, verbatim: the GT (lower-cased, stripped of spaces and '.') is a
+    substring of the prediction. Loose by design: "no" is found in "not sure", "1" in "10"."""
+    return gt.lower().strip().strip(".") in pred.lower().strip().strip(".")
+
+
+RULES = {
+    "units": "accuracies and caption scores in percent (x100); MAE in the answer's own units",
+    "exact": "normalised exact match: lower-case; punctuation and articles (a/an/the) removed; number words "
+             "to digits ('two' -> 2, 'none' -> 0); a prediction starting with yes/no is cut to that word when "
+             "the GT is yes/no; RSVQA bucketed answers (LR counts, HR areas) match by bucket "
+             "0 | 1-10 | 11-100 | 101-1000 | >1000",
+    "contain": "RSCoVLM contain rule: GT lower-cased and stripped of spaces and '.' is a substring of the "
+               "prediction treated the same way",
+    "AA": "mean of the per-question-type accuracies",
+    "OA": "correct answers / all questions",
+    "count_mae": "mean |pred - GT| over counting questions where both parse as numbers (first number in the "
+                 "normalised prediction); the others are counted as gt_not_numeric / pred_not_numeric",
+    "missing": "records without a prediction are scored as the empty answer (wrong) and counted",
+    "cls_confusion": "rows: GT class; columns: the class whose normalised name equals the normalised "
+                     "prediction, else '(other)'; so the diagonal sum / n is the exact accuracy",
+    "caption": "pycocoevalcap 1.2 scorers Bleu(4), Meteor (1.5, needs Java), Rouge (ROUGE-L) and Cider (the "
+               "coco-caption CIDEr-D: clipped n-gram counts, Gaussian length penalty sigma 6, x10), on "
+               "lower-cased, punctuation-stripped whitespace tokens (no PTB tokenizer); BLEU is the corpus "
+               "score with the 'closest' reference length; METEOR the jar's corpus score; CIDEr-D's idf comes "
+               "from the references of the images scored together (one dataset), so a one-image set scores 0",
+}
+
+# -----------------------------------------------------------------------------
+# VQA
+
+
+def _pct(correct, n):
+    return 100.0 * correct / n if n else None
+
+
+def score_vqa(records, preds):
+    """Per dataset: per-type accuracies, AA and OA under both rules, counting MAE."""
+    by_dataset = defaultdict(list)
+    for r in records:
+        by_dataset[r["dataset"]].append(r)
+    out = {}
+    for name, recs in sorted(by_dataset.items()):
+        per_type = defaultdict(lambda: Counter())
+        abs_errors, gt_not_numeric, pred_not_numeric, bucketed, missing = [], 0, 0, 0, 0
+        for r in recs:
+            gt = ground_truth(r)
+            pred = preds.get(r["id"])
+            missing += pred is None
+            pred = pred or ""
+            qtype = str((r.get("meta") or {}).get("type", "untyped"))
+            b = is_bucketed(r, normalize(gt))
+            bucketed += b
+            c = per_type[qtype]
+            c["n"] += 1
+            c["exact"] += exact_match(pred, gt, bucketed=b)
+            c["contain"] += contain_match(pred, gt)
+            if qtype.lower().startswith("count"):
+                # a bucket phrase ("between 11 and 100") is not a number on either side
+                g_num = PLAIN_NUMBER.match(normalize(gt))
+                p_num = None if BUCKET_PHRASE.match(normalize(pred)) else parse_number(pred)
+                if g_num is None:
+                    gt_not_numeric += 1
+                elif p_num is None:
+                    pred_not_numeric += 1
+                else:
+                    abs_errors.append(abs(p_num - float(g_num.group(1))))
+        types = {t: {"n": c["n"], "exact": _pct(c["exact"], c["n"]), "contain": _pct(c["contain"], c["n"])}
+                 for t, c in sorted(per_type.items())}
+        n = sum(c["n"] for c in per_type.values())
+        res = {"n": n, "missing": missing, "bucketed": bucketed, "types": types}
+        for rule in ("exact", "contain"):
+            res[rule] = {"AA": sum(t[rule] for t in types.values()) / len(types),
+                         "OA": _pct(sum(c[rule] for c in per_type.values()), n)}
+        count_n = sum(c["n"] for t, c in per_type.items() if t.lower().startswith("count"))
+        if count_n:
+            res["count"] = {"n": count_n, "numeric": len(abs_errors),
+                            "mae": sum(abs_errors) / len(abs_errors) if abs_errors else None,
+                            "gt_not_numeric": gt_not_numeric, "pred_not_numeric": pred_not_numeric}
+        out[name] = res
+    return out
+
+
+# -----------------------------------------------------------------------------
+# scene classification
+
+
+def score_cls(records, preds):
+    """Per dataset: exact / contain accuracy and a confusion matrix over the dataset's classes."""
+    by_dataset = defaultdict(list)
+    for r in records:
+        by_dataset[r["dataset"]].append(r)
+    out = {}
+    for name, recs in sorted(by_dataset.items()):
+        classes = set()
+        for r in recs:
+            classes.update((r.get("meta") or {}).get("classes") or [])
+            classes.add(ground_truth(r))
+        classes = sorted(classes)
+        col_of = {}
+        for i, c in enumerate(classes):
+            col_of.setdefault(normalize(c), i)  # first class wins if two normalise alike
+        other = len(classes)
+        matrix = [[0] * (len(classes) + 1) for _ in classes]
+        exact = contain = missing = 0
+        for r in recs:
+            gt = ground_truth(r)
+            pred = preds.get(r["id"])
+            missing += pred is None
+            pred = pred or ""
+            exact += exact_match(pred, gt)
+            # class names are often written with '_' or '-' in meta; RSCoVLM prompts use spaces
+            contain += contain_match(pred, re.sub(r"[_-]", " ", gt))
+            matrix[classes.index(gt)][col_of.get(normalize(pred), other)] += 1
+        out[name] = {"n": len(recs), "missing": missing, "exact": _pct(exact, len(recs)),
+                     "contain": _pct(contain, len(recs)), "classes": classes,
+                     "confusion_columns": classes + ["(other)"], "confusion": matrix}
+    return out
+
+
+def plot_confusion(res, title, path):
+    """Row-normalised confusion matrix PNG (colour = fraction of the GT row, text = count)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.array(res["confusion"], dtype=float)  # (classes, classes + 1)
+    rows = m / np.maximum(m.sum(1, keepdims=True), 1)
+    k = len(res["classes"])
+    size = 2 + 0.35 * k
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k + 1), res["confusion_columns"], rotation=90, fontsize=7)
+    ax.set_yticks(range(k), res["classes"], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(f"{title}: exact {res['exact']:.2f}%", fontsize=9)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k + 1):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if rows[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# captioning
+
+
+def caption_tokens(text):
+    """Lower-cased, punctuation-stripped, whitespace-joined: the text pycocoevalcap's scorers split on."""
+    return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
+
+
+def start_meteor():
+    """pycocoevalcap's METEOR (a Java subprocess) or the reason it is skipped."""
+    if shutil.which("java") is None:
+        return None, "skipped: no java"
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+        return Meteor(), None
+    except Exception as e:  # a broken Java install must not stop the other metrics
+        return None, f"skipped: METEOR failed to start ({type(e).__name__}: {e})"
+
+
+def score_captions(records, preds, meteor=True):
+    """Per dataset: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (x100), by pycocoevalcap's scorers."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    by_dataset = defaultdict(list)
+    for r in records:
+        by_dataset[r["dataset"]].append(r)
+    scorer, meteor_note = start_meteor() if meteor else (None, "skipped: --no-meteor")
+    out = {}
+    for name, recs in sorted(by_dataset.items()):
+        gts = {r["id"]: [caption_tokens(x) for x in ground_truth(r)] for r in recs}
+        res = {r["id"]: [caption_tokens(preds.get(r["id"]) or "")] for r in recs}
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        rouge, _ = Rouge().compute_score(gts, res)
+        cider, _ = Cider().compute_score(gts, res)
+        scores = {"n": len(recs), "missing": sum(r["id"] not in preds for r in recs)}
+        scores.update({f"BLEU-{i + 1}": 100.0 * b for i, b in enumerate(bleu)})
+        scores["METEOR"] = meteor_note
+        if scorer is not None:
+            try:
+                scores["METEOR"] = 100.0 * scorer.compute_score(gts, res)[0]
+            except Exception as e:
+                scores["METEOR"] = f"skipped: METEOR failed ({type(e).__name__}: {e})"
+        scores["ROUGE-L"] = 100.0 * float(rouge)
+        scores["CIDEr-D"] = 100.0 * float(cider)
+        out[name] = scores
+    del scorer  # stops the Java process
+    return out
+
+
+# -----------------------------------------------------------------------------
+# scoring a whole file
+
+
+def evaluate(records, preds, meteor=True, all_records=None):
+    """metrics dict (without args) for the vqa / cls / caption records and {id: text}. all_records (the
+    whole data file, default records) is what unknown prediction ids and skipped records are counted against."""
+    all_records = records if all_records is None else all_records
+    by_task = defaultdict(list)
+    for r in records:
+        by_task[r["task"]].append(r)
+    scored = {r["id"] for r in records if r["task"] in TASKS}
+    file_ids = {r["id"] for r in all_records}
+    counts = {"records": len(all_records), "scored": len(scored),
+              "missing": sum(i not in preds for i in scored),
+              "unknown_ids": sum(i not in file_ids for i in preds),
+              "skipped": dict(sorted(Counter(r["task"] for r in all_records if r["id"] not in scored).items()))}
+    metrics = {"rules": RULES, "counts": counts}
+    if by_task["vqa"]:
+        metrics["vqa"] = score_vqa(by_task["vqa"], preds)
+    if by_task["cls"]:
+        metrics["cls"] = score_cls(by_task["cls"], preds)
+    if by_task["caption"]:
+        metrics["caption"] = score_captions(by_task["caption"], preds, meteor=meteor)
+    return metrics
+
+
+def _f(x):
+    return f"{x:7.2f}" if isinstance(x, (int, float)) else f"{'-':>7}"
+
+
+def format_tables(metrics):
+    """Human-readable tables, one block per task and dataset."""
+    lines = []
+    c = metrics["counts"]
+    lines.append(f"records {c['records']}, scored {c['scored']}, missing predictions {c['missing']}, "
+                 f"unknown prediction ids {c['unknown_ids']}, skipped records by task {c['skipped'] or 'none'}")
+    for name, res in metrics.get("vqa", {}).items():
+        lines.append(f"\n[vqa] {name}  n={res['n']} missing={res['missing']} bucketed={res['bucketed']}")
+        lines.append(f"{'type':<20}{'n':>7}{'exact':>8}{'contain':>8}")
+        for t, v in res["types"].items():
+            lines.append(f"{t:<20}{v['n']:>7} {_f(v['exact'])} {_f(v['contain'])}")
+        lines.append(f"{'AA':<20}{'':>7} {_f(res['exact']['AA'])} {_f(res['contain']['AA'])}")
+        lines.append(f"{'OA':<20}{res['n']:>7} {_f(res['exact']['OA'])} {_f(res['contain']['OA'])}")
+        if "count" in res:
+            k = res["count"]
+            mae = f"{k['mae']:.3f}" if k["mae"] is not None else "-"
+            lines.append(f"count MAE {mae} over {k['numeric']} numeric pairs "
+                         f"(GT not numeric {k['gt_not_numeric']}, prediction not numeric {k['pred_not_numeric']})")
+    if metrics.get("cls"):
+        lines.append(f"\n[cls]\n{'dataset':<24}{'n':>7}{'exact':>8}{'contain':>8}{'missing':>8}")
+        for name, res in metrics["cls"].items():
+            lines.append(f"{name:<24}{res['n']:>7} {_f(res['exact'])} {_f(res['contain'])}{res['missing']:>8}")
+    if metrics.get("caption"):
+        keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"]
+        lines.append(f"\n[caption]\n{'dataset':<24}{'n':>7}" + "".join(f"{k:>9}" for k in keys))
+        for name, res in metrics["caption"].items():
+            lines.append(f"{name:<24}{res['n']:>7}" + "".join(f"  {_f(res[k])}" for k in keys))
+            if isinstance(res["METEOR"], str):
+                lines.append(f"  METEOR {res['METEOR']}")
+    lines.append(f"\nexact = {RULES['exact']}\ncontain = {RULES['contain']}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="records JSONL with vqa / cls / caption records (others are skipped)")
+    p.add_argument("--ckpt", default=None, help="checkpoint dir (HF format) to generate answers with")
+    p.add_argument("--preds", default=None, help="score this predictions JSONL ({'id','text'} per line) instead of generating")
+    p.add_argument("--out", default=None, help="output dir: predictions.jsonl (with --ckpt), metrics.json, PNGs")
+    p.add_argument("--json-out", default=None, help="metrics JSON path (default OUT/metrics.json)")
+    p.add_argument("--tasks", default="vqa,cls,caption", help="comma list of the tasks to evaluate")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N records of those tasks (0 = all)")
+    p.add_argument("--batch-size", type=int, default=8, help="generation batch size per process")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (captions need ~60)")
+    p.add_argument("--dtype", default=None, help="model dtype for model.load (e.g. bfloat16; default: model.load's)")
+    p.add_argument("--attn", default=None, help="attention implementation for model.load (e.g. sdpa, flash_attention_2)")
+    p.add_argument("--min-pixels", type=int, default=None, help="processor min_pixels (use the training value)")
+    p.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (use the training value)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the ~5 s Java start)")
+    p.add_argument("--vis", action="store_true", help="write a confusion-matrix PNG per classification dataset")
+    args = p.parse_args(argv)
+    if (args.ckpt is None) == (args.preds is None):
+        p.error("give exactly one of --ckpt (generate, then score) or --preds (score a predictions file)")
+    if args.ckpt and not args.out:
+        p.error("--ckpt needs --out (where predictions.jsonl is written and resumed from)")
+    if args.vis and not (args.out or args.json_out):
+        p.error("--vis needs --out or --json-out (the PNGs go next to the metrics)")
+    unknown = set(args.tasks.split(",")) - set(TASKS)
+    if unknown:
+        p.error(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(TASKS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    tasks = [t for t in TASKS if t in args.tasks.split(",")]
+    log = print
+
+    # ---- records and predictions: generate (resumable, sharded under torchrun) or read a file
+    if args.ckpt:
+        import model  # lazy: torch and transformers only when generating
+
+        log = model.print0
+        records = model.read_records(args.data)
+        for r in records:
+            r["id"] = str(r["id"])  # predictions files key by string ids
+    else:
+        records = read_data(args.data)
+    selected = [r for r in records if r["task"] in tasks]
+    if args.limit:
+        selected = selected[:args.limit]
+    if args.ckpt:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        device = model.init_dist()  # one GPU per torchrun process; plain python: cuda or cpu
+        net, processor = model.load(args.ckpt, dtype=args.dtype, device=device, attn=args.attn,
+                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        log(f"generating answers for {len(selected)} records into {out / 'predictions.jsonl'}")
+        lines = model.predict(net, processor, selected, out / "predictions.jsonl",
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        import torch
+
+        if torch.distributed.is_initialized():  # predict ends with a barrier: every rank has the merged file
+            torch.distributed.destroy_process_group()
+        if not model.is_main():
+            return None
+        preds = {i: (v["text"] if isinstance(v, dict) else v) for i, v in lines.items()}  # {id: line dict}
+        pred_stats = {"duplicate_ids": 0}
+    else:
+        preds, pred_stats = read_predictions(args.preds)
+
+    # ---- scoring
+    metrics = evaluate(selected, preds, meteor=not args.no_meteor, all_records=records)
+    metrics["counts"].update(pred_stats)
+    metrics["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    metrics["seconds"] = round(time.time() - t0, 2)
+    log(format_tables(metrics))
+
+    # ---- outputs
+    json_out = Path(args.json_out) if args.json_out else (Path(args.out) / "metrics.json" if args.out else None)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(metrics, indent=1))
+        log(f"wrote {json_out}")
+        if args.vis:
+            for name, res in metrics.get("cls", {}).items():
+                png = json_out.parent / f"confusion_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
+                plot_confusion(res, name, png)
+                log(f"wrote {png}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
