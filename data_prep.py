@@ -1,0 +1,1174 @@
+"""Convert remote-sensing datasets to rscovlm records (JSONL, one sample per line; see README "Record format").
+
+One subcommand per source. Each writes `OUT/{name}.jsonl` (+ `OUT/images/` for tiled sources and synth) and
+`OUT/{name}.info.json` (the arguments and the summary printed at the end: records, objects, empty patches,
+skipped items and why).
+
+    python data_prep.py dota --root DOTA/train DOTA/val --split train --name dota_trainval --out data/dota
+    python data_prep.py dota --root DOTA/train DOTA/val --split train --patch 512 --out data/dota   # RSCoVLM's 512
+    python data_prep.py dota --root DOTA/val --split val --out data/dota          # keeps empty patches + ground truth
+    python data_prep.py dota --root DOTA/test --split test --out data/dota        # no labels, every patch
+    python data_prep.py dota --root DOTA/train --split train --rates 0.5,1.0,1.5 --gap 500 --out data/dota_ms
+    python data_prep.py fair1m --root FAIR1M/train/part1 --split train --out data/fair1m
+    python data_prep.py dior --root DIOR-R --split trainval --out data/dior
+    python data_prep.py rsvg --root DIOR-RSVG --split test --out data/rsvg
+    python data_prep.py rsvqa --root RSVQA_LR --variant LR --split test --out data/rsvqa
+    python data_prep.py captions --json RSICD/dataset_rsicd.json --images RSICD/RSICD_images --split test --out data/cap
+    python data_prep.py cls --root AID --train-ratio 0.2 --out data/aid
+    python data_prep.py synth --out data/synth --train 200 --val 50 --seed 0
+
+Tiling (dota, fair1m) follows MMRotate's tools/data/dota/split/img_split.py:
+  * windows of --patch px with step patch - gap; the last window of a row/column is shifted to end at the
+    border; an image smaller than the window gets one window, padded with --pad-value (0 = MMRotate's CLI
+    default; its split configs use the BGR mean 104,116,124, i.e. --pad-value 124,116,104 in RGB);
+    windows with <= img-rate-thr of their area on the image are dropped unless none is above it.
+  * an object goes to a window when (area inside the window) / (object area) >= --iof-thr (0.7), computed on
+    the polygon (its convex hull if the label is self-intersecting); objects not wholly inside get difficult 2
+    and keep their original, unclipped corners shifted into the patch (as MMRotate does).
+  * multi-scale (--rates): the whole image is resized by the rate first and tiled with the same --patch and
+    --gap (the DOTA devkit's way, so every patch is --patch px); MMRotate instead crops windows of patch/rate
+    px and resizes them at training time; the patches differ only by rounding.
+  * patch names: rate 1 -> `{name}__{patch}__{x}___{y}` (MMRotate); other rates -> `{name}__{rate}__{x}___{y}`
+    (the devkit's, e.g. P0001__0.5__0___824). Never parse names: meta carries "source", "offset" [x, y]
+    (patch origin in the image resized by the rate), "rate" and "source_size" [W, H]; a polygon in patch
+    pixels maps back to the original image as (patch_xy + offset) / rate.
+  * --split train drops patches with no object (keep them with --keep-empty); val keeps every patch with its
+    ground truth (difficult included, for patch-level scoring); test needs no labels, keeps every patch and
+    writes prompt-only records (no assistant turn, no meta.objects).
+Re-running skips patch images that already exist; every file is written to a temporary name and renamed,
+so an interrupted run leaves no half-written patch or JSONL that a later run would trust.
+
+Bad input (unreadable image, malformed label line, NaN or missing corners, unknown class) stops with an
+error naming the file and line; with --skip-bad the image (never just one of its objects, which would
+teach the model to miss it) is skipped and listed in the summary.
+
+Answers in det/ground records are rendered with boxes.render_answer in the record's own pixels, for people
+to read; model.tokenize re-renders them from meta in the model's coordinate convention.
+
+synth writes `synth_{det,ground,vqa,caption,cls,all}_{train,val}.jsonl` and `images/{split}_{i:05d}.png`.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from shapely.geometry import MultiPoint, Polygon, box as shapely_box
+from tqdm import tqdm
+
+import boxes
+
+Image.MAX_IMAGE_PIXELS = None  # DOTA-v2 has 20000 x 20000 images
+
+# -----------------------------------------------------------------------------
+# Class lists (canonical names: lower case, hyphenated)
+
+DOTA_CLASSES = {
+    "1.0": ["plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
+            "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
+            "swimming-pool", "helicopter"],
+}
+DOTA_CLASSES["1.5"] = DOTA_CLASSES["1.0"] + ["container-crane"]
+DOTA_CLASSES["2.0"] = DOTA_CLASSES["1.5"] + ["airport", "helipad"]
+DIOR_CLASSES = ["airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney",
+                "expressway-service-area", "expressway-toll-station", "dam", "golffield", "groundtrackfield",
+                "harbor", "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation", "vehicle",
+                "windmill"]
+# FAIR1M-1.0 names ("Liquid Cargo Ship") lower-cased with spaces -> hyphens
+FAIR1M_CLASSES = ["boeing737", "boeing747", "boeing777", "boeing787", "c919", "a220", "a321", "a330", "a350",
+                  "arj21", "other-airplane", "passenger-ship", "motorboat", "fishing-boat", "tugboat",
+                  "engineering-ship", "liquid-cargo-ship", "dry-cargo-ship", "warship", "other-ship", "small-car",
+                  "bus", "cargo-truck", "dump-truck", "van", "trailer", "tractor", "excavator", "truck-tractor",
+                  "other-vehicle", "basketball-court", "tennis-court", "football-field", "baseball-field",
+                  "intersection", "roundabout", "bridge"]
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+# -----------------------------------------------------------------------------
+# Prompts (RSCoVLM / GeoChat practice). "<image>" marks where the image goes.
+
+DET_PROMPT = "<image>\nDetect all objects of the following categories in the image: {categories}. {fmt}"
+DET_FORMAT = {
+    "poly": "Output one object per line as its four corner points x1,y1,x2,y2,x3,y3,x4,y4 followed by its category.",
+    "hbox": "Output one object per line as its box x1,y1,x2,y2 followed by its category.",
+    "rbox": "Output one object per line as its rotated box cx,cy,w,h,angle followed by its category.",
+}
+GROUND_PROMPT = '<image>\nLocate the object described as "{expression}". {fmt}'
+GROUND_FORMAT = {
+    "poly": "Output its four corner points x1,y1,x2,y2,x3,y3,x4,y4.",
+    "hbox": "Output its box x1,y1,x2,y2.",
+    "rbox": "Output its rotated box cx,cy,w,h,angle.",
+}
+VQA_SUFFIX = "Answer the question using a single word or phrase."  # GeoChat-Bench
+CAPTION_PROMPT = "<image>\nDescribe this remote sensing image in one sentence."
+CLS_PROMPT = "<image>\nClassify the image from the following classes: {classes}. Answer in one word or a short phrase."
+
+
+def det_prompt(classes, box_format="poly"):
+    """Categories as text (hyphens as spaces, lower case), alphabetical."""
+    return DET_PROMPT.format(categories=", ".join(sorted(boxes.class_to_text(c) for c in classes)),
+                             fmt=DET_FORMAT[box_format])
+
+
+def ground_prompt(expression, box_format="hbox"):
+    return GROUND_PROMPT.format(expression=expression.strip(), fmt=GROUND_FORMAT[box_format])
+
+
+def vqa_prompt(question, suffix=True):
+    return "<image>\n" + question.strip() + (" " + VQA_SUFFIX if suffix else "")
+
+
+def cls_prompt(classes):
+    return CLS_PROMPT.format(classes=", ".join(classes))
+
+
+def make_record(rid, task, dataset, images, prompt, answer, meta):
+    """answer None -> prompt-only record (no assistant turn)."""
+    messages = [{"role": "user", "content": prompt}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return {"id": rid, "task": task, "dataset": dataset, "images": images, "messages": messages, "meta": meta}
+
+
+def det_answer(objects, width, height, box_format="poly"):
+    """Human-readable rendering in the record's own pixels (model.tokenize re-renders from meta)."""
+    return boxes.render_answer(objects, width, height, coords="abs", box_format=box_format)
+
+
+# -----------------------------------------------------------------------------
+# Files, errors, summaries
+
+
+class BadInput(Exception):
+    """A problem with the input data; the message names the file (and line)."""
+
+
+def atomic_write_bytes(path, data):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
+
+
+def save_image_atomic(img, path):
+    """PNG at compress level 1 (OpenCV's default, what MMRotate writes) or JPEG quality 95."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path.suffix == ".png":
+        img.save(tmp, format="PNG", compress_level=1)
+    else:
+        img.save(tmp, format="JPEG", quality=95)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    """Whole file to a temporary name, then renamed: a crash never leaves a truncated last line."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def new_summary():
+    return {"counts": Counter(), "skipped": []}
+
+
+def skip_or_raise(summary, skip_bad, item, reason):
+    """--skip-bad: count and list the skip; otherwise stop with the reason (which names the file)."""
+    if not skip_bad:
+        raise BadInput(reason)
+    summary["counts"]["skipped"] += 1
+    summary["skipped"].append({"item": str(item), "reason": reason})
+
+
+def print_summary(title, summary, out_files):
+    c = summary["counts"]
+    print(f"\n{title}")
+    for k in sorted(c):
+        print(f"  {k:<28} {c[k]}")
+    if summary["skipped"]:
+        reasons = Counter(re.sub(r"\d+", "N", s["reason"].split(":")[-1].strip())[:60] for s in summary["skipped"])
+        print(f"  skipped items ({len(summary['skipped'])}), by reason:")
+        for r, n in reasons.most_common():
+            print(f"    {n:>6}  {r}")
+        for s in summary["skipped"][:10]:
+            print(f"    e.g. {s['reason']}")
+    for f in out_files:
+        print(f"  wrote {f}")
+
+
+def write_info(out, name, args, summary=None):
+    info = {"args": vars(args)}
+    if summary is not None:
+        info["summary"] = {"counts": dict(summary["counts"]), "skipped": summary["skipped"]}
+    atomic_write_bytes(Path(out) / f"{name}.info.json", json.dumps(info, indent=2).encode())
+
+
+def read_image_size(path, full=True):
+    """(width, height). full=True decodes the whole image, so truncated or corrupt files are caught."""
+    try:
+        with Image.open(path) as im:
+            if full:
+                im.load()
+            return im.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadInput(f"cannot read image {path}: {e}") from None
+
+
+def _check_one(path):
+    try:
+        return path, read_image_size(path), None
+    except BadInput as e:
+        return path, None, str(e)
+
+
+def check_images(paths, workers, desc):
+    """{path: (w, h) or error message}, decoding every image (several processes)."""
+    paths = sorted(set(paths))
+    out = {}
+    with Pool(workers) if workers > 1 else _NoPool() as pool:
+        for path, size, err in tqdm(pool.imap(_check_one, paths, chunksize=8), total=len(paths), desc=desc):
+            out[path] = size if err is None else err
+    return out
+
+
+class _NoPool:
+    """Stand-in for multiprocessing.Pool when --workers 1 (easier to debug, no fork)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def rel(path, out):
+    """Image path as written in records: relative to the JSONL's folder when inside it, else absolute."""
+    path, out = Path(path).resolve(), Path(out).resolve()
+    try:
+        return str(path.relative_to(out))
+    except ValueError:
+        return str(path)
+
+
+# -----------------------------------------------------------------------------
+# Label parsing: DOTA labelTxt, FAIR1M XML, DIOR-R XML. Each returns [{"poly", "label", "difficult"}].
+
+
+def check_numbers(tokens, where, n=8):
+    """n finite numbers (8 = a 4-point polygon) -> list of floats, else BadInput naming `where`."""
+    if len(tokens) != n:
+        raise BadInput(f"{where}: polygon has {len(tokens) // 2} points, expected 4" if n == 8
+                       else f"{where}: expected {n} numbers, got {len(tokens)}")
+    out = []
+    for tok in tokens:
+        try:
+            v = float(tok)
+        except (TypeError, ValueError):
+            raise BadInput(f"{where}: coordinate {tok!r} is not a number") from None
+        if not math.isfinite(v):
+            raise BadInput(f"{where}: coordinate {tok!r} is not finite")
+        out.append(v)
+    return out
+
+
+def _is_number(tok):
+    try:
+        float(tok)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_dota_txt(path, classes):
+    """DOTA labelTxt: `imagesource:`/`gsd:` headers, then `x1 y1 ... x4 y4 class [difficult]` lines."""
+    objects = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            where = f"bad label line {lineno} in {path}"
+            if not parts or (len(parts) < 9 and ":" in line):  # blank or a header
+                continue
+            n_num = next((i for i, t in enumerate(parts) if not _is_number(t)), len(parts))
+            if n_num < 8 and len(parts) - n_num <= 2:  # the numbers stop early, then class [difficult]
+                raise BadInput(f"{where}: polygon has fewer than 4 points ({n_num} numbers before the class)")
+            if len(parts) not in (9, 10):
+                raise BadInput(f"{where}: expected 9 or 10 fields (x1 y1 .. x4 y4 class [difficult]), got {len(parts)}")
+            poly = check_numbers(parts[:8], where)
+            label = parts[8]
+            if label not in classes:
+                raise BadInput(f"{where}: unknown class {label!r}")
+            try:
+                difficult = int(parts[9]) if len(parts) == 10 else 0
+            except ValueError:
+                raise BadInput(f"{where}: difficult flag {parts[9]!r} is not an integer") from None
+            objects.append({"poly": poly, "label": label, "difficult": difficult})
+    return objects
+
+
+def _xml_root(path):
+    try:
+        return ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise BadInput(f"cannot parse {path}: {e}") from None
+
+
+def parse_fair1m_xml(path, classes):
+    """FAIR1M: <object><possibleresult><name>Liquid Cargo Ship</name></possibleresult>
+    <points><point>x,y</point> x5</points> (the fifth point repeats the first)."""
+    objects = []
+    for k, obj in enumerate(_xml_root(path).iter("object"), 1):
+        where = f"bad object {k} in {path}"
+        name = obj.findtext("possibleresult/name")
+        if not name or not name.strip():
+            raise BadInput(f"{where}: no possibleresult/name")
+        label = "-".join(name.strip().lower().split())
+        if label not in classes:
+            raise BadInput(f"{where}: unknown class {name!r}")
+        pts = [p.text.split(",") for p in obj.findall("points/point") if p.text]
+        if any(len(p) != 2 for p in pts):
+            raise BadInput(f"{where}: a point is not 'x,y'")
+        if len(pts) == 5 and [s.strip() for s in pts[0]] == [s.strip() for s in pts[4]]:
+            pts = pts[:4]
+        if len(pts) != 4:
+            raise BadInput(f"{where}: polygon has {len(pts)} points, expected 4 (+ the first repeated)")
+        objects.append({"poly": check_numbers([v for p in pts for v in p], where), "label": label, "difficult": 0})
+    return objects
+
+
+DIOR_CORNERS = ["x_left_top", "y_left_top", "x_right_top", "y_right_top", "x_right_bottom", "y_right_bottom",
+                "x_left_bottom", "y_left_bottom"]
+
+
+def parse_dior_xml(path, classes):
+    """DIOR-R: VOC XML, <object><name>, <difficult>, <robndbox> with the four corners. Also returns the size."""
+    root = _xml_root(path)
+    objects = []
+    for k, obj in enumerate(root.iter("object"), 1):
+        where = f"bad object {k} in {path}"
+        label = (obj.findtext("name") or "").strip().lower()
+        if label not in classes:
+            raise BadInput(f"{where}: unknown class {obj.findtext('name')!r}")
+        rb = obj.find("robndbox")
+        if rb is None:
+            raise BadInput(f"{where}: no <robndbox>")
+        poly = check_numbers([rb.findtext(t) for t in DIOR_CORNERS if rb.findtext(t) is not None], where)
+        diff = (obj.findtext("difficult") or "0").strip()
+        objects.append({"poly": poly, "label": label, "difficult": int(diff) if diff.isdigit() else 0})
+    size = (int(root.findtext("size/width") or 0), int(root.findtext("size/height") or 0))
+    return objects, size
+
+
+# -----------------------------------------------------------------------------
+# Tiling (MMRotate img_split rules; see the module docstring)
+
+
+def window_starts(length, patch, step):
+    if length <= patch:
+        return [0]
+    n = math.ceil((length - patch) / step + 1)
+    starts = [step * i for i in range(n)]
+    if starts[-1] + patch > length:
+        starts[-1] = length - patch  # last window ends at the border
+    return starts
+
+
+def sliding_windows(width, height, patch, gap, img_rate_thr=0.6):
+    """[(x0, y0, x1, y1)], x-major order like MMRotate."""
+    assert patch > gap, f"--patch {patch} must be larger than --gap {gap}"
+    step = patch - gap
+    wins = [(x, y, x + patch, y + patch) for x in window_starts(width, patch, step)
+            for y in window_starts(height, patch, step)]
+    rates = [(min(x1, width) - x0) * (min(y1, height) - y0) / (patch * patch) for x0, y0, x1, y1 in wins]
+    if not any(r > img_rate_thr for r in rates):
+        rates = [1.0 if abs(r - max(rates)) < 0.01 else r for r in rates]
+    return [w for w, r in zip(wins, rates) if r > img_rate_thr]
+
+
+def object_shapes(objects):
+    """(hbox, shapely polygon, area) per object; a self-intersecting label polygon is measured by its hull."""
+    out = []
+    for o in objects:
+        pts = list(zip(o["poly"][0::2], o["poly"][1::2]))
+        poly = Polygon(pts)
+        if not poly.is_valid:
+            poly = MultiPoint(pts).convex_hull
+        xs, ys = o["poly"][0::2], o["poly"][1::2]
+        out.append(((min(xs), min(ys), max(xs), max(ys)), poly, poly.area))
+    return out
+
+
+def objects_in_window(objects, shapes, win, iof_thr):
+    """Objects kept in window (x0, y0, x1, y1), shifted into it; truncated ones (iof < 1) get difficult 2."""
+    x0, y0, x1, y1 = win
+    wbox, kept = None, []
+    for o, ((bx0, by0, bx1, by1), poly, area) in zip(objects, shapes):
+        if bx1 < x0 or bx0 > x1 or by1 < y0 or by0 > y1 or area <= 0:
+            continue
+        inside = bx0 >= x0 and by0 >= y0 and bx1 <= x1 and by1 <= y1
+        if not inside:
+            wbox = wbox or shapely_box(x0, y0, x1, y1)
+            if poly.intersection(wbox).area / area < iof_thr:
+                continue
+        shifted = [v - (x0 if i % 2 == 0 else y0) for i, v in enumerate(o["poly"])]
+        kept.append({"poly": [round(v, 3) for v in shifted], "label": o["label"],
+                     "difficult": o["difficult"] if inside else 2})
+    return kept
+
+
+def patch_name(name, patch, rate, x, y):
+    tag = str(patch) if rate == 1 else f"{rate:g}"
+    return f"{name}__{tag}__{x}___{y}"
+
+
+def tile_image(job, cfg):
+    """One source image -> patch records (+ patch PNGs not written yet). Runs in a worker process.
+    Returns {"records", "counts", "skipped"}."""
+    counts, skipped = Counter(), []
+    try:
+        width, height = read_image_size(job["image"], full=False)
+    except BadInput as e:
+        if not cfg["skip_bad"]:
+            raise
+        return {"records": [], "counts": Counter(skipped=1), "skipped": [{"item": job["name"], "reason": str(e)}]}
+    objects = job["objects"]  # None for the test split
+    plans = []  # (rate, scaled size, window, patch name, objects in patch or None)
+    for rate in cfg["rates"]:
+        sw, sh = (width, height) if rate == 1 else (round(width * rate), round(height * rate))
+        scaled = None
+        if objects is not None:
+            scaled = objects if rate == 1 else [dict(o, poly=[v * rate for v in o["poly"]]) for o in objects]
+            shapes = object_shapes(scaled)
+            if rate == cfg["rates"][0]:
+                counts["zero-area objects dropped"] += sum(1 for s in shapes if s[2] <= 0)
+        for win in sliding_windows(sw, sh, cfg["patch"], cfg["gap"], cfg["img_rate_thr"]):
+            objs = None if scaled is None else objects_in_window(scaled, shapes, win, cfg["iof_thr"])
+            if objs is not None and not objs:
+                counts["empty patches"] += 1
+                if cfg["split"] == "train" and not cfg["keep_empty"]:
+                    counts["empty patches dropped"] += 1
+                    continue
+            plans.append((rate, (sw, sh), win, patch_name(job["name"], cfg["patch"], rate, win[0], win[1]), objs))
+
+    images_dir = Path(cfg["images_dir"])
+    todo = [p for p in plans if not (images_dir / (p[3] + cfg["ext"])).exists()]
+    counts["patches reused"] += len(plans) - len(todo)
+    if todo:
+        try:
+            with Image.open(job["image"]) as im:
+                full = im.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            if not cfg["skip_bad"]:
+                raise BadInput(f"cannot read image {job['image']}: {e}") from None
+            return {"records": [], "counts": Counter(skipped=1),
+                    "skipped": [{"item": job["name"], "reason": f"cannot read image {job['image']}: {e}"}]}
+        arrays = {}
+        for rate, size, (x0, y0, x1, y1), pname, _ in todo:
+            if rate not in arrays:
+                img = full if rate == 1 else full.resize(size, Image.BICUBIC)  # devkit: cv2 INTER_CUBIC
+                arrays[rate] = np.asarray(img)
+            arr = arrays[rate]
+            crop = arr[y0:y1, x0:x1]
+            if crop.shape[:2] != (y1 - y0, x1 - x0):  # image smaller than the window: pad right/bottom
+                padded = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+                padded[...] = cfg["pad_value"]
+                padded[: crop.shape[0], : crop.shape[1]] = crop
+                crop = padded
+            save_image_atomic(Image.fromarray(crop), images_dir / (pname + cfg["ext"]))
+        counts["patches written"] += len(todo)
+
+    records = []
+    for rate, _, (x0, y0, x1, y1), pname, objs in plans:
+        pw, ph = x1 - x0, y1 - y0
+        meta = {"width": pw, "height": ph}
+        if objs is not None:
+            meta["objects"] = objs
+            counts["objects"] += len(objs)
+            counts["objects truncated (difficult 2)"] += sum(o["difficult"] == 2 for o in objs)
+        meta.update({"classes": cfg["classes"], "box_format": cfg["box_format"], "source": job["name"],
+                     "offset": [x0, y0], "rate": rate, "source_size": [width, height]})
+        answer = None if objs is None else det_answer(objs, pw, ph, cfg["box_format"])
+        records.append(make_record(pname, "det", cfg["dataset"], [f"images/{pname}{cfg['ext']}"],
+                                   det_prompt(cfg["classes"], cfg["box_format"]), answer, meta))
+    counts["images"] += 1
+    counts["records"] += len(records)
+    return {"records": records, "counts": counts, "skipped": skipped}
+
+
+def run_tiling(args, source):
+    """Shared driver of `dota` and `fair1m`: list images + labels, tile in --workers processes, write JSONL."""
+    if source == "dota":
+        classes, label_dir, label_ext, parse = DOTA_CLASSES[args.version], "labelTxt", ".txt", parse_dota_txt
+        dataset = f"dota{args.version}"
+    else:
+        classes, label_dir, label_ext, parse = FAIR1M_CLASSES, "labelXml", ".xml", parse_fair1m_xml
+        dataset = "fair1m"
+    rates = [float(r) for r in args.rates.split(",")]
+    pad = [int(v) for v in args.pad_value.split(",")]
+    if len(pad) not in (1, 3):
+        raise BadInput(f"--pad-value {args.pad_value!r}: give 1 or 3 integers")
+    name = args.name or f"{source}_{args.split}" + ("" if args.patch == 1024 else f"_{args.patch}") + (
+        "_ms" if rates != [1.0] else "")
+    out = Path(args.out)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    check_resume(out, name, args, ["patch", "gap", "rates", "pad_value", "iof_thr", "img_rate_thr", "ext",
+                                   "version", "split", "keep_empty", "box_format"])
+    for stale in images_dir.glob(".*.tmp"):  # leftovers of an interrupted run (never renamed, never trusted)
+        stale.unlink(missing_ok=True)
+    write_info(out, name, args)
+
+    summary = new_summary()
+    jobs = []
+    for root in args.root:
+        root = Path(root)
+        img_dir = root / "images"
+        if not img_dir.is_dir():
+            raise BadInput(f"{img_dir} is not a folder (expected {root}/images and {root}/{label_dir})")
+        image_files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if args.split != "test":
+            label_files = {p.stem for p in (root / label_dir).glob(f"*{label_ext}")}
+            summary["counts"]["label files without an image"] += len(label_files - {p.stem for p in image_files})
+        for img in tqdm(image_files, desc=f"labels {root}", disable=len(image_files) < 50):
+            objects = None
+            if args.split != "test":
+                label = root / label_dir / (img.stem + label_ext)
+                try:
+                    if not label.is_file():
+                        raise BadInput(f"no label file {label} for image {img}")
+                    objects = parse(label, classes)
+                except BadInput as e:
+                    skip_or_raise(summary, args.skip_bad, img, str(e))
+                    continue
+            jobs.append({"name": img.stem, "image": str(img), "objects": objects})
+    names = Counter(j["name"] for j in jobs)
+    dup = [n for n, k in names.items() if k > 1]
+    if dup:
+        raise BadInput(f"image names occur in more than one --root: {dup[:5]}")
+
+    cfg = {"classes": classes, "dataset": dataset, "rates": rates, "patch": args.patch, "gap": args.gap,
+           "img_rate_thr": args.img_rate_thr, "iof_thr": args.iof_thr, "pad_value": pad if len(pad) == 3 else pad[0],
+           "images_dir": str(images_dir), "ext": "." + args.ext, "split": args.split, "keep_empty": args.keep_empty,
+           "skip_bad": args.skip_bad, "box_format": args.box_format}
+    records = []
+    with Pool(args.workers) if args.workers > 1 else _NoPool() as pool:
+        for res in tqdm(pool.imap(partial(tile_image, cfg=cfg), jobs), total=len(jobs), desc=f"tiling {name}"):
+            records += res["records"]
+            summary["counts"].update(res["counts"])
+            summary["skipped"] += res["skipped"]
+    jsonl = out / f"{name}.jsonl"
+    write_jsonl(jsonl, records)
+    write_info(out, name, args, summary)
+    print_summary(f"{source} {args.split}: {len(records)} records from {len(jobs)} images", summary, [jsonl])
+    return summary
+
+
+def check_resume(out, name, args, keys):
+    """Refuse to reuse patches cut with other settings (they would be trusted as they are)."""
+    info = Path(out) / f"{name}.info.json"
+    if not info.exists():
+        return
+    old = json.loads(info.read_text()).get("args", {})
+    diff = {k: (old.get(k), getattr(args, k)) for k in keys if k in old and old.get(k) != getattr(args, k)}
+    if diff:
+        raise BadInput(f"{out} holds a run of {name} with other settings {diff}; use another --out or --name")
+
+
+# -----------------------------------------------------------------------------
+# dior: DIOR-R oriented boxes, whole 800x800 images (no tiling)
+
+
+def find_first(candidates, what):
+    for c in candidates:
+        if c.exists():
+            return c
+    raise BadInput(f"cannot find {what}; looked at " + ", ".join(str(c) for c in candidates))
+
+
+def run_dior(args):
+    root, out = Path(args.root), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ann_dir = find_first([root / "Annotations" / "Oriented Bounding Boxes", root / "Annotations"], "DIOR-R annotations")
+    img_dirs = [d for d in (root / "JPEGImages-trainval", root / "JPEGImages-test", root / "JPEGImages") if d.is_dir()]
+    if args.split == "all":
+        ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
+    else:
+        split_file = Path(args.split_file) if args.split_file else find_first(
+            [root / "ImageSets" / "Main" / f"{args.split}.txt", root / "ImageSets" / f"{args.split}.txt",
+             root / "Main" / f"{args.split}.txt"], f"the {args.split} split list")
+        ids = [s.strip() for s in split_file.read_text().split() if s.strip()]
+    name = args.name or f"dior_{args.split}"
+    summary, records, items = new_summary(), [], []
+    for i in ids:
+        try:
+            xml = ann_dir / f"{i}.xml"
+            if not xml.is_file():
+                raise BadInput(f"no annotation {xml} for image id {i}")
+            objects, size = parse_dior_xml(xml, DIOR_CLASSES)
+            image = next((d / f"{i}.jpg" for d in img_dirs if (d / f"{i}.jpg").is_file()), None)
+            if image is None:
+                raise BadInput(f"no image {i}.jpg in " + ", ".join(str(d) for d in img_dirs))
+            items.append((i, image, objects, size))
+        except BadInput as e:
+            skip_or_raise(summary, args.skip_bad, i, str(e))
+    sizes = check_images([str(it[1]) for it in items], args.workers, "checking images")
+    prompt = det_prompt(DIOR_CLASSES, args.box_format)
+    for i, image, objects, size in items:
+        got = sizes[str(image)]
+        if isinstance(got, str):
+            skip_or_raise(summary, args.skip_bad, i, got)
+            continue
+        if size != (0, 0) and tuple(got) != tuple(size):
+            skip_or_raise(summary, args.skip_bad, i, f"{image} is {got[0]}x{got[1]} but its XML says {size[0]}x{size[1]}")
+            continue
+        w, h = got
+        meta = {"width": w, "height": h, "objects": objects, "classes": DIOR_CLASSES, "box_format": args.box_format,
+                "source": i}
+        records.append(make_record(i, "det", "dior-r", [rel(image, out)], prompt,
+                                   det_answer(objects, w, h, args.box_format), meta))
+        summary["counts"]["objects"] += len(objects)
+    summary["counts"]["records"] = len(records)
+    summary["counts"]["empty images"] = sum(not r["meta"]["objects"] for r in records)
+    jsonl = out / f"{name}.jsonl"
+    write_jsonl(jsonl, records)
+    write_info(out, name, args, summary)
+    print_summary(f"dior {args.split}: {len(records)} records", summary, [jsonl])
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# rsvg: DIOR-RSVG grounding. One XML per image (sorted by name); every <object> has a <bndbox> and a
+# <description>; the split files list global object indices (0-based, counted over the sorted XMLs in order),
+# as RSVG-pytorch's data_loader does.
+
+
+def run_rsvg(args):
+    root, out = Path(args.root), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ann_dir = find_first([root / "Annotations"], "DIOR-RSVG Annotations/")
+    img_dir = find_first([root / "JPEGImages"], "DIOR-RSVG JPEGImages/")
+    split_file = Path(args.split_file) if args.split_file else find_first(
+        [root / f"{args.split}.txt", root / "DIOR_RSVG" / f"{args.split}.txt"], f"the {args.split} index file")
+    wanted = set()
+    for lineno, line in enumerate(split_file.read_text().splitlines(), 1):
+        if line.strip():
+            if not line.strip().isdigit():
+                raise BadInput(f"bad index line {lineno} in {split_file}: {line.strip()!r} is not an integer")
+            wanted.add(int(line))
+    name = args.name or f"rsvg_{args.split}"
+    summary, items, index = new_summary(), [], 0
+    for xml in sorted(ann_dir.glob("*.xml")):
+        root_el = _xml_root(xml)
+        filename = root_el.findtext("filename") or f"{xml.stem}.jpg"
+        for k, obj in enumerate(root_el.iter("object"), 1):
+            idx, index = index, index + 1
+            if idx not in wanted:
+                continue
+            where = f"bad object {k} in {xml}"
+            try:
+                b = obj.find("bndbox")
+                if b is None:
+                    raise BadInput(f"{where}: no <bndbox>")
+                x0, y0, x1, y1 = check_numbers([b.findtext(t) for t in ("xmin", "ymin", "xmax", "ymax")], where, n=4)
+                if not (x1 > x0 and y1 > y0):
+                    raise BadInput(f"{where}: empty box {x0},{y0},{x1},{y1}")
+                text = (obj.findtext("description") or "").strip()
+                if not text:
+                    raise BadInput(f"{where}: no <description>")
+                label = (obj.findtext("name") or "").strip().lower()
+                items.append((idx, img_dir / filename, {"poly": boxes.hbox_to_poly([x0, y0, x1, y1]), "label": label,
+                                                        "difficult": 0, "expression": text}))
+            except BadInput as e:
+                skip_or_raise(summary, args.skip_bad, f"object {idx}", str(e))
+    summary["counts"]["indices not found"] = len(wanted - set(range(index)))
+    sizes = check_images([str(it[1]) for it in items], args.workers, "checking images")
+    records = []
+    for idx, image, obj in items:
+        got = sizes[str(image)]
+        if isinstance(got, str):
+            skip_or_raise(summary, args.skip_bad, f"object {idx}", got)
+            continue
+        w, h = got
+        meta = {"width": w, "height": h, "objects": [obj], "box_format": "hbox", "source": image.stem}
+        answer = boxes.render_answer([obj], w, h, coords="abs", box_format="hbox", with_label=False)
+        records.append(make_record(f"rsvg_{idx}", "ground", "dior-rsvg", [rel(image, out)],
+                                   ground_prompt(obj["expression"]), answer, meta))
+    summary["counts"]["records"] = len(records)
+    jsonl = out / f"{name}.jsonl"
+    write_jsonl(jsonl, records)
+    write_info(out, name, args, summary)
+    print_summary(f"rsvg {args.split}: {len(records)} records", summary, [jsonl])
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# rsvqa: RSVQA-LR / -HR. Files {LR|USGS}_split_{split}_{questions|answers|images}.json; images {id}.tif.
+# Bucketing as in the published code (syvlo/RSVQA VocabEncoder): LR counts and areas (m2) go to
+# 0 | between 0 and 10 | between 10 and 100 | between 100 and 1000 | more than 1000.
+
+
+def bucket_number(n, unit=""):
+    if n == 0:
+        return f"0{unit}"
+    if n <= 10:
+        return f"between 0{unit} and 10{unit}"
+    if n <= 100:
+        return f"between 10{unit} and 100{unit}"
+    if n <= 1000:
+        return f"between 100{unit} and 1000{unit}"
+    return f"more than 1000{unit}"
+
+
+def rsvqa_answer(answer, qtype, variant, bucket):
+    a = answer.strip()
+    if bucket and qtype == "count" and variant == "LR" and a.isdigit():
+        return bucket_number(int(a))
+    if bucket and qtype == "area" and a.endswith("m2") and a[:-2].isdigit():
+        return bucket_number(int(a[:-2]), "m2")
+    return a
+
+
+def run_rsvqa(args):
+    root, out = Path(args.root), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = "LR" if args.variant == "LR" else "USGS"
+    files = {k: root / f"{prefix}_split_{args.split}_{k}.json" for k in ("questions", "answers", "images")}
+    data = {}
+    for k, f in files.items():
+        try:
+            data[k] = {e["id"]: e for e in json.loads(f.read_text())[k]}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BadInput(f"cannot read {f}: {e!r}") from None
+    img_dir = Path(args.images) if args.images else find_first(
+        [root / "Images_LR", root / "Data", root / "images"], "RSVQA images (give --images)")
+    types = set(args.types.split(",")) if args.types else None
+    name = args.name or f"rsvqa_{args.variant.lower()}_{args.split}"
+    summary, items = new_summary(), []
+    # as the published loader: the questions listed by active images, in image order; inactive questions dropped
+    for img_id in sorted(data["images"]):
+        im = data["images"][img_id]
+        if not im.get("active", True):
+            summary["counts"]["inactive images"] += 1
+            continue
+        for qid in im.get("questions_ids", []):
+            q = data["questions"].get(qid)
+            try:
+                if q is None:
+                    raise BadInput(f"image {img_id} in {files['images']} lists question {qid}, "
+                                   f"which is not in {files['questions']}")
+                if not q.get("active", True):
+                    summary["counts"]["inactive questions"] += 1
+                    continue
+                if types and q.get("type") not in types:
+                    continue
+                ans = next((data["answers"][a] for a in q.get("answers_ids") or [] if a in data["answers"]), None)
+                if ans is None or not isinstance(ans.get("answer"), str) or not q.get("question") or not q.get("type"):
+                    raise BadInput(f"question {qid} in {files['questions']}: no question text, type or answer "
+                                   f"(in {files['answers']})")
+                items.append((qid, q, ans["answer"], img_dir / f"{img_id}.tif"))
+            except BadInput as e:
+                skip_or_raise(summary, args.skip_bad, qid, str(e))
+    sizes = check_images([str(it[3]) for it in items], args.workers, "checking images")
+    records = []
+    for qid, q, answer, image in items:
+        got = sizes[str(image)]
+        if isinstance(got, str):
+            skip_or_raise(summary, args.skip_bad, qid, got)
+            continue
+        a = rsvqa_answer(answer, q["type"], args.variant, not args.no_bucket)
+        summary["counts"][f"type {q['type']}"] += 1
+        records.append(make_record(f"{args.variant}_{qid}", "vqa", f"rsvqa-{args.variant.lower()}", [rel(image, out)],
+                                   vqa_prompt(q["question"], not args.no_suffix), a,
+                                   {"answer": a, "type": q["type"], "raw_answer": answer, "image_id": q["img_id"]}))
+    summary["counts"]["records"] = len(records)
+    jsonl = out / f"{name}.jsonl"
+    write_jsonl(jsonl, records)
+    write_info(out, name, args, summary)
+    print_summary(f"rsvqa {args.variant} {args.split}: {len(records)} records", summary, [jsonl])
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# captions: Karpathy-style JSON {"images": [{"filename", "imgid", "split", "sentences": [{"raw"}...]}]}
+
+
+def run_captions(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        entries = json.loads(Path(args.json).read_text())["images"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise BadInput(f"cannot read {args.json}: {e!r}") from None
+    dataset = args.dataset or Path(args.json).stem.replace("dataset_", "").replace("dataset", "captions") or "captions"
+    name = args.name or f"{dataset}_{args.split}"
+    splits = set(args.split.split("+"))  # e.g. train+val
+    summary, items = new_summary(), []
+    for k, e in enumerate(entries):
+        where = f"image entry {k} in {args.json}"
+        if not isinstance(e, dict) or "filename" not in e:
+            skip_or_raise(summary, args.skip_bad, k, f"{where}: no filename")
+            continue
+        if e.get("split") not in splits:
+            continue
+        refs = [s.get("raw", "").strip() for s in e.get("sentences", []) if isinstance(s, dict)]
+        refs = [r for r in refs if r]
+        if not refs:
+            skip_or_raise(summary, args.skip_bad, e["filename"], f"{where} ({e['filename']}): no reference sentences")
+            continue
+        items.append((e, refs, Path(args.images) / e["filename"]))
+    sizes = check_images([str(it[2]) for it in items], args.workers, "checking images")
+    records = []
+    for e, refs, image in items:
+        if isinstance(sizes[str(image)], str):
+            skip_or_raise(summary, args.skip_bad, e["filename"], sizes[str(image)])
+            continue
+        rid = str(e.get("imgid", Path(e["filename"]).stem))
+        meta = {"references": refs, "filename": e["filename"], "split": e["split"]}
+        targets = enumerate(refs) if args.per_reference else [(None, refs[0])]
+        for j, ref in targets:
+            records.append(make_record(rid if j is None else f"{rid}#{j}", "caption", dataset, [rel(image, out)],
+                                       CAPTION_PROMPT, ref, meta))
+        summary["counts"]["references"] += len(refs)
+    summary["counts"]["records"] = len(records)
+    jsonl = out / f"{name}.jsonl"
+    write_jsonl(jsonl, records)
+    write_info(out, name, args, summary)
+    print_summary(f"captions {args.split}: {len(records)} records", summary, [jsonl])
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# cls: one folder per class (AID, UCMerced, NWPU-RESISC45), seeded per-class split
+
+
+def class_text(folder):
+    """'BareLand' -> 'bare land', 'basketball_court' -> 'basketball court', 'baseballdiamond' unchanged."""
+    return boxes.class_to_text(re.sub(r"(?<=[a-z])(?=[A-Z])", " ", folder))
+
+
+def run_cls(args):
+    root, out = Path(args.root), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not folders:
+        raise BadInput(f"{root} has no class folders")
+    classes = [class_text(d.name) for d in folders]
+    if len(set(classes)) != len(classes):
+        raise BadInput(f"class folders in {root} collide after normalisation: {classes}")
+    dataset = args.dataset or root.name.lower()
+    rng = random.Random(args.seed)
+    split_files = {"train": [], "test": []}
+    for d, label in zip(folders, classes):
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        rng.shuffle(files)  # one generator, classes in sorted order: same split for the same seed
+        n_train = round(len(files) * args.train_ratio)
+        split_files["train"] += [(p, label) for p in files[:n_train]]
+        split_files["test"] += [(p, label) for p in files[n_train:]]
+    summary = new_summary()
+    sizes = check_images([str(p) for s in split_files.values() for p, _ in s], args.workers, "checking images")
+    written = []
+    for split, items in split_files.items():
+        records = []
+        for p, label in items:
+            if isinstance(sizes[str(p)], str):
+                skip_or_raise(summary, args.skip_bad, p, sizes[str(p)])
+                continue
+            records.append(make_record(f"{p.parent.name}/{p.stem}", "cls", dataset, [rel(p, out)],
+                                       cls_prompt(classes), label, {"label": label, "classes": classes}))
+        summary["counts"][f"records {split}"] = len(records)
+        jsonl = out / f"{args.name or dataset}_{split}.jsonl"
+        write_jsonl(jsonl, records)
+        written.append(jsonl)
+    summary["counts"]["classes"] = len(classes)
+    write_info(out, args.name or dataset, args, summary)
+    print_summary(f"cls {dataset}: {len(classes)} classes", summary, written)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# synth: a seeded, download-free remote-sensing-like dataset for the demo and the tests.
+# 224 px images (8x8 tokens of 28 px for Qwen2.5-VL, 7x7 of 32 px for Qwen3-VL), textured ground of one of
+# three scene types, 1-4 objects of four classes with distinct shapes and colours at random rotations.
+
+SYNTH_SIZE = 224
+SYNTH_CLASSES = ["plane", "ship", "storage-tank", "vehicle"]
+SYNTH_COLOURS = {"plane": ("white", (245, 245, 245)), "ship": ("red", (215, 35, 35)),
+                 "storage-tank": ("purple", (150, 60, 210)), "vehicle": ("blue", (35, 75, 235))}
+SYNTH_PLURAL = {"plane": "planes", "ship": "ships", "storage-tank": "storage tanks", "vehicle": "vehicles"}
+SYNTH_GROUNDS = {"desert": ((196, 176, 128), "a desert"), "meadow": ((72, 128, 62), "a green meadow"),
+                 "urban": ((118, 118, 124), "an urban area")}
+SYNTH_SCENES = sorted(SYNTH_GROUNDS)
+NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six"]
+
+
+def synth_ground(rng, scene):
+    """(S, S, 3) uint8: base colour + coarse blotches + fine grain (+ roads for urban)."""
+    S = SYNTH_SIZE
+    coarse = Image.fromarray(rng.normal(0, 1, (8, 8)).astype(np.float32), mode="F").resize((S, S), Image.BILINEAR)
+    img = np.array(SYNTH_GROUNDS[scene][0], np.float32) + 16 * np.asarray(coarse)[..., None] \
+        + 6 * rng.normal(0, 1, (S, S, 1))
+    if scene == "urban":  # a few darker roads
+        for _ in range(2):
+            p, w = int(rng.integers(20, S - 20)), int(rng.integers(6, 12))
+            if rng.random() < 0.5:
+                img[p:p + w] *= 0.6
+            else:
+                img[:, p:p + w] *= 0.6
+    elif scene == "meadow":  # field stripes
+        img[(np.arange(S) // 18) % 2 == 0] *= 0.9
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _place(pts, cx, cy, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+
+def _rect(x0, y0, x1, y1):
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def synth_shape(cls, rng):
+    """(annotation half-extents (hl, hw), [(fill colour, local polygon or ('circle', r))], rotates)."""
+    colour = SYNTH_COLOURS[cls][1]
+    dark = tuple(int(v * 0.55) for v in colour)
+    if cls == "plane":
+        L = float(rng.uniform(44, 64))
+        span = 0.9 * L
+        parts = [(colour, _rect(-L / 2, -L / 14, L / 2, L / 14)),             # fuselage, nose along +x
+                 (colour, [(-L / 12, -span / 2), (L / 8, -span / 2), (L / 5, 0), (L / 8, span / 2), (-L / 12, span / 2)]),
+                 (colour, _rect(-L / 2, -span / 5, -L / 2 + L / 8, span / 5))]  # tail
+        return (L / 2, span / 2), parts, True
+    if cls == "ship":
+        L = float(rng.uniform(40, 60))
+        W = L / 3.2
+        hull = [(-L / 2, -W / 2), (L / 4, -W / 2), (L / 2, 0), (L / 4, W / 2), (-L / 2, W / 2)]
+        return (L / 2, W / 2), [(colour, hull), (dark, _rect(-L / 3, -W / 4, 0, W / 4))], True
+    if cls == "storage-tank":
+        r = float(rng.uniform(12, 20))
+        return (r, r), [(colour, ("circle", r)), (dark, ("circle", 0.55 * r))], False
+    L = float(rng.uniform(20, 28))
+    return (L / 2, L / 4), [(colour, _rect(-L / 2, -L / 4, L / 2, L / 4)), (dark, _rect(L / 8, -L / 5, L / 3, L / 5))], True
+
+
+def synth_region(cx, cy):
+    S = SYNTH_SIZE
+    row = "top" if cy < S / 3 else "bottom" if cy > 2 * S / 3 else ""
+    col = "left" if cx < S / 3 else "right" if cx > 2 * S / 3 else ""
+    return f"{row} {col}".strip() or "center"
+
+
+def synth_image(rng):
+    """(image array, scene, objects [{"poly", "label", "difficult", "region"}])."""
+    S = SYNTH_SIZE
+    scene = SYNTH_SCENES[int(rng.integers(len(SYNTH_SCENES)))]
+    img = Image.fromarray(synth_ground(rng, scene))
+    draw = ImageDraw.Draw(img)
+    objects, placed = [], []  # placed: (cx, cy, radius)
+    for _ in range(int(rng.integers(1, 5))):
+        cls = SYNTH_CLASSES[int(rng.integers(len(SYNTH_CLASSES)))]
+        (hl, hw), parts, rotates = synth_shape(cls, rng)
+        radius = math.hypot(hl, hw)
+        for _try in range(50):  # rejection sampling: inside the image, not touching another object
+            angle = float(rng.uniform(0, math.pi)) if rotates else 0.0
+            cx, cy = (float(v) for v in rng.uniform(radius + 2, S - radius - 2, 2))
+            if all(math.hypot(cx - x, cy - y) > radius + r + 3 for x, y, r in placed):
+                break
+        else:
+            continue
+        placed.append((cx, cy, radius))
+        for fill, shape in parts:
+            if shape[0] == "circle":
+                r = shape[1]
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            else:
+                draw.polygon(_place(shape, cx, cy, angle), fill=fill)
+        corners = _place(_rect(-hl, -hw, hl, hw), cx, cy, angle)
+        objects.append({"poly": [round(v, 2) for p in corners for v in p], "label": cls, "difficult": 0,
+                        "region": synth_region(cx, cy)})
+    return np.asarray(img), scene, objects
+
+
+def count_phrase(counts):
+    """{'plane': 2, 'ship': 1} -> 'two planes and a ship'."""
+    parts = [("a " + boxes.class_to_text(c) if n == 1 else f"{NUMBER_WORDS[n]} {SYNTH_PLURAL[c]}")
+             for c, n in sorted(counts.items()) if n]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def synth_records(i, split, img_rel, scene, objects, rng):
+    """All records of one synthetic image: det, ground (when some object is unambiguous), vqa x3, caption, cls."""
+    S, rid = SYNTH_SIZE, f"{split}_{i:05d}"
+    objs = [{k: o[k] for k in ("poly", "label", "difficult")} for o in objects]
+    counts = Counter(o["label"] for o in objects)
+    recs = {"det": [make_record(f"det_{rid}", "det", "synth", [img_rel], det_prompt(SYNTH_CLASSES), det_answer(objs, S, S),
+                                {"width": S, "height": S, "objects": objs, "classes": SYNTH_CLASSES,
+                                 "box_format": "poly", "scene": scene})]}
+    # ground: an object whose (class, region) is unique in the image, so the expression names one object
+    keys = Counter((o["label"], o["region"]) for o in objects)
+    unique = [o for o in objects if keys[(o["label"], o["region"])] == 1]
+    recs["ground"] = []
+    if unique:
+        o = unique[int(rng.integers(len(unique)))]
+        where = "in the center" if o["region"] == "center" else f"at the {o['region']}"
+        expr = f"the {SYNTH_COLOURS[o['label']][0]} {boxes.class_to_text(o['label'])} {where}"
+        obj = {"poly": boxes.hbox_to_poly(boxes.poly_to_hbox(o["poly"])), "label": o["label"], "difficult": 0,
+               "expression": expr}
+        recs["ground"].append(make_record(f"ground_{rid}", "ground", "synth", [img_rel], ground_prompt(expr),
+                                          boxes.render_answer([obj], S, S, box_format="hbox", with_label=False),
+                                          {"width": S, "height": S, "objects": [obj], "box_format": "hbox"}))
+    # vqa: presence, count, comparison
+    c1 = SYNTH_CLASSES[int(rng.integers(4))]
+    present = [c for c in SYNTH_CLASSES if counts[c]]
+    c2 = present[int(rng.integers(len(present)))] if rng.random() < 0.8 else SYNTH_CLASSES[int(rng.integers(4))]
+    a, b = (SYNTH_CLASSES[j] for j in rng.permutation(4)[:2])
+    qa = [("presence", f"Is there a {boxes.class_to_text(c1)} in the image?", "yes" if counts[c1] else "no"),
+          ("count", f"How many {SYNTH_PLURAL[c2]} are there in the image?", str(counts[c2])),
+          ("comp", f"Are there more {SYNTH_PLURAL[a]} than {SYNTH_PLURAL[b]}?", "yes" if counts[a] > counts[b] else "no")]
+    recs["vqa"] = [make_record(f"vqa_{rid}_{t}", "vqa", "synth", [img_rel], vqa_prompt(q), ans, {"answer": ans, "type": t})
+                   for t, q, ans in qa]
+    # caption: several references
+    ground, what = SYNTH_GROUNDS[scene][1], count_phrase(counts)
+    n = sum(counts.values())
+    refs = [f"An aerial image of {ground} with {what}.",
+            f"There {'is' if n == 1 else 'are'} {what} in {ground}.",
+            f"{what[0].upper() + what[1:]} seen from above in {ground}."]
+    recs["caption"] = [make_record(f"caption_{rid}", "caption", "synth", [img_rel], CAPTION_PROMPT, refs[0], {"references": refs})]
+    recs["cls"] = [make_record(f"cls_{rid}", "cls", "synth", [img_rel], cls_prompt(SYNTH_SCENES), scene,
+                               {"label": scene, "classes": SYNTH_SCENES})]
+    return recs
+
+
+def run_synth(args):
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    summary, written = new_summary(), []
+    for split_code, (split, n) in enumerate([("train", args.train), ("val", args.val)]):
+        by_task = {t: [] for t in ("det", "ground", "vqa", "caption", "cls")}
+        for i in tqdm(range(n), desc=f"synth {split}"):
+            # one generator per image: an image does not change when --train/--val counts change
+            rng = np.random.default_rng([args.seed, split_code, i])
+            arr, scene, objects = synth_image(rng)
+            img_path = out / "images" / f"{split}_{i:05d}.png"
+            if not img_path.exists():
+                save_image_atomic(Image.fromarray(arr), img_path)
+            for t, recs in synth_records(i, split, f"images/{img_path.name}", scene, objects, rng).items():
+                by_task[t] += recs
+            summary["counts"][f"objects {split}"] += len(objects)
+        for t, recs in by_task.items():
+            write_jsonl(out / f"synth_{t}_{split}.jsonl", recs)
+            written.append(out / f"synth_{t}_{split}.jsonl")
+            summary["counts"][f"records {t} {split}"] = len(recs)
+        write_jsonl(out / f"synth_all_{split}.jsonl", [r for recs in by_task.values() for r in recs])
+        written.append(out / f"synth_all_{split}.jsonl")
+    write_info(out, "synth", args, summary)
+    print_summary(f"synth (seed {args.seed})", summary, written)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="source", required=True)
+
+    def common(sp, workers=True):
+        sp.add_argument("--out", required=True, help="output folder for the JSONL files (and images/)")
+        sp.add_argument("--name", default=None, help="stem of the output JSONL (default: derived from source and split)")
+        sp.add_argument("--skip-bad", action="store_true",
+                        help="skip (and list in the summary) bad images and labels instead of stopping")
+        if workers:
+            sp.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                            help="processes for tiling / image checks")
+
+    for src in ("dota", "fair1m"):
+        sp = sub.add_parser(src, help=f"{src.upper()} -> det records of tiled patches")
+        common(sp)
+        sp.add_argument("--root", nargs="+", required=True,
+                        help="folder(s) with images/ and " + ("labelTxt/" if src == "dota" else "labelXml/"))
+        sp.add_argument("--split", choices=["train", "val", "test"], required=True,
+                        help="train: drop empty patches; val: keep all + ground truth; test: no labels, prompts only")
+        if src == "dota":
+            sp.add_argument("--version", choices=sorted(DOTA_CLASSES), default="1.0", help="DOTA class list")
+        sp.add_argument("--patch", type=int, default=1024, help="window (patch) size in px, e.g. 1024 or 512")
+        sp.add_argument("--gap", type=int, default=200, help="overlap between windows in px (500 for multi-scale)")
+        sp.add_argument("--rates", default="1.0", help="comma-separated resize rates, e.g. 0.5,1.0,1.5")
+        sp.add_argument("--iof-thr", type=float, default=0.7, help="min fraction of an object's area inside a window")
+        sp.add_argument("--img-rate-thr", type=float, default=0.6, help="min fraction of a window covered by the image")
+        sp.add_argument("--pad-value", default="0", help="pad colour for images smaller than a window: V or R,G,B")
+        sp.add_argument("--ext", choices=["png", "jpg"], default="png", help="patch image format")
+        sp.add_argument("--keep-empty", action="store_true", help="train: keep patches without objects")
+        sp.add_argument("--box-format", choices=list(DET_FORMAT), default="poly", help="box kind asked for in answers")
+
+    sp = sub.add_parser("dior", help="DIOR-R oriented XML -> det records")
+    common(sp)
+    sp.add_argument("--root", required=True, help="DIOR-R folder (Annotations/, JPEGImages-*/, ImageSets/Main/)")
+    sp.add_argument("--split", default="trainval", help="split list name (train, val, trainval, test) or 'all'")
+    sp.add_argument("--split-file", default=None, help="explicit split list (one image id per line)")
+    sp.add_argument("--box-format", choices=list(DET_FORMAT), default="poly", help="box kind asked for in answers")
+
+    sp = sub.add_parser("rsvg", help="DIOR-RSVG -> ground records")
+    common(sp)
+    sp.add_argument("--root", required=True, help="DIOR-RSVG folder (Annotations/, JPEGImages/, {split}.txt)")
+    sp.add_argument("--split", default="test", help="train, val or test (reads {split}.txt)")
+    sp.add_argument("--split-file", default=None, help="explicit index file (one object index per line)")
+
+    sp = sub.add_parser("rsvqa", help="RSVQA-LR / -HR -> vqa records")
+    common(sp)
+    sp.add_argument("--root", required=True, help="folder with {LR|USGS}_split_{split}_*.json")
+    sp.add_argument("--variant", choices=["LR", "HR"], required=True, help="LR (Sentinel-2) or HR (USGS aerial)")
+    sp.add_argument("--split", default="test", help="train, val, test (HR also test_phili)")
+    sp.add_argument("--images", default=None, help="image folder (default: ROOT/Images_LR or ROOT/Data)")
+    sp.add_argument("--types", default=None, help="keep only these question types, e.g. presence,comp,rural_urban")
+    sp.add_argument("--no-bucket", action="store_true", help="keep raw LR counts / areas instead of the published buckets")
+    sp.add_argument("--no-suffix", action="store_true", help="leave out GeoChat's 'Answer ... single word or phrase.'")
+
+    sp = sub.add_parser("captions", help="Karpathy-style caption JSON -> caption records")
+    common(sp)
+    sp.add_argument("--json", required=True, help="dataset.json / dataset_rsicd.json")
+    sp.add_argument("--images", required=True, help="image folder")
+    sp.add_argument("--split", default="test", help="train, val, test, or several joined by '+'")
+    sp.add_argument("--dataset", default=None, help="dataset name in records (default: from the JSON file name)")
+    sp.add_argument("--per-reference", action="store_true", help="one record per reference (for training)")
+
+    sp = sub.add_parser("cls", help="class-per-folder scene classification -> cls records (train + test files)")
+    common(sp)
+    sp.add_argument("--root", required=True, help="folder with one sub-folder per class")
+    sp.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class for training (AID: 0.2)")
+    sp.add_argument("--seed", type=int, default=0, help="split seed")
+    sp.add_argument("--dataset", default=None, help="dataset name in records (default: root folder name)")
+
+    sp = sub.add_parser("synth", help="procedural remote-sensing-like data (det, ground, vqa, caption, cls)")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--train", type=int, default=200, help="number of training images")
+    sp.add_argument("--val", type=int, default=50, help="number of validation images")
+    sp.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
+    return p
+
+
+RUNNERS = {"dota": partial(run_tiling, source="dota"), "fair1m": partial(run_tiling, source="fair1m"),
+           "dior": run_dior, "rsvg": run_rsvg, "rsvqa": run_rsvqa, "captions": run_captions, "cls": run_cls,
+           "synth": run_synth}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return RUNNERS[args.source](args)
+    except BadInput as e:
+        raise SystemExit(f"data_prep {args.source}: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""data_prep.py: tiling rules on the real DOTA samples, the DIOR sample, small fixtures for every other format,
+bad-input handling, and synth (deterministic, round-trips through model.tokenize)."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from shapely.geometry import Polygon, box
+
+import boxes
+import data_prep
+
+
+def run(*argv):
+    return data_prep.main([str(a) for a in argv])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def dota_labels(path):
+    """Reference reader for the test: (poly, label, difficult) per object line."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        p = line.split()
+        if len(p) >= 9:
+            out.append(([float(v) for v in p[:8]], p[8], int(p[9]) if len(p) > 9 else 0))
+    return out
+
+
+def write_png(path, w, h, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+# -----------------------------------------------------------------------------
+# Window rules (hand-computed from MMRotate's img_split: step = patch - gap, last window shifted to the border)
+
+
+def test_sliding_windows_match_hand_computed():
+    # P0706 is 1111 x 1182: x = 0, then 824 shifted back to 1111 - 1024 = 87; y = 0, 1182 - 1024 = 158
+    assert data_prep.sliding_windows(1111, 1182, 1024, 200) == [
+        (0, 0, 1024, 1024), (0, 158, 1024, 1182), (87, 0, 1111, 1024), (87, 158, 1111, 1182)]
+    # 512 / 200 (step 312): 0, 312, 624 -> 1111 - 512 = 599
+    assert data_prep.window_starts(1111, 512, 312) == [0, 312, 599]
+    assert data_prep.window_starts(1024, 1024, 824) == [0]  # exactly one window
+    assert data_prep.window_starts(1848, 1024, 824) == [0, 824]  # last window ends exactly at the border
+    assert data_prep.sliding_windows(712, 557, 1024, 200) == [(0, 0, 1024, 1024)]  # small image: one padded window
+
+
+# -----------------------------------------------------------------------------
+# Real DOTA samples
+
+
+@pytest.fixture(scope="module")
+def dota_val(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dota_val")
+    summary = run("dota", "--root", shared_data / "dota", "--split", "val", "--out", out, "--workers", "1")
+    return out, {r["id"]: r for r in read_jsonl(out / "dota_val.jsonl")}, summary
+
+
+def test_dota_real_samples_tile_as_the_rules_say(shared_data, dota_val):
+    out, recs, _ = dota_val
+    assert set(recs) == {"P0706__1024__0___0", "P0706__1024__0___158", "P0706__1024__87___0",
+                         "P0706__1024__87___158", "P1888__1024__0___0"}
+    for name, (W, H) in {"P0706": (1111, 1182), "P1888": (712, 557)}.items():
+        src = np.asarray(Image.open(shared_data / "dota" / "images" / f"{name}.png").convert("RGB"))
+        gt = dota_labels(shared_data / "dota" / "labelTxt" / f"{name}.txt")
+        for rid, r in recs.items():
+            if r["meta"]["source"] != name:
+                continue
+            x0, y0 = r["meta"]["offset"]
+            assert rid == f"{name}__1024__{x0}___{y0}"
+            assert r["meta"]["width"] == r["meta"]["height"] == 1024
+            assert r["meta"]["source_size"] == [W, H] and r["meta"]["rate"] == 1.0
+            patch = np.asarray(Image.open(out / r["images"][0]))
+            assert patch.shape == (1024, 1024, 3)
+            h, w = min(1024, H - y0), min(1024, W - x0)
+            assert np.array_equal(patch[:h, :w], src[y0:y0 + h, x0:x0 + w])
+            assert not patch[h:].any() and not patch[:, w:].any()  # padding is 0
+            # expected objects, computed here independently with shapely
+            win = box(x0, y0, x0 + 1024, y0 + 1024)
+            expected = []
+            for poly, label, diff in gt:
+                pg = Polygon(list(zip(poly[0::2], poly[1::2])))
+                inside = all(x0 <= x <= x0 + 1024 for x in poly[0::2]) and all(y0 <= y <= y0 + 1024 for y in poly[1::2])
+                if inside or pg.intersection(win).area / pg.area >= 0.7:
+                    shifted = [v - (x0 if i % 2 == 0 else y0) for i, v in enumerate(poly)]
+                    expected.append((tuple(shifted), label, diff if inside else 2))
+            got = [(tuple(o["poly"]), o["label"], o["difficult"]) for o in r["meta"]["objects"]]
+            assert sorted(got) == sorted(expected)  # exact shifts, same labels, truncated -> 2
+    # the P1888 scene fits one window: all 64 objects, unchanged
+    assert len(recs["P1888__1024__0___0"]["meta"]["objects"]) == 64
+
+
+def test_dota_every_inside_object_is_in_its_window_and_truncated_are_difficult_2(shared_data, dota_val):
+    _, recs, summary = dota_val
+    gt = dota_labels(shared_data / "dota" / "labelTxt" / "P0706.txt")
+    assert len(gt) == 536  # 531 ships (6 difficult) + 5 harbors
+    n_inside = 0
+    for poly, label, diff in gt:
+        for r in recs.values():
+            if r["meta"]["source"] != "P0706":
+                continue
+            x0, y0 = r["meta"]["offset"]
+            xs, ys = poly[0::2], poly[1::2]
+            if diff == 0 and min(xs) >= x0 and max(xs) <= x0 + 1024 and min(ys) >= y0 and max(ys) <= y0 + 1024:
+                n_inside += 1
+                want = [v - (x0 if i % 2 == 0 else y0) for i, v in enumerate(poly)]
+                assert {"poly": want, "label": label, "difficult": 0} in r["meta"]["objects"]
+    assert n_inside > 1000  # objects in the overlaps count once per window
+    truncated = [o for r in recs.values() for o in r["meta"]["objects"] if o["difficult"] == 2]
+    assert truncated and summary["counts"]["objects truncated (difficult 2)"] == len(truncated)
+    for o in truncated:  # unclipped corners (MMRotate keeps them): some corner lies outside the patch
+        assert min(o["poly"]) < 0 or max(o["poly"]) > 1024
+    # the rendered (human-readable) answer is boxes' rendering of meta in patch pixels
+    r = recs["P1888__1024__0___0"]
+    assert r["messages"][-1]["content"] == boxes.render_answer(r["meta"]["objects"], 1024, 1024)
+    assert "large vehicle, plane" in r["messages"][0]["content"]  # categories as text, alphabetical
+
+
+def _dota_root(shared_data, tmp_path, names):
+    root = tmp_path / "root"
+    for n in names:
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "labelTxt").mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_data / "dota" / "images" / f"{n}.png", root / "images")
+        shutil.copy(shared_data / "dota" / "labelTxt" / f"{n}.txt", root / "labelTxt")
+    return root
+
+
+def test_dota_512_train_drops_empty_patches_and_resume_skips_written(shared_data, tmp_path):
+    root = _dota_root(shared_data, tmp_path, ["P1888"])
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / ".P1888__512__0___0.png.123.tmp").write_bytes(b"half")  # an interrupted write
+    s1 = run("dota", "--root", root, "--split", "train", "--patch", "512", "--out", out, "--workers", "2")
+    recs = read_jsonl(out / "dota_train_512.jsonl")
+    # 712 x 557 at 512/200 (step 312): x 0, 200; y 0, 45 -> 4 windows, all with vehicles
+    assert sorted(r["id"] for r in recs) == ["P1888__512__0___0", "P1888__512__0___45", "P1888__512__200___0",
+                                            "P1888__512__200___45"]
+    assert not list((out / "images").glob(".*.tmp"))
+    assert s1["counts"]["patches written"] == 4
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    s2 = run("dota", "--root", root, "--split", "train", "--patch", "512", "--out", out, "--workers", "1")
+    assert s2["counts"]["patches reused"] == 4 and s2["counts"]["patches written"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
+    assert read_jsonl(out / "dota_train_512.jsonl") == recs
+    # other settings into the same output are refused (the old patches would be trusted)
+    with pytest.raises(SystemExit, match="other settings"):
+        run("dota", "--root", root, "--split", "train", "--patch", "512", "--gap", "100", "--out", out)
+
+    # an empty window: a label file with one object far from the first window, 1024/200 on P0706
+    root2 = _dota_root(shared_data, tmp_path / "b", ["P0706"])
+    (root2 / "labelTxt" / "P0706.txt").write_text("1100 1170 1105 1170 1105 1175 1100 1175 ship 0\n")
+    out2 = tmp_path / "out2"
+    s3 = run("dota", "--root", root2, "--split", "train", "--out", out2, "--workers", "1")
+    assert [r["id"] for r in read_jsonl(out2 / "dota_train.jsonl")] == ["P0706__1024__87___158"]
+    assert s3["counts"]["empty patches dropped"] == 3
+
+
+def test_dota_test_split_and_multiscale(shared_data, tmp_path):
+    root = _dota_root(shared_data, tmp_path, ["P1888"])
+    shutil.rmtree(root / "labelTxt")  # test split needs no labels
+    run("dota", "--root", root, "--split", "test", "--out", tmp_path / "t", "--workers", "1")
+    (r,) = read_jsonl(tmp_path / "t" / "dota_test.jsonl")
+    assert "objects" not in r["meta"] and [m["role"] for m in r["messages"]] == ["user"]
+    assert r["meta"]["source"] == "P1888" and r["meta"]["offset"] == [0, 0]
+
+    root = _dota_root(shared_data, tmp_path / "ms", ["P1888"])
+    run("dota", "--root", root, "--split", "val", "--rates", "0.5,1.0", "--out", tmp_path / "ms", "--workers", "1")
+    recs = {r["id"]: r for r in read_jsonl(tmp_path / "ms" / "dota_val_ms.jsonl")}
+    assert set(recs) == {"P1888__0.5__0___0", "P1888__1024__0___0"}
+    half = recs["P1888__0.5__0___0"]
+    assert Image.open(tmp_path / "ms" / half["images"][0]).size == (1024, 1024)
+    gt = sorted(tuple(p) for p, _, _ in dota_labels(root / "labelTxt" / "P1888.txt"))
+    back = sorted(tuple((v + half["meta"]["offset"][i % 2]) / half["meta"]["rate"] for i, v in enumerate(o["poly"]))
+                  for o in half["meta"]["objects"])
+    assert np.allclose(back, gt, atol=1e-3)  # (patch + offset) / rate = original pixels
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+def _bad_root(tmp_path):
+    root = tmp_path / "bad"
+    write_png(root / "images" / "A.png", 100, 80)
+    (root / "labelTxt").mkdir()
+    (root / "labelTxt" / "A.txt").write_text("imagesource:x\ngsd:null\n10 10 30 10 30 20 10 20 plane 0\n")
+    return root
+
+
+@pytest.mark.parametrize("line, why", [
+    ("10 10 30 10 30 20 10 plane 0", "fewer than 4 points"),
+    ("10 10 30 10 30 nan 10 20 plane 0", "not finite"),
+    ("10 10 30 10 30 20 10 20 zeppelin 0", "unknown class 'zeppelin'"),
+    ("10 10 30 10 30 20 10 20 plane 0 extra", "expected 9 or 10 fields"),
+    ("10 10 3O 10 30 20 10 20 plane 0", "coordinate '3O' is not a number"),
+    ("10 10 30 10 30 20 10 20 plane x", "difficult flag 'x' is not an integer"),
+])
+def test_bad_label_line_names_file_and_line_or_is_skipped(tmp_path, line, why):
+    root = _bad_root(tmp_path)
+    write_png(root / "images" / "B.png", 100, 80)
+    (root / "labelTxt" / "B.txt").write_text("10 10 30 10 30 20 10 20 plane 0\n" + line + "\n")
+    with pytest.raises(SystemExit, match=rf"line 2 in .*B\.txt: .*{why}"):
+        run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o", "--workers", "1")
+    s = run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o2", "--workers", "1", "--skip-bad")
+    assert s["counts"]["skipped"] == 1 and "B.txt" in s["skipped"][0]["reason"]
+    assert [r["meta"]["source"] for r in read_jsonl(tmp_path / "o2" / "dota_val.jsonl")] == ["A"]
+
+
+def test_corrupt_or_missing_image_is_an_error_or_counted_skip(tmp_path):
+    root = _bad_root(tmp_path)
+    good = (root / "images" / "A.png").read_bytes()
+    (root / "images" / "C.png").write_bytes(good[: len(good) // 2])  # truncated file
+    (root / "labelTxt" / "C.txt").write_text("10 10 30 10 30 20 10 20 plane 0\n")
+    with pytest.raises(SystemExit, match=r"cannot read image .*C\.png"):
+        run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o", "--workers", "1")
+    s = run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o2", "--workers", "2", "--skip-bad")
+    assert s["counts"]["skipped"] == 1 and "C.png" in s["skipped"][0]["reason"]
+    assert not (tmp_path / "o2" / "images" / "C__1024__0___0.png").exists()
+    # no label file for an image of a labelled split
+    (root / "images" / "C.png").write_bytes(good)
+    (root / "labelTxt" / "C.txt").unlink()
+    with pytest.raises(SystemExit, match=r"no label file .*C\.txt"):
+        run("dota", "--root", root, "--split", "train", "--out", tmp_path / "o3", "--workers", "1")
+
+
+# -----------------------------------------------------------------------------
+# DIOR-R (real sample) and small fixtures for every other format
+
+
+def test_dior_sample_converts_with_its_golffield(shared_data, tmp_path):
+    run("dior", "--root", shared_data / "dior", "--split", "all", "--out", tmp_path, "--workers", "1")
+    (r,) = read_jsonl(tmp_path / "dior_all.jsonl")
+    assert r["task"] == "det" and r["meta"]["width"] == r["meta"]["height"] == 800
+    assert r["meta"]["objects"] == [{"poly": [133, 237, 684, 237, 684, 672, 133, 672], "label": "golffield",
+                                     "difficult": 0}]
+    assert r["messages"][-1]["content"] == "133,237,684,237,684,672,133,672 golffield"
+    assert Path(r["images"][0]) == (shared_data / "dior" / "JPEGImages" / "00001.jpg").resolve()
+    assert len(r["meta"]["classes"]) == 20
+
+
+def test_dior_split_list_and_unknown_class(tmp_path):
+    root = tmp_path / "DIOR-R"
+    write_png(root / "JPEGImages-trainval" / "00002.jpg", 64, 64)
+    ann = root / "Annotations" / "Oriented Bounding Boxes"
+    ann.mkdir(parents=True)
+    obj = ("<object><name>{}</name><difficult>0</difficult><robndbox><x_left_top>1</x_left_top><y_left_top>2"
+           "</y_left_top><x_right_top>11</x_right_top><y_right_top>2</y_right_top><x_right_bottom>11</x_right_bottom>"
+           "<y_right_bottom>8</y_right_bottom><x_left_bottom>1</x_left_bottom><y_left_bottom>8</y_left_bottom>"
+           "</robndbox></object>")
+    (ann / "00002.xml").write_text(f"<annotation><size><width>64</width><height>64</height></size>"
+                                   f"{obj.format('Expressway-Service-area')}</annotation>")
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("00002\n")
+    run("dior", "--root", root, "--split", "train", "--out", tmp_path / "o", "--workers", "1")
+    (r,) = read_jsonl(tmp_path / "o" / "dior_train.jsonl")
+    assert r["meta"]["objects"][0]["label"] == "expressway-service-area"
+    (ann / "00002.xml").write_text(f"<annotation>{obj.format('volcano')}</annotation>")
+    with pytest.raises(SystemExit, match=r"object 1 in .*00002\.xml: unknown class 'volcano'"):
+        run("dior", "--root", root, "--split", "train", "--out", tmp_path / "o", "--workers", "1")
+
+
+def test_fair1m_xml_tiles_like_dota(tmp_path):
+    root = tmp_path / "fair1m"
+    arr = write_png(root / "images" / "7.png", 300, 200)
+    (root / "labelXml").mkdir()
+    pts = "".join(f"<point>{x},{y}</point>" for x, y in [(10, 20), (60, 20), (60, 40), (10, 40), (10, 20)])
+    cut = "".join(f"<point>{x},{y}</point>" for x, y in [(250, 20), (299, 20), (299, 40), (250, 40), (250, 20)])
+    (root / "labelXml" / "7.xml").write_text(
+        "<annotation><objects>"
+        f"<object><possibleresult><name>Liquid Cargo Ship</name></possibleresult><points>{pts}</points></object>"
+        f"<object><possibleresult><name>Boeing737</name></possibleresult><points>{cut}</points></object>"
+        "</objects></annotation>")
+    run("fair1m", "--root", root, "--split", "val", "--patch", "256", "--gap", "56", "--out", tmp_path / "o",
+        "--workers", "1")
+    recs = {r["id"]: r for r in read_jsonl(tmp_path / "o" / "fair1m_val_256.jsonl")}
+    assert set(recs) == {"7__256__0___0", "7__256__44___0"}  # 300 wide: 0 then 300 - 256; padded to 256 high
+    first = recs["7__256__0___0"]["meta"]["objects"]
+    # the plane (x 250..299) has 6/49 of its area in window 0 -> not there; whole in window 1
+    assert first == [{"poly": [10, 20, 60, 20, 60, 40, 10, 40], "label": "liquid-cargo-ship", "difficult": 0}]
+    second = recs["7__256__44___0"]["meta"]["objects"]
+    assert {"poly": [206, 20, 255, 20, 255, 40, 206, 40], "label": "boeing737", "difficult": 0} in second
+    assert "liquid cargo ship" in recs["7__256__0___0"]["messages"][0]["content"]
+    patch = np.asarray(Image.open(tmp_path / "o" / "images" / "7__256__44___0.png"))
+    assert np.array_equal(patch[:200], arr[:, 44:]) and not patch[200:].any()
+
+
+def test_rsvg_indices_count_objects_over_sorted_xmls(tmp_path):
+    root = tmp_path / "DIOR-RSVG"
+    for n in ("00001", "00002"):
+        write_png(root / "JPEGImages" / f"{n}.jpg", 80, 60)
+    (root / "Annotations").mkdir()
+
+    def obj(name, b, text):
+        return (f"<object><name>{name}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
+                f"<ymax>{b[3]}</ymax></bndbox><description>{text}</description></object>")
+    (root / "Annotations" / "00001.xml").write_text(
+        f"<annotation><filename>00001.jpg</filename>{obj('ship', (1, 2, 11, 12), 'a ship')}"
+        f"{obj('dam', (5, 5, 50, 40), 'the dam on the left')}</annotation>")
+    (root / "Annotations" / "00002.xml").write_text(
+        f"<annotation><filename>00002.jpg</filename>{obj('vehicle', (30, 10, 40, 20), 'a small white car')}</annotation>")
+    (root / "test.txt").write_text("1\n2\n")
+    run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "o", "--workers", "1")
+    recs = {r["id"]: r for r in read_jsonl(tmp_path / "o" / "rsvg_test.jsonl")}
+    assert set(recs) == {"rsvg_1", "rsvg_2"}
+    r = recs["rsvg_2"]
+    assert r["task"] == "ground" and r["images"][0].endswith("00002.jpg")
+    assert r["meta"]["objects"][0]["poly"] == [30, 10, 40, 10, 40, 20, 30, 20]
+    assert r["meta"]["objects"][0]["expression"] == "a small white car" and "a small white car" in r["messages"][0]["content"]
+    assert r["messages"][-1]["content"] == "30,10,40,20"
+    assert recs["rsvg_1"]["meta"]["objects"][0]["expression"] == "the dam on the left"
+
+
+def test_rsvqa_types_buckets_and_suffix(tmp_path):
+    root = tmp_path / "RSVQA_LR"
+    write_png(root / "Images_LR" / "0.tif", 32, 32)
+    qs = [("count", "How many buildings are there?", "0"), ("count", "How many roads are there?", "7"),
+          ("count", "How many houses?", "50"), ("count", "How many trees?", "5000"),
+          ("presence", "Is there a road?", "yes"), ("rural_urban", "Is it a rural or an urban area?", "rural")]
+    questions = [{"id": i, "img_id": 0, "type": t, "question": q, "answers_ids": [100 + i], "active": True}
+                 for i, (t, q, _) in enumerate(qs)]
+    questions.append({"id": 9, "img_id": 0, "type": "presence", "question": "Is there water?", "answers_ids": [109],
+                      "active": False})
+    answers = [{"id": 100 + i, "question_id": i, "answer": a, "active": True} for i, (_, _, a) in enumerate(qs)]
+    answers.append({"id": 109, "question_id": 9, "answer": "no", "active": False})
+    for k, v in {"questions": questions, "answers": answers,
+                 "images": [{"id": 0, "questions_ids": list(range(6)) + [9], "active": True},
+                            {"id": 1, "questions_ids": [], "active": False}]}.items():
+        (root / f"LR_split_test_{k}.json").write_text(json.dumps({k: v}))
+    s = run("rsvqa", "--root", root, "--variant", "LR", "--split", "test", "--out", tmp_path / "o", "--workers", "1")
+    recs = read_jsonl(tmp_path / "o" / "rsvqa_lr_test.jsonl")
+    assert [r["meta"]["answer"] for r in recs] == ["0", "between 0 and 10", "between 10 and 100", "more than 1000",
+                                                   "yes", "rural"]
+    assert [r["meta"]["type"] for r in recs] == ["count"] * 4 + ["presence", "rural_urban"]
+    assert s["counts"]["inactive questions"] == 1 and s["counts"]["inactive images"] == 1
+    assert recs[4]["messages"][0]["content"] == "<image>\nIs there a road? " + data_prep.VQA_SUFFIX
+    assert recs[1]["messages"][-1]["content"] == "between 0 and 10"
+    run("rsvqa", "--root", root, "--variant", "LR", "--split", "test", "--out", tmp_path / "o2", "--no-bucket",
+        "--no-suffix", "--types", "count", "--workers", "1")
+    recs = read_jsonl(tmp_path / "o2" / "rsvqa_lr_test.jsonl")
+    assert [r["meta"]["answer"] for r in recs] == ["0", "7", "50", "5000"]
+    assert recs[0]["messages"][0]["content"].endswith("there?")
+    assert data_prep.rsvqa_answer("25m2", "area", "HR", True) == "between 10m2 and 100m2"
+    assert data_prep.rsvqa_answer("25", "count", "HR", True) == "25"  # HR counts stay numbers
+
+
+def test_captions_one_record_per_image_with_all_references(tmp_path):
+    for n in ("a.tif", "b.tif", "c.tif"):
+        write_png(tmp_path / "imgs" / n, 16, 16)
+    data = {"images": [
+        {"filename": "a.tif", "imgid": 0, "split": "train", "sentences": [{"raw": "A plane ."}, {"raw": "Two planes."}]},
+        {"filename": "b.tif", "imgid": 1, "split": "test", "sentences": [{"raw": " Some trees. "}, {"raw": "Green."}]},
+        {"filename": "c.tif", "imgid": 2, "split": "test", "sentences": []}]}
+    (tmp_path / "dataset_rsicd.json").write_text(json.dumps(data))
+    args = ["captions", "--json", tmp_path / "dataset_rsicd.json", "--images", tmp_path / "imgs", "--workers", "1"]
+    with pytest.raises(SystemExit, match="c.tif.*no reference"):
+        run(*args, "--split", "test", "--out", tmp_path / "o")
+    run(*args, "--split", "test", "--out", tmp_path / "o", "--skip-bad")
+    (r,) = read_jsonl(tmp_path / "o" / "rsicd_test.jsonl")
+    assert r["id"] == "1" and r["dataset"] == "rsicd" and r["meta"]["references"] == ["Some trees.", "Green."]
+    run(*args, "--split", "train", "--out", tmp_path / "o", "--per-reference")
+    recs = read_jsonl(tmp_path / "o" / "rsicd_train.jsonl")
+    assert [(r["id"], r["messages"][-1]["content"]) for r in recs] == [("0#0", "A plane ."), ("0#1", "Two planes.")]
+
+
+def test_cls_seeded_per_class_split(tmp_path):
+    root = tmp_path / "AID"
+    for c in ("BareLand", "basketball_court"):
+        for i in range(5):
+            write_png(root / c / f"{c}_{i}.jpg", 8, 8, seed=i)
+
+    def split(seed, out):
+        run("cls", "--root", root, "--train-ratio", "0.4", "--seed", seed, "--out", out, "--workers", "1")
+        return [r["id"] for r in read_jsonl(Path(out) / "aid_train.jsonl")], read_jsonl(Path(out) / "aid_test.jsonl")
+
+    train, test = split(0, tmp_path / "a")
+    assert len(train) == 4 and len(test) == 6  # 2 of 5 per class
+    assert sorted(i.split("/")[0] for i in train) == ["BareLand"] * 2 + ["basketball_court"] * 2
+    assert not set(train) & {r["id"] for r in test}
+    assert test[0]["meta"]["classes"] == ["bare land", "basketball court"]
+    assert {r["meta"]["label"] for r in test} == {"bare land", "basketball court"}
+    assert "bare land, basketball court" in test[0]["messages"][0]["content"]
+    assert split(0, tmp_path / "b")[0] == train  # same seed, same split
+    assert any(split(s, tmp_path / f"s{s}")[0] != train for s in (1, 2, 3))
+
+
+# -----------------------------------------------------------------------------
+# synth
+
+
+def test_synth_is_deterministic_per_seed(tmp_path):
+    def files(d):
+        return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.suffix != ".json"}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run("synth", "--out", tmp_path / name, "--train", 6, "--val", 2, "--seed", seed)
+    a, b, c = (files(tmp_path / n) for n in "abc")
+    assert a == b
+    assert a.keys() == c.keys() and a != c
+    names = {str(p) for p in a}
+    for t in ("det", "ground", "vqa", "caption", "cls", "all"):
+        assert {f"synth_{t}_train.jsonl", f"synth_{t}_val.jsonl"} <= names
+    # val images do not depend on how many training images were asked for
+    run("synth", "--out", tmp_path / "d", "--train", 3, "--val", 2, "--seed", 0)
+    assert (tmp_path / "d" / "images" / "val_00001.png").read_bytes() == a[Path("images/val_00001.png")]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
+def test_synth_round_trips_through_model_tokenize(tmp_path, family, request):
+    import model
+
+    tiny = request.getfixturevalue("tiny_qwen25" if family == "qwen2.5" else "tiny_qwen3")
+    processor = model.load_processor(tiny)
+    run("synth", "--out", tmp_path, "--train", 4, "--val", 2, "--seed", 3)
+    records = model.read_records(tmp_path / "synth_all_train.jsonl")  # also checks ids are unique
+    assert {r["task"] for r in records} == {"det", "ground", "vqa", "caption", "cls"}
+    tok = processor.tokenizer
+    for r in records:
+        t = model.tokenize(r, processor)
+        grid = t["image_grid_thw"]
+        n_pads = int((t["input_ids"] == processor.image_token_id).sum())
+        assert n_pads == int(grid.prod(-1).sum()) // processor.merge_size ** 2 > 0
+        sup = t["labels"][t["labels"] != -100]
+        assert len(sup) > 0
+        text = tok.decode(sup.tolist())
+        assert text.endswith("<|im_end|>")
+        text = text[: -len("<|im_end|>")]
+        meta = r["meta"]
+        if r["task"] in ("det", "ground"):
+            w, h = meta["width"], meta["height"]
+            kw = model.coord_kwargs(processor, w, h)
+            fmt = meta["box_format"]
+            assert text == boxes.render_answer(meta["objects"], w, h, **kw, box_format=fmt, with_label=r["task"] == "det")
+            objs, stats = boxes.parse_answer(text, w, h, **kw, box_format=fmt,
+                                             classes=data_prep.SYNTH_CLASSES if r["task"] == "det" else None)
+            assert len(objs) == len(meta["objects"]) and stats["junk_lines"] == 0
+            want = sorted(boxes.poly_to_hbox(o["poly"]) for o in meta["objects"])
+            got = sorted(boxes.poly_to_hbox(o["poly"]) for o in objs)
+            if r["task"] == "det":
+                assert sorted(o["label"] for o in objs) == sorted(o["label"] for o in meta["objects"])
+            tol = 1.0 if family == "qwen2.5" else 0.5 * w / 1000 + 1e-6  # integer rounding in the model frame
+            assert np.allclose(got, want, atol=tol + 1e-6)
+        else:
+            assert text == r["messages"][-1]["content"]
