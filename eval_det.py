@@ -1,0 +1,886 @@
+"""
+eval_det.py — oriented detection and visual grounding evaluation with the official protocols.
+
+Three ways in, one scorer:
+
+    # 1. predict with a checkpoint (resumable: re-running with the same --out skips finished records), then score
+    python eval_det.py --ckpt ckpt/final --data data/dota_val512.jsonl --out eval/dota_val512
+    torchrun --nproc-per-node 8 eval_det.py --ckpt ckpt/final --data data/dota_val512.jsonl --out eval/dota_val512
+
+    # 2. score an existing predictions file (any JSONL with "id" and "text"; ours also carries parsed boxes)
+    python eval_det.py --preds eval/dota_val512/predictions.jsonl --data data/dota_val512.jsonl
+    python eval_det.py --preds other_model.jsonl --data val.jsonl --processor Qwen2.5-VL-7B-Instruct  # its pixel budget
+    python eval_det.py --preds answers.jsonl --data val.jsonl --coords norm1000                       # Qwen3-VL style
+
+    # 3. score DOTA-format Task1_{class}.txt / Task2_{class}.txt files from any detector
+    python eval_det.py --dota-task1 results/ --gt DOTA/val/labelTxt --classes dota1.0 --task 1
+
+Detection follows the DOTA devkit (dota_evaluation_task1.py / task2.py, REFERENCE.md section 1): per class,
+detections of all images sorted by descending score, each takes the ground truth of maximum IoU in its image
+(polygon IoU; Task2: horizontal boxes with the devkit's +1 pixel convention), IoU > threshold strictly,
+difficult ground truth ignored, used ground truth makes a duplicate a false positive; AP is VOC07 11-point
+(default) or the all-point area. Two rscovlm rules on top: the sort is stable (equal scores keep the input
+order, image order then answer order: this defines mAP_nc for VLM answers, which all score 1.0), and a
+self-intersecting ("bow-tie") quadrilateral is scored as its convex hull (boxes.fix_poly).
+Headline "mAP" = mean AP over the whole class list (the DOTA rule; a class with no ground truth counts 0);
+"mAP_gt_classes" = mean over classes with ground truth (MMRotate's averaging, with the devkit's matching).
+mF1: per image one-to-one greedy matching in score order at IoU > threshold, difficult ground truth ignored,
+precision/recall/F1 per class, averaged over classes with ground truth.
+Grounding: Acc@0.5 / Acc@0.7 (IoU > t with the first box of the answer; unparseable = wrong; denominator =
+all samples), meanIoU, cumIoU (sum of intersections / sum of unions), per dataset.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import zipfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import shapely
+
+import boxes
+
+DOTA_CLASSES = {
+    "dota1.0": ["plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
+                "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
+                "swimming-pool", "helicopter"],
+}
+DOTA_CLASSES["dota1.5"] = DOTA_CLASSES["dota1.0"] + ["container-crane"]
+DOTA_CLASSES["dota2.0"] = DOTA_CLASSES["dota1.0"] + ["container-crane", "airport", "helipad"]
+
+MERGE_NMS_IOU = 0.1  # MMRotate's per-class polygon NMS threshold when merging patch results
+
+# -----------------------------------------------------------------------------
+# Geometry: arrays of quadrilaterals -> shapely polygons, candidate pairs, best ground truth per detection
+
+
+def hboxes(polys):
+    """(n, 8) polygons -> (n, 4) [xmin, ymin, xmax, ymax]: boxes.poly_to_hbox, vectorised."""
+    polys = np.asarray(polys, dtype=float).reshape(-1, 8)
+    return np.stack([polys[:, 0::2].min(1), polys[:, 1::2].min(1), polys[:, 0::2].max(1), polys[:, 1::2].max(1)], 1)
+
+
+def quad_geoms(polys):
+    """(n, 8) polygons -> object array of shapely polygons. Valid quadrilaterals are used as they are; the rest
+    go through boxes.fix_poly: a bow-tie becomes its convex hull, a degenerate or non-finite one None (which
+    has IoU 0 with everything, so such a detection is a false positive and such ground truth is never found)."""
+    polys = np.asarray(polys, dtype=float).reshape(-1, 8)
+    geoms = np.full(len(polys), None, dtype=object)
+    finite = np.isfinite(polys).all(1)
+    geoms[finite] = shapely.polygons(polys[finite].reshape(-1, 4, 2))
+    for i in np.nonzero(~finite | ~shapely.is_valid(geoms))[0]:  # few: only these pay for a Python call
+        fixed = boxes.fix_poly(polys[i].tolist())
+        geoms[i] = None if fixed is None else shapely.polygons(np.reshape(fixed, (4, 2)))
+    return geoms
+
+
+def poly_pair_iou(det_polys, gt_polys, min_iou=0.0):
+    """Returns f(d, g) -> polygon IoU of detection d[k] with ground truth g[k] (index arrays), computed exactly
+    (shapely) for the pairs that can reach IoU > min_iou and 0 for the rest: like the devkit, pairs whose
+    horizontal boxes do not overlap are skipped, and so are pairs whose upper bound
+    min(box intersection, smaller area) / (area_d + area_g - that) is below min_iou (they cannot decide a
+    match; the 1e-9 slack keeps float rounding on the safe side)."""
+    dg, gg = quad_geoms(det_polys), quad_geoms(gt_polys)
+    da, ga = shapely.area(dg), shapely.area(gg)
+    db, gb = hboxes(det_polys), hboxes(gt_polys)
+
+    def f(d, g):
+        iou = np.zeros(len(d))
+        iw = np.minimum(db[d, 2], gb[g, 2]) - np.maximum(db[d, 0], gb[g, 0])
+        ih = np.minimum(db[d, 3], gb[g, 3]) - np.maximum(db[d, 1], gb[g, 1])
+        cand = (iw > 0) & (ih > 0)
+        if min_iou > 0:
+            with np.errstate(invalid="ignore"):
+                bound = np.minimum(np.minimum(iw * ih, da[d]), ga[g])
+                cand &= bound / (da[d] + ga[g] - bound) >= min_iou - 1e-9
+        d, g = d[cand], g[cand]
+        try:
+            inter = shapely.area(shapely.intersection(dg[d], gg[g]))
+        except shapely.errors.GEOSException:  # a near-degenerate pair GEOS cannot intersect: redo one by one
+            inter = np.array([_safe_inter_area(a, b) for a, b in zip(dg[d], gg[g])])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou[cand] = inter / (da[d] + ga[g] - inter)  # the devkit's polyiou: inter / (a1 + a2 - inter)
+        return np.nan_to_num(iou, nan=0.0)
+
+    return f
+
+
+def _safe_inter_area(a, b):
+    try:
+        return shapely.area(shapely.intersection(a, b))
+    except shapely.errors.GEOSException:
+        return shapely.area(shapely.intersection(shapely.make_valid(a), shapely.make_valid(b)))
+
+
+def hbox_pair_iou(det_boxes, gt_boxes):
+    """Returns f(d, g) -> horizontal-box IoU exactly as dota_evaluation_task2.py computes it (+1 pixel)."""
+    db, gb = np.asarray(det_boxes, float).reshape(-1, 4), np.asarray(gt_boxes, float).reshape(-1, 4)
+
+    def f(d, g):
+        iw = np.maximum(np.minimum(gb[g, 2], db[d, 2]) - np.maximum(gb[g, 0], db[d, 0]) + 1.0, 0.0)
+        ih = np.maximum(np.minimum(gb[g, 3], db[d, 3]) - np.maximum(gb[g, 1], db[d, 1]) + 1.0, 0.0)
+        inters = iw * ih
+        uni = ((db[d, 2] - db[d, 0] + 1.0) * (db[d, 3] - db[d, 1] + 1.0)
+               + (gb[g, 2] - gb[g, 0] + 1.0) * (gb[g, 3] - gb[g, 1] + 1.0) - inters)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.nan_to_num(inters / uni, nan=0.0)
+
+    return f
+
+
+def best_match(det_key, gt_key, pair_iou, keep_above, max_pairs=1_000_000):
+    """For every detection, the ground truth of highest IoU among those with the same key (image, class).
+
+    Instead of the devkit's loop over detections, all (detection, ground truth) pairs sharing a key are
+    enumerated at once (in chunks of at most max_pairs, to bound memory on crowded images) and scored with
+    one vectorised pair_iou call. Returns ovmax (m,) (-inf: no ground truth overlaps), jmax (m,) (-1: none;
+    among equal IoUs the lowest ground-truth index, like np.argmax in the devkit) and the pairs with
+    IoU > keep_above as (d, g, iou) sorted by detection, then IoU descending, then ground truth index."""
+    m = len(det_key)
+    ovmax, jmax = np.full(m, -np.inf), np.full(m, -1, dtype=np.int64)
+    kept = []
+    order = np.argsort(gt_key, kind="stable")  # ground truth grouped by key, file order inside a group
+    sorted_keys = gt_key[order]
+    lo = np.searchsorted(sorted_keys, det_key, "left")
+    cnt = np.searchsorted(sorted_keys, det_key, "right") - lo
+    cum = np.cumsum(cnt)
+    s = 0
+    while s < m:
+        base = cum[s - 1] if s else 0
+        e = max(s + 1, int(np.searchsorted(cum, base + max_pairs, "right")))
+        c = cnt[s:e]
+        n = int(c.sum())
+        if n:
+            d = np.repeat(np.arange(s, e), c)
+            g = order[np.repeat(lo[s:e], c) + np.arange(n) - np.repeat(np.cumsum(c) - c, c)]
+            iou = pair_iou(d, g)
+            pos = iou > 0  # only overlapping pairs can decide anything (thresholds are >= 0)
+            d, g, iou = d[pos], g[pos], iou[pos]
+            o = np.lexsort((g, -iou, d))
+            d, g, iou = d[o], g[o], iou[o]
+            head = np.r_[True, d[1:] != d[:-1]] if len(d) else np.zeros(0, bool)
+            ovmax[d[head]], jmax[d[head]] = iou[head], g[head]
+            above = iou > keep_above
+            kept.append((d[above], g[above], iou[above]))
+        s = e
+    if kept:
+        pairs = tuple(np.concatenate(x) for x in zip(*kept))
+    else:
+        pairs = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    return ovmax, jmax, pairs
+
+
+# -----------------------------------------------------------------------------
+# Detection scoring (the DOTA devkit's voc_eval, vectorised, stable sort) + mF1
+
+
+def voc_ap(rec, prec, rule="voc07"):
+    """AP from recall/precision arrays: 'voc07' = 11-point (devkit default), 'area' = all-point with the
+    precision envelope. Written as in the devkit so the floating-point results are the same."""
+    if rule == "voc07":
+        ap = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            p = np.max(prec[rec >= t]) if np.sum(rec >= t) > 0 else 0.0
+            ap = ap + p / 11.0
+        return float(ap)
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope
+    i = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def score_det(gt, dets, classes, *, task=1, ap_rule="voc07", iou_thr=0.5, f1_score_thr=0.0):
+    """Per-class AP, mAP and mF1.
+
+    gt:   {"image": (n,) int, "label": (n,) int index into classes (-1 = not scored), "poly": (n, 8),
+           "difficult": (n,) bool}
+    dets: {"image": (m,) int, "label": (m,) int, "score": (m,), "poly": (m, 8)} and for task 2 optionally
+          "hbox": (m, 4) (else the polygons' horizontal boxes). Row order is the input order that breaks ties.
+    task 1: polygon IoU. task 2: horizontal boxes as dota_evaluation_task2.py: ground truth box = the
+    polygon's min/max truncated to int (the devkit reads int(float(.)) of its HBB label files), +1 pixel IoU."""
+    C = len(classes)
+    g_img, g_lab = np.asarray(gt["image"], np.int64), np.asarray(gt["label"], np.int64)
+    g_diff = np.asarray(gt["difficult"], bool)
+    g_poly = np.asarray(gt["poly"], float).reshape(-1, 8)
+    d_img, d_lab = np.asarray(dets["image"], np.int64), np.asarray(dets["label"], np.int64)
+    d_score = np.asarray(dets["score"], float)
+    if task == 1:
+        pair_iou = poly_pair_iou(np.asarray(dets["poly"], float).reshape(-1, 8), g_poly, min_iou=iou_thr)
+    else:
+        d_box = dets.get("hbox")
+        d_box = hboxes(dets["poly"]) if d_box is None else np.asarray(d_box, float).reshape(-1, 4)
+        pair_iou = hbox_pair_iou(d_box, np.trunc(hboxes(g_poly)))
+    # key = (image, class); ground truth of classes outside the list (label -1) matches nothing
+    ovmax, jmax, (pd, pg, _) = best_match(d_img * C + d_lab, np.where(g_lab >= 0, g_img * C + g_lab, -1),
+                                          pair_iou, keep_above=iou_thr)
+    g_diff_pad = np.r_[g_diff, False]  # jmax = -1 (no ground truth) reads the padding
+    # candidates for the one-to-one (F1) matching, per detection in (IoU desc, gt index) order
+    cand = defaultdict(list)
+    for d, g in zip(pd.tolist(), pg.tolist()):
+        cand[d].append(g)
+
+    AP, npos_c, ndet_c, P, R, F1 = {}, {}, {}, {}, {}, {}
+    for c, name in enumerate(classes):
+        sel = np.nonzero(d_lab == c)[0]
+        o = sel[np.argsort(-d_score[sel], kind="stable")]  # stable: equal scores keep the input order
+        npos = int(np.sum((g_lab == c) & ~g_diff))
+        npos_c[name], ndet_c[name] = npos, len(o)
+        # --- AP, the devkit's rule: best GT over all (used or not) GT of the image
+        hit = ovmax[o] > iou_thr
+        j = jmax[o]
+        on_difficult = hit & g_diff_pad[j]
+        tp = np.zeros(len(o))
+        first_use = np.nonzero(hit & ~on_difficult)[0]
+        _, first = np.unique(j[first_use], return_index=True)  # the first detection to claim a GT gets it
+        tp[first_use[first]] = 1.0
+        fp = ((~hit) | (hit & ~on_difficult & (tp == 0))).astype(float)
+        if npos > 0:
+            tpc, fpc = np.cumsum(tp), np.cumsum(fp)
+            rec = tpc / float(npos)
+            prec = tpc / np.maximum(tpc + fpc, np.finfo(np.float64).eps)
+            AP[name] = voc_ap(rec, prec, ap_rule)
+        else:
+            AP[name] = 0.0  # the devkit gives 0 (voc07) or nan (area) here; 0 either way, listed below
+        # --- F1: one-to-one, a detection takes the best GT still free (difficult GT is never used up)
+        used, n_tp, n_fp = set(), 0, 0
+        for d in o[d_score[o] >= f1_score_thr].tolist():
+            pick = next((g for g in cand.get(d, ()) if g_diff[g] or g not in used), None)
+            if pick is None:
+                n_fp += 1
+            elif not g_diff[pick]:
+                n_tp += 1
+                used.add(pick)
+        p = n_tp / (n_tp + n_fp) if n_tp + n_fp else (0.0 if npos else None)
+        r = n_tp / npos if npos else None
+        P[name], R[name] = p, r
+        F1[name] = None if r is None else (2 * p * r / (p + r) if p + r > 0 else 0.0)
+
+    with_gt = [n for n in classes if npos_c[n] > 0]
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
+    return {
+        "mAP": mean([AP[n] for n in classes]),
+        "mAP_gt_classes": mean([AP[n] for n in with_gt]),
+        "headline": "mAP",
+        "headline_rule": f"mean AP over all {C} classes of the class list (DOTA devkit; classes without ground "
+                         f"truth count 0); mAP_gt_classes averages the {len(with_gt)} classes with ground truth",
+        "mF1": mean([F1[n] for n in with_gt]), "mP": mean([P[n] for n in with_gt]), "mR": mean([R[n] for n in with_gt]),
+        "AP": AP, "F1": F1, "P": P, "R": R, "npos": npos_c, "ndet": ndet_c,
+        "classes_without_gt": [n for n in classes if npos_c[n] == 0],
+        "protocol": {"task": task, "geometry": "polygon" if task == 1 else "hbox (+1 px, int GT)", "ap": ap_rule,
+                     "iou": f"IoU > {iou_thr}", "sort": "stable by descending score (ties: input order)",
+                     "difficult": "ignored", "f1": f"one-to-one greedy, IoU > {iou_thr}, score >= {f1_score_thr}"},
+    }
+
+
+# -----------------------------------------------------------------------------
+# DOTA files: labelTxt ground truth, Task1/Task2 detection files
+
+
+def read_class_list(spec):
+    """--classes: a DOTA version name or a file with one class per line."""
+    if spec in DOTA_CLASSES:
+        return list(DOTA_CLASSES[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"--classes {spec}: neither one of {sorted(DOTA_CLASSES)} nor a file")
+    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--classes {spec}: duplicate class names")
+    return names
+
+
+def read_dota_label(path):
+    """One DOTA label file -> list of {"poly", "label", "difficult"}. Lines with fewer than 9 fields are
+    headers (imagesource:, gsd:); a missing difficult field means 0; any non-zero difficult is difficult."""
+    objects = []
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            t = line.split()
+            if len(t) < 9:
+                continue
+            if len(t) > 10:
+                raise ValueError(f"bad label line {lineno} in {path}: expected 9 or 10 fields, got {len(t)}")
+            try:
+                poly = [float(v) for v in t[:8]]
+                difficult = float(t[9]) != 0 if len(t) == 10 else False
+            except ValueError:
+                raise ValueError(f"bad label line {lineno} in {path}: expected 8 numbers, a class and an "
+                                 f"optional difficult flag, got {line.strip()!r}") from None
+            objects.append({"poly": poly, "label": t[8], "difficult": int(difficult)})
+    return objects
+
+
+def gt_from_labels(label_dir, classes, names=None):
+    """Ground-truth arrays for score_det from a labelTxt folder (all *.txt, or the given image names)."""
+    label_dir = Path(label_dir)
+    if names is None:
+        names = sorted(p.stem for p in label_dir.glob("*.txt"))
+    if not names:
+        raise SystemExit(f"no label files (*.txt) in {label_dir}")
+    cls_idx = {c: i for i, c in enumerate(classes)}
+    img, lab, poly, diff, unknown = [], [], [], [], Counter()
+    for i, name in enumerate(names):
+        path = label_dir / f"{name}.txt"
+        if not path.is_file():
+            raise SystemExit(f"no label file {path} for image '{name}'")
+        for o in read_dota_label(path):
+            img.append(i)
+            lab.append(cls_idx.get(o["label"], -1))
+            unknown[o["label"]] += o["label"] not in cls_idx
+            poly.append(o["poly"])
+            diff.append(o["difficult"] != 0)
+    unknown = {k: v for k, v in unknown.items() if v}
+    if unknown:
+        print(f"note: ground-truth classes not in the class list are not scored: {unknown}", file=sys.stderr)
+    gt = {"image": np.array(img, np.int64), "label": np.array(lab, np.int64),
+          "poly": np.array(poly, float).reshape(-1, 8), "difficult": np.array(diff, bool)}
+    return gt, names
+
+
+def read_task_files(det_dir, task, classes, image_index):
+    """Task1_{class}.txt (`img score x1 y1 ... x4 y4`) or Task2_{class}.txt (`img score xmin ymin xmax ymax`)
+    -> detection arrays, rows in file order. A missing class file means no detections for that class."""
+    det_dir = Path(det_dir)
+    if not list(det_dir.glob(f"Task{task}_*.txt")):
+        raise SystemExit(f"no Task{task}_*.txt files in {det_dir}")
+    nfields = 10 if task == 1 else 6
+    img, lab, score, geo = [], [], [], []
+    for c, name in enumerate(classes):
+        path = det_dir / f"Task{task}_{name}.txt"
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                t = line.split()
+                if not t:
+                    continue
+                if len(t) != nfields:
+                    raise ValueError(f"bad detection line {lineno} in {path}: expected {nfields} fields "
+                                     f"(image score {'x1 y1 ... x4 y4' if task == 1 else 'xmin ymin xmax ymax'}), got {len(t)}")
+                if t[0] not in image_index:
+                    raise ValueError(f"bad detection line {lineno} in {path}: image '{t[0]}' has no label file")
+                try:
+                    vals = [float(v) for v in t[1:]]
+                except ValueError:
+                    raise ValueError(f"bad detection line {lineno} in {path}: non-numeric score or coordinate") from None
+                img.append(image_index[t[0]])
+                lab.append(c)
+                score.append(vals[0])
+                geo.append(vals[1:])
+    unknown = sorted(p.name for p in det_dir.glob(f"Task{task}_*.txt") if p.stem[6:] not in classes)
+    if unknown:
+        print(f"note: detection files for classes not in the class list are ignored: {unknown}", file=sys.stderr)
+    width = 8 if task == 1 else 4
+    dets = {"image": np.array(img, np.int64), "label": np.array(lab, np.int64), "score": np.array(score, float)}
+    dets["poly" if task == 1 else "hbox"] = np.array(geo, float).reshape(-1, width)
+    if task == 2:
+        dets["poly"] = None
+    return dets
+
+
+def write_task1(out_dir, classes, image_names, dets, zip_path=None):
+    """Write Task1_{class}.txt for every class (empty file when none) and optionally zip them."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = defaultdict(list)
+    for i, c, s, p in zip(dets["image"].tolist(), dets["label"].tolist(), dets["score"].tolist(), dets["poly"].tolist()):
+        lines[c].append(f"{image_names[i]} {s:.6g} " + " ".join(f"{v:.1f}" for v in p))
+    paths = []
+    for c, name in enumerate(classes):
+        paths.append(out_dir / f"Task1_{name}.txt")
+        paths[-1].write_text("".join(ln + "\n" for ln in lines[c]))
+    if zip_path:
+        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in paths:
+                z.write(p, p.name)
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Patch merging: patch polygons -> whole-image polygons, per-class polygon NMS
+
+
+def nms_poly(polys, scores, iou_thr=MERGE_NMS_IOU):
+    """Greedy polygon NMS: indices kept, in stable descending-score order; suppresses IoU > iou_thr."""
+    order = np.argsort(-np.asarray(scores, float), kind="stable")
+    n = len(order)
+    if n == 0:
+        return order
+    f = poly_pair_iou(polys, polys, min_iou=iou_thr)
+    i, j = np.triu_indices(n, 1)
+    iou = np.zeros((n, n))
+    iou[i, j] = f(i, j)
+    iou = np.maximum(iou, iou.T)
+    suppressed = np.zeros(n, bool)
+    keep = []
+    for k in order:
+        if suppressed[k]:
+            continue
+        keep.append(k)
+        suppressed |= iou[k] > iou_thr
+    return np.array(keep, np.int64)
+
+
+def merge_patches(dets, image_names, patch_info, iou_thr=MERGE_NMS_IOU):
+    """Shift patch detections to whole images and run per-image, per-class NMS.
+    patch_info[i] = (source name, (ox, oy), rate) for patch image i. Returns (dets, source names)."""
+    sources = list(dict.fromkeys(src for src, _, _ in patch_info))
+    src_idx = {s: i for i, s in enumerate(sources)}
+    off = np.array([o for _, o, _ in patch_info], float).reshape(-1, 2)
+    rate = np.array([r for _, _, r in patch_info], float)
+    img = dets["image"]
+    poly = (dets["poly"] + np.tile(off[img], 4)) / rate[img, None]  # MMRotate: (patch + offset) / rate
+    new_img = np.array([src_idx[patch_info[i][0]] for i in img.tolist()], np.int64)
+    keep = []
+    groups = defaultdict(list)
+    for k, key in enumerate(zip(new_img.tolist(), dets["label"].tolist())):
+        groups[key].append(k)
+    for key in sorted(groups):
+        idx = np.array(groups[key])
+        keep.extend(idx[nms_poly(poly[idx], dets["score"][idx], iou_thr)].tolist())
+    keep = np.sort(np.array(keep, np.int64))  # back to input order, so ties still break by patch order
+    merged = {"image": new_img[keep], "label": dets["label"][keep], "score": dets["score"][keep], "poly": poly[keep]}
+    return merged, sources
+
+
+# -----------------------------------------------------------------------------
+# Records: ground truth and parsed answers of det / ground records
+
+
+def read_jsonl(path, what, partial_last_ok=False):
+    """JSONL -> list of dicts. Scoring-only runs read records here rather than through model.read_records,
+    so that they do not import torch. partial_last_ok: a last line without newline that does not parse is
+    the partial write of an interrupted prediction run, and is skipped (that record is predicted again)."""
+    rows = []
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if partial_last_ok and lineno == len(lines):
+                print(f"note: ignoring the partial last line {path}:{lineno}", file=sys.stderr)
+                continue
+            raise ValueError(f"bad JSON at {path}:{lineno} ({what}): {e}") from None
+        if not isinstance(row, dict) or "id" not in row:
+            raise ValueError(f"bad line {lineno} in {path} ({what}): expected a JSON object with an 'id'")
+        row["_where"] = f"{path}:{lineno}"
+        rows.append(row)
+    return rows
+
+
+def read_predictions(path):
+    """predictions.jsonl -> {id: row}. Any file with "id" and "text" works; a later line for the same id wins."""
+    preds = {}
+    for row in read_jsonl(path, "predictions", partial_last_ok=True):
+        if not isinstance(row.get("text"), str):
+            raise ValueError(f"bad prediction at {row['_where']}: needs a string 'text'")
+        preds[row["id"]] = row
+    return preds
+
+
+def dataset_classes(recs, override=None):
+    """The class list of a dataset: --classes, else meta["classes"] of its records (first seen order),
+    else the ground-truth labels sorted."""
+    if override:
+        return list(override)
+    names = {}
+    for r in recs:
+        for c in r["meta"].get("classes") or []:
+            names.setdefault(c, None)
+    if not names:
+        for r in recs:
+            for o in r["meta"].get("objects", []):
+                names.setdefault(o["label"], None)
+        return sorted(names)
+    return list(names)
+
+
+def parse_pred(rec, pred, classes, coord_fn, reparse=False):
+    """Objects (original-image pixels) and parse stats of one record's prediction. Uses the stored parse when
+    the predictions file has one (written by --ckpt), so rescoring needs no model."""
+    if pred is None:
+        return [], None
+    if not reparse and isinstance(pred.get("objects"), list):
+        return pred["objects"], pred.get("parse")
+    w, h = rec["meta"]["width"], rec["meta"]["height"]
+    kw = {"coords": pred["coords"], "resized_hw": pred.get("resized_hw")} if "coords" in pred else coord_fn(w, h)
+    return boxes.parse_answer(pred["text"], w, h, **kw, classes=classes)
+
+
+def det_arrays(recs, preds, classes, coord_fn, reparse=False):
+    """GT and detection arrays over det records (one image per record, data order; VLM score = 1.0)."""
+    cls_idx = {c: i for i, c in enumerate(classes)}
+    g = defaultdict(list)
+    d = defaultdict(list)
+    answers = {}
+    for i, r in enumerate(recs):
+        for o in r["meta"].get("objects", []):
+            g["image"].append(i)
+            g["label"].append(cls_idx.get(o["label"], -1))
+            g["poly"].append(o["poly"])
+            g["difficult"].append(int(o.get("difficult", 0)) != 0)
+        objs, stats = parse_pred(r, preds.get(r["id"]), classes, coord_fn, reparse)
+        answers[r["id"]] = (objs, stats)
+        for o in objs:
+            if o.get("label") in cls_idx:
+                d["image"].append(i)
+                d["label"].append(cls_idx[o["label"]])
+                d["score"].append(float(o.get("score", 1.0)))
+                d["poly"].append(o["poly"])
+    gt = {"image": np.array(g["image"], np.int64), "label": np.array(g["label"], np.int64),
+          "poly": np.array(g["poly"], float).reshape(-1, 8), "difficult": np.array(g["difficult"], bool)}
+    dets = {"image": np.array(d["image"], np.int64), "label": np.array(d["label"], np.int64),
+            "score": np.array(d["score"], float), "poly": np.array(d["poly"], float).reshape(-1, 8)}
+    return gt, dets, answers
+
+
+def score_ground(recs, preds, coord_fn, reparse=False):
+    """Acc@0.5, Acc@0.7, meanIoU, cumIoU over ground records: the first box of the answer against the first
+    object. hbox records (the default) use continuous horizontal-box IoU, poly/rbox records polygon IoU."""
+    ious, inters, unions, unparseable, answers = [], [], [], 0, {}
+    for r in recs:
+        gt = r["meta"]["objects"][0]["poly"]
+        objs, stats = parse_pred(r, preds.get(r["id"]), None, coord_fn, reparse)
+        answers[r["id"]] = (objs, stats)
+        hbox = r["meta"].get("box_format", "hbox") == "hbox"
+        g_geom = shapely.box(*hboxes(gt)[0]) if hbox else quad_geoms(gt)[0]
+        g_area = 0.0 if g_geom is None else g_geom.area
+        if not objs:
+            unparseable += 1
+            ious.append(0.0), inters.append(0.0), unions.append(g_area)
+            continue
+        p_geom = shapely.box(*hboxes(objs[0]["poly"])[0]) if hbox else quad_geoms(objs[0]["poly"])[0]
+        inter = 0.0 if p_geom is None or g_geom is None else shapely.intersection(p_geom, g_geom).area
+        union = g_area + (0.0 if p_geom is None else p_geom.area) - inter
+        ious.append(inter / union if union > 0 else 0.0), inters.append(inter), unions.append(union)
+    ious = np.array(ious)
+    n = len(recs)
+    return {
+        "n": n, "Acc@0.5": float(np.mean(ious > 0.5)) if n else 0.0, "Acc@0.7": float(np.mean(ious > 0.7)) if n else 0.0,
+        "meanIoU": float(ious.mean()) if n else 0.0, "cumIoU": float(sum(inters) / sum(unions)) if sum(unions) else 0.0,
+        "no_box": unparseable,
+        "protocol": "IoU > t with the first box of the answer vs the first object; no box = IoU 0; denominator = all samples",
+    }, answers
+
+
+def parse_report(recs, preds, answers, classes=None):
+    """Counts of parse failures: answers with junk lines, with unknown labels, with no usable box although
+    they wrote something (an empty answer or "There are none." is counted apart), plus the summed counters
+    of boxes.parse_answer (sum_*)."""
+    rep = Counter()
+    for r in recs:
+        objs, stats = answers[r["id"]]
+        rep["answers"] += 1
+        if preds.get(r["id"]) is None:
+            rep["missing_predictions"] += 1
+            continue
+        stats = stats or {}
+        rep["answers_with_junk_lines"] += stats.get("junk_lines", 0) > 0
+        rep["answers_with_unknown_labels"] += stats.get("unknown_labels", 0) > 0
+        rep["answers_with_invalid_boxes"] += stats.get("invalid_boxes", 0) > 0
+        rep["answers_none_or_empty"] += stats.get("lines", 0) == 0
+        rep["answers_with_no_boxes"] += stats.get("lines", 0) > 0 and not objs
+        if classes is not None:  # det: a box whose label is missing cannot be scored
+            rep["boxes_without_class"] += sum(o.get("label") not in classes for o in objs)
+        for k, v in stats.items():
+            if isinstance(v, (int, float)):
+                rep[f"sum_{k}"] += v
+    return dict(rep)
+
+
+# -----------------------------------------------------------------------------
+# Reporting: per-class table, drawings
+
+
+def print_det_table(title, res, res_hbb=None):
+    print(f"\n== {title}: mAP {100 * res['mAP']:.2f} (all {len(res['AP'])} classes, headline)  "
+          f"mAP_gt_classes {100 * res['mAP_gt_classes']:.2f}  mF1 {100 * res['mF1']:.2f}"
+          + (f"  mAP_hbb {100 * res_hbb['mAP']:.2f}" if res_hbb else "")
+          + f"  [{res['protocol']['ap']}, {res['protocol']['iou']}]")
+    fmt = lambda v: "   -  " if v is None else f"{100 * v:6.2f}"  # noqa: E731
+    print(f"{'class':<28}{'GT':>7}{'dets':>8}{'AP':>8}" + (f"{'AP_hbb':>8}" if res_hbb else "") + f"{'P':>8}{'R':>8}{'F1':>8}")
+    for c in res["AP"]:
+        print(f"{c:<28}{res['npos'][c]:>7}{res['ndet'][c]:>8}  {fmt(res['AP'][c])}"
+              + (f"  {fmt(res_hbb['AP'][c])}" if res_hbb else "")
+              + f"  {fmt(res['P'][c])}  {fmt(res['R'][c])}  {fmt(res['F1'][c])}")
+
+
+def draw(image_path, gt_objs, pred_objs, out_png, scale=1.0):
+    """ground truth in green, predictions in red, each with its label; scale maps polygon pixels to the image."""
+    from PIL import Image, ImageDraw
+
+    img = Image.open(image_path).convert("RGB")
+    canvas = ImageDraw.Draw(img)
+    for objs, colour in ((gt_objs, (0, 220, 0)), (pred_objs, (255, 40, 40))):
+        for o in objs:
+            pts = [(o["poly"][k] * scale, o["poly"][k + 1] * scale) for k in range(0, 8, 2)]
+            canvas.polygon(pts, outline=colour, width=2)
+            if o.get("label"):
+                canvas.text((pts[0][0] + 2, pts[0][1] - 11), str(o["label"]), fill=colour)
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    img.save(out_png)
+
+
+def safe_name(s):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s))
+
+
+# -----------------------------------------------------------------------------
+# Prediction with a checkpoint (model.py: shared resumable loop; imported lazily, scoring needs no torch)
+
+
+def predict_records(args, recs):
+    """Greedy answers for det/ground records into OUT/predictions.jsonl via model.predict, which skips ids
+    already in the file (resume) and shards over torchrun ranks. Each line also carries the parsed geometry
+    in original-image pixels and the coordinate convention, so --preds can rescore without a model.
+    Returns the predictions path on the main rank, None on the others."""
+    import model as M
+
+    device = M.init_dist()  # one GPU per torchrun process; plain python: cuda or cpu
+    net, processor = M.load(args.ckpt, dtype=args.dtype, device=device, attn=args.attn,
+                            min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    det_recs = defaultdict(list)
+    for r in recs:
+        if r["task"] == "det":
+            det_recs[r["dataset"]].append(r)
+    classes = {ds: dataset_classes(rs, args.class_list) for ds, rs in det_recs.items()}
+
+    def parsed(rec, text):
+        w, h = rec["meta"]["width"], rec["meta"]["height"]
+        kw = M.coord_kwargs(processor, w, h)
+        objs, stats = boxes.parse_answer(text, w, h, **kw, classes=classes.get(rec["dataset"]) if rec["task"] == "det" else None)
+        return {"task": rec["task"], "dataset": rec["dataset"], "objects": objs, "parse": stats,
+                "coords": kw["coords"], "resized_hw": list(kw["resized_hw"]) if kw["resized_hw"] else None}
+
+    out_path = Path(args.out) / "predictions.jsonl"
+    M.print0(f"generating answers for {len(recs)} det/ground records into {out_path}")
+    M.predict(net, processor, recs, out_path, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+              postprocess=parsed)
+    import torch
+
+    if torch.distributed.is_initialized():  # predict ends with a barrier: every rank sees the merged file
+        torch.distributed.destroy_process_group()
+    return out_path if M.is_main() else None
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="Detection / grounding evaluation (DOTA protocol, Acc@0.5).")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--ckpt", help="checkpoint directory: predict every det/ground record of --data, then score")
+    mode.add_argument("--preds", help="predictions JSONL (lines with 'id' and 'text') to score against --data")
+    mode.add_argument("--dota-task1", help="folder of Task1_{class}.txt (or Task2_ with --task 2) files to score against --gt")
+    ap.add_argument("--data", help="records JSONL with the ground truth (det and ground records are used)")
+    ap.add_argument("--out", help="output folder (predictions.jsonl, metrics.json, merged/, vis/); required with --ckpt, "
+                                  "default with --preds: the predictions file's folder")
+    ap.add_argument("--json-out", help="write metrics (with these arguments) here (default: OUT/metrics.json when --out is given)")
+    ap.add_argument("--gt", help="DOTA labelTxt folder: ground truth for --dota-task1, and for scoring --merge results")
+    ap.add_argument("--imageset", help="file with one image name per line: score only these (default: every label file in --gt)")
+    ap.add_argument("--task", type=int, choices=[1, 2], default=1, help="--dota-task1: 1 = oriented polygons, 2 = horizontal boxes (default %(default)s)")
+    ap.add_argument("--classes", help="class list: dota1.0 | dota1.5 | dota2.0 | a file with one class per line "
+                                      "(default: dota1.0 for --dota-task1, meta['classes'] of the records otherwise)")
+    ap.add_argument("--ap", choices=["voc07", "area"], default="voc07", help="AP rule: VOC07 11-point (DOTA devkit) or all-point area (default %(default)s)")
+    ap.add_argument("--iou", type=float, default=0.5, help="IoU threshold: a match needs IoU > this, strictly (default %(default)s)")
+    ap.add_argument("--f1-score-thr", type=float, default=0.0, help="mF1 counts only detections with score >= this (default %(default)s; VLM answers score 1.0)")
+    ap.add_argument("--merge", action="store_true", help="merge patch records (meta source/offset) to whole images, "
+                                                          "write zipped Task1 files, score against --gt if given")
+    ap.add_argument("--vis", type=int, default=0, help="draw ground truth and predictions on this many images into OUT/vis")
+    ap.add_argument("--images", help="--dota-task1 with --vis: folder of the images (NAME.png/.jpg/.tif)")
+    # coordinate convention for answers that carry no parsed boxes (a predictions file not written by --ckpt)
+    ap.add_argument("--coords", choices=["abs", "norm1000"], help="answers' coordinates: abs = pixels of the original image "
+                                                                  "(or of the resized image with --processor), norm1000 = 0..1000")
+    ap.add_argument("--processor", help="checkpoint/processor folder whose family and pixel budget the answers were made with "
+                                        "(Qwen2.5-VL: absolute pixels of the resized image)")
+    ap.add_argument("--reparse", action="store_true", help="parse the answer text again even when the predictions file has parsed boxes")
+    # prediction
+    ap.add_argument("--batch-size", type=int, default=8, help="generation batch size per process (default %(default)s)")
+    ap.add_argument("--max-new-tokens", type=int, default=2048, help="generation limit per answer (default %(default)s; dense DOTA patches need many)")
+    ap.add_argument("--min-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
+    ap.add_argument("--max-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
+    ap.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--attn", help="attention implementation (default: flash_attention_2 when installed on GPU, else sdpa)")
+    ap.add_argument("--limit", type=int, help="only the first N det/ground records (quick checks)")
+    args = ap.parse_args(argv)
+    if not 0 <= args.iou < 1:
+        ap.error("--iou must be in [0, 1)")
+    if args.dota_task1 and not args.gt:
+        ap.error("--dota-task1 needs --gt LABEL_DIR")
+    if (args.ckpt or args.preds) and not args.data:
+        ap.error("--ckpt and --preds need --data (the records with the ground truth)")
+    if args.ckpt and not args.out:
+        ap.error("--ckpt needs --out")
+    return args
+
+
+def run_dota_task1(args):
+    classes = read_class_list(args.classes or "dota1.0")
+    names = None
+    if args.imageset:
+        names = [ln.strip() for ln in Path(args.imageset).read_text().splitlines() if ln.strip()]
+    gt, names = gt_from_labels(args.gt, classes, names)
+    dets = read_task_files(args.dota_task1, args.task, classes, {n: i for i, n in enumerate(names)})
+    t0 = time.time()
+    res = score_det(gt, dets, classes, task=args.task, ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
+    res["images"] = len(names)
+    res["seconds"] = round(time.time() - t0, 3)
+    print_det_table(f"Task{args.task} {args.dota_task1} vs {args.gt} ({len(names)} images, {len(dets['score'])} detections)", res)
+    if args.vis and args.images and args.task == 1:
+        out = Path(args.out or args.dota_task1) / "vis"
+        for i, name in enumerate(names[:args.vis]):
+            img = next((p for p in Path(args.images).glob(f"{name}.*")), None)
+            if img is None:
+                continue
+            gsel, dsel = gt["image"] == i, dets["image"] == i
+            g = [{"poly": p, "label": classes[c] if c >= 0 else None} for p, c in zip(gt["poly"][gsel].tolist(), gt["label"][gsel].tolist())]
+            d = [{"poly": p, "label": classes[c]} for p, c in zip(dets["poly"][dsel].tolist(), dets["label"][dsel].tolist())]
+            draw(img, g, d, out / f"{safe_name(name)}.png")
+    return res
+
+
+def run_records(args, pred_path):
+    """Score det and ground records of --data against a predictions file."""
+    out_dir = Path(args.out) if args.out else Path(pred_path).parent
+    recs = [r for r in read_jsonl(args.data, "records") if r.get("task") in ("det", "ground")]
+    for r in recs:
+        r.setdefault("dataset", Path(args.data).stem)
+        meta = r.get("meta") or {}
+        for key in ("width", "height"):
+            if key not in meta:
+                raise ValueError(f"bad record at {r['_where']}: {r['task']} record needs meta['{key}']")
+        if r["task"] == "ground" and not meta.get("objects"):
+            raise ValueError(f"bad record at {r['_where']}: ground record needs meta['objects'] with one object")
+    seen = {}
+    for r in recs:
+        if r["id"] in seen:
+            raise ValueError(f"duplicate record id '{r['id']}' at {r['_where']} (first at {seen[r['id']]})")
+        seen[r["id"]] = r["_where"]
+    if args.limit:
+        recs = recs[:args.limit]
+    preds = read_predictions(pred_path)
+    rec_ids = {r["id"] for r in recs}
+    unknown_ids = [k for k in preds if k not in rec_ids]
+    coord_fn = make_coord_fn(args)
+
+    metrics = {"det": {}, "ground": {}, "parse": {}, "predictions": str(pred_path), "data": str(args.data)}
+    by_ds = defaultdict(list)
+    for r in recs:
+        by_ds[(r["task"], r["dataset"])].append(r)
+    vis_left = args.vis
+    for (task, ds), rs in by_ds.items():
+        if task == "det":
+            classes = dataset_classes(rs, args.class_list)
+            gt, dets, answers = det_arrays(rs, preds, classes, coord_fn, args.reparse)
+            kw = dict(ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
+            res = score_det(gt, dets, classes, task=1, **kw)
+            res["hbb"] = {k: v for k, v in score_det(gt, dets, classes, task=2, **kw).items()
+                          if k in ("mAP", "mAP_gt_classes", "mF1", "AP", "protocol")}
+            res["images"] = len(rs)
+            res["level"] = "patch" if any("offset" in r["meta"] for r in rs) else "image"
+            print_det_table(f"det {ds} ({len(rs)} {res['level']}s)", res, res["hbb"])
+            if args.merge:
+                res["merged"] = merge_and_score(args, rs, dets, classes, out_dir / "merged" / safe_name(ds))
+            metrics["det"][ds] = res
+        else:
+            res, answers = score_ground(rs, preds, coord_fn, args.reparse)
+            print(f"\n== ground {ds}: Acc@0.5 {100 * res['Acc@0.5']:.2f}  Acc@0.7 {100 * res['Acc@0.7']:.2f}  "
+                  f"meanIoU {100 * res['meanIoU']:.2f}  cumIoU {100 * res['cumIoU']:.2f}  (n={res['n']}, no box: {res['no_box']})")
+            metrics["ground"][ds] = res
+        metrics["parse"][f"{task}/{ds}"] = rep = parse_report(rs, preds, answers, classes if task == "det" else None)
+        print(f"   parse: {rep}")
+        if rep.get("missing_predictions"):
+            print(f"WARNING: {rep['missing_predictions']} {task}/{ds} records have no prediction in {pred_path} "
+                  f"(scored as empty answers)", file=sys.stderr)
+        for r in rs[:max(vis_left, 0)]:
+            if r.get("images"):
+                img = r["images"][0] if os.path.isabs(r["images"][0]) else str(Path(args.data).resolve().parent / r["images"][0])
+                draw(img, r["meta"].get("objects", []), answers[r["id"]][0], out_dir / "vis" / f"{safe_name(r['id'])}.png")
+        vis_left -= len(rs)
+    metrics["headline"] = {**{f"det/{ds}: mAP": r["mAP"] for ds, r in metrics["det"].items()},
+                           **{f"ground/{ds}: Acc@0.5": r["Acc@0.5"] for ds, r in metrics["ground"].items()}}
+    if unknown_ids:
+        metrics["predictions_not_in_data"] = len(unknown_ids)
+        print(f"note: {len(unknown_ids)} predictions have ids that are not det/ground records of {args.data}", file=sys.stderr)
+    return metrics
+
+
+def merge_and_score(args, rs, dets, classes, out_dir):
+    """--merge: patch detections -> whole images -> zipped Task1 files; scored when --gt has the labels."""
+    info = []
+    for r in rs:
+        m = r["meta"]
+        info.append((m.get("source", r["id"]), tuple(m.get("offset", (0, 0))), float(m.get("rate", 1.0))))
+    merged, sources = merge_patches(dets, [r["id"] for r in rs], info)
+    write_task1(out_dir, classes, sources, merged, zip_path=out_dir.with_suffix(".zip"))
+    res = {"images": len(sources), "detections": int(len(merged["score"])), "task1_zip": str(out_dir.with_suffix(".zip"))}
+    print(f"   merged {len(rs)} patches -> {len(sources)} images, {res['detections']} detections -> {res['task1_zip']}")
+    if args.gt:
+        gt, names = gt_from_labels(args.gt, classes, sources)
+        kw = dict(ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
+        res.update(score_det(gt, merged, classes, task=1, **kw))
+        print_det_table(f"merged vs {args.gt}", res)
+    return res
+
+
+def make_coord_fn(args):
+    """(width, height) -> coord kwargs for boxes.parse_answer, for answers stored without parsed boxes."""
+    if args.processor or args.ckpt:
+        proc = []
+
+        def from_processor(w, h):
+            import model as M  # only here: the processor decides the resized size (Qwen2.5-VL) or norm1000 (Qwen3-VL)
+
+            if not proc:
+                proc.append(M.load_processor(args.processor or args.ckpt, min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+            return M.coord_kwargs(proc[0], w, h)
+        return from_processor
+    if args.coords:
+        return lambda w, h: {"coords": args.coords, "resized_hw": None}
+
+    def missing(w, h):
+        raise SystemExit("the predictions carry answer text only: say how to read its coordinates with "
+                         "--coords abs|norm1000 or --processor DIR (the model's processor / pixel budget)")
+    return missing
+
+
+def main(argv=None):
+    args = get_args(argv)
+    args.class_list = read_class_list(args.classes) if args.classes and not args.dota_task1 else None
+    t0 = time.time()
+    if args.dota_task1:
+        metrics = run_dota_task1(args)
+    else:
+        pred_path = args.preds
+        if args.ckpt:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            import model as M
+
+            recs = [r for r in M.read_records(args.data) if r["task"] in ("det", "ground")]
+            recs = recs[:args.limit] if args.limit else recs
+            pred_path = predict_records(args, recs)
+            if pred_path is None:  # not the main rank: rank 0 scores
+                return None
+        metrics = run_records(args, pred_path)
+    args_d = {k: v for k, v in vars(args).items() if k != "class_list"}
+    metrics["args"] = args_d
+    metrics["seconds_total"] = round(time.time() - t0, 3)
+    json_out = args.json_out or (Path(args.out) / "metrics.json" if args.out else None)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(metrics, indent=2))
+        print(f"\nmetrics -> {json_out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

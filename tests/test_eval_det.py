@@ -1,0 +1,435 @@
+"""eval_det.py against an independent, straightforward implementation of the DOTA devkit's voc_eval (per
+detection loop, shapely per pair, stable sort) on the real DOTA labels, plus hand-computed cases."""
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import shapely
+
+import eval_det
+from eval_det import DOTA_CLASSES, score_det
+
+# -----------------------------------------------------------------------------
+# Reference: dota_evaluation_task1.py / task2.py written plainly (own file parsing, loop per detection)
+
+
+def ref_parse_gt(path, hbb):
+    objs = []
+    for line in open(path):
+        t = line.strip().split()
+        if len(t) < 9:
+            continue
+        diff = int(t[9]) if len(t) == 10 else 0
+        if hbb:  # devkit task2 parse_gt on an HBB label file: int(float(.)) of points 0 and 2
+            box = [int(float(t[0])), int(float(t[1])), int(float(t[4])), int(float(t[5]))]
+        else:
+            box = [float(v) for v in t[:8]]
+        objs.append({"name": t[8], "difficult": diff, "bbox": box})
+    return objs
+
+
+def ref_poly_iou(gt, det):
+    g = shapely.Polygon(np.reshape(gt, (4, 2)))
+    p = shapely.Polygon(np.reshape(det, (4, 2)))
+    if not p.is_valid:  # rscovlm's rule for a bow-tie: its convex hull
+        p = p.convex_hull
+    inter = g.intersection(p).area
+    return inter / (g.area + p.area - inter)
+
+
+def ref_voc_ap(rec, prec, use_07):
+    if use_07:
+        ap = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            p = 0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
+            ap = ap + p / 11.0
+        return ap
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    for i in range(mpre.size - 1, 0, -1):
+        mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
+    i = np.where(mrec[1:] != mrec[:-1])[0]
+    return np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
+
+
+def ref_voc_eval(detfile, annodir, names, classname, task, use_07, ovthresh=0.5):
+    class_recs, npos = {}, 0
+    for name in names:
+        R = [o for o in ref_parse_gt(annodir / f"{name}.txt", task == 2) if o["name"] == classname]
+        difficult = np.array([o["difficult"] for o in R]).astype(bool)
+        npos += int(sum(~difficult))
+        class_recs[name] = {"bbox": np.array([o["bbox"] for o in R]), "difficult": difficult, "det": [False] * len(R)}
+    if npos == 0:
+        return 0.0  # the devkit gives 0 (voc07) / nan (area); rscovlm reports 0
+    lines = open(detfile).readlines() if detfile.exists() else []
+    split = [x.strip().split(" ") for x in lines]
+    image_ids = [x[0] for x in split]
+    confidence = np.array([float(x[1]) for x in split])
+    BB = np.array([[float(z) for z in x[2:]] for x in split])
+    sorted_ind = np.argsort(-confidence, kind="stable")
+    nd = len(image_ids)
+    tp, fp = np.zeros(nd), np.zeros(nd)
+    for d in range(nd):
+        R = class_recs[image_ids[sorted_ind[d]]]
+        bb = BB[sorted_ind[d]].astype(float)
+        ovmax, jmax = -np.inf, -1
+        BBGT = R["bbox"].astype(float)
+        if BBGT.size > 0 and task == 1:
+            gx0, gy0 = BBGT[:, 0::2].min(1), BBGT[:, 1::2].min(1)
+            gx1, gy1 = BBGT[:, 0::2].max(1), BBGT[:, 1::2].max(1)
+            iw = np.maximum(np.minimum(gx1, bb[0::2].max()) - np.maximum(gx0, bb[0::2].min()) + 1.0, 0.0)
+            ih = np.maximum(np.minimum(gy1, bb[1::2].max()) - np.maximum(gy0, bb[1::2].min()) + 1.0, 0.0)
+            keep = np.where(iw * ih > 0)[0]
+            if len(keep):
+                overlaps = [ref_poly_iou(BBGT[k], bb) for k in keep]
+                ovmax, jmax = np.max(overlaps), keep[int(np.argmax(overlaps))]
+        elif BBGT.size > 0:
+            iw = np.maximum(np.minimum(BBGT[:, 2], bb[2]) - np.maximum(BBGT[:, 0], bb[0]) + 1.0, 0.0)
+            ih = np.maximum(np.minimum(BBGT[:, 3], bb[3]) - np.maximum(BBGT[:, 1], bb[1]) + 1.0, 0.0)
+            inters = iw * ih
+            uni = ((bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
+                   + (BBGT[:, 2] - BBGT[:, 0] + 1.0) * (BBGT[:, 3] - BBGT[:, 1] + 1.0) - inters)
+            overlaps = inters / uni
+            ovmax, jmax = np.max(overlaps), int(np.argmax(overlaps))
+        if ovmax > ovthresh:
+            if not R["difficult"][jmax]:
+                if not R["det"][jmax]:
+                    tp[d] = 1.0
+                    R["det"][jmax] = 1
+                else:
+                    fp[d] = 1.0
+        else:
+            fp[d] = 1.0
+    fp, tp = np.cumsum(fp), np.cumsum(tp)
+    rec = tp / float(npos)
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return ref_voc_ap(rec, prec, use_07)
+
+
+# -----------------------------------------------------------------------------
+# Random predictions over the real labels: jittered copies (hits and near misses), duplicates, wrong
+# classes, random boxes, bow-ties, scores rounded to 0.1 (many ties), shuffled lines
+
+
+def random_task_files(label_dir, out_dir, seed=0):
+    rng = np.random.default_rng(seed)
+    names = sorted(p.stem for p in label_dir.glob("*.txt"))
+    classes = DOTA_CLASSES["dota1.0"]
+    lines = {c: [] for c in classes}
+    n_bowtie = 0
+    for name in names:
+        gts = [o for o in eval_det.read_dota_label(label_dir / f"{name}.txt")]
+        for o in gts:
+            poly = np.array(o["poly"]).reshape(4, 2)
+            size = np.ptp(poly, 0).max()
+            for _ in range(rng.choice([0, 1, 1, 1, 2, 3])):  # 0..3 copies: misses and duplicates
+                q = poly + rng.normal(0, 0.12 * size, 2) + rng.normal(0, 0.04 * size, (4, 2))
+                if rng.random() < 0.05:
+                    q = q[[0, 2, 1, 3]]  # bow-tie order
+                    n_bowtie += 1
+                label = o["label"] if rng.random() < 0.9 else classes[rng.integers(len(classes))]
+                lines[label].append((name, q.ravel()))
+        for _ in range(40):  # background false positives, some in classes with no ground truth here
+            c, xy = rng.uniform(0, 1100, 2), rng.uniform(8, 80, 2)
+            q = np.array([[0, 0], [xy[0], 0], xy, [0, xy[1]]]) + c
+            lines[classes[rng.integers(len(classes))]].append((name, q.ravel()))
+    for c in classes:
+        if c == "bridge":
+            continue  # a class with ground truth but no detection file
+        rows = lines[c]
+        rng.shuffle(rows)
+        with open(out_dir / f"Task1_{c}.txt", "w") as f1, open(out_dir / f"Task2_{c}.txt", "w") as f2:
+            for name, q in rows:
+                s = round(float(rng.random()), 1)
+                f1.write(f"{name} {s} " + " ".join(f"{v:.2f}" for v in q) + "\n")
+                hb = [q[0::2].min(), q[1::2].min(), q[0::2].max(), q[1::2].max()]
+                f2.write(f"{name} {s} " + " ".join(f"{v:.2f}" for v in hb) + "\n")
+    return names, n_bowtie
+
+
+def write_hbb_labels(label_dir, out_dir):
+    """DOTA's HBB labels: xmin ymin xmax ymin xmax ymax xmin ymax class difficult (headers dropped)."""
+    out_dir.mkdir()
+    for p in label_dir.glob("*.txt"):
+        rows = []
+        for o in eval_det.read_dota_label(p):
+            x0, y0, x1, y1 = min(o["poly"][0::2]), min(o["poly"][1::2]), max(o["poly"][0::2]), max(o["poly"][1::2])
+            rows.append(f"{x0} {y0} {x1} {y0} {x1} {y1} {x0} {y1} {o['label']} {o['difficult']}\n")
+        (out_dir / p.name).write_text("".join(rows))
+
+
+@pytest.mark.parametrize("task", [1, 2])
+def test_dota_task_files_match_reference(shared_data, tmp_path, task):
+    labels = shared_data / "dota" / "labelTxt"
+    det_dir = tmp_path / "dets"
+    det_dir.mkdir()
+    names, n_bowtie = random_task_files(labels, det_dir)
+    assert n_bowtie > 10
+    ref_labels = labels
+    if task == 2:
+        ref_labels = tmp_path / "hbb"
+        write_hbb_labels(labels, ref_labels)
+    for rule in ("voc07", "area"):
+        out = tmp_path / f"m{task}{rule}.json"
+        res = eval_det.main(["--dota-task1", str(det_dir), "--gt", str(labels), "--task", str(task),
+                             "--ap", rule, "--json-out", str(out)])
+        assert json.loads(out.read_text())["AP"] == pytest.approx(res["AP"], abs=0)
+        aps = []
+        for c in DOTA_CLASSES["dota1.0"]:
+            ref = ref_voc_eval(det_dir / f"Task{task}_{c}.txt", ref_labels, names, c, task, rule == "voc07")
+            assert abs(res["AP"][c] - ref) < 1e-9, (task, rule, c, res["AP"][c], ref)
+            aps.append(ref)
+        assert abs(res["mAP"] - np.mean(aps)) < 1e-9
+        # the scores must be non-trivial for the comparison to mean anything
+        assert 0.05 < res["mAP"] < 0.95 and len(res["classes_without_gt"]) == 3
+        assert res["npos"]["ship"] == 561 - 6 and res["ndet"]["bridge"] == 0 and res["AP"]["bridge"] == 0
+
+
+# -----------------------------------------------------------------------------
+# Hand-computed cases (score_det directly)
+
+SQ = lambda x, y, s=10: [x, y, x + s, y, x + s, y + s, x, y + s]  # noqa: E731
+
+
+def gt_of(objs):
+    return {"image": np.array([o[0] for o in objs]), "label": np.array([o[1] for o in objs]),
+            "poly": np.array([o[2] for o in objs], float).reshape(-1, 8), "difficult": np.array([o[3] for o in objs], bool)}
+
+
+def dets_of(objs):
+    return {"image": np.array([o[0] for o in objs], np.int64), "label": np.array([o[1] for o in objs], np.int64),
+            "score": np.array([o[2] for o in objs], float), "poly": np.array([o[3] for o in objs], float).reshape(-1, 8)}
+
+
+def test_duplicates_difficult_and_class_without_gt():
+    classes = ["a", "b", "c"]
+    gt = gt_of([(0, 0, SQ(0, 0), 0), (0, 0, SQ(100, 0), 0), (0, 0, SQ(200, 0), 1),  # a: 2 normal + 1 difficult
+                (1, 1, SQ(0, 0), 0)])                                                 # b: one, in image 1
+    dets = dets_of([(0, 0, 0.9, SQ(1, 0)),      # a: TP
+                    (0, 0, 0.8, SQ(0, 1)),      # a: duplicate of the same GT -> FP
+                    (0, 0, 0.7, SQ(200, 0)),    # a: on the difficult one -> ignored
+                    (0, 0, 0.6, SQ(101, 1)),    # a: TP
+                    (0, 1, 0.5, SQ(0, 0)),      # b: wrong image (GT b is in image 1) -> FP
+                    (0, 2, 0.9, SQ(0, 0))])     # c: no ground truth at all
+    res = score_det(gt, dets, classes)
+    # a: tp [1,0,-,1] fp [0,1,-,0] -> rec [.5,.5,1], prec [1,.5,2/3]: 6 points at 1, 5 at 2/3
+    assert res["AP"]["a"] == pytest.approx((6 + 5 * 2 / 3) / 11, abs=1e-12)
+    assert res["npos"]["a"] == 2 and res["ndet"]["a"] == 4
+    assert res["AP"]["b"] == 0.0 and res["AP"]["c"] == 0.0
+    assert res["classes_without_gt"] == ["c"]
+    assert res["mAP"] == pytest.approx(res["AP"]["a"] / 3) and res["mAP_gt_classes"] == pytest.approx(res["AP"]["a"] / 2)
+    area = score_det(gt, dets, classes, ap_rule="area")
+    assert area["AP"]["a"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3, abs=1e-12)
+    # F1, a: TP 2, FP 1 (the duplicate), the difficult hit ignored -> P 2/3, R 1; b: P 0, R 0; c excluded
+    assert res["P"]["a"] == pytest.approx(2 / 3) and res["R"]["a"] == 1.0 and res["F1"]["a"] == pytest.approx(0.8)
+    assert res["F1"]["b"] == 0.0 and res["F1"]["c"] is None and res["mF1"] == pytest.approx(0.4)
+
+
+def test_one_to_one_f1_differs_from_ap_matching():
+    # two overlapping GTs; the second detection's best GT is taken, but the other is still free for F1
+    gt = gt_of([(0, 0, SQ(0, 0, 10), 0), (0, 0, SQ(2, 0, 10), 0)])
+    dets = dets_of([(0, 0, 1.0, SQ(1, 0, 10)), (0, 0, 1.0, SQ(1, 0, 10))])  # IoU 9/11 with both, ties -> first GT
+    res = score_det(gt, dets, ["a"])
+    assert res["R"]["a"] == 1.0 and res["P"]["a"] == 1.0  # one-to-one: second detection takes the second GT
+    assert res["AP"]["a"] == pytest.approx((6 * 1 + 5 * 0) / 11)  # devkit: both pick GT 0 -> TP, FP; recall .5
+    # equal IoU: the devkit's np.argmax takes the first GT in file order; here that one is difficult -> ignored
+    gt["difficult"][0] = True
+    one = {k: v[:1] for k, v in dets.items()}
+    res = score_det(gt, one, ["a"])
+    assert res["AP"]["a"] == 0.0 and res["P"]["a"] == 0.0 and res["ndet"]["a"] == 1
+
+
+def test_stable_ties_define_mapnc():
+    # all scores 1.0: image 0's false positive comes first in input order -> prec [0, .5]
+    gt = gt_of([(1, 0, SQ(0, 0), 0)])
+    dets = dets_of([(0, 0, 1.0, SQ(50, 50)), (1, 0, 1.0, SQ(0, 0))])
+    assert score_det(gt, dets, ["a"])["AP"]["a"] == pytest.approx(0.5)
+    swapped = {k: v[::-1] for k, v in dets.items()}
+    assert score_det(gt, swapped, ["a"])["AP"]["a"] == pytest.approx(1.0)
+
+
+def test_empty_predictions_and_bowtie():
+    gt = gt_of([(0, 0, SQ(0, 0), 0)])
+    empty = dets_of([])
+    res = score_det(gt, empty, ["a", "b"])
+    assert res["mAP"] == 0.0 and res["ndet"]["a"] == 0 and res["F1"]["a"] == 0.0
+    no_gt = score_det(gt_of([]), dets_of([(0, 0, 1.0, SQ(0, 0))]), ["a"])
+    assert no_gt["AP"]["a"] == 0.0 and no_gt["classes_without_gt"] == ["a"]
+    bowtie = [0, 0, 10, 10, 10, 0, 0, 10]  # the square's corners in a self-intersecting order
+    assert not shapely.Polygon(np.reshape(bowtie, (4, 2))).is_valid
+    res = score_det(gt, dets_of([(0, 0, 1.0, bowtie), (0, 0, 0.5, [0, 0, 0, 0, 0, 0, 0, 0])]), ["a"])
+    assert res["AP"]["a"] == pytest.approx(1.0) and res["P"]["a"] == 0.5  # hull = the square (TP); degenerate = FP, no crash
+    res2 = score_det(gt, dets_of([(0, 0, 1.0, bowtie)]), ["a"], task=2)
+    assert res2["AP"]["a"] == pytest.approx(1.0)
+
+
+def test_iou_threshold_is_strict():
+    gt = gt_of([(0, 0, [0, 0, 30, 0, 30, 10, 0, 10], 0)])
+    dets = dets_of([(0, 0, 1.0, [0, 0, 15, 0, 15, 10, 0, 10])])  # IoU exactly 0.5
+    assert score_det(gt, dets, ["a"])["AP"]["a"] == 0.0
+    assert score_det(gt, dets, ["a"], iou_thr=0.49)["AP"]["a"] == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# Bad input, records, grounding, patch merging
+
+
+def test_bad_lines_name_file_and_line(tmp_path):
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "dets").mkdir()
+    (tmp_path / "gt" / "P1.txt").write_text("imagesource:x\ngsd:0.1\n0 0 10 0 10 10 0 10 plane 0\n0 0 10 0 10 10 0 10 plane 0 7\n")
+    (tmp_path / "dets" / "Task1_plane.txt").write_text("P1 0.9 0 0 10 0 10 10 0 10\n")
+    with pytest.raises(ValueError, match=r"bad label line 4 in .*P1.txt: expected 9 or 10 fields"):
+        eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
+    (tmp_path / "gt" / "P1.txt").write_text("0 0 10 0 10 10 0 10 plane\n")  # missing difficult = 0
+    (tmp_path / "dets" / "Task1_ship.txt").write_text("P1 0.9 0 0 10 0 10 10\n")
+    with pytest.raises(ValueError, match=r"bad detection line 1 in .*Task1_ship.txt: expected 10 fields"):
+        eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
+    (tmp_path / "dets" / "Task1_ship.txt").write_text("P2 0.9 0 0 10 0 10 10 0 10\n")
+    with pytest.raises(ValueError, match=r"line 1 in .*Task1_ship.txt: image 'P2' has no label file"):
+        eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
+    (tmp_path / "dets" / "Task1_ship.txt").unlink()
+    res = eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
+    assert res["AP"]["plane"] == pytest.approx(1.0) and res["ndet"]["ship"] == 0 and res["mAP"] == pytest.approx(1 / 15)
+
+
+def det_record(rid, objs, w=100, h=100, **meta):
+    return {"id": rid, "task": "det", "dataset": "toy", "images": [], "messages": [{"role": "user", "content": "find"}],
+            "meta": {"width": w, "height": h, "classes": ["plane", "ship"], "objects": objs, **meta}}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_records_scoring_and_parse_report(tmp_path):
+    obj = lambda p, lab, d=0: {"poly": p, "label": lab, "difficult": d}  # noqa: E731
+    recs = [det_record("a", [obj(SQ(10, 10), "plane"), obj(SQ(50, 50), "ship")]),
+            det_record("b", [obj(SQ(20, 20), "ship", 2)]),   # truncated by a patch border -> difficult
+            det_record("c", [obj(SQ(30, 30), "plane")]),
+            det_record("d", [])]
+    preds = [{"id": "a", "text": "10,10,20,10,20,20,10,20 plane\n50,50,60,50,60,60,50,60 ship\ngarbage line"},
+             {"id": "b", "text": "20,20,30,30 ship\n1,1,9,9 submarine"},  # hbox answer
+             {"id": "d", "text": "There are none."}]          # c has no prediction at all
+    write_jsonl(tmp_path / "val.jsonl", recs)
+    write_jsonl(tmp_path / "preds.jsonl", preds)
+    with pytest.raises(SystemExit, match="--coords"):
+        eval_det.main(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "val.jsonl")])
+    m = eval_det.main(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "val.jsonl"),
+                       "--coords", "abs", "--json-out", str(tmp_path / "m.json")])
+    toy = m["det"]["toy"]
+    assert toy["npos"] == {"plane": 2, "ship": 1} and toy["ndet"] == {"plane": 1, "ship": 2}
+    assert toy["AP"]["plane"] == pytest.approx(6 / 11)  # 1 of 2 planes found, precision 1 -> recall 0.5
+    assert toy["AP"]["ship"] == pytest.approx(1.0)  # the hbox answer hits; the difficult one is ignored
+    assert toy["hbb"]["AP"]["ship"] == pytest.approx(1.0)
+    rep = m["parse"]["det/toy"]
+    assert rep["missing_predictions"] == 1 and rep["answers_with_junk_lines"] == 1
+    assert rep["answers_with_unknown_labels"] == 1 and rep["answers_none_or_empty"] == 1
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["args"]["coords"] == "abs" and saved["det"]["toy"]["headline"] == "mAP"
+    # norm1000: the same boxes written in 0..1000 of a 100-px image are 10x the numbers
+    write_jsonl(tmp_path / "p1000.jsonl", [{"id": "a", "text": "100,100,200,100,200,200,100,200 plane"}])
+    m2 = eval_det.main(["--preds", str(tmp_path / "p1000.jsonl"), "--data", str(tmp_path / "val.jsonl"), "--coords", "norm1000"])
+    assert m2["det"]["toy"]["AP"]["plane"] == pytest.approx(6 / 11)
+    # stored parsed geometry wins over the text (no convention needed) unless --reparse
+    write_jsonl(tmp_path / "stored.jsonl", [{"id": "c", "text": "junk", "objects": [{"poly": SQ(30, 30), "label": "plane"}]}])
+    m3 = eval_det.main(["--preds", str(tmp_path / "stored.jsonl"), "--data", str(tmp_path / "val.jsonl")])
+    assert m3["det"]["toy"]["AP"]["plane"] == pytest.approx(6 / 11)
+
+
+def test_grounding(tmp_path):
+    def rec(rid, box):
+        return {"id": rid, "task": "ground", "dataset": "rsvg", "images": [], "messages": [{"role": "user", "content": "x"}],
+                "meta": {"width": 100, "height": 100, "objects": [{"poly": SQ(*box), "label": "ship", "expression": "the ship"}]}}
+    recs = [rec("g1", (0, 0, 10)), rec("g2", (0, 0, 10)), rec("g3", (0, 0, 10)), rec("g4", (0, 0, 10))]
+    preds = [{"id": "g1", "text": "0,0,10,10\n50,50,60,60"},  # IoU 1 (first box counts)
+             {"id": "g2", "text": "0,0,10,16"},                # IoU 100/160 = 0.625
+             {"id": "g3", "text": "I cannot see it"}]          # unparseable; g4 missing
+    write_jsonl(tmp_path / "val.jsonl", recs)
+    write_jsonl(tmp_path / "p.jsonl", preds)
+    g = eval_det.main(["--preds", str(tmp_path / "p.jsonl"), "--data", str(tmp_path / "val.jsonl"), "--coords", "abs"])["ground"]["rsvg"]
+    assert g["Acc@0.5"] == 0.5 and g["Acc@0.7"] == 0.25 and g["no_box"] == 2
+    assert g["meanIoU"] == pytest.approx((1 + 0.625) / 4)
+    assert g["cumIoU"] == pytest.approx((100 + 100) / (100 + 160 + 100 + 100))
+
+
+def test_patch_merging(tmp_path):
+    # whole image S (200 x 100) cut into two 100-px patches at x = 0 and x = 80; plane P at x 85..95 is in both
+    obj = lambda p, lab: {"poly": p, "label": lab, "difficult": 0}  # noqa: E731
+    recs = [det_record("S__0", [obj(SQ(85, 10), "plane")], source="S", offset=[0, 0]),
+            det_record("S__80", [obj(SQ(5, 10), "plane"), obj(SQ(60, 60), "ship")], source="S", offset=[80, 0])]
+    preds = [{"id": "S__0", "text": "85,10,95,10,95,20,85,20 plane"},
+             {"id": "S__80", "text": "5,10,15,10,15,20,5,20 plane\n60,60,70,60,70,70,60,70 ship\n90,90,99,90,99,99,90,99 ship"}]
+    write_jsonl(tmp_path / "val.jsonl", recs)
+    write_jsonl(tmp_path / "p.jsonl", preds)
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / "S.txt").write_text("85 10 95 10 95 20 85 20 plane 0\n140 60 150 60 150 70 140 70 ship 0\n")
+    m = eval_det.main(["--preds", str(tmp_path / "p.jsonl"), "--data", str(tmp_path / "val.jsonl"), "--coords", "abs",
+                       "--merge", "--gt", str(tmp_path / "gt"), "--out", str(tmp_path / "out")])
+    merged = m["det"]["toy"]["merged"]
+    assert merged["images"] == 1 and merged["detections"] == 3  # the plane seen twice is merged by NMS
+    assert merged["AP"] == {"plane": pytest.approx(1.0), "ship": pytest.approx(1.0)} and merged["P"]["ship"] == 0.5
+    with zipfile.ZipFile(merged["task1_zip"]) as z:
+        assert sorted(z.namelist()) == ["Task1_plane.txt", "Task1_ship.txt"]
+        ship = z.read("Task1_ship.txt").decode().splitlines()
+    assert ship[0] == "S 1 140.0 60.0 150.0 60.0 150.0 70.0 140.0 70.0"  # shifted by the patch offset
+    assert m["det"]["toy"]["level"] == "patch" and m["det"]["toy"]["AP"]["plane"] == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# End to end with a tiny checkpoint: predict, interrupt, resume -> same metrics
+
+
+def test_ckpt_predict_resume(tiny_qwen25, shared_data, tmp_path, monkeypatch):
+    import boxes
+    import model
+
+    shutil.copy(shared_data / "dota_patch" / "images" / "P2805__1024__0___0.png", tmp_path / "p.png")
+    objs = [{"poly": SQ(20, 20, 40), "label": "plane", "difficult": 0}]
+    recs = [{**det_record(f"r{i}", objs, w=170, h=170), "images": ["p.png"],
+             "messages": [{"role": "user", "content": "<image>Detect plane, ship."},
+                          {"role": "assistant", "content": "x"}]} for i in range(3)]
+    recs.append({"id": "g", "task": "ground", "dataset": "rsvg", "images": ["p.png"],
+                 "messages": [{"role": "user", "content": "<image>Where is the plane?"}],
+                 "meta": {"width": 170, "height": 170, "objects": objs}})
+    write_jsonl(tmp_path / "val.jsonl", recs)
+
+    # The random tiny model answers "" -- to make the metrics non-trivial, r0, r1 and g get the ground truth
+    # written in the model's own coordinates (r1 plus a shifted duplicate); r2 keeps the model's real answer.
+    real_generate = model.generate
+
+    def generate(net, processor, records, *a, **k):
+        texts = real_generate(net, processor, records, *a, **k)
+        for i, r in enumerate(records):
+            kw = model.coord_kwargs(processor, 170, 170)
+            if r["id"] in ("r0", "r1"):
+                texts[i] = boxes.render_answer(objs, 170, 170, **kw)
+            if r["id"] == "r1":
+                texts[i] += "\n" + boxes.render_answer([{"poly": SQ(35, 35, 40), "label": "plane"}], 170, 170, **kw)
+            if r["id"] == "g":
+                texts[i] = boxes.render_answer(objs, 170, 170, **kw, box_format="hbox", with_label=False)
+        return texts
+
+    monkeypatch.setattr(model, "generate", generate)
+    args = ["--ckpt", str(tiny_qwen25), "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "out"),
+            "--max-new-tokens", "8", "--batch-size", "1"]  # batch 1: a resumed record sees the same computation
+    full = eval_det.main(args)
+    assert full["det"]["toy"]["AP"]["plane"] == pytest.approx(7 / 11)  # TP, TP, FP over 3 planes
+    assert full["ground"]["rsvg"]["Acc@0.5"] == 1.0
+    pred_file = tmp_path / "out" / "predictions.jsonl"
+    lines = pred_file.read_text().splitlines()
+    assert len(lines) == 4 and all({"id", "text", "objects", "coords", "resized_hw"} <= json.loads(x).keys() for x in lines)
+    assert json.loads(lines[0])["coords"] == "abs"
+    pred_file.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])  # interrupted mid-line
+    again = eval_det.main(args)
+    assert sorted(pred_file.read_text().splitlines()) == sorted(lines)
+    for key in ("det", "ground", "parse"):
+        assert again[key] == full[key]
+    # rescoring the file needs no model and gives the same numbers
+    rescored = eval_det.main(["--preds", str(pred_file), "--data", str(tmp_path / "val.jsonl"),
+                              "--vis", "2", "--out", str(tmp_path / "re")])
+    assert rescored["det"] == full["det"] and rescored["ground"] == full["ground"]
+    assert sorted(p.name for p in (tmp_path / "re" / "vis").iterdir()) == ["r0.png", "r1.png"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["args"]["ckpt"] == str(tiny_qwen25)
