@@ -32,7 +32,6 @@ all samples), meanIoU, cumIoU (sum of intersections / sum of unions), per datase
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -42,8 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+import torch
 
 import boxes
+import model
 
 DOTA_CLASSES = {
     "dota1.0": ["plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
@@ -453,37 +454,17 @@ def merge_patches(dets, image_names, patch_info, iou_thr=MERGE_NMS_IOU):
 # Records: ground truth and parsed answers of det / ground records
 
 
-def read_jsonl(path, what, partial_last_ok=False):
-    """JSONL -> list of dicts. Scoring-only runs read records here rather than through model.read_records,
-    so that they do not import torch. partial_last_ok: a last line without newline that does not parse is
-    the partial write of an interrupted prediction run, and is skipped (that record is predicted again)."""
-    rows = []
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if partial_last_ok and lineno == len(lines):
-                print(f"note: ignoring the partial last line {path}:{lineno}", file=sys.stderr)
-                continue
-            raise ValueError(f"bad JSON at {path}:{lineno} ({what}): {e}") from None
-        if not isinstance(row, dict) or "id" not in row:
-            raise ValueError(f"bad line {lineno} in {path} ({what}): expected a JSON object with an 'id'")
-        row["_where"] = f"{path}:{lineno}"
-        rows.append(row)
-    return rows
-
-
-def read_predictions(path):
-    """predictions.jsonl -> {id: row}. Any file with "id" and "text" works; a later line for the same id wins."""
-    preds = {}
-    for row in read_jsonl(path, "predictions", partial_last_ok=True):
-        if not isinstance(row.get("text"), str):
-            raise ValueError(f"bad prediction at {row['_where']}: needs a string 'text'")
-        preds[row["id"]] = row
-    return preds
+def read_det_records(args):
+    """The det and ground records of --data (model.read_records), checked for what scoring needs, --limit applied."""
+    recs = [r for r in model.read_records(args.data) if r["task"] in ("det", "ground")]
+    for r in recs:
+        where = f"record '{r['id']}' of {args.data}"
+        for key in ("width", "height"):
+            if key not in r["meta"]:
+                raise ValueError(f"bad {where}: {r['task']} record needs meta['{key}']")
+        if r["task"] == "ground" and not r["meta"].get("objects"):
+            raise ValueError(f"bad {where}: ground record needs meta['objects'] with one object")
+    return recs[:args.limit] if args.limit else recs
 
 
 def dataset_classes(recs, override=None):
@@ -634,7 +615,7 @@ def safe_name(s):
 
 
 # -----------------------------------------------------------------------------
-# Prediction with a checkpoint (model.py: shared resumable loop; imported lazily, scoring needs no torch)
+# Prediction with a checkpoint (model.py: the shared resumable loop)
 
 
 def predict_records(args, recs):
@@ -642,11 +623,9 @@ def predict_records(args, recs):
     already in the file (resume) and shards over torchrun ranks. Each line also carries the parsed geometry
     in original-image pixels and the coordinate convention, so --preds can rescore without a model.
     Returns the predictions path on the main rank, None on the others."""
-    import model as M
-
-    device = M.init_dist()  # one GPU per torchrun process; plain python: cuda or cpu
-    net, processor = M.load(args.ckpt, dtype=args.dtype, device=device, attn=args.attn,
-                            min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    device = model.init_dist()  # one GPU per torchrun process; plain python: cuda or cpu
+    net, processor = model.load(args.ckpt, dtype=args.dtype, device=device, attn=args.attn,
+                                min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     det_recs = defaultdict(list)
     for r in recs:
         if r["task"] == "det":
@@ -655,20 +634,18 @@ def predict_records(args, recs):
 
     def parsed(rec, text):
         w, h = rec["meta"]["width"], rec["meta"]["height"]
-        kw = M.coord_kwargs(processor, w, h)
+        kw = model.coord_kwargs(processor, w, h)
         objs, stats = boxes.parse_answer(text, w, h, **kw, classes=classes.get(rec["dataset"]) if rec["task"] == "det" else None)
         return {"task": rec["task"], "dataset": rec["dataset"], "objects": objs, "parse": stats,
                 "coords": kw["coords"], "resized_hw": list(kw["resized_hw"]) if kw["resized_hw"] else None}
 
     out_path = Path(args.out) / "predictions.jsonl"
-    M.print0(f"generating answers for {len(recs)} det/ground records into {out_path}")
-    M.predict(net, processor, recs, out_path, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-              postprocess=parsed)
-    import torch
-
+    model.print0(f"generating answers for {len(recs)} det/ground records into {out_path}")
+    model.predict(net, processor, recs, out_path, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                  postprocess=parsed)
     if torch.distributed.is_initialized():  # predict ends with a barrier: every rank sees the merged file
         torch.distributed.destroy_process_group()
-    return out_path if M.is_main() else None
+    return out_path if model.is_main() else None
 
 
 # -----------------------------------------------------------------------------
@@ -720,6 +697,8 @@ def get_args(argv=None):
         ap.error("--ckpt and --preds need --data (the records with the ground truth)")
     if args.ckpt and not args.out:
         ap.error("--ckpt needs --out")
+    if args.preds and not Path(args.preds).is_file():
+        ap.error(f"--preds {args.preds}: no such file")
     return args
 
 
@@ -748,26 +727,10 @@ def run_dota_task1(args):
     return res
 
 
-def run_records(args, pred_path):
-    """Score det and ground records of --data against a predictions file."""
+def run_records(args, recs, pred_path):
+    """Score det and ground records (read_det_records) against a predictions file."""
     out_dir = Path(args.out) if args.out else Path(pred_path).parent
-    recs = [r for r in read_jsonl(args.data, "records") if r.get("task") in ("det", "ground")]
-    for r in recs:
-        r.setdefault("dataset", Path(args.data).stem)
-        meta = r.get("meta") or {}
-        for key in ("width", "height"):
-            if key not in meta:
-                raise ValueError(f"bad record at {r['_where']}: {r['task']} record needs meta['{key}']")
-        if r["task"] == "ground" and not meta.get("objects"):
-            raise ValueError(f"bad record at {r['_where']}: ground record needs meta['objects'] with one object")
-    seen = {}
-    for r in recs:
-        if r["id"] in seen:
-            raise ValueError(f"duplicate record id '{r['id']}' at {r['_where']} (first at {seen[r['id']]})")
-        seen[r["id"]] = r["_where"]
-    if args.limit:
-        recs = recs[:args.limit]
-    preds = read_predictions(pred_path)
+    preds = model.read_predictions(pred_path)
     rec_ids = {r["id"] for r in recs}
     unknown_ids = [k for k in preds if k not in rec_ids]
     coord_fn = make_coord_fn(args)
@@ -803,8 +766,7 @@ def run_records(args, pred_path):
                   f"(scored as empty answers)", file=sys.stderr)
         for r in rs[:max(vis_left, 0)]:
             if r.get("images"):
-                img = r["images"][0] if os.path.isabs(r["images"][0]) else str(Path(args.data).resolve().parent / r["images"][0])
-                draw(img, r["meta"].get("objects", []), answers[r["id"]][0], out_dir / "vis" / f"{safe_name(r['id'])}.png")
+                draw(r["images"][0], r["meta"].get("objects", []), answers[r["id"]][0], out_dir / "vis" / f"{safe_name(r['id'])}.png")
         vis_left -= len(rs)
     metrics["headline"] = {**{f"det/{ds}: mAP": r["mAP"] for ds, r in metrics["det"].items()},
                            **{f"ground/{ds}: Acc@0.5": r["Acc@0.5"] for ds, r in metrics["ground"].items()}}
@@ -837,12 +799,10 @@ def make_coord_fn(args):
     if args.processor or args.ckpt:
         proc = []
 
-        def from_processor(w, h):
-            import model as M  # only here: the processor decides the resized size (Qwen2.5-VL) or norm1000 (Qwen3-VL)
-
+        def from_processor(w, h):  # the processor decides the resized size (Qwen2.5-VL) or norm1000 (Qwen3-VL)
             if not proc:
-                proc.append(M.load_processor(args.processor or args.ckpt, min_pixels=args.min_pixels, max_pixels=args.max_pixels))
-            return M.coord_kwargs(proc[0], w, h)
+                proc.append(model.load_processor(args.processor or args.ckpt, min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+            return model.coord_kwargs(proc[0], w, h)
         return from_processor
     if args.coords:
         return lambda w, h: {"coords": args.coords, "resized_hw": None}
@@ -860,17 +820,14 @@ def main(argv=None):
     if args.dota_task1:
         metrics = run_dota_task1(args)
     else:
+        recs = read_det_records(args)
         pred_path = args.preds
         if args.ckpt:
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            import model as M
-
-            recs = [r for r in M.read_records(args.data) if r["task"] in ("det", "ground")]
-            recs = recs[:args.limit] if args.limit else recs
             pred_path = predict_records(args, recs)
             if pred_path is None:  # not the main rank: rank 0 scores
                 return None
-        metrics = run_records(args, pred_path)
+        metrics = run_records(args, recs, pred_path)
     args_d = {k: v for k, v in vars(args).items() if k != "class_list"}
     metrics["args"] = args_d
     metrics["seconds_total"] = round(time.time() - t0, 3)

@@ -5,7 +5,8 @@ Reads records (JSONL, see the record format) of task "vqa", "cls" and "caption";
 and skipped (det/ground belong to eval_det.py). Either generates answers with a checkpoint (batched,
 written incrementally to OUT/predictions.jsonl and resumable through model.predict, also under torchrun),
 or scores an existing predictions file: any JSONL whose lines carry "id" (the record id) and "text" (the
-raw answer), so answers from other models or APIs can be scored the same way.
+raw answer), so answers from other models or APIs can be scored the same way (read by model.read_predictions:
+"text": null is an empty answer, a repeated id is an error).
 
 Metrics, per dataset (a file may mix datasets), all in percent:
 - vqa: accuracy per question type, AA (mean of the per-type accuracies) and OA (all correct / all), under
@@ -28,71 +29,20 @@ Examples:
 
 import argparse
 import json
-import math
 import re
 import shutil
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import torch
+
+import model
+
 TASKS = ("vqa", "cls", "caption")
 
 # -----------------------------------------------------------------------------
-# reading records and predictions (no torch here: --preds scoring stays fast)
-
-
-def read_jsonl(path):
-    """[(line number, dict)] of a JSONL file; blank lines skipped; errors name file:line."""
-    path = Path(path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"bad JSON at {path}:{lineno}: {e}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"bad line {path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
-    return rows
-
-
-def read_data(path):
-    """Records for scoring, with model.read_records' defaults (task "chat", dataset = the file's stem) so
-    --preds and --ckpt name datasets alike; only what scoring needs is checked (model.read_records does the rest)."""
-    records, seen = [], set()
-    for lineno, r in read_jsonl(path):
-        if "id" not in r:
-            raise ValueError(f"bad record at {path}:{lineno}: missing key 'id'")
-        r.setdefault("task", "chat")
-        r.setdefault("dataset", Path(path).stem)
-        r["id"] = str(r["id"])
-        if r["id"] in seen:
-            raise ValueError(f"bad record at {path}:{lineno}: duplicate id {r['id']!r}")
-        seen.add(r["id"])
-        records.append(r)
-    return records
-
-
-def read_predictions(path):
-    """{id: text} from any JSONL with "id" and "text" per line. A later line for the same id wins
-    (and is counted), text null counts as an empty answer."""
-    preds, duplicates = {}, 0
-    for lineno, p in read_jsonl(path):
-        if "id" not in p or "text" not in p:
-            raise ValueError(f"bad prediction line {path}:{lineno}: needs 'id' and 'text', got keys {sorted(p)}")
-        text = p["text"]
-        if text is None:
-            text = ""
-        if not isinstance(text, str):
-            raise ValueError(f"bad prediction line {path}:{lineno}: 'text' must be a string, got {type(text).__name__}")
-        pid = str(p["id"])
-        duplicates += pid in preds
-        preds[pid] = text
-    return preds, {"duplicate_ids": duplicates}
+# ground truth
 
 
 def final_assistant(record):
@@ -513,6 +463,8 @@ def parse_args(argv=None):
         p.error("give exactly one of --ckpt (generate, then score) or --preds (score a predictions file)")
     if args.ckpt and not args.out:
         p.error("--ckpt needs --out (where predictions.jsonl is written and resumed from)")
+    if args.preds and not Path(args.preds).is_file():
+        p.error(f"--preds {args.preds}: no such file")
     if args.vis and not (args.out or args.json_out):
         p.error("--vis needs --out or --json-out (the PNGs go next to the metrics)")
     unknown = set(args.tasks.split(",")) - set(TASKS)
@@ -525,18 +477,10 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     tasks = [t for t in TASKS if t in args.tasks.split(",")]
-    log = print
+    log = model.print0  # rank 0 only under torchrun
 
     # ---- records and predictions: generate (resumable, sharded under torchrun) or read a file
-    if args.ckpt:
-        import model  # lazy: torch and transformers only when generating
-
-        log = model.print0
-        records = model.read_records(args.data)
-        for r in records:
-            r["id"] = str(r["id"])  # predictions files key by string ids
-    else:
-        records = read_data(args.data)
+    records = model.read_records(args.data)
     selected = [r for r in records if r["task"] in tasks]
     if args.limit:
         selected = selected[:args.limit]
@@ -549,20 +493,16 @@ def main(argv=None):
         log(f"generating answers for {len(selected)} records into {out / 'predictions.jsonl'}")
         lines = model.predict(net, processor, selected, out / "predictions.jsonl",
                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        import torch
-
         if torch.distributed.is_initialized():  # predict ends with a barrier: every rank has the merged file
             torch.distributed.destroy_process_group()
         if not model.is_main():
             return None
-        preds = {i: (v["text"] if isinstance(v, dict) else v) for i, v in lines.items()}  # {id: line dict}
-        pred_stats = {"duplicate_ids": 0}
     else:
-        preds, pred_stats = read_predictions(args.preds)
+        lines = model.read_predictions(args.preds)
+    preds = {i: line["text"] for i, line in lines.items()}
 
     # ---- scoring
     metrics = evaluate(selected, preds, meteor=not args.no_meteor, all_records=records)
-    metrics["counts"].update(pred_stats)
     metrics["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     metrics["seconds"] = round(time.time() - t0, 2)
     log(format_tables(metrics))

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -479,30 +478,40 @@ def generate(model, processor, records, batch_size=8, max_new_tokens=512):
 
 
 def read_predictions(path, repair=False):
-    """{id: line dict} from a predictions JSONL (each line has at least 'id' and 'text'). A last line cut off
-    by an interrupted run is ignored (and with repair=True removed from the file); any other bad line raises
-    ValueError naming the file and line."""
+    """{id (str): line dict} from a predictions JSONL: ours (model.predict) or any file whose lines carry "id"
+    and "text", so answers of other models and APIs are read the same way. "text": null (what APIs return for
+    a refusal) is read as "". A missing file is {} (nothing predicted yet). A last line cut off by an
+    interrupted run (no newline at the end, not JSON) is ignored; repair=True removes it from the file, so
+    appending can go on. Any other bad line, and an id seen twice, raises ValueError naming the file and line."""
     path = Path(path)
     if not path.exists():
         return {}
     data = path.read_bytes()
     lines = data.split(b"\n")
-    preds = {}
+    preds, first_line = {}, {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
             rec = json.loads(line)
-            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("text"), str):
-                raise ValueError("expected an object with 'id' and 'text' (a string)")
-        except ValueError as e:
-            if lineno == len(lines) and not data.endswith(b"\n"):  # partial write of an interrupted run
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if lineno == len(lines):  # no newline after it: the partial write of an interrupted run
                 if repair:
                     with open(path, "r+b") as f:
                         f.truncate(len(data) - len(line))
                 break
-            raise ValueError(f"bad prediction line {path}:{lineno}: {e}") from None
-        preds[rec["id"]] = rec
+            raise ValueError(f"bad JSON at {where}: {e}") from None
+        if not isinstance(rec, dict) or "id" not in rec or "text" not in rec:
+            raise ValueError(f"bad prediction line {where}: needs 'id' and 'text' (a JSON object)")
+        if rec["text"] is None:
+            rec["text"] = ""
+        if not isinstance(rec["text"], str):
+            raise ValueError(f"bad prediction line {where}: 'text' must be a string, got {type(rec['text']).__name__}")
+        rec["id"] = str(rec["id"])
+        if rec["id"] in preds:
+            raise ValueError(f"bad prediction line {where}: duplicate id '{rec['id']}' (first on line {first_line[rec['id']]})")
+        preds[rec["id"]], first_line[rec["id"]] = rec, lineno
     return preds
 
 

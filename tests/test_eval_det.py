@@ -339,6 +339,22 @@ def test_records_scoring_and_parse_report(tmp_path):
     assert m3["det"]["toy"]["AP"]["plane"] == pytest.approx(6 / 11)
 
 
+def test_bad_records_and_predictions_name_the_input(tmp_path):
+    """Files are read by model.read_records / read_predictions (test_model.py); here: what eval_det adds."""
+    write_jsonl(tmp_path / "val.jsonl", [det_record("a", []), {**det_record("b", []), "meta": {"objects": []}}])
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "There are none."}])
+    argv = ["--preds", str(tmp_path / "p.jsonl"), "--data", str(tmp_path / "val.jsonl"), "--coords", "abs"]
+    with pytest.raises(ValueError, match=r"record 'b' of .*val\.jsonl: det record needs meta\['width'\]"):
+        eval_det.main(argv)
+    write_jsonl(tmp_path / "val.jsonl", [det_record("a", []), det_record(2, [])])
+    assert eval_det.main(argv)["parse"]["det/toy"]["missing_predictions"] == 1
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "x"}, {"id": 2, "text": None}, {"id": "a", "text": "y"}])
+    with pytest.raises(ValueError, match=r"p\.jsonl:3: duplicate id 'a' \(first on line 1\)"):
+        eval_det.main(argv)
+    with pytest.raises(SystemExit):
+        eval_det.main(["--preds", str(tmp_path / "nope.jsonl"), "--data", str(tmp_path / "val.jsonl")])
+
+
 def test_grounding(tmp_path):
     def rec(rid, box):
         return {"id": rid, "task": "ground", "dataset": "rsvg", "images": [], "messages": [{"role": "user", "content": "x"}],

@@ -192,6 +192,32 @@ def test_read_records_errors(tmp_path, images):
         model.read_records(p)
 
 
+def test_read_predictions(tmp_path):
+    p = tmp_path / "preds.jsonl"
+    assert model.read_predictions(p) == {}  # nothing predicted yet
+    # ids are strings; null text (an API's refusal) is ""; extra keys are kept; a blank line is skipped
+    p.write_text('{"id": 7, "text": "a", "score": 1}\n\n{"id": "8", "text": null}\n')
+    assert model.read_predictions(p) == {"7": {"id": "7", "text": "a", "score": 1}, "8": {"id": "8", "text": ""}}
+    # a complete last line without newline is a line like any other (files written by hand often end so)
+    p.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}')
+    assert set(model.read_predictions(p)) == {"a", "b"}
+    # a cut-off last line is ignored; repair=True removes it from the file
+    p.write_text('{"id": "a", "text": "x"}\n{"id": "b", "te')
+    assert set(model.read_predictions(p)) == {"a"} and p.read_text().endswith("te")
+    assert set(model.read_predictions(p, repair=True)) == {"a"} and p.read_text() == '{"id": "a", "text": "x"}\n'
+    # every other problem names the file and line
+    for text, error in [('{"id": "a", "text": "x"}\n{"id": "b", "te\n', r"bad JSON at .*preds\.jsonl:2"),
+                        ('{"id": "a", "text": "x"}\n{"id": "b"}\n', r"preds\.jsonl:2: needs 'id' and 'text'"),
+                        ('{"id": "a", "text": "x"}\n{"id": "b"}', r"preds\.jsonl:2: needs 'id' and 'text'"),
+                        ('{"id": "a", "text": "x"}\n\n["b", "y"]\n', r"preds\.jsonl:3: needs 'id' and 'text'"),
+                        ('{"id": "a", "text": 3}\n', r"preds\.jsonl:1: 'text' must be a string, got int"),
+                        ('{"id": 1, "text": "x"}\n{"id": "2", "text": "y"}\n{"id": "1", "text": "z"}\n',
+                         r"preds\.jsonl:3: duplicate id '1' \(first on line 1\)")]:
+        p.write_text(text)
+        with pytest.raises(ValueError, match=error):
+            model.read_predictions(p, repair=True)
+
+
 def test_predict_resumes_after_interruption(loaded, images, tmp_path):
     m, proc = loaded["qwen2.5"]
     recs = [{**vqa(images, k), "id": k} for k in ("wide", "tall", "square")]
