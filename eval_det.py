@@ -493,7 +493,7 @@ def parse_pred(rec, pred, classes, coord_fn, reparse=False):
         return pred["objects"], pred.get("parse")
     w, h = rec["meta"]["width"], rec["meta"]["height"]
     kw = {"coords": pred["coords"], "resized_hw": pred.get("resized_hw")} if "coords" in pred else coord_fn(w, h)
-    return boxes.parse_answer(pred["text"], w, h, **kw, classes=classes)
+    return boxes.parse_answer(pred["text"], w, h, **kw, box_format=rec["meta"].get("box_format"), classes=classes)
 
 
 def det_arrays(recs, preds, classes, coord_fn, reparse=False):
@@ -635,7 +635,8 @@ def predict_records(args, recs):
     def parsed(rec, text):
         w, h = rec["meta"]["width"], rec["meta"]["height"]
         kw = model.coord_kwargs(processor, w, h)
-        objs, stats = boxes.parse_answer(text, w, h, **kw, classes=classes.get(rec["dataset"]) if rec["task"] == "det" else None)
+        objs, stats = boxes.parse_answer(text, w, h, **kw, box_format=rec["meta"].get("box_format"),
+                                         classes=classes.get(rec["dataset"]) if rec["task"] == "det" else None)
         return {"task": rec["task"], "dataset": rec["dataset"], "objects": objs, "parse": stats,
                 "coords": kw["coords"], "resized_hw": list(kw["resized_hw"]) if kw["resized_hw"] else None}
 

@@ -356,11 +356,12 @@ def test_bad_records_and_predictions_name_the_input(tmp_path):
 
 
 def test_grounding(tmp_path):
-    def rec(rid, box):
+    def rec(rid, box, **meta):
         return {"id": rid, "task": "ground", "dataset": "rsvg", "images": [], "messages": [{"role": "user", "content": "x"}],
-                "meta": {"width": 100, "height": 100, "objects": [{"poly": SQ(*box), "label": "ship", "expression": "the ship"}]}}
-    recs = [rec("g1", (0, 0, 10)), rec("g2", (0, 0, 10)), rec("g3", (0, 0, 10)), rec("g4", (0, 0, 10))]
-    preds = [{"id": "g1", "text": "0,0,10,10\n50,50,60,60"},  # IoU 1 (first box counts)
+                "meta": {"width": 100, "height": 100, "objects": [{"poly": SQ(*box), "label": "ship", "expression": "the ship"}], **meta}}
+    # g1 says its answers are hboxes: a stray fifth number is dropped, not read as a rotated box
+    recs = [rec("g1", (0, 0, 10), box_format="hbox"), rec("g2", (0, 0, 10)), rec("g3", (0, 0, 10)), rec("g4", (0, 0, 10))]
+    preds = [{"id": "g1", "text": "0,0,10,10,3\n50,50,60,60"},  # IoU 1 (first box counts)
              {"id": "g2", "text": "0,0,10,16"},                # IoU 100/160 = 0.625
              {"id": "g3", "text": "I cannot see it"}]          # unparseable; g4 missing
     write_jsonl(tmp_path / "val.jsonl", recs)
