@@ -202,6 +202,14 @@ def print_summary(title, summary, out_files):
         print(f"  wrote {f}")
 
 
+def write_outputs(out, name, args, summary, records, title):
+    """OUT/NAME.jsonl (atomically), OUT/NAME.info.json and the printed summary: how every subcommand ends."""
+    jsonl = out / f"{name}.jsonl"
+    write_jsonl(jsonl, records)
+    write_info(out, name, args, summary)
+    print_summary(title, summary, [jsonl])
+
+
 def write_info(out, name, args, summary=None):
     info = {"args": vars(args)}
     if summary is not None:
@@ -564,10 +572,7 @@ def run_tiling(args, source):
             records += res["records"]
             summary["counts"].update(res["counts"])
             summary["skipped"] += res["skipped"]
-    jsonl = out / f"{name}.jsonl"
-    write_jsonl(jsonl, records)
-    write_info(out, name, args, summary)
-    print_summary(f"{source} {args.split}: {len(records)} records from {len(jobs)} images", summary, [jsonl])
+    write_outputs(out, name, args, summary, records, f"{source} {args.split}: {len(records)} records from {len(jobs)} images")
     return summary
 
 
@@ -637,10 +642,7 @@ def run_dior(args):
         summary["counts"]["objects"] += len(objects)
     summary["counts"]["records"] = len(records)
     summary["counts"]["empty images"] = sum(not r["meta"]["objects"] for r in records)
-    jsonl = out / f"{name}.jsonl"
-    write_jsonl(jsonl, records)
-    write_info(out, name, args, summary)
-    print_summary(f"dior {args.split}: {len(records)} records", summary, [jsonl])
+    write_outputs(out, name, args, summary, records, f"dior {args.split}: {len(records)} records")
     return summary
 
 
@@ -702,10 +704,7 @@ def run_rsvg(args):
         records.append(make_record(f"rsvg_{idx}", "ground", "dior-rsvg", [rel(image, out)],
                                    ground_prompt(obj["expression"]), answer, meta))
     summary["counts"]["records"] = len(records)
-    jsonl = out / f"{name}.jsonl"
-    write_jsonl(jsonl, records)
-    write_info(out, name, args, summary)
-    print_summary(f"rsvg {args.split}: {len(records)} records", summary, [jsonl])
+    write_outputs(out, name, args, summary, records, f"rsvg {args.split}: {len(records)} records")
     return summary
 
 
@@ -789,10 +788,7 @@ def run_rsvqa(args):
                                    vqa_prompt(q["question"], not args.no_suffix), a,
                                    {"answer": a, "type": q["type"], "raw_answer": answer, "image_id": q["img_id"]}))
     summary["counts"]["records"] = len(records)
-    jsonl = out / f"{name}.jsonl"
-    write_jsonl(jsonl, records)
-    write_info(out, name, args, summary)
-    print_summary(f"rsvqa {args.variant} {args.split}: {len(records)} records", summary, [jsonl])
+    write_outputs(out, name, args, summary, records, f"rsvqa {args.variant} {args.split}: {len(records)} records")
     return summary
 
 
@@ -838,10 +834,7 @@ def run_captions(args):
                                        CAPTION_PROMPT, ref, meta))
         summary["counts"]["references"] += len(refs)
     summary["counts"]["records"] = len(records)
-    jsonl = out / f"{name}.jsonl"
-    write_jsonl(jsonl, records)
-    write_info(out, name, args, summary)
-    print_summary(f"captions {args.split}: {len(records)} records", summary, [jsonl])
+    write_outputs(out, name, args, summary, records, f"captions {args.split}: {len(records)} records")
     return summary
 
 
