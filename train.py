@@ -39,6 +39,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -675,6 +676,14 @@ def main(argv=None):
                                          prefetch_factor=4 if args.num_workers else None)
     batches = MicroBatches(iter(loader), cursor, args.batch_size, max_tokens, pass_size=len(entries))
 
+    # --- preemption: schedulers send SIGTERM some seconds before killing a job (Slurm: KillWait; torchrun
+    # forwards it and waits ~30 s); `scancel --signal=USR1` asks for the same earlier. The flag rides on the
+    # per-step all-reduce below, so every rank finishes the same step, saves a checkpoint and exits 143.
+    # DataLoader workers fork after this and inherit the handler, so they keep serving instead of dying.
+    preempted = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: preempted.append(signum))
+
     # --- loop
     logger = Logger(args, out, rank, step)
     flops = peak_flops(device, param_dtype)
@@ -686,12 +695,12 @@ def main(argv=None):
         micro = [batches.next() for _ in range(args.grad_accum)]
         micro = [M.collate(m, processor.pad_token_id) for m in micro]
         # counts over all ranks and micro-batches of this step: supervised tokens (the loss normaliser),
-        # tokens, samples, images, overlong skips
+        # tokens, samples, images, overlong skips, ranks asked to stop
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
                                sum(int(b["attention_mask"].sum()) for b in micro),
                                sum(len(b["input_ids"]) for b in micro),
                                sum(len(b["image_grid_thw"]) if b["image_grid_thw"] is not None else 0 for b in micro),
-                               batches.skipped], dtype=torch.float64, device=device)
+                               batches.skipped, len(preempted) > 0], dtype=torch.float64, device=device)
         dist.all_reduce(counts)
         n_supervised = max(1.0, counts[0].item())
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -748,8 +757,15 @@ def main(argv=None):
         bar.update(1)
 
         # --- checkpoint, export
-        if step % args.save_every == 0 or step == args.max_steps:
-            save_checkpoint(ckpt_dir, step, model, optimizer, {"cursor": batches.cursor, "rng": rng_state()}, args)
+        stop = counts[5].item() > 0 and step < args.max_steps
+        if step % args.save_every == 0 or step == args.max_steps or stop:
+            saved = save_checkpoint(ckpt_dir, step, model, optimizer, {"cursor": batches.cursor, "rng": rng_state()}, args)
+        if stop:
+            M.print0(f"\nstopping on a signal after step {step}: saved {saved}; run the same command to resume")
+            bar.close()
+            logger.close()
+            dist.destroy_process_group()
+            raise SystemExit(143)
         if args.export_every and step % args.export_every == 0 and step < args.max_steps:
             export_hf(model, out / "export" / f"step_{step}", args, processor, export_dtype(args))
     bar.close()

@@ -100,6 +100,13 @@ if what == "pause":  # block inside optimizer step `at` (after its forward/backw
             time.sleep(600)
         return get_lr(step, *a)
     train.get_lr = paused
+if what == "sigterm":  # only rank 0 gets SIGTERM, during optimizer step `at` (as a scheduler's preemption)
+    get_lr = train.get_lr
+    def signalled(step, *a):
+        if step + 1 == at and rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return get_lr(step, *a)
+    train.get_lr = signalled
 if what == "kill_in_save":  # rank 1 is SIGKILLed right after writing its shards of checkpoint `at`
     save = train.dcp.save
     class DCP:
@@ -325,6 +332,25 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(baseline, data, tiny_
     # bit-identical: same exported bytes, same logged losses (metrics.jsonl has steps 1..6 once each)
     assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
     assert [(m["step"], m["loss"]) for m in metrics(run_dir)] == [(m["step"], m["loss"]) for m in metrics(out)]
+
+
+def test_sigterm_saves_at_the_next_step_on_every_rank_then_resume_is_bit_identical(baseline, data, tiny_qwen25, tmp_path):
+    out, _ = baseline
+    run_dir = tmp_path / "preempted"
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    env = {**ENV, "HOOK": "sigterm", "HOOK_STEP": "2"}
+    p = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(wrapper),
+                        *common(data, tiny_qwen25, run_dir), "--num-workers", "2"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    # rank 0 noticed the signal during step 2; both ranks agreed at step 3's all-reduce, finished step 3,
+    # saved it (not a --save-every step) and left with 143; the DataLoader workers did not die on the way
+    assert p.returncode != 0 and "stopping on a signal after step 3" in p.stdout + p.stderr, p.stderr[-3000:]
+    assert [d.name for d in train.complete_checkpoints(run_dir / "ckpt")] == ["step_00000002", "step_00000003"]
+    assert not (run_dir / "final").exists()
+    r = run(["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny_qwen25, run_dir), "--num-workers", "0"])
+    assert r.returncode == 0 and "step_00000003 at step 3" in r.stdout + r.stderr, r.stderr[-3000:]
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
 
 
 def test_kill_while_checkpointing_resumes_from_previous(baseline, data, tiny_qwen25, tmp_path):
