@@ -603,15 +603,25 @@ TINY_CORPUS = (
 )
 
 
-def make_tiny(out_dir, family="qwen2.5", seed=0):
+def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hidden=64, vision_depth=2):
     """Write a tiny random-init Qwen2.5-VL or Qwen3-VL checkpoint (config, safetensors, tokenizer trained here
     with `tokenizers`, chat template, image processor config) loadable by `load` and by
-    transformers.AutoModelForImageTextToText offline. Returns the directory as a string."""
+    transformers.AutoModelForImageTextToText offline. Returns the directory as a string.
+
+    hidden / layers: width and depth of the language model; vision_hidden / vision_depth: the same for the
+    vision tower. The defaults (64-wide, 2 layers each) are what the tests use: seconds per step on a CPU.
+    Widths must be multiples of 16 (heads are 16 wide, so M-RoPE's sections stay [2, 3, 3])."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
     if family not in COORDS:
         raise ValueError(f"family must be one of {sorted(COORDS)}, got '{family}'")
+    for name, v in (("hidden", hidden), ("vision_hidden", vision_hidden)):
+        if v < 32 or v % 16:
+            raise ValueError(f"{name} must be a multiple of 16 and >= 32, got {v}")
+    for name, v in (("layers", layers), ("vision_depth", vision_depth)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -635,26 +645,28 @@ def make_tiny(out_dir, family="qwen2.5", seed=0):
     torch.manual_seed(seed)
     ids = dict(image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
                vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"])
-    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    # Heads 16 wide at any width (head_dim 16 = M-RoPE sections [2, 3, 3] x 2), 2 query heads per KV head.
+    heads, vision_heads = hidden // 16, vision_hidden // 16
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
                 bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
                 pad_token_id=special["<|endoftext|>"], tie_word_embeddings=True)
     if family == "qwen2.5":
         from transformers import Qwen2_5_VLConfig as Config
 
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                      fullatt_block_indexes=[1])
+        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                      num_heads=vision_heads, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1])
     else:
         from transformers import Qwen3VLConfig as Config
 
         text.update(head_dim=16)
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
                                    "mrope_interleaved": True}
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
-                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0])
+        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                      num_heads=vision_heads, out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [special["<|im_end|>"], special["<|endoftext|>"]]
@@ -685,5 +697,10 @@ if __name__ == "__main__":
     parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a tiny random-init checkpoint to DIR")
     parser.add_argument("--family", default="qwen2.5", choices=sorted(COORDS), help="model family of the tiny checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--hidden", type=int, default=64, help="language model width (multiple of 16; the tests use 64)")
+    parser.add_argument("--layers", type=int, default=2, help="language model decoder layers")
+    parser.add_argument("--vision-hidden", type=int, default=64, help="vision tower width (multiple of 16)")
+    parser.add_argument("--vision-depth", type=int, default=2, help="vision tower blocks")
     args = parser.parse_args()
-    print(make_tiny(args.make_tiny, args.family, args.seed))
+    print(make_tiny(args.make_tiny, args.family, args.seed, hidden=args.hidden, layers=args.layers,
+                    vision_hidden=args.vision_hidden, vision_depth=args.vision_depth))
