@@ -11,7 +11,8 @@
 # code paths, a loss that falls), not the numbers. In minutes it learns what needs no object-level vision
 # (scene classification from the ground colour, the caption template, answer formats); detection mAP,
 # grounding Acc@0.5 and VQA presence stay at zero / chance / the text prior, with any model size, step count
-# or mixture that fits a CPU demo (BENCHMARKS.md "CPU demo" has the measurements). Re-running resumes each stage.
+# or mixture that fits a CPU demo (BENCHMARKS.md "CPU demo" has the measurements).
+# Re-running resumes each stage.
 set -euo pipefail
 for kv in "$@"; do export "$kv"; done
 OUT=${OUT:-runs/demo}
