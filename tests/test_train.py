@@ -122,6 +122,15 @@ train.main()
 """
 
 
+def run_hooked(tmp_path, hook, step, train_args):
+    """torchrun with 2 ranks of WRAPPER, the hook `hook` armed at `step`; returns the finished process."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    env = {**ENV, "HOOK": hook, "HOOK_STEP": str(step)}
+    return subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(wrapper), *train_args],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
 # -----------------------------------------------------------------------------
 # Units: mixture, sampler, batches, schedule
 
@@ -337,12 +346,7 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(baseline, data, tiny_
 def test_sigterm_saves_at_the_next_step_on_every_rank_then_resume_is_bit_identical(baseline, data, tiny_qwen25, tmp_path):
     out, _ = baseline
     run_dir = tmp_path / "preempted"
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
-    env = {**ENV, "HOOK": "sigterm", "HOOK_STEP": "2"}
-    p = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(wrapper),
-                        *common(data, tiny_qwen25, run_dir), "--num-workers", "2"],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    p = run_hooked(tmp_path, "sigterm", 2, [*common(data, tiny_qwen25, run_dir), "--num-workers", "2"])
     # rank 0 noticed the signal during step 2; both ranks agreed at step 3's all-reduce, finished step 3,
     # saved it (not a --save-every step) and left with 143; the DataLoader workers did not die on the way
     assert p.returncode != 0 and "stopping on a signal after step 3" in p.stdout + p.stderr, p.stderr[-3000:]
@@ -356,12 +360,7 @@ def test_sigterm_saves_at_the_next_step_on_every_rank_then_resume_is_bit_identic
 def test_kill_while_checkpointing_resumes_from_previous(baseline, data, tiny_qwen25, tmp_path):
     out, _ = baseline
     run_dir = tmp_path / "torn"
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
-    env = {**ENV, "HOOK": "kill_in_save", "HOOK_STEP": "4"}
-    p = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(wrapper),
-                        *common(data, tiny_qwen25, run_dir), "--num-workers", "0"],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    p = run_hooked(tmp_path, "kill_in_save", 4, [*common(data, tiny_qwen25, run_dir), "--num-workers", "0"])
     assert p.returncode != 0 and "SIGKILL" in p.stderr + p.stdout
     # rank 1 wrote its shards, died before the checkpoint was complete: only a .tmp, never a step_00000004
     assert (run_dir / "ckpt" / "step_00000004.tmp").is_dir()
