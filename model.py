@@ -22,6 +22,8 @@ import argparse
 import json
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,57 @@ FAMILIES = {"qwen2_5_vl": "qwen2.5", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3
 # How each family writes boxes (REFERENCE.md section 2): Qwen2.5-VL grounds in absolute pixels of the
 # resized image, Qwen3-VL in coordinates normalised to 0..1000.
 COORDS = {"qwen2.5": "abs", "qwen3": "norm1000"}
+
+# -----------------------------------------------------------------------------
+# User errors: one line on stderr, exit code 2 (README "Troubleshooting")
+
+
+class UserError(ValueError):
+    """A mistake in what the user gave (a path, a flag, a line of an input file). The message names the input
+    (file:line, record id, flag) and says what to do. Scripts run under `run_cli` print it as one line and exit
+    with 2; programming errors (any other exception) keep their tracebacks. A ValueError, so callers that
+    catch ValueError still do."""
+
+
+def run_cli(main):
+    """Run a script's main() with the project's error rule: a UserError prints `error: MESSAGE` as one line on
+    stderr and exits 2 (no traceback; `--debug` or RSCOVLM_DEBUG=1 brings it back). Under launch.sh
+    (RSCOVLM_STATUS_DIR set) each process also records its pid at start and how it ended, so launch.sh can
+    forward signals to the ranks, wait for them and print the first failing rank's line last."""
+    status_dir = os.environ.get("RSCOVLM_STATUS_DIR")
+    name = f"rank{os.environ.get('LOCAL_RANK', 0)}"
+    if status_dir:
+        Path(status_dir, f"{name}.pid").write_text(str(os.getpid()))
+    debug = "--debug" in sys.argv[1:] or os.environ.get("RSCOVLM_DEBUG", "") not in ("", "0")
+    code, line = 1, None
+    try:
+        main()
+        code = 0
+    except UserError as e:
+        line = f"error: {' '.join(str(e).split())}"  # one line, whatever the message held
+        if debug:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        code = 2
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        line = e.code if isinstance(e.code, str) else None
+        raise
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    finally:
+        if status_dir:
+            rank = os.environ.get("RANK", "0")
+            Path(status_dir, f"{name}.exit").write_text(json.dumps(
+                {"code": code, "time": time.time(), "line": f"rank {rank}: {line}" if line else None}))
+    sys.exit(code)
+
+
+def add_debug_flag(parser):
+    """--debug on a script's parser (read by run_cli)."""
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of input errors too")
+
 
 # -----------------------------------------------------------------------------
 # Distributed helpers (rank-aware printing, data-parallel inference)
@@ -54,15 +107,38 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def init_dist():
-    """Initialise torch.distributed when launched by torchrun (nccl on GPU, gloo on CPU). Returns the device."""
+def init_dist(single_process_group=False, timeout_minutes=60):
+    """Initialise torch.distributed when launched by torchrun (nccl on GPU, gloo on CPU) and return the device.
+    single_process_group: also make a one-process group when run as plain `python` (FSDP2 needs a group).
+    timeout_minutes: how long a collective may wait (rank 0 alone loads weights and writes exports while the
+    others wait; torch's default of 10 minutes is short for a 7B checkpoint on a slow filesystem)."""
+    import datetime
+
     rank, world, local_rank = dist_info()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not torch.distributed.is_initialized():
+        backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=timeout_minutes)
+        if "WORLD_SIZE" in os.environ and (world > 1 or single_process_group):
+            torch.distributed.init_process_group(backend, timeout=timeout)
+        elif single_process_group:
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                                 timeout=timeout)
     return device
+
+
+def default_attn(device):
+    """The attention implementation used when none is asked for: flash_attention_2 when importable on CUDA,
+    else sdpa."""
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
 
 
 # -----------------------------------------------------------------------------
@@ -73,8 +149,15 @@ TASKS = ("det", "ground", "vqa", "caption", "cls", "chat")
 
 def read_records(path):
     """Read a JSONL file of records. Image paths become absolute (relative ones are relative to the JSONL's
-    folder). Any problem raises ValueError naming the file and line."""
+    folder). Any problem raises UserError naming the file and line. Each record remembers where it came from in
+    rec["_where"] ("file:line"), so later errors (a missing image) can name it."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(q.name for q in path.glob("*.jsonl"))[:5]
+        raise UserError(f"{path} is a folder: give a record file (.jsonl)"
+                        + (f", e.g. {path / found[0]} (in it: {', '.join(found)})" if found else ""))
+    if not path.is_file():
+        raise UserError(f"record file {path} not found")
     root = path.resolve().parent
     records, seen = [], set()
     with open(path, encoding="utf-8") as f:
@@ -85,30 +168,35 @@ def read_records(path):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"bad JSON at {where}: {e}") from None
+                raise UserError(f"bad JSON at {where}: {e}") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"bad record at {where}: expected a JSON object")
+                raise UserError(f"bad record at {where}: expected a JSON object")
             for key in ("id", "messages"):
                 if key not in rec:
-                    raise ValueError(f"bad record at {where}: missing key '{key}'")
+                    raise UserError(f"bad record at {where}: missing key '{key}'")
             rec["id"] = str(rec["id"])
             rec.setdefault("task", "chat")
             rec.setdefault("dataset", path.stem)
             rec.setdefault("images", [])
             rec.setdefault("meta", {})
             if rec["task"] not in TASKS:
-                raise ValueError(f"bad record at {where}: task '{rec['task']}' is not one of {TASKS}")
+                raise UserError(f"bad record at {where}: task '{rec['task']}' is not one of {TASKS}")
             if rec["id"] in seen:
-                raise ValueError(f"bad record at {where}: duplicate id '{rec['id']}'")
+                raise UserError(f"bad record at {where}: duplicate id '{rec['id']}'")
             seen.add(rec["id"])
             msgs = rec["messages"]
             if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in msgs):
-                raise ValueError(f"bad record at {where}: messages must be a list of {{'role', 'content': str}}")
+                raise UserError(f"bad record at {where}: messages must be a list of {{'role', 'content': str}}")
             n_tags = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in msgs)
             if n_tags != len(rec["images"]):
-                raise ValueError(f"bad record at {where}: {n_tags} '<image>' tags but {len(rec['images'])} images")
+                raise UserError(f"bad record at {where}: {n_tags} '<image>' tags but {len(rec['images'])} images")
+            if not isinstance(rec["images"], list) or not all(isinstance(p, str) for p in rec["images"]):
+                raise UserError(f"bad record at {where}: images must be a list of paths")
             rec["images"] = [str(p) if os.path.isabs(p) else str(root / p) for p in rec["images"]]
+            rec["_where"] = where
             records.append(rec)
+    if not records:
+        raise UserError(f"{path} has no records (an empty file)")
     return records
 
 
@@ -129,7 +217,7 @@ class Processor:
         ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>")}
         missing = [t for t, i in ids.items() if i is None or i == tok.unk_token_id]
         if missing:
-            raise ValueError(f"tokenizer lacks Qwen special tokens {missing}")
+            raise UserError(f"tokenizer lacks Qwen special tokens {missing}: not a Qwen-VL checkpoint")
         self.image_token_id = ids["<|image_pad|>"]
         self.vision_start_id = ids["<|vision_start|>"]
         self.vision_end_id = ids["<|vision_end|>"]
@@ -169,12 +257,15 @@ def family(obj):
     if isinstance(obj, (str, Path)):
         cfg_path = Path(obj) / "config.json"
         if not cfg_path.exists():
-            raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
+            below = sorted(str(c.parent) for c in Path(obj).glob("*/config.json"))[:3]
+            raise UserError(f"{obj}: no config.json, not a Hugging Face checkpoint directory"
+                            + (f"; checkpoints below it: {', '.join(below)}" if below else ""))
         model_type = json.loads(cfg_path.read_text()).get("model_type")
     else:
         model_type = getattr(getattr(obj, "config", obj), "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(f"unsupported model_type '{model_type}': rscovlm supports {sorted(FAMILIES)}")
+        where = f"{obj}: " if isinstance(obj, (str, Path)) else ""
+        raise UserError(f"{where}unsupported model_type '{model_type}': rscovlm supports {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 
 
@@ -189,7 +280,7 @@ def _read_chat_template(path):
     tc = path / "tokenizer_config.json"
     if tc.exists() and json.loads(tc.read_text()).get("chat_template"):
         return json.loads(tc.read_text())["chat_template"]
-    raise FileNotFoundError(f"no chat template in {path} (looked for chat_template.jinja/.json, tokenizer_config.json)")
+    raise UserError(f"no chat template in {path} (looked for chat_template.jinja/.json, tokenizer_config.json)")
 
 
 def load_processor(path, min_pixels=None, max_pixels=None):
@@ -217,15 +308,7 @@ def load(path, dtype=None, device=None, attn=None, min_pixels=None, max_pixels=N
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if attn is None:
-        attn = "sdpa"
-        if device.type == "cuda":
-            try:
-                import flash_attn  # noqa: F401
-
-                attn = "flash_attention_2"
-            except ImportError:
-                pass
+    attn = attn or default_attn(device)
     processor = load_processor(path, min_pixels, max_pixels)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval(), processor
@@ -237,10 +320,13 @@ def load(path, dtype=None, device=None, attn=None, min_pixels=None, max_pixels=N
 
 def smart_resize(height, width, factor, min_pixels, max_pixels):
     """The size (h, w) Qwen-VL resizes an image to: multiples of `factor` (patch * merge), total pixels within
-    [min_pixels, max_pixels], aspect ratio kept. Mirrors the HF image processor (checked in tests against the
-    grid it actually produces)."""
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
+    [min_pixels, max_pixels], aspect ratio kept. The image processor's formula, step for step (a side under half
+    a factor rounds to 0 first, then the min_pixels branch scales it up); checked in tests against the grid the
+    processor produces over a sweep of sizes."""
+    if max(height, width) / min(height, width) > 200:
+        raise UserError(f"an image of {width}x{height} px: Qwen-VL needs an aspect ratio under 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
@@ -263,12 +349,21 @@ def coord_kwargs(processor, width, height):
 
 
 def load_image(path):
-    """An RGB PIL image; errors name the file."""
+    """An RGB PIL image as the Qwen-VL preprocessing sees it: the EXIF orientation applied (as transformers'
+    load_image does: a phone or drone JPEG stored sideways is upright), and transparency (RGBA, LA, P with a
+    transparent colour) composited onto white (as the image processor's convert_to_rgb and qwen_vl_utils do).
+    A file that cannot be read raises UserError naming it."""
+    from PIL import ImageOps
+
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if "A" in im.getbands() or im.info.get("transparency") is not None:
+                rgba = im.convert("RGBA")
+                return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
             return im.convert("RGB")
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise UserError(f"cannot read image {path}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -295,6 +390,13 @@ def _render(processor, messages, add_generation_prompt):
         add_generation_prompt=add_generation_prompt)
 
 
+def record_where(record):
+    """How messages name a record: "file.jsonl:17 (record 'P0001__1024__0___0')", or the id alone for a record
+    that was not read from a file."""
+    rid = f"record '{record.get('id')}'"
+    return f"{record['_where']} ({rid})" if record.get("_where") else rid
+
+
 def target_messages(record, processor, images_hw=None):
     """The record's messages with a det/ground answer rendered from meta in this family's coordinates.
     images_hw: [(h, w)] of the record's images as loaded (to check meta's width/height)."""
@@ -303,8 +405,7 @@ def target_messages(record, processor, images_hw=None):
     if record.get("task") in ("det", "ground") and "objects" in meta:
         w, h = meta["width"], meta["height"]
         if images_hw and tuple(images_hw[0]) != (h, w):
-            raise ValueError(f"record {record['id']}: meta says {w}x{h} but image {record['images'][0]} is "
-                             f"{images_hw[0][1]}x{images_hw[0][0]}")
+            raise UserError(f"meta says {w}x{h} but image {record['images'][0]} is {images_hw[0][1]}x{images_hw[0][0]}")
         answer = boxes.render_answer(
             meta["objects"], w, h, **coord_kwargs(processor, w, h),
             box_format=meta.get("box_format", "poly" if record["task"] == "det" else "hbox"),
@@ -323,6 +424,12 @@ def process_images(processor, paths):
     if not paths:
         return None, None, []
     images = [load_image(p) for p in paths]
+    factor = processor.patch_size * processor.merge_size
+    for p, im in zip(paths, images):  # the processor's own error would not name the file
+        try:
+            smart_resize(im.height, im.width, factor, processor.min_pixels, processor.max_pixels)
+        except UserError as e:
+            raise UserError(f"{p}: {e}") from None
     out = processor.image_processor(images=images, return_tensors="pt")
     return out["pixel_values"], out["image_grid_thw"], [(im.height, im.width) for im in images]
 
@@ -337,7 +444,7 @@ def expand_image_tokens(ids, labels, processor, image_grid_thw):
     out_ids, out_labels, prev = [], [], 0
     for pos, thw in zip(pads, image_grid_thw if n_images else []):
         if labels[pos] != -100:
-            raise ValueError("an <image> tag inside an assistant turn is not supported")
+            raise UserError("an <image> tag inside an assistant turn is not supported")
         n = int(thw.prod()) // processor.merge_size**2
         out_ids += ids[prev:pos] + [processor.image_token_id] * n
         out_labels += labels[prev:pos] + [-100] * n
@@ -374,10 +481,21 @@ def tokenize(record, processor, max_length=None, truncate=False):
     Returns {"input_ids" (T,), "labels" (T,) with -100 except assistant tokens and their end-of-turn token,
     "attention_mask" (T,), "mm_token_type_ids" (T,) 1 at image pads, "pixel_values" (P, C) or None,
     "image_grid_thw" (n_images, 3) or None}.
-    Longer than max_length: ValueError naming the record, or with truncate=True the tail is cut (never inside
-    or before an image's tokens; then ValueError too)."""
+    Longer than max_length: UserError, or with truncate=True the tail is cut (never inside or before an image's
+    tokens; then UserError too). Bad input (an unreadable image, meta that disagrees with it, a malformed box)
+    raises UserError naming the record's file:line and id."""
+    try:
+        return _tokenize(record, processor, max_length, truncate)
+    except UserError as e:
+        raise UserError(f"{record_where(record)}: {e}") from None
+
+
+def _tokenize(record, processor, max_length, truncate):
     pixel_values, grid, sizes = process_images(processor, record["images"])
-    messages = target_messages(record, processor, sizes)
+    try:
+        messages = target_messages(record, processor, sizes)
+    except ValueError as e:  # boxes.py's complaint about a malformed object in meta
+        raise UserError(str(e)) from None
     ids, labels = [], []
     for text, supervised in _split_turns(processor, messages):
         # Segments are tokenized separately so the prompt tokens equal what generation sees.
@@ -388,8 +506,8 @@ def tokenize(record, processor, max_length=None, truncate=False):
     if max_length and len(ids) > max_length:
         last_image = max((i for i, t in enumerate(ids) if t == processor.vision_end_id), default=-1)
         if not truncate or last_image >= max_length:
-            raise ValueError(f"record {record['id']}: {len(ids)} tokens > max_length {max_length}"
-                             + (" (truncation would cut image tokens)" if truncate else ""))
+            raise UserError(f"{len(ids)} tokens > max_length {max_length}"
+                            + (" (truncation would cut image tokens)" if truncate else ""))
         ids, labels = ids[:max_length], labels[:max_length]
     ids = torch.tensor(ids, dtype=torch.long)
     return {
@@ -427,7 +545,10 @@ def _prompt(record, processor):
     msgs = record["messages"]
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
     n_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in msgs[:last])
-    pixel_values, grid, _ = process_images(processor, record["images"][:n_images])
+    try:
+        pixel_values, grid, _ = process_images(processor, record["images"][:n_images])
+    except UserError as e:
+        raise UserError(f"{record_where(record)}: {e}") from None
     ids = processor.tokenizer.encode(_render(processor, msgs[:last], add_generation_prompt=True), add_special_tokens=False)
     ids, _ = expand_image_tokens(ids, [-100] * len(ids), processor, grid)
     return {"input_ids": ids, "pixel_values": pixel_values, "image_grid_thw": grid}
@@ -482,7 +603,7 @@ def read_predictions(path, repair=False):
     and "text", so answers of other models and APIs are read the same way. "text": null (what APIs return for
     a refusal) is read as "". A missing file is {} (nothing predicted yet). A last line cut off by an
     interrupted run (no newline at the end, not JSON) is ignored; repair=True removes it from the file, so
-    appending can go on. Any other bad line, and an id seen twice, raises ValueError naming the file and line."""
+    appending can go on. Any other bad line, and an id seen twice, raises UserError naming the file and line."""
     path = Path(path)
     if not path.exists():
         return {}
@@ -501,16 +622,16 @@ def read_predictions(path, repair=False):
                     with open(path, "r+b") as f:
                         f.truncate(len(data) - len(line))
                 break
-            raise ValueError(f"bad JSON at {where}: {e}") from None
+            raise UserError(f"bad JSON at {where}: {e}") from None
         if not isinstance(rec, dict) or "id" not in rec or "text" not in rec:
-            raise ValueError(f"bad prediction line {where}: needs 'id' and 'text' (a JSON object)")
+            raise UserError(f"bad prediction line {where}: needs 'id' and 'text' (a JSON object)")
         if rec["text"] is None:
             rec["text"] = ""
         if not isinstance(rec["text"], str):
-            raise ValueError(f"bad prediction line {where}: 'text' must be a string, got {type(rec['text']).__name__}")
+            raise UserError(f"bad prediction line {where}: 'text' must be a string, got {type(rec['text']).__name__}")
         rec["id"] = str(rec["id"])
         if rec["id"] in preds:
-            raise ValueError(f"bad prediction line {where}: duplicate id '{rec['id']}' (first on line {first_line[rec['id']]})")
+            raise UserError(f"bad prediction line {where}: duplicate id '{rec['id']}' (first on line {first_line[rec['id']]})")
         preds[rec["id"]], first_line[rec["id"]] = rec, lineno
     return preds
 
@@ -532,7 +653,7 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
                 "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels, "max_new_tokens": max_new_tokens}
     settings_path = out_path.with_name(out_path.name + ".settings.json")
     if done and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
-        raise ValueError(f"{out_path} holds predictions made with {settings_path.read_text().strip()}, not with "
+        raise UserError(f"{out_path} holds predictions made with {settings_path.read_text().strip()}, not with "
                          f"{json.dumps(settings)}: use another output directory or delete that file")
     if rank == 0:
         settings_path.write_text(json.dumps(settings) + "\n")

@@ -141,7 +141,7 @@ def test_text_only_and_max_length(loaded, images):
     assert s["pixel_values"] is None and s["image_grid_thw"] is None and s["mm_token_type_ids"].sum() == 0
     full = model.tokenize(vqa(images, answer="yes " * 20), proc)
     n = len(full["input_ids"])
-    with pytest.raises(ValueError, match=f"record q: {n} tokens > max_length 40"):
+    with pytest.raises(ValueError, match=f"record 'q': {n} tokens > max_length 40"):
         model.tokenize(vqa(images, answer="yes " * 20), proc, max_length=40)
     cut = model.tokenize(vqa(images, answer="yes " * 20), proc, max_length=n - 5, truncate=True)
     assert torch.equal(cut["input_ids"], full["input_ids"][: n - 5]) and cut["mm_token_type_ids"].sum() == full["mm_token_type_ids"].sum()
