@@ -5,9 +5,17 @@
 #
 # VARs (environment variables work too): NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1),
 # MASTER_PORT (29500; one node without it: torchrun --standalone picks a free port),
-# NPROC_PER_NODE (all visible GPUs; 2 CPU processes without a GPU). Inside a Slurm job they default to
-# the job's nodes (SLURM_NNODES, SLURM_NODEID, first host of SLURM_JOB_NODELIST).
+# NPROC_PER_NODE (all visible GPUs; 2 CPU processes without a GPU), STOP_TIMEOUT (900: seconds the ranks
+# get after a stop signal to finish their step and save, before torchrun kills them). Inside a Slurm job
+# they default to the job's nodes (SLURM_NNODES, SLURM_NODEID, first host of SLURM_JOB_NODELIST).
 # Checkpoints are written by every rank: with several nodes, --out must be on a shared filesystem.
+#
+# Preemption: SIGTERM or SIGUSR1 to this script, to its process group or to every process of the job
+# (DataLoader workers included) makes every rank finish its step, save a checkpoint and exit; this script
+# then exits 143 and the same command resumes. With Slurm, ask for the signal early enough for a step and
+# a save: `#SBATCH --signal=USR1@120` (README "Preemption" has the arithmetic for a 7B run).
+# Exit codes: 0 done; 143 stopped by a signal, checkpoint saved; 2 an input error (its one line is
+# printed last); anything else a failure (see the ranks' output above it).
 #
 # One node, all GPUs:
 #   bash launch.sh --model ckpt/Qwen2.5-VL-7B-Instruct --data "data/synth/synth_all_train.jsonl" --out runs/x
@@ -34,6 +42,13 @@ while [[ $# -gt 0 && "$1" =~ ^[A-Z_][A-Z0-9_]*= ]]; do
     export "$1"
     shift
 done
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+for arg in "$@"; do
+    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then  # this header, then train.py's flags (once, not per rank)
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+        exec python "$HERE/train.py" --help
+    fi
+done
 
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
@@ -47,12 +62,64 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
         NPROC_PER_NODE=2
     fi
 fi
-
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 if [[ "$NNODES" == "1" && -z "${MASTER_PORT:-}" ]]; then
     RDZV=(--standalone)
 else
     RDZV=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
 fi
+
+# Each rank writes its pid and, at the end, its exit code and error line into STATUS (model.run_cli): this
+# script forwards stop signals to the ranks, waits for ranks that outlive torchrun, and reports the outcome.
+STATUS=$(mktemp -d "${TMPDIR:-/tmp}/rscovlm_launch.XXXXXX")
+export RSCOVLM_STATUS_DIR=$STATUS
+# torchrun forwards these to each rank's process group (SIGUSR1 too: by default torchrun dies of it and
+# orphans the ranks), then waits STOP_TIMEOUT s before SIGKILL (its own default, 30 s, is short for a 7B save).
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${STOP_TIMEOUT:-900}
+
+forward() {  # a stop signal sent to this script goes to every rank (a rank that gets it twice stops once)
+    local f
+    for f in "$STATUS"/*.pid; do
+        if [[ -e "$f" ]]; then kill -s "$1" "$(cat "$f")" 2>/dev/null || true; fi
+    done
+}
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+
 echo "launch.sh: node $NODE_RANK of $NNODES, $NPROC_PER_NODE processes, master ${MASTER_ADDR}:${MASTER_PORT:-auto}" >&2
-exec torchrun "${RDZV[@]}" --nproc-per-node "$NPROC_PER_NODE" "$HERE/train.py" "$@"
+torchrun "${RDZV[@]}" --nproc-per-node "$NPROC_PER_NODE" "$HERE/train.py" "$@" &
+TORCHRUN=$!
+while true; do  # `wait` returns early when a trapped signal arrives: wait again until torchrun has ended
+    rc=0
+    wait "$TORCHRUN" || rc=$?
+    if ! kill -0 "$TORCHRUN" 2>/dev/null; then break; fi
+done
+# ranks that outlive torchrun (torchrun killed, or an old torch that dies of SIGUSR1) may still be saving
+for f in "$STATUS"/*.pid; do
+    if [[ -e "$f" ]]; then
+        while [[ ! -e "${f%.pid}.exit" ]] && kill -0 "$(cat "$f")" 2>/dev/null; do sleep 1; done
+    fi
+done
+
+# The outcome: the first rank's input error (printed last, exit 2); every rank stopped by a signal after
+# saving (143); else torchrun's exit code.
+outcome=$(python - "$STATUS" "$rc" <<'PY'
+import json, sys
+from pathlib import Path
+status, rc = Path(sys.argv[1]), sys.argv[2]
+ends = [json.loads(p.read_text()) for p in status.glob("*.exit")]
+n_ranks = len(list(status.glob("*.pid")))
+errors = sorted((e for e in ends if e["code"] == 2 and e["line"]), key=lambda e: e["time"])
+if errors:
+    print(2, errors[0]["line"])
+elif n_ranks and len(ends) == n_ranks and all(e["code"] == 143 for e in ends):
+    print(143, "every rank saved a checkpoint and stopped on a signal; the same command resumes")
+else:
+    print(rc)
+PY
+)
+rm -rf "$STATUS"
+if [[ "$outcome" == *" "* ]]; then
+    echo "launch.sh: ${outcome#* }" >&2
+fi
+exit "${outcome%% *}"

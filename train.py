@@ -51,7 +51,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from PIL import Image
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -65,9 +65,18 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 # Arguments
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: not for None/False defaults, nor where the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="FSDP2 co-training of Qwen-VL on a mixture of record files",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     # what to train, on what, where
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory to start from (Qwen2.5-VL or Qwen3-VL)")
     p.add_argument("--data", required=True, help='mixture of record JSONL files: "a.jsonl*25,b.jsonl%%50,c.jsonl" (*N repeat, %%P seeded subset)')
@@ -101,6 +110,7 @@ def get_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (master weights and gradient reduction are fp32); default bf16 on GPU, fp32 on CPU")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of every decoder and vision block (less memory, ~30%% more compute)")
     p.add_argument("--attn", default=None, help="attention implementation (sdpa, flash_attention_2, ...); default flash_attention_2 when installed on GPU, else sdpa")
+    p.add_argument("--dist-timeout", type=float, default=60, help="minutes a collective may wait for the slowest rank (rank 0 alone loads the weights and writes exports meanwhile)")
     # checkpoints, exports, logging
     p.add_argument("--resume", default="auto", help="'auto' = newest complete checkpoint in OUT/ckpt (fresh start when none), 'none' = fresh start, or a checkpoint directory")
     p.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps (and at the end)")
@@ -111,6 +121,7 @@ def get_args(argv=None):
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb with TensorBoard (when installed)")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (when installed)")
     p.add_argument("--run-name", default=None, help="run name for W&B (default: the name of --out)")
+    M.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -128,24 +139,24 @@ def parse_mixture(spec):
             continue
         m = re.fullmatch(r"([^*%]+)((?:[*%][^*%]*)*)", item)
         if not m:
-            raise ValueError(f"bad --data entry '{item}': expected PATH, PATH*N or PATH%P")
+            raise M.UserError(f"bad --data entry '{item}': expected PATH, PATH*N or PATH%P")
         path, repeat, percent = m.group(1).strip(), 1, 100.0
         for op, num in re.findall(r"([*%])([^*%]*)", m.group(2)):
             try:
                 value = float(num)
             except ValueError:
-                raise ValueError(f"bad --data entry '{item}': '{op}{num}' is not a number") from None
+                raise M.UserError(f"bad --data entry '{item}': '{op}{num}' is not a number") from None
             if op == "*":
                 if value != int(value) or value < 1:
-                    raise ValueError(f"bad --data entry '{item}': repeat *{num} must be a whole number >= 1 (use %P to subsample)")
+                    raise M.UserError(f"bad --data entry '{item}': repeat *{num} must be a whole number >= 1 (use %P to subsample)")
                 repeat = int(value)
             else:
                 if not 0 < value <= 100:
-                    raise ValueError(f"bad --data entry '{item}': percent %{num} must be in (0, 100]")
+                    raise M.UserError(f"bad --data entry '{item}': percent %{num} must be in (0, 100]")
                 percent = value
         out.append((path, repeat, percent))
     if not out:
-        raise ValueError(f"--data '{spec}' names no file")
+        raise M.UserError(f"--data '{spec}' names no file")
     return out
 
 
@@ -154,9 +165,9 @@ def build_mixture(spec, seed):
     (file index, record index)): one pass over the mixture, repeats and subsets applied, not shuffled."""
     files, entries = [], []
     for i, (path, repeat, percent) in enumerate(parse_mixture(spec)):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--data file '{path}' not found")
-        records = M.read_records(path)
+        if not Path(path).exists():
+            raise M.UserError(f"--data file '{path}' not found")
+        records = M.read_records(path)  # a folder or an empty file: a UserError naming it
         idx = np.arange(len(records))
         if percent < 100:
             # seeded per entry position, so adding a file later in the list does not change this subset
@@ -166,7 +177,7 @@ def build_mixture(spec, seed):
         entries += [np.stack([np.full(len(idx), i), idx], 1)] * repeat
     entries = np.concatenate(entries) if entries else np.zeros((0, 2), np.int64)
     if len(entries) == 0:
-        raise ValueError(f"--data '{spec}' has no records")
+        raise M.UserError(f"--data '{spec}' has no records")
     return files, entries.astype(np.int64)
 
 
@@ -214,9 +225,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 if self.overlong == "skip":
                     return None
                 if self.overlong == "error":
-                    raise ValueError(f"{n} tokens > --max-length {self.max_length} (see --overlong)")
+                    raise M.UserError(f"{M.record_where(rec)}: {n} tokens > --max-length {self.max_length} (see --overlong)")
                 sample = M.tokenize(rec, self.processor, max_length=self.max_length, truncate=True)
-        except Exception as e:  # name the record; never swallow (a bad record is a data bug to fix)
+        except M.UserError as e:
+            # bad input (names the record's file:line): handed to the main process as data, so it ends the run
+            # with that one line instead of a DataLoader worker traceback
+            return {"error": str(e)}
+        except Exception as e:  # a bug: keep the traceback, but name the record
             raise RuntimeError(f"cannot tokenize record '{rec['id']}' of {path}: {e}") from e
         sample["id"], sample["n_images"] = rec["id"], len(rec["images"])
         return sample
@@ -254,6 +269,8 @@ class MicroBatches:
                 self.pending = next(self.it)
             k, sample = self.pending
             assert k == self.cursor, f"stream out of order: got position {k}, expected {self.cursor}"
+            if sample is not None and "error" in sample:
+                raise M.UserError(sample["error"])
             if sample is None:
                 self.pending, self.cursor, self.skipped = None, k + 1, self.skipped + 1
                 self.skipped_in_a_row += 1
@@ -288,6 +305,22 @@ def apply_fsdp(model, param_dtype):
     return model
 
 
+def checkpoint_dtype(path):
+    """The dtype the checkpoint's weights are stored in (read from the first safetensors header)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise M.UserError(f"--model {path}: no *.safetensors weights")
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    with safe_open(files[0], "pt") as f:
+        for key in f.keys():
+            dtype = names.get(f.get_slice(key).get_dtype())
+            if dtype is not None:
+                return dtype
+    return torch.float32
+
+
 def param_kind(name):
     """'vision', 'merger' or 'llm' for a parameter name of Qwen2.5-VL / Qwen3-VL (transformers 5 layout)."""
     if name.startswith("model.visual.merger") or name.startswith("model.visual.deepstack_merger_list"):
@@ -317,11 +350,15 @@ def build_model(args, device, param_dtype, rank):
     apply_fsdp(model, param_dtype)
     model.to_empty(device=device)
 
-    # 3. rank 0 reads the checkpoint and broadcasts it into everyone's shards. Buffers (the rotary inv_freq)
-    # are not in the state dict (non-persistent), so they are broadcast separately.
+    # 3. rank 0 reads the checkpoint in its own dtype (a bf16 7B: 16 GB of host memory, not a 33 GB fp32 copy)
+    # and broadcasts it tensor by tensor into everyone's fp32 shards (copy_ upcasts). Buffers (the rotary
+    # inv_freq) are not in the state dict (non-persistent), so they are broadcast separately.
     full, loaded = {}, None
     if rank == 0:
-        loaded, _ = M.load(args.model, dtype=torch.float32, device="cpu", attn="sdpa")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" would go to stderr, which is kept for errors
+        loaded, _ = M.load(args.model, dtype=checkpoint_dtype(args.model), device="cpu", attn="sdpa")
         full = loaded.state_dict()
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buf in model.named_buffers():
@@ -403,6 +440,35 @@ def get_lr(step, max_steps, warmup_steps, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# What defines the schedule: a resumed run must keep all of it, or the learning rate jumps mid-run.
+SCHEDULE_FLAGS = ("lr", "vision_lr", "merger_lr", "min_lr_ratio", "warmup_ratio", "max_steps", "epochs")
+
+
+def make_schedule(args, n_entries, world):
+    """{"max_steps", "warmup_steps"}: --max-steps, or --epochs passes over the mixture counted at --batch-size
+    samples per micro-batch on `world` ranks."""
+    max_steps = args.max_steps or math.ceil(args.epochs * n_entries / (world * args.grad_accum * args.batch_size))
+    return {"max_steps": max_steps, "warmup_steps": round(args.warmup_ratio * max_steps)}
+
+
+def resumed_schedule(args, loop, schedule):
+    """The schedule of a resumed run: the checkpoint's, so the learning rate continues on the curve it started
+    on even when the run comes back with another number of ranks (which changes what --epochs means in steps).
+    A command that asks for another schedule (--lr, --max-steps, ...) is refused."""
+    saved_args = loop["args"]
+    changed = [f"--{k.replace('_', '-')} {saved_args.get(k)} -> {getattr(args, k)}" for k in SCHEDULE_FLAGS
+               if k in saved_args and saved_args[k] != getattr(args, k) and ("schedule" in loop or k != "max_steps")]
+    if changed:
+        raise M.UserError(f"the checkpoint was trained with another schedule ({'; '.join(changed)}): resume with the "
+                          "flags it was started with (OUT/args.json), or start a new --out from an export")
+    saved = loop.get("schedule") or {"max_steps": saved_args["max_steps"],  # checkpoints before schedules were saved
+                                     "warmup_steps": round(saved_args["warmup_ratio"] * saved_args["max_steps"])}
+    if saved != schedule:
+        M.print0(f"  keeping the checkpoint's schedule: {saved['max_steps']} steps, warmup {saved['warmup_steps']} "
+                 f"(this run's {dist.get_world_size()} ranks would make it {schedule['max_steps']} steps)")
+    return saved
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints (resumable, sharded) and exports (Hugging Face)
 
@@ -415,9 +481,11 @@ def complete_checkpoints(ckpt_dir):
     return sorted(found, key=lambda d: int(d.name[5:]))
 
 
-def save_checkpoint(ckpt_dir, step, model, optimizer, loop_state, args):
-    """Model and optimizer shards via torch.distributed.checkpoint (each rank writes its own), plus loop.pt
-    from rank 0: step, world size, every rank's sampler cursor and RNG states, args. Then rename, rotate."""
+def save_checkpoint(ckpt_dir, step, model, optimizer, loop_state, args, schedule):
+    """Model and optimizer shards via torch.distributed.checkpoint (each rank writes its own, all at once), plus
+    loop.pt from rank 0: step, world size, every rank's sampler cursor and RNG states, the schedule, args. Then
+    rename, rotate. Returns (path, seconds, GB written by all ranks)."""
+    t0 = time.time()
     rank = dist.get_rank()
     final = Path(ckpt_dir) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -428,16 +496,50 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, loop_state, args):
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     loop_states = [None] * dist.get_world_size()
     dist.all_gather_object(loop_states, loop_state)  # also: every rank has finished writing its shards
+    gb = 0.0
     if rank == 0:
-        torch.save({"step": step, "world_size": len(loop_states), "ranks": loop_states, "args": vars(args)},
-                   tmp / "loop.pt")
+        torch.save({"step": step, "world_size": len(loop_states), "ranks": loop_states, "schedule": schedule,
+                    "args": vars(args)}, tmp / "loop.pt")
+        gb = sum(f.stat().st_size for f in tmp.iterdir()) / 1e9
         if final.exists():  # only when re-running steps after resuming from an older checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in complete_checkpoints(ckpt_dir)[: -args.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    return final
+    return final, time.time() - t0, gb
+
+
+def choose_resume(args, ckpt_dir):
+    """The checkpoint to resume from (a Path) or None, the same on every rank: rank 0 lists OUT/ckpt and
+    broadcasts its choice (right after a requeue, nodes of a shared filesystem can list different checkpoints),
+    then every rank waits until it can see that checkpoint. A bad --resume is a UserError on every rank."""
+    choice = [None]
+    if dist.get_rank() == 0:
+        existing = complete_checkpoints(ckpt_dir)
+        if args.resume == "none":
+            choice[0] = ("error", f"{ckpt_dir} already has checkpoints ({existing[-1].name}): use --resume auto "
+                                  "or another --out") if existing else ("ok", None)
+        elif args.resume == "auto":
+            choice[0] = ("ok", str(existing[-1]) if existing else None)
+        elif not (Path(args.resume) / "loop.pt").is_file():
+            choice[0] = ("error", f"--resume {args.resume}: not a complete checkpoint (no loop.pt); complete ones "
+                                  f"in {ckpt_dir}: {', '.join(d.name for d in existing) or 'none'}")
+        else:
+            choice[0] = ("ok", args.resume)
+    dist.broadcast_object_list(choice, src=0)
+    status, value = choice[0]
+    if status == "error":
+        raise M.UserError(value)
+    if value is None:
+        return None
+    path, t0 = Path(value), time.time()
+    while not (path / "loop.pt").is_file():  # a shared filesystem can show another node's files late
+        if time.time() - t0 > 120:
+            raise M.UserError(f"rank {dist.get_rank()} cannot see {path / 'loop.pt'}, which rank 0 resumes from: "
+                              "is --out on a filesystem every node shares?")
+        time.sleep(1)
+    return path
 
 
 def load_checkpoint(path, model, optimizer):
@@ -449,12 +551,24 @@ def load_checkpoint(path, model, optimizer):
     return torch.load(Path(path) / "loop.pt", weights_only=False)
 
 
+def gather_full_state(model, dtype):
+    """{name: full tensor in `dtype` on CPU} on rank 0 ({} elsewhere), gathered one tensor at a time, so rank 0
+    holds at most the export's own size (a bf16 7B: 16 GB) and never a full fp32 copy. Collective."""
+    full = {}
+    for name, value in model.state_dict().items():
+        t = value.full_tensor() if hasattr(value, "full_tensor") else value  # all-gather of one parameter
+        if dist.get_rank() == 0:
+            full[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
+        del t
+    return full
+
+
 def export_hf(model, out_dir, args, processor, dtype):
     """Gather the full weights on rank 0 and write a Hugging Face directory (config, safetensors, generation
     config, processor) at out_dir, via out_dir.tmp + rename. Collective: every rank must call it."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = gather_full_state(model, dtype)
     if dist.get_rank() == 0:
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -466,13 +580,13 @@ def export_hf(model, out_dir, args, processor, dtype):
             shell.generation_config = GenerationConfig.from_pretrained(args.model)
         except OSError:
             pass  # the checkpoint has no generation_config.json
-        state = {k: v.to(dtype) for k, v in full.items()}
         # tied input/output embeddings come back from the gather as two copies; one shared tensor is saved once
         embed = shell.get_input_embeddings().weight
         tied = [k for k, p in shell.named_parameters(remove_duplicate=False) if p is embed]
         for k in tied[1:]:
-            state[k] = state[tied[0]]
-        shell.save_pretrained(tmp, state_dict=state)
+            full[k] = full[tied[0]]
+        # save_pretrained pops each 5 GB shard from `full` as it writes it, so host memory falls as it goes
+        shell.save_pretrained(tmp, state_dict=full, max_shard_size="5GB")
         processor.save_pretrained(tmp)  # with the training pixel budget: Qwen2.5-VL boxes depend on it
         (tmp / "training_args.json").write_text(json.dumps(vars(args), indent=2))
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -560,24 +674,50 @@ def peak_flops(device, dtype):
 
 
 # -----------------------------------------------------------------------------
-# Distributed setup
+# Setup, preemption, RNG
 
 
-def init_distributed():
-    """(rank, world, device). Under torchrun: the usual env:// init. As a plain `python train.py`: a one-process
-    group (FSDP2 still needs a process group)."""
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    if "WORLD_SIZE" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
-    else:
-        local_rank = 0
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
+def setup(args):
+    """Process group (a one-process group for a plain `python train.py`: FSDP2 needs one), seeds, TF32, the
+    attention default, OUT/args.json. Returns (rank, world, device, param_dtype)."""
+    device = M.init_dist(single_process_group=True, timeout_minutes=args.dist_timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    param_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    args.attn = args.attn or M.default_attn(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    if rank == 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=2))
+    M.print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {param_dtype}, attention {args.attn}")
+    return rank, world, device, param_dtype
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def catch_stop_signals():
+    """Preemption: schedulers send SIGTERM some time before killing a job (Slurm: KillWait, or earlier with
+    `#SBATCH --signal=USR1@N`), to one process, a process group or every process of the job. Each rank only
+    notes the signal here; the note rides on the next step's all-reduce, so every rank finishes the same step,
+    saves a checkpoint and exits 143. Returns the list the handler appends to. Installed first thing, so a
+    signal during loading is not lost."""
+    caught = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    return caught
+
+
+def worker_ignores_stop_signals(worker_id):
+    """DataLoader worker_init_fn. Workers get the scheduler's signal too (torchrun forwards it to each rank's
+    process group, Slurm to every process) and torch gives them a SIGTERM handler that exits: they would die
+    before their rank has saved. They ignore it; the rank decides when to stop and then ends them."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def rng_state():
@@ -596,43 +736,71 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
+# One optimizer step
+
+
+# What every step sums over all ranks and micro-batches, in one all-reduce.
+STEP_COUNTS = ("supervised_tokens", "tokens", "samples", "images", "skipped_overlong", "ranks_stopping")
+
+
+def step_counts(micro, batches, stopping, device):
+    """{name: sum over ranks} of STEP_COUNTS for this step's micro-batches: supervised tokens (the loss
+    normaliser), tokens, samples, images, overlong records skipped so far, and the ranks that caught a stop
+    signal (so that every rank decides to stop after the same step)."""
+    local = {"supervised_tokens": sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+             "tokens": sum(int(b["attention_mask"].sum()) for b in micro),
+             "samples": sum(len(b["input_ids"]) for b in micro),
+             "images": sum(len(b["image_grid_thw"]) if b["image_grid_thw"] is not None else 0 for b in micro),
+             "skipped_overlong": batches.skipped, "ranks_stopping": int(stopping)}
+    counts = torch.tensor([local[k] for k in STEP_COUNTS], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    return dict(zip(STEP_COUNTS, counts.tolist()))
+
+
+def forward_backward(model, micro, n_supervised, dummy, device):
+    """Forward and backward of this rank's micro-batches; gradients of (sum of cross-entropy over supervised
+    tokens of all ranks) / n_supervised. Returns this rank's summed cross-entropy (float64 tensor)."""
+    world = dist.get_world_size()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro:
+        labels = b.pop("labels").to(device)  # (B, T)
+        b = {k: v.to(device) for k, v in b.items() if v is not None}
+        # only positions whose next token is supervised need logits (B, K, vocab): saves the vocab-wide
+        # projection of every prompt and image token
+        keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # (K,)
+        if keep.numel() == 0:
+            keep = torch.zeros(1, dtype=torch.long, device=device)
+        dummy.active = "pixel_values" not in b
+        logits = model(**b, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep + 1].flatten(), ignore_index=-100,
+                             reduction="sum")
+        # FSDP averages gradients over ranks; x world makes the result the gradient of the global sum / N
+        (ce * world / n_supervised).backward()
+        loss_sum += ce.detach()
+    return loss_sum
+
+
+def stop_if_not_finite(loss, grad_norm, step, ckpt_dir):
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    latest = complete_checkpoints(ckpt_dir)
+    if dist.get_rank() == 0:
+        print(f"\nerror: step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); stopping before "
+              f"the optimizer step. The last good checkpoint is {latest[-1] if latest else '(none)'}; lower --lr or "
+              "check the data, then resume with --resume auto.", file=sys.stderr, flush=True)
+    dist.destroy_process_group()
+    raise SystemExit(1)
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = init_distributed()
-    out = Path(args.out)
-    ckpt_dir = out / "ckpt"
-    param_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    if args.attn is None:
-        args.attn = "sdpa"
-        if device.type == "cuda":
-            try:
-                import flash_attn  # noqa: F401
-
-                args.attn = "flash_attention_2"
-            except ImportError:
-                pass
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-    M.print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {param_dtype}, attention {args.attn}")
-
-    # which checkpoint to resume from (decided before the slow part)
-    existing = complete_checkpoints(ckpt_dir)
-    if args.resume == "none" and existing:
-        raise SystemExit(f"{ckpt_dir} already has checkpoints ({existing[-1].name}): use --resume auto or a new --out")
-    resume_from = existing[-1] if args.resume == "auto" and existing else None
-    if args.resume not in ("auto", "none"):
-        resume_from = Path(args.resume)
-        if not (resume_from / "loop.pt").is_file():
-            raise SystemExit(f"--resume {resume_from}: not a complete checkpoint (no loop.pt)")
+    stop_signals = catch_stop_signals()
+    rank, world, device, param_dtype = setup(args)
+    out, ckpt_dir = Path(args.out), Path(args.out) / "ckpt"
+    resume_from = choose_resume(args, ckpt_dir)  # decided before the slow part
 
     # --- data
     processor = M.load_processor(args.model, args.min_pixels, args.max_pixels)
@@ -641,11 +809,7 @@ def main(argv=None):
     for (path, repeat, percent), n in zip(parse_mixture(args.data), per_file):
         M.print0(f"  {path}: x{repeat} {percent:g}% -> {n} samples per pass ({100 * n / len(entries):.1f}%)")
     max_tokens = args.max_tokens or args.batch_size * args.max_length
-    if args.max_steps <= 0:
-        args.max_steps = math.ceil(args.epochs * len(entries) / (world * args.grad_accum * args.batch_size))
-    warmup_steps = round(args.warmup_ratio * args.max_steps)
-    M.print0(f"  {len(entries)} samples per pass; {args.max_steps} steps of {world} ranks x {args.grad_accum} "
-             f"micro-batches x <= {args.batch_size} samples / {max_tokens} tokens; warmup {warmup_steps} steps")
+    schedule = make_schedule(args, len(entries), world)
 
     # --- model, optimizer
     model = build_model(args, device, param_dtype, rank)
@@ -656,11 +820,11 @@ def main(argv=None):
     M.print0(f"  {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in trainable) / 1e6:.1f}M trained; "
              + ", ".join(f"{g['name']} lr {g['base_lr']:g}" for g in optimizer.param_groups))
 
-    # --- resume
+    # --- resume: weights, optimizer, schedule, this rank's data position and RNG
     step, cursor = 0, 0
     if resume_from is not None:
         loop = load_checkpoint(resume_from, model, optimizer)
-        step = loop["step"]
+        step, schedule = loop["step"], resumed_schedule(args, loop, schedule)
         if loop["world_size"] == world:
             cursor = loop["ranks"][rank]["cursor"]
             set_rng_state(loop["ranks"][rank]["rng"])
@@ -669,70 +833,36 @@ def main(argv=None):
             M.print0(f"  warning: checkpoint has {loop['world_size']} ranks, this run {world}: data order "
                      "continues approximately (a few samples may repeat or be skipped)")
         M.print0(f"  resuming from {resume_from} at step {step}")
+    max_steps, warmup_steps = schedule["max_steps"], schedule["warmup_steps"]
+    M.print0(f"  {len(entries)} samples per pass; {max_steps} steps of {world} ranks x {args.grad_accum} "
+             f"micro-batches x <= {args.batch_size} samples / {max_tokens} tokens; warmup {warmup_steps} steps")
 
     # --- data loader (after resume: it starts at this rank's cursor)
     stream = MixtureStream(files, entries, processor, rank, world, args.seed, cursor, args.max_length, args.overlong)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
-                                         prefetch_factor=4 if args.num_workers else None)
+                                         prefetch_factor=4 if args.num_workers else None,
+                                         worker_init_fn=worker_ignores_stop_signals if args.num_workers else None)
     batches = MicroBatches(iter(loader), cursor, args.batch_size, max_tokens, pass_size=len(entries))
-
-    # --- preemption: schedulers send SIGTERM some seconds before killing a job (Slurm: KillWait; torchrun
-    # forwards it and waits ~30 s); `scancel --signal=USR1` asks for the same earlier. The flag rides on the
-    # per-step all-reduce below, so every rank finishes the same step, saves a checkpoint and exits 143.
-    # DataLoader workers fork after this and inherit the handler, so they keep serving instead of dying.
-    preempted = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: preempted.append(signum))
 
     # --- loop
     logger = Logger(args, out, rank, step)
     flops = peak_flops(device, param_dtype)
     from tqdm import tqdm
 
-    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    while step < args.max_steps:
+    # progress on stdout: stderr is kept for warnings and errors (an input error is its only line)
+    bar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True, file=sys.stdout)
+    while step < max_steps:
         t0 = time.time()
-        micro = [batches.next() for _ in range(args.grad_accum)]
-        micro = [M.collate(m, processor.pad_token_id) for m in micro]
-        # counts over all ranks and micro-batches of this step: supervised tokens (the loss normaliser),
-        # tokens, samples, images, overlong skips, ranks asked to stop
-        counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                               sum(int(b["attention_mask"].sum()) for b in micro),
-                               sum(len(b["input_ids"]) for b in micro),
-                               sum(len(b["image_grid_thw"]) if b["image_grid_thw"] is not None else 0 for b in micro),
-                               batches.skipped, len(preempted) > 0], dtype=torch.float64, device=device)
-        dist.all_reduce(counts)
-        n_supervised = max(1.0, counts[0].item())
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b in micro:
-            labels = b.pop("labels").to(device)  # (B, T)
-            b = {k: v.to(device) for k, v in b.items() if v is not None}
-            # only positions whose next token is supervised need logits (B, K, vocab): saves the vocab-wide
-            # projection of every prompt and image token
-            keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # (K,)
-            if keep.numel() == 0:
-                keep = torch.zeros(1, dtype=torch.long, device=device)
-            dummy.active = "pixel_values" not in b
-            logits = model(**b, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep + 1].flatten(), ignore_index=-100,
-                                 reduction="sum")
-            # FSDP averages gradients over ranks; x world makes the result the gradient of the global sum / N
-            (ce * world / n_supervised).backward()
-            loss_sum += ce.detach()
+        micro = [M.collate(batches.next(), processor.pad_token_id) for _ in range(args.grad_accum)]
+        counts = step_counts(micro, batches, len(stop_signals) > 0, device)
+        n_supervised = max(1.0, counts["supervised_tokens"])
+        loss_sum = forward_backward(model, micro, n_supervised, dummy, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         dist.all_reduce(loss_sum)
         loss = loss_sum.item() / n_supervised
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            latest = complete_checkpoints(ckpt_dir)
-            if rank == 0:
-                print(f"\nerror: step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); stopping "
-                      "before the optimizer step. The last good checkpoint is "
-                      f"{latest[-1] if latest else '(none)'}; lower --lr or check the data, then resume with "
-                      "--resume auto.", file=sys.stderr, flush=True)
-            dist.destroy_process_group()
-            raise SystemExit(1)
-        mult = get_lr(step, args.max_steps, warmup_steps, args.min_lr_ratio)
+        stop_if_not_finite(loss, grad_norm, step, ckpt_dir)
+        mult = get_lr(step, max_steps, warmup_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * mult
         optimizer.step()
@@ -741,10 +871,10 @@ def main(argv=None):
 
         # --- log
         dt = time.time() - t0
-        tok_s = counts[1].item() / dt
+        tok_s = counts["tokens"] / dt
         metrics = {"step": step, "loss": loss, "lr": args.lr * mult, "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                   "supervised_tokens": int(counts[0].item()), "samples": int(counts[2].item()),
-                   "images": int(counts[3].item()), "skipped_overlong": int(counts[4].item()), "step_s": dt}
+                   **{k: int(counts[k]) for k in ("supervised_tokens", "samples", "images", "skipped_overlong")},
+                   "step_s": dt}
         if flops:
             metrics["mfu"] = 6 * n_params * tok_s / (flops * world)  # 6N FLOPs per token, attention ignored
         if device.type == "cuda":
@@ -756,20 +886,23 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{args.lr * mult:.2e}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
 
-        # --- checkpoint, export
-        stop = counts[5].item() > 0 and step < args.max_steps
-        if step % args.save_every == 0 or step == args.max_steps or stop:
-            saved = save_checkpoint(ckpt_dir, step, model, optimizer, {"cursor": batches.cursor, "rng": rng_state()}, args)
+        # --- checkpoint, export; a stop signal seen by any rank: save this step and leave with 143
+        stop = counts["ranks_stopping"] > 0 and step < max_steps
+        if step % args.save_every == 0 or step == max_steps or stop:
+            saved, seconds, gb = save_checkpoint(ckpt_dir, step, model, optimizer,
+                                                 {"cursor": batches.cursor, "rng": rng_state()}, args, schedule)
+            M.print0(f"\n  saved {saved} ({gb:.2f} GB) in {seconds:.1f} s")
         if stop:
-            M.print0(f"\nstopping on a signal after step {step}: saved {saved}; run the same command to resume")
+            M.print0(f"stopping on a signal after step {step}: saved {saved}; run the same command to resume")
             bar.close()
             logger.close()
             dist.destroy_process_group()
             raise SystemExit(143)
-        if args.export_every and step % args.export_every == 0 and step < args.max_steps:
+        if args.export_every and step % args.export_every == 0 and step < max_steps:
             export_hf(model, out / "export" / f"step_{step}", args, processor, export_dtype(args))
     bar.close()
 
+    # --- the final Hugging Face export
     export_hf(model, out / "final", args, processor, export_dtype(args))
     if rank == 0 and (out / "metrics.jsonl").exists():
         plot_loss(out / "metrics.jsonl", out / "loss.png")
@@ -788,4 +921,4 @@ def export_dtype(args):
 
 
 if __name__ == "__main__":
-    main()
+    M.run_cli(main)

@@ -5,6 +5,8 @@ against one process on the same global batches, SIGKILL mid-training and while c
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,6 +109,9 @@ if what == "sigterm":  # only rank 0 gets SIGTERM, during optimizer step `at` (a
             os.kill(os.getpid(), signal.SIGTERM)
         return get_lr(step, *a)
     train.get_lr = signalled
+if what == "stale_listing":  # rank 1 lists no checkpoint (a shared filesystem that shows it files late)
+    listing = train.complete_checkpoints
+    train.complete_checkpoints = lambda d: [] if rank == 1 else listing(d)
 if what == "kill_in_save":  # rank 1 is SIGKILLed right after writing its shards of checkpoint `at`
     save = train.dcp.save
     class DCP:
@@ -158,8 +163,10 @@ def test_mixture_repeats_subsets_and_stream(tmp_path):
     # the subset is seeded: same seed same subset, another seed another subset
     assert np.array_equal(train.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", 0)[1], entries)
     assert not np.array_equal(train.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", 1)[1], entries)
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(model.UserError, match="nope.jsonl"):
         train.build_mixture(f"{tmp_path}/nope.jsonl", 0)
+    with pytest.raises(model.UserError, match=f"{tmp_path} is a folder: give a record file .*a.jsonl"):
+        train.build_mixture(f"{tmp_path}", 0)
     # two ranks deal every entry of a pass exactly once; the next pass is another permutation
     n = len(entries)
     per_pass = [[train.stream_entry(k, r, 2, n, seed=5) for k in range(e * n // 2, (e + 1) * n // 2) for r in range(2)]
@@ -193,8 +200,8 @@ def test_stream_workers_and_token_budget_batches_resume(data, tiny_qwen25):
     assert first == ref[:3] and batches(mid, 2, 3)[0] == ref[3:]
     # overlong: skip counts, error names the record, truncate cuts to max_length
     long = train.MixtureStream(files, entries, proc, 0, 1, 0, 0, 40, "error")
-    with pytest.raises(RuntimeError, match=r"record '\w+' of .*jsonl.*--max-length 40"):
-        [long.load(k) for k in range(len(entries))]
+    with pytest.raises(model.UserError, match=r"\.jsonl:\d+ \(record '\w+'\): \d+ tokens > --max-length 40"):
+        train.MicroBatches(iter(long), 0, 1, 10**6, len(entries)).next()
     lengths = [len(train.MixtureStream(files, entries, proc, 0, 1, 0, 0, 512, "skip").load(k)["input_ids"])
                for k in range(len(entries))]
     limit = sorted(lengths)[len(lengths) // 2]  # about half the records are longer
@@ -355,6 +362,154 @@ def test_sigterm_saves_at_the_next_step_on_every_rank_then_resume_is_bit_identic
     r = run(["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny_qwen25, run_dir), "--num-workers", "0"])
     assert r.returncode == 0 and "step_00000003 at step 3" in r.stdout + r.stderr, r.stderr[-3000:]
     assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+
+
+def children(pid):
+    """Direct children of a process (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def preempt_launch(tmp_path, run_dir, data, tiny, how):
+    """bash launch.sh with 2 ranks and 2 DataLoader workers each; once step 1 is logged the ranks are frozen
+    (SIGSTOP: so the signal lands inside training, however fast the steps are), the scheduler's signal is sent,
+    and the ranks thawed. how: 'term-group' = SIGTERM to launch.sh's process group (bash + torchrun, as a
+    terminal or `kill -- -PGID` does), 'usr1-all' = SIGUSR1 to every process: launch.sh, torchrun, the ranks
+    and their workers (as `scancel --signal=USR1` does). Returns (exit code, stdout, stderr)."""
+    cmd = ["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny, run_dir), "--num-workers", "2"]
+    p = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    t0 = time.time()
+    try:
+        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
+            assert p.poll() is None and time.time() - t0 < 200, p.communicate()
+            time.sleep(0.05)
+        torchrun = children(p.pid)
+        ranks = [c for t in torchrun for c in children(t)]
+        workers = [w for r in ranks for w in children(r)]
+        assert len(ranks) == 2 and len(workers) >= 4, (ranks, workers)
+        for r in ranks:
+            os.kill(r, signal.SIGSTOP)
+        if how == "term-group":
+            os.killpg(p.pid, signal.SIGTERM)
+        else:
+            for pid in [p.pid, *torchrun, *ranks, *workers]:
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        for r in ranks:
+            os.kill(r, signal.SIGCONT)
+        stdout, stderr = p.communicate(timeout=200)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    print(f"{time.time() - t0:.1f}s: launch.sh preempted ({how})")
+    return p.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("how", ["term-group", "usr1-all"])
+def test_preemption_through_launch_saves_exits_143_and_resumes_bit_identical(baseline, data, tiny_qwen25, tmp_path, how):
+    out, _ = baseline
+    run_dir = tmp_path / "preempted"
+    code, stdout, stderr = preempt_launch(tmp_path, run_dir, data, tiny_qwen25, how)
+    assert code == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == ("launch.sh: every rank saved a checkpoint and stopped on a signal; "
+                                              "the same command resumes")
+    stopped = int(re.search(r"stopping on a signal after step (\d+)", stdout).group(1))
+    assert 1 < stopped < 6 and not (run_dir / "final").exists()
+    assert train.complete_checkpoints(run_dir / "ckpt")[-1].name == f"step_{stopped:08d}"
+    assert "killed by signal" not in stderr and "ConnectionResetError" not in stderr  # no worker died
+    r = run(["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny_qwen25, run_dir), "--num-workers", "2"])
+    assert r.returncode == 0 and f"step_{stopped:08d} at step {stopped}" in r.stdout, r.stderr[-3000:]
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+    assert [(m["step"], m["loss"]) for m in metrics(run_dir)] == [(m["step"], m["loss"]) for m in metrics(out)]
+
+
+def test_every_rank_resumes_from_rank0s_choice(baseline, data, tiny_qwen25, tmp_path):
+    """Rank 1 lists no checkpoint at all; rank 0 lists step 4: both must resume at step 4 (else rank 1 would
+    start from scratch beside a resumed rank 0), and the result is the uninterrupted run's, bit for bit."""
+    out, _ = baseline
+    run_dir = tmp_path / "stale"
+    (run_dir / "ckpt").mkdir(parents=True)
+    shutil.copytree(out / "ckpt" / "step_00000004", run_dir / "ckpt" / "step_00000004")
+    p = run_hooked(tmp_path, "stale_listing", 0, [*common(data, tiny_qwen25, run_dir), "--num-workers", "0"])
+    assert p.returncode == 0 and "step_00000004 at step 4" in p.stdout, p.stderr[-3000:]
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+
+
+def test_resume_keeps_the_schedule_and_refuses_another(data, tiny_qwen25, tmp_path):
+    """--epochs 1 over 5 records: 5 steps on 1 process, 3 on 2 ranks. A run resumed at step 4 on 2 ranks keeps
+    the 5-step schedule (recomputing would end the run at once) with the same learning rate at step 5; a
+    resume that asks for another --lr is refused with one line."""
+    run_dir = tmp_path / "sched"
+    args = ["--model", tiny_qwen25, "--data", f"{data}/img.jsonl", "--out", str(run_dir), "--max-steps", "0",
+            "--epochs", "1", "--save-every", "2", "--keep-last", "5", "--lr", "1e-3", "--warmup-ratio", "0.2",
+            "--num-workers", "0", "--max-length", "512"]
+    p = run([sys.executable, "train.py", *args])
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = metrics(run_dir)
+    assert [m["step"] for m in first] == [1, 2, 3, 4, 5]
+    shutil.rmtree(run_dir / "ckpt" / "step_00000005")
+    shutil.rmtree(run_dir / "final")
+    r = run(["torchrun", "--standalone", "--nproc-per-node", "2", "train.py", *args])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "keeping the checkpoint's schedule: 5 steps, warmup 1 (this run's 2 ranks would make it 3 steps)" in r.stdout
+    again = metrics(run_dir)
+    assert [m["step"] for m in again] == [1, 2, 3, 4, 5] and again[4]["lr"] == first[4]["lr"] > 0
+    # another learning rate: refused before any step, one line naming the flag and the values
+    bad = run([sys.executable, "train.py", *[a if a != "1e-3" else "2e-3" for a in args]])
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr
+    assert "another schedule (--lr 0.001 -> 0.002)" in lines[0] and lines[0].startswith("error: ")
+
+
+def test_input_errors_are_one_line_exit_2(data, tiny_qwen25, tmp_path):
+    """User mistakes end with exit code 2 and one stderr line that names the input; no traceback."""
+    good = ["--model", tiny_qwen25, "--data", f"{data}/img.jsonl", "--out", str(tmp_path / "o"), "--max-steps", "1",
+            "--num-workers", "0"]
+
+    def with_(flag, value):
+        return [value if prev == flag else a for prev, a in zip([None] + good, good)]
+
+    export = tmp_path / "run_x" / "final"  # a user points --model at the run folder instead of run_x/final
+    shutil.copytree(tiny_qwen25, export)
+    cases = [(with_("--data", str(data)), f"{data} is a folder: give a record file (.jsonl), e.g. {data}/img.jsonl"),
+             (with_("--data", f"{data}/nope.jsonl"), f"--data file '{data}/nope.jsonl' not found"),
+             (with_("--data", f"{data}/img.jsonl*1.5"), "repeat *1.5 must be a whole number"),
+             (with_("--model", str(export.parent)), f"{export.parent}: no config.json, not a Hugging Face checkpoint "
+                                                    f"directory; checkpoints below it: {export}"),
+             (good + ["--resume", str(tmp_path)], f"--resume {tmp_path}: not a complete checkpoint")]
+    for argv, expected in cases:
+        p = run([sys.executable, "train.py", *argv])
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, p.stderr)
+        assert expected in lines[0], (expected, lines[0])
+    # --debug brings the traceback back
+    p = run([sys.executable, "train.py", *with_("--data", str(data)), "--debug"])
+    assert p.returncode == 1 and "Traceback" in p.stderr and "UserError" in p.stderr
+
+
+def test_bad_record_in_a_dataloader_worker_is_the_last_line_under_launch(data, tiny_qwen25, tmp_path):
+    """A record whose image is missing, read by a DataLoader worker on one of two ranks under launch.sh: exit 2,
+    and the last line printed names the file:line and the record (not a worker traceback nor torchrun's)."""
+    records = [json.loads(l) for l in (data / "img.jsonl").read_text().splitlines()]
+    for r in records:
+        r["images"] = [str(data / i) for i in r["images"]]
+    records[3]["images"] = [str(tmp_path / "gone.png")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    p = run(["bash", "launch.sh", "NPROC_PER_NODE=2", "--model", tiny_qwen25, "--data", str(bad), "--out",
+             str(tmp_path / "o"), "--max-steps", "4", "--num-workers", "2", "--max-length", "512"])
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert re.fullmatch(rf"launch.sh: rank \d: error: {re.escape(str(bad))}:4 \(record 'cls3'\): cannot read image "
+                        rf"{re.escape(str(tmp_path / 'gone.png'))}: .*", last), last
 
 
 def test_kill_while_checkpointing_resumes_from_previous(baseline, data, tiny_qwen25, tmp_path):
