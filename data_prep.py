@@ -38,9 +38,12 @@ Tiling (dota, fair1m) follows MMRotate's tools/data/dota/split/img_split.py:
 Re-running skips patch images that already exist; every file is written to a temporary name and renamed,
 so an interrupted run leaves no half-written patch or JSONL that a later run would trust.
 
-Bad input (unreadable image, malformed label line, NaN or missing corners, unknown class) stops with an
-error naming the file and line; with --skip-bad the image (never just one of its objects, which would
-teach the model to miss it) is skipped and listed in the summary.
+Bad input (unreadable image, malformed label line, NaN or missing corners, unknown class, a split index
+past the last object) stops with one line `error: ...` naming the file and line (exit code 2; --debug shows
+the traceback); with --skip-bad the image (never just one of its objects, which would teach the model to
+miss it) is skipped and listed in the summary. A run that would write no record stops the same way, saying
+what it looked at (and, when the data sits one folder down, which folder to give), and a run never
+overwrites the output of another input: OUT/NAME.info.json remembers which --root / --json it was made from.
 
 Answers in det/ground records are rendered with boxes.render_answer in the record's own pixels, for people
 to read; model.tokenize re-renders them from meta in the model's coordinate convention.
@@ -65,6 +68,7 @@ from shapely.geometry import MultiPoint, Polygon, box as shapely_box
 from tqdm import tqdm
 
 import boxes
+import model
 
 Image.MAX_IMAGE_PIXELS = None  # DOTA-v2 has 20000 x 20000 images
 
@@ -146,8 +150,28 @@ def det_answer(objects, width, height, box_format="poly"):
 # Files, errors, summaries
 
 
-class BadInput(Exception):
-    """A problem with the input data; the message names the file (and line)."""
+class BadInput(model.UserError):
+    """A problem with the input data or flags; the message names the file (and line) and says what to do.
+    run_cli prints it as one line and exits 2."""
+
+
+def progress(items, **kwargs):
+    """tqdm bars on a terminal only (disable=None): logs and pipes get the summary, not bar redraws."""
+    return tqdm(items, **{"disable": None, **kwargs})
+
+
+def did_you_mean(folder, looks_right):
+    """'; did you mean A or B?' naming the sub-folders of `folder` (one level down) that pass looks_right,
+    for the common slip of giving the folder an archive unzips to instead of the one inside it."""
+    folder = Path(folder)
+    hits = [d for d in sorted(folder.iterdir()) if d.is_dir() and looks_right(d)] if folder.is_dir() else []
+    return f"; did you mean {' or '.join(str(d) for d in hits[:4])}?" if hits else ""
+
+
+def list_images(folder):
+    """Image files directly in folder, sorted (hidden files such as macOS' ._name.jpg left out)."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
 def atomic_write_bytes(path, data):
@@ -175,7 +199,7 @@ def write_jsonl(path, records):
 
 
 def new_summary():
-    return {"counts": Counter(), "skipped": []}
+    return {"counts": Counter(), "skipped": [], "notes": []}
 
 
 def skip_or_raise(summary, skip_bad, item, reason):
@@ -189,6 +213,8 @@ def skip_or_raise(summary, skip_bad, item, reason):
 def print_summary(title, summary, out_files):
     c = summary["counts"]
     print(f"\n{title}")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
     for k in sorted(c):
         print(f"  {k:<28} {c[k]}")
     if summary["skipped"]:
@@ -202,18 +228,56 @@ def print_summary(title, summary, out_files):
         print(f"  wrote {f}")
 
 
-def write_outputs(out, name, args, summary, records, title):
-    """OUT/NAME.jsonl (atomically), OUT/NAME.info.json and the printed summary: how every subcommand ends."""
+def write_outputs(out, name, args, summary, records, title, why_empty):
+    """OUT/NAME.jsonl (atomically), OUT/NAME.info.json and the printed summary: how every subcommand ends.
+    No record is an error (why_empty says what to check), never an empty file and exit 0."""
+    require_records(len(records), name, summary, title, why_empty)
     jsonl = out / f"{name}.jsonl"
     write_jsonl(jsonl, records)
     write_info(out, name, args, summary)
     print_summary(title, summary, [jsonl])
 
 
+def require_records(n, name, summary, title, why_empty):
+    """Stop (after printing the summary, which says what was counted) when a run would write no record."""
+    if n:
+        return
+    print_summary(title, summary, [])
+    skipped = summary["skipped"]
+    if skipped:
+        why_empty += f"; {len(skipped)} skipped as bad input (--skip-bad), e.g. {skipped[0]['reason']}"
+    raise BadInput(f"no records for {name}, nothing written: {why_empty}")
+
+
+def input_paths(args):
+    """What a run reads (--root, --json), as absolute paths: recorded in OUT/NAME.info.json."""
+    paths = {}
+    for key in ("root", "json"):
+        value = getattr(args, key, None)
+        if value:
+            paths[key] = sorted(str(Path(v).resolve()) for v in (value if isinstance(value, list) else [value]))
+    return paths
+
+
+def claim_output(out, name, args):
+    """Refuse to overwrite OUT/NAME made from another input (two caption sets both called dataset.json, the
+    same --split of two DOTA copies): the earlier output would be lost without a word."""
+    info = Path(out) / f"{name}.info.json"
+    if not info.exists():
+        return
+    old = json.loads(info.read_text()).get("inputs")
+    new = input_paths(args)
+    if old is not None and old != new:
+        old_s, new_s = (", ".join(v for vs in d.values() for v in vs) for d in (old, new))
+        raise BadInput(f"{Path(out) / name}.* was made from {old_s}; this run reads {new_s} and would overwrite "
+                       f"it: give --name (or another --out), or delete {info} if that output is no longer wanted")
+
+
 def write_info(out, name, args, summary=None):
-    info = {"args": vars(args)}
+    info = {"args": vars(args), "inputs": input_paths(args)}
     if summary is not None:
-        info["summary"] = {"counts": dict(summary["counts"]), "skipped": summary["skipped"]}
+        info["summary"] = {"counts": dict(summary["counts"]), "skipped": summary["skipped"],
+                           "notes": summary["notes"]}
     atomic_write_bytes(Path(out) / f"{name}.info.json", json.dumps(info, indent=2).encode())
 
 
@@ -240,7 +304,7 @@ def check_images(paths, workers, desc):
     paths = sorted(set(paths))
     out = {}
     with Pool(workers) if workers > 1 else _NoPool() as pool:
-        for path, size, err in tqdm(pool.imap(_check_one, paths, chunksize=8), total=len(paths), desc=desc):
+        for path, size, err in progress(pool.imap(_check_one, paths, chunksize=8), total=len(paths), desc=desc):
             out[path] = size if err is None else err
     return out
 
@@ -344,11 +408,13 @@ def parse_fair1m_xml(path, classes):
         pts = [p.text.split(",") for p in obj.findall("points/point") if p.text]
         if any(len(p) != 2 for p in pts):
             raise BadInput(f"{where}: a point is not 'x,y'")
-        if len(pts) == 5 and [s.strip() for s in pts[0]] == [s.strip() for s in pts[4]]:
-            pts = pts[:4]
-        if len(pts) != 4:
+        xy = check_numbers([v for p in pts for v in p], where, n=2 * len(pts))
+        # the closing point repeats the first, written as "1.0,2.0" or "1.000000,2" alike: compare numbers
+        if len(pts) == 5 and math.dist(xy[:2], xy[8:]) <= 1e-3:
+            xy = xy[:8]
+        if len(xy) != 8:
             raise BadInput(f"{where}: polygon has {len(pts)} points, expected 4 (+ the first repeated)")
-        objects.append({"poly": check_numbers([v for p in pts for v in p], where), "label": label, "difficult": 0})
+        objects.append({"poly": xy, "label": label, "difficult": 0})
     return objects
 
 
@@ -519,33 +585,43 @@ def run_tiling(args, source):
     else:
         classes, label_dir, label_ext, parse = FAIR1M_CLASSES, "labelXml", ".xml", parse_fair1m_xml
         dataset = "fair1m"
-    rates = [float(r) for r in args.rates.split(",")]
-    pad = [int(v) for v in args.pad_value.split(",")]
-    if len(pad) not in (1, 3):
-        raise BadInput(f"--pad-value {args.pad_value!r}: give 1 or 3 integers")
+    try:
+        rates = [float(r) for r in args.rates.split(",")]
+        pad = [int(v) for v in args.pad_value.split(",")]
+    except ValueError:
+        raise BadInput(f"--rates {args.rates!r} / --pad-value {args.pad_value!r}: give comma-separated numbers, "
+                       "e.g. --rates 0.5,1.0 --pad-value 0 (or R,G,B integers)") from None
+    if len(pad) not in (1, 3) or not all(0 <= v <= 255 for v in pad):
+        raise BadInput(f"--pad-value {args.pad_value!r}: give 1 or 3 integers in 0..255")
+    if not all(r > 0 and math.isfinite(r) for r in rates):
+        raise BadInput(f"--rates {args.rates!r}: every rate must be a positive number")
+    if not 0 <= args.gap < args.patch:
+        raise BadInput(f"--gap {args.gap} must be at least 0 and smaller than --patch {args.patch}")
     name = args.name or f"{source}_{args.split}" + ("" if args.patch == 1024 else f"_{args.patch}") + (
         "_ms" if rates != [1.0] else "")
-    out = Path(args.out)
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    check_resume(out, name, args, ["patch", "gap", "rates", "pad_value", "iof_thr", "img_rate_thr", "ext",
-                                   "version", "split", "keep_empty", "box_format"])
-    for stale in images_dir.glob(".*.tmp"):  # leftovers of an interrupted run (never renamed, never trusted)
-        stale.unlink(missing_ok=True)
-    write_info(out, name, args)
 
+    # list the images (and labels) first: a wrong --root stops before anything is written
     summary = new_summary()
     jobs = []
     for root in args.root:
         root = Path(root)
-        img_dir = root / "images"
+        img_dir, lbl_dir = root / "images", root / label_dir
         if not img_dir.is_dir():
-            raise BadInput(f"{img_dir} is not a folder (expected {root}/images and {root}/{label_dir})")
-        image_files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            raise BadInput(f"{img_dir} is not a folder (--root must hold images/ and {label_dir}/)"
+                           + did_you_mean(root, lambda d: (d / "images").is_dir()))
+        image_files = list_images(img_dir)
+        if not image_files:
+            raise BadInput(f"{img_dir} has no images ({', '.join(IMAGE_EXTS)})")
         if args.split != "test":
-            label_files = {p.stem for p in (root / label_dir).glob(f"*{label_ext}")}
+            if not lbl_dir.is_dir():
+                raise BadInput(f"{lbl_dir} is not a folder: --split {args.split} needs the labels "
+                               f"(for images without labels use --split test)")
+            label_files = {p.stem for p in lbl_dir.glob(f"*{label_ext}")}
+            if not label_files:
+                raise BadInput(f"{lbl_dir} has no {label_ext} label files: --split {args.split} needs the labels "
+                               f"(for images without labels use --split test)")
             summary["counts"]["label files without an image"] += len(label_files - {p.stem for p in image_files})
-        for img in tqdm(image_files, desc=f"labels {root}", disable=len(image_files) < 50):
+        for img in progress(image_files, desc=f"labels {root}", disable=True if len(image_files) < 50 else None):
             objects = None
             if args.split != "test":
                 label = root / label_dir / (img.stem + label_ext)
@@ -562,17 +638,35 @@ def run_tiling(args, source):
     if dup:
         raise BadInput(f"image names occur in more than one --root: {dup[:5]}")
 
+    out = Path(args.out)
+    images_dir = out / "images"
+    claim_output(out, name, args)
+    check_resume(out, name, args, ["patch", "gap", "rates", "pad_value", "iof_thr", "img_rate_thr", "ext",
+                                   "version", "split", "keep_empty", "box_format"])
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for stale in images_dir.glob(".*.tmp"):  # leftovers of an interrupted run (never renamed, never trusted)
+        stale.unlink(missing_ok=True)
+    write_info(out, name, args)
+
     cfg = {"classes": classes, "dataset": dataset, "rates": rates, "patch": args.patch, "gap": args.gap,
            "img_rate_thr": args.img_rate_thr, "iof_thr": args.iof_thr, "pad_value": pad if len(pad) == 3 else pad[0],
            "images_dir": str(images_dir), "ext": "." + args.ext, "split": args.split, "keep_empty": args.keep_empty,
            "skip_bad": args.skip_bad, "box_format": args.box_format}
     records = []
     with Pool(args.workers) if args.workers > 1 else _NoPool() as pool:
-        for res in tqdm(pool.imap(partial(tile_image, cfg=cfg), jobs), total=len(jobs), desc=f"tiling {name}"):
+        for res in progress(pool.imap(partial(tile_image, cfg=cfg), jobs), total=len(jobs), desc=f"tiling {name}"):
             records += res["records"]
             summary["counts"].update(res["counts"])
             summary["skipped"] += res["skipped"]
-    write_outputs(out, name, args, summary, records, f"{source} {args.split}: {len(records)} records from {len(jobs)} images")
+    roots = " ".join(args.root)
+    if summary["counts"]["empty patches dropped"]:
+        why = (f"every patch of the images in {roots} is empty (no {dataset} object kept) and --split train drops "
+               f"empty patches: check {label_dir}/" + (" and --version" if source == "dota" else "")
+               + ", or keep empty patches with --keep-empty")
+    else:
+        why = f"no image in {roots} gave a patch"
+    write_outputs(out, name, args, summary, records,
+                  f"{source} {args.split}: {len(records)} records from {len(jobs)} images", why)
     return summary
 
 
@@ -598,20 +692,56 @@ def find_first(candidates, what):
     raise BadInput(f"cannot find {what}; looked at " + ", ".join(str(c) for c in candidates))
 
 
+def read_id_list(path):
+    """Image ids of a split list (one per line), as a list in file order."""
+    try:
+        ids = Path(path).read_text().split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read split list {path}: {e}") from None
+    if not ids:
+        raise BadInput(f"split list {path} has no image ids")
+    return ids
+
+
+def dior_split_ids(root, args, summary):
+    """Image ids of --split (or --split-file). DIOR-R ships ImageSets/Main/{train,val,test}.txt and no
+    trainval.txt: --split trainval then reads train.txt + val.txt, as MMRotate and LMMRotate train on."""
+    if args.split_file:
+        return read_id_list(args.split_file)
+    folders = [root / "ImageSets" / "Main", root / "ImageSets", root / "Main"]
+    for folder in folders:
+        if (folder / f"{args.split}.txt").is_file():
+            return read_id_list(folder / f"{args.split}.txt")
+    for folder in folders:
+        if args.split == "trainval" and (folder / "train.txt").is_file() and (folder / "val.txt").is_file():
+            summary["notes"].append(f"no trainval.txt: trainval = {folder / 'train.txt'} + {folder / 'val.txt'}")
+            return read_id_list(folder / "train.txt") + read_id_list(folder / "val.txt")
+    lists = sorted(p.stem for f in folders if f.is_dir() for p in f.glob("*.txt"))
+    raise BadInput(f"cannot find the {args.split} split list {args.split}.txt; looked in "
+                   + ", ".join(str(f) for f in folders)
+                   + (f" (lists there: {', '.join(lists)})" if lists else "")
+                   + "; give --split with one of those, --split all, or --split-file")
+
+
 def run_dior(args):
     root, out = Path(args.root), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ann_dir = find_first([root / "Annotations" / "Oriented Bounding Boxes", root / "Annotations"], "DIOR-R annotations")
     img_dirs = [d for d in (root / "JPEGImages-trainval", root / "JPEGImages-test", root / "JPEGImages") if d.is_dir()]
+    if not img_dirs:
+        raise BadInput(f"{root} has no JPEGImages-trainval/, JPEGImages-test/ or JPEGImages/ folder")
+    summary, records, items = new_summary(), [], []
     if args.split == "all":
         ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
+        if not ids:
+            raise BadInput(f"{ann_dir} has no .xml annotations")
     else:
-        split_file = Path(args.split_file) if args.split_file else find_first(
-            [root / "ImageSets" / "Main" / f"{args.split}.txt", root / "ImageSets" / f"{args.split}.txt",
-             root / "Main" / f"{args.split}.txt"], f"the {args.split} split list")
-        ids = [s.strip() for s in split_file.read_text().split() if s.strip()]
+        ids = dior_split_ids(root, args, summary)
+    if len(set(ids)) != len(ids):  # one record per image: an id listed twice would give two records of it
+        summary["counts"]["repeated ids in the split list(s), kept once"] = len(ids) - len(set(ids))
+        ids = list(dict.fromkeys(ids))
     name = args.name or f"dior_{args.split}"
-    summary, records, items = new_summary(), [], []
+    claim_output(out, name, args)
+    out.mkdir(parents=True, exist_ok=True)
     for i in ids:
         try:
             xml = ann_dir / f"{i}.xml"
@@ -642,7 +772,8 @@ def run_dior(args):
         summary["counts"]["objects"] += len(objects)
     summary["counts"]["records"] = len(records)
     summary["counts"]["empty images"] = sum(not r["meta"]["objects"] for r in records)
-    write_outputs(out, name, args, summary, records, f"dior {args.split}: {len(records)} records")
+    write_outputs(out, name, args, summary, records, f"dior {args.split}: {len(records)} records",
+                  f"none of the {len(ids)} listed images could be read")
     return summary
 
 
@@ -654,20 +785,36 @@ def run_dior(args):
 
 def run_rsvg(args):
     root, out = Path(args.root), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ann_dir = find_first([root / "Annotations"], "DIOR-RSVG Annotations/")
     img_dir = find_first([root / "JPEGImages"], "DIOR-RSVG JPEGImages/")
     split_file = Path(args.split_file) if args.split_file else find_first(
         [root / f"{args.split}.txt", root / "DIOR_RSVG" / f"{args.split}.txt"], f"the {args.split} index file")
-    wanted = set()
-    for lineno, line in enumerate(split_file.read_text().splitlines(), 1):
-        if line.strip():
-            if not line.strip().isdigit():
-                raise BadInput(f"bad index line {lineno} in {split_file}: {line.strip()!r} is not an integer")
-            wanted.add(int(line))
+    xmls = sorted(ann_dir.glob("*.xml"))
+    if not xmls:
+        raise BadInput(f"{ann_dir} has no .xml annotations")
+    summary = new_summary()
+    try:
+        lines = split_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read index file {split_file}: {e}") from None
+    wanted = {}  # object index -> line of the index file
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not line.strip().isdecimal():
+            skip_or_raise(summary, args.skip_bad, f"line {lineno}",
+                          f"bad index line {lineno} in {split_file}: {line.strip()!r} is not an integer")
+        elif int(line) in wanted:
+            summary["counts"]["repeated indices, kept once"] += 1
+        else:
+            wanted[int(line)] = lineno
+    if not wanted and not summary["skipped"]:
+        raise BadInput(f"index file {split_file} lists no object index")
     name = args.name or f"rsvg_{args.split}"
-    summary, items, index = new_summary(), [], 0
-    for xml in sorted(ann_dir.glob("*.xml")):
+    claim_output(out, name, args)
+    out.mkdir(parents=True, exist_ok=True)
+    items, index = [], 0
+    for xml in xmls:
         root_el = _xml_root(xml)
         filename = root_el.findtext("filename") or f"{xml.stem}.jpg"
         for k, obj in enumerate(root_el.iter("object"), 1):
@@ -690,7 +837,11 @@ def run_rsvg(args):
                                                         "difficult": 0, "expression": text}))
             except BadInput as e:
                 skip_or_raise(summary, args.skip_bad, f"object {idx}", str(e))
-    summary["counts"]["indices not found"] = len(wanted - set(range(index)))
+    for idx, lineno in sorted(wanted.items(), key=lambda kv: kv[1]):
+        if idx >= index:  # a wrong index file, or Annotations/ of another DIOR-RSVG release
+            skip_or_raise(summary, args.skip_bad, f"object {idx}",
+                          f"bad index line {lineno} in {split_file}: object {idx} does not exist ({ann_dir} has "
+                          f"{index} objects, numbered from 0 over the sorted XML files)")
     sizes = check_images([str(it[1]) for it in items], args.workers, "checking images")
     records = []
     for idx, image, obj in items:
@@ -704,7 +855,8 @@ def run_rsvg(args):
         records.append(make_record(f"rsvg_{idx}", "ground", "dior-rsvg", [rel(image, out)],
                                    ground_prompt(obj["expression"]), answer, meta))
     summary["counts"]["records"] = len(records)
-    write_outputs(out, name, args, summary, records, f"rsvg {args.split}: {len(records)} records")
+    write_outputs(out, name, args, summary, records, f"rsvg {args.split}: {len(records)} records",
+                  f"no object of {split_file} could be used")
     return summary
 
 
@@ -737,20 +889,26 @@ def rsvqa_answer(answer, qtype, variant, bucket):
 
 def run_rsvqa(args):
     root, out = Path(args.root), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     prefix = "LR" if args.variant == "LR" else "USGS"
     files = {k: root / f"{prefix}_split_{args.split}_{k}.json" for k in ("questions", "answers", "images")}
     data = {}
     for k, f in files.items():
+        if not f.is_file():
+            raise BadInput(f"no {f} (--root holds {prefix}_split_{{split}}_{{questions,answers,images}}.json)"
+                           + did_you_mean(root, lambda d: (d / f.name).is_file()))
         try:
             data[k] = {e["id"]: e for e in json.loads(f.read_text())[k]}
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise BadInput(f"cannot read {f}: {e!r}") from None
     img_dir = Path(args.images) if args.images else find_first(
         [root / "Images_LR", root / "Data", root / "images"], "RSVQA images (give --images)")
+    if not img_dir.is_dir():
+        raise BadInput(f"--images {img_dir} is not a folder")
     types = set(args.types.split(",")) if args.types else None
     name = args.name or f"rsvqa_{args.variant.lower()}_{args.split}"
-    summary, items = new_summary(), []
+    claim_output(out, name, args)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, items, types_seen = new_summary(), [], Counter()
     # as the published loader: the questions listed by active images, in image order; inactive questions dropped
     for img_id in sorted(data["images"]):
         im = data["images"][img_id]
@@ -766,6 +924,7 @@ def run_rsvqa(args):
                 if not q.get("active", True):
                     summary["counts"]["inactive questions"] += 1
                     continue
+                types_seen[q.get("type")] += 1
                 if types and q.get("type") not in types:
                     continue
                 ans = next((data["answers"][a] for a in q.get("answers_ids") or [] if a in data["answers"]), None)
@@ -788,7 +947,11 @@ def run_rsvqa(args):
                                    vqa_prompt(q["question"], not args.no_suffix), a,
                                    {"answer": a, "type": q["type"], "raw_answer": answer, "image_id": q["img_id"]}))
     summary["counts"]["records"] = len(records)
-    write_outputs(out, name, args, summary, records, f"rsvqa {args.variant} {args.split}: {len(records)} records")
+    if types and types_seen and not types & set(types_seen):
+        why = f"no question of --types {args.types} (types in {files['questions']}: {', '.join(map(str, types_seen))})"
+    else:
+        why = f"{files['images']} lists no active image with an active question"
+    write_outputs(out, name, args, summary, records, f"rsvqa {args.variant} {args.split}: {len(records)} records", why)
     return summary
 
 
@@ -796,15 +959,35 @@ def run_rsvqa(args):
 # captions: Karpathy-style JSON {"images": [{"filename", "imgid", "split", "sentences": [{"raw"}...]}]}
 
 
+def caption_dataset_name(json_path):
+    """Default dataset name: the JSON's name without 'dataset_' (dataset_rsicd.json -> rsicd); a file called
+    just dataset.json (UCM-captions and Sydney-captions both ship one) is named by its folder
+    (UCM_captions/dataset.json -> ucm_captions). The JSON's own "dataset" key is not used: Karpathy-style
+    files carry whatever their converter wrote there, so two sets could share it."""
+    path = Path(json_path).resolve()
+    stem = path.stem.lower()
+    if stem.startswith("dataset_"):
+        stem = stem[len("dataset_"):]
+    if stem in ("dataset", "captions", "data", ""):
+        stem = path.parent.name.lower()
+    return re.sub(r"[^a-z0-9.+-]+", "_", stem).strip("_") or "captions"
+
+
 def run_captions(args):
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         entries = json.loads(Path(args.json).read_text())["images"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise BadInput(f"cannot read {args.json}: {e!r}") from None
-    dataset = args.dataset or Path(args.json).stem.replace("dataset_", "").replace("dataset", "captions") or "captions"
+        raise BadInput(f"cannot read {args.json}: {e!r} (expected a Karpathy-style JSON with an \"images\" list)"
+                       ) from None
+    if not isinstance(entries, list) or not entries:
+        raise BadInput(f"{args.json} has no image entries (its \"images\" list is empty)")
+    if not Path(args.images).is_dir():
+        raise BadInput(f"--images {args.images} is not a folder")
+    dataset = args.dataset or caption_dataset_name(args.json)
     name = args.name or f"{dataset}_{args.split}"
+    claim_output(out, name, args)
+    out.mkdir(parents=True, exist_ok=True)
     splits = set(args.split.split("+"))  # e.g. train+val
     summary, items = new_summary(), []
     for k, e in enumerate(entries):
@@ -834,7 +1017,13 @@ def run_captions(args):
                                        CAPTION_PROMPT, ref, meta))
         summary["counts"]["references"] += len(refs)
     summary["counts"]["records"] = len(records)
-    write_outputs(out, name, args, summary, records, f"captions {args.split}: {len(records)} records")
+    in_json = Counter(str(e.get("split")) for e in entries if isinstance(e, dict))
+    if splits & set(in_json):
+        why = f"no image of split {args.split!r} in {args.json} could be used"
+    else:
+        why = (f"no image in {args.json} has split {args.split!r} (splits there: "
+               + ", ".join(f"{k} ({n})" for k, n in sorted(in_json.items())) + ")")
+    write_outputs(out, name, args, summary, records, f"captions {dataset} {args.split}: {len(records)} records", why)
     return summary
 
 
@@ -847,42 +1036,72 @@ def class_text(folder):
     return boxes.class_to_text(re.sub(r"(?<=[a-z])(?=[A-Z])", " ", folder))
 
 
+def class_folders(root):
+    """Sub-folders of root that hold images ({folder: sorted image files}), hidden and __MACOSX left out."""
+    found = {}
+    for d in sorted(Path(root).iterdir()):
+        if d.is_dir() and not d.name.startswith((".", "__")):
+            files = list_images(d)
+            if files:
+                found[d] = files
+    return found
+
+
 def run_cls(args):
     root, out = Path(args.root), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    folders = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-    if not folders:
-        raise BadInput(f"{root} has no class folders")
+    if not root.is_dir():
+        raise BadInput(f"--root {root} is not a folder")
+    if not 0 <= args.train_ratio <= 1:
+        raise BadInput(f"--train-ratio {args.train_ratio} must be between 0 and 1")
+    by_class = class_folders(root)
+    if not by_class:
+        # UCMerced_LandUse.zip unzips to UCMerced_LandUse/Images/<class>/; a class folder itself has images
+        hint = did_you_mean(root, lambda d: bool(class_folders(d)))
+        if not hint and list_images(root):
+            hint = f"; {root} holds images itself: give the folder whose sub-folders are the classes ({root.parent}?)"
+        raise BadInput(f"{root} has no class folders with images ({', '.join(IMAGE_EXTS)}){hint}")
+    folders = list(by_class)
     classes = [class_text(d.name) for d in folders]
     if len(set(classes)) != len(classes):
         raise BadInput(f"class folders in {root} collide after normalisation: {classes}")
     dataset = args.dataset or root.name.lower()
+    claim_output(out, args.name or dataset, args)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = new_summary()
+    ignored = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d not in by_class]
+    if ignored:
+        summary["notes"].append(f"folders without images, not classes: {', '.join(ignored)}")
     rng = random.Random(args.seed)
     split_files = {"train": [], "test": []}
     for d, label in zip(folders, classes):
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        files = list(by_class[d])
         rng.shuffle(files)  # one generator, classes in sorted order: same split for the same seed
         n_train = round(len(files) * args.train_ratio)
         split_files["train"] += [(p, label) for p in files[:n_train]]
         split_files["test"] += [(p, label) for p in files[n_train:]]
-    summary = new_summary()
     sizes = check_images([str(p) for s in split_files.values() for p, _ in s], args.workers, "checking images")
-    written = []
+    records = {}
     for split, items in split_files.items():
-        records = []
+        records[split] = []
         for p, label in items:
             if isinstance(sizes[str(p)], str):
                 skip_or_raise(summary, args.skip_bad, p, sizes[str(p)])
                 continue
-            records.append(make_record(f"{p.parent.name}/{p.stem}", "cls", dataset, [rel(p, out)],
-                                       cls_prompt(classes), label, {"label": label, "classes": classes}))
-        summary["counts"][f"records {split}"] = len(records)
-        jsonl = out / f"{args.name or dataset}_{split}.jsonl"
-        write_jsonl(jsonl, records)
-        written.append(jsonl)
+            records[split].append(make_record(f"{p.parent.name}/{p.stem}", "cls", dataset, [rel(p, out)],
+                                              cls_prompt(classes), label, {"label": label, "classes": classes}))
+        summary["counts"][f"records {split}"] = len(records[split])
     summary["counts"]["classes"] = len(classes)
+    title = f"cls {dataset}: {len(classes)} classes"
+    # one split may be empty by design (--train-ratio 0 or 1), not both
+    require_records(sum(map(len, records.values())), args.name or dataset, summary, title,
+                    f"none of the images in the class folders of {root} could be read")
+    written = []
+    for split, recs in records.items():
+        jsonl = out / f"{args.name or dataset}_{split}.jsonl"
+        write_jsonl(jsonl, recs)
+        written.append(jsonl)
     write_info(out, args.name or dataset, args, summary)
-    print_summary(f"cls {dataset}: {len(classes)} classes", summary, written)
+    print_summary(title, summary, written)
     return summary
 
 
@@ -1046,7 +1265,7 @@ def run_synth(args):
     summary, written = new_summary(), []
     for split_code, (split, n) in enumerate([("train", args.train), ("val", args.val)]):
         by_task = {t: [] for t in ("det", "ground", "vqa", "caption", "cls")}
-        for i in tqdm(range(n), desc=f"synth {split}"):
+        for i in progress(range(n), desc=f"synth {split}"):
             # one generator per image: an image does not change when --train/--val counts change
             rng = np.random.default_rng([args.seed, split_code, i])
             arr, scene, objects = synth_image(rng)
@@ -1074,9 +1293,11 @@ def run_synth(args):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    model.add_debug_flag(p)
     sub = p.add_subparsers(dest="source", required=True)
 
     def common(sp, workers=True):
+        model.add_debug_flag(sp)  # also after the subcommand, where people type it
         sp.add_argument("--out", required=True, help="output folder for the JSONL files (and images/)")
         sp.add_argument("--name", default=None, help="stem of the output JSONL (default: derived from source and split)")
         sp.add_argument("--skip-bad", action="store_true",
@@ -1107,7 +1328,9 @@ def build_parser():
     sp = sub.add_parser("dior", help="DIOR-R oriented XML -> det records")
     common(sp)
     sp.add_argument("--root", required=True, help="DIOR-R folder (Annotations/, JPEGImages-*/, ImageSets/Main/)")
-    sp.add_argument("--split", default="trainval", help="split list name (train, val, trainval, test) or 'all'")
+    sp.add_argument("--split", default="trainval",
+                    help="split list name (train, val, trainval, test) or 'all'; trainval without a trainval.txt "
+                    "reads train.txt + val.txt")
     sp.add_argument("--split-file", default=None, help="explicit split list (one image id per line)")
     sp.add_argument("--box-format", choices=list(DET_FORMAT), default="poly", help="box kind asked for in answers")
 
@@ -1132,12 +1355,14 @@ def build_parser():
     sp.add_argument("--json", required=True, help="dataset.json / dataset_rsicd.json")
     sp.add_argument("--images", required=True, help="image folder")
     sp.add_argument("--split", default="test", help="train, val, test, or several joined by '+'")
-    sp.add_argument("--dataset", default=None, help="dataset name in records (default: from the JSON file name)")
+    sp.add_argument("--dataset", default=None, help="dataset name in records and the output file (default: from the JSON file "
+                    "name, dataset_rsicd.json -> rsicd; for a plain dataset.json its folder, UCM_captions -> ucm_captions)")
     sp.add_argument("--per-reference", action="store_true", help="one record per reference (for training)")
 
     sp = sub.add_parser("cls", help="class-per-folder scene classification -> cls records (train + test files)")
     common(sp)
-    sp.add_argument("--root", required=True, help="folder with one sub-folder per class")
+    sp.add_argument("--root", required=True,
+                    help="folder with one sub-folder of images per class (UCMerced: UCMerced_LandUse/Images)")
     sp.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class for training (AID: 0.2)")
     sp.add_argument("--seed", type=int, default=0, help="split seed")
     sp.add_argument("--dataset", default=None, help="dataset name in records (default: root folder name)")
@@ -1147,6 +1372,7 @@ def build_parser():
     sp.add_argument("--train", type=int, default=200, help="number of training images")
     sp.add_argument("--val", type=int, default=50, help="number of validation images")
     sp.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
+    model.add_debug_flag(sp)
     return p
 
 
@@ -1156,12 +1382,11 @@ RUNNERS = {"dota": partial(run_tiling, source="dota"), "fair1m": partial(run_til
 
 
 def main(argv=None):
+    """Returns the run's summary. Bad input raises BadInput (a model.UserError): run_cli prints it as one line
+    `error: ...` and exits 2; any other exception is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        return RUNNERS[args.source](args)
-    except BadInput as e:
-        raise SystemExit(f"data_prep {args.source}: error: {e}") from None
+    return RUNNERS[args.source](args)
 
 
 if __name__ == "__main__":
-    main()
+    model.run_cli(main)

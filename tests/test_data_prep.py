@@ -1,7 +1,12 @@
 """data_prep.py: tiling rules on the real DOTA samples, the DIOR sample, small fixtures for every other format,
-bad-input handling, and synth (deterministic, round-trips through model.tokenize)."""
+real layouts (DIOR-R without trainval.txt, two dataset.json caption sets, FAIR1M's closing point), bad-input
+handling (in-process, and through the CLI: one line, exit code 2, nothing written), and synth (deterministic,
+round-trips through model.tokenize)."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +18,19 @@ import boxes
 import data_prep
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def run(*argv):
     return data_prep.main([str(a) for a in argv])
+
+
+def start_cli(*argv):
+    """data_prep.py as a user runs it, in a subprocess (started, not waited for: the CLI cases run together)."""
+    env = {k: v for k, v in os.environ.items() if k != "RSCOVLM_DEBUG"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.Popen([sys.executable, "data_prep.py", *map(str, argv)], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def read_jsonl(path):
@@ -152,7 +168,7 @@ def test_dota_512_train_drops_empty_patches_and_resume_skips_written(shared_data
     assert {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
     assert read_jsonl(out / "dota_train_512.jsonl") == recs
     # other settings into the same output are refused (the old patches would be trusted)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(data_prep.BadInput, match="other settings"):
         run("dota", "--root", root, "--split", "train", "--patch", "512", "--gap", "100", "--out", out)
 
     # an empty window: a label file with one object far from the first window, 1024/200 on P0706
@@ -208,7 +224,7 @@ def test_bad_label_line_names_file_and_line_or_is_skipped(tmp_path, line, why):
     root = _bad_root(tmp_path)
     write_png(root / "images" / "B.png", 100, 80)
     (root / "labelTxt" / "B.txt").write_text("10 10 30 10 30 20 10 20 plane 0\n" + line + "\n")
-    with pytest.raises(SystemExit, match=rf"line 2 in .*B\.txt: .*{why}"):
+    with pytest.raises(data_prep.BadInput, match=rf"line 2 in .*B\.txt: .*{why}"):
         run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o", "--workers", "1")
     s = run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o2", "--workers", "1", "--skip-bad")
     assert s["counts"]["skipped"] == 1 and "B.txt" in s["skipped"][0]["reason"]
@@ -220,7 +236,7 @@ def test_corrupt_or_missing_image_is_an_error_or_counted_skip(tmp_path):
     good = (root / "images" / "A.png").read_bytes()
     (root / "images" / "C.png").write_bytes(good[: len(good) // 2])  # truncated file
     (root / "labelTxt" / "C.txt").write_text("10 10 30 10 30 20 10 20 plane 0\n")
-    with pytest.raises(SystemExit, match=r"cannot read image .*C\.png"):
+    with pytest.raises(data_prep.BadInput, match=r"cannot read image .*C\.png"):
         run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o", "--workers", "1")
     s = run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o2", "--workers", "2", "--skip-bad")
     assert s["counts"]["skipped"] == 1 and "C.png" in s["skipped"][0]["reason"]
@@ -228,7 +244,7 @@ def test_corrupt_or_missing_image_is_an_error_or_counted_skip(tmp_path):
     # no label file for an image of a labelled split
     (root / "images" / "C.png").write_bytes(good)
     (root / "labelTxt" / "C.txt").unlink()
-    with pytest.raises(SystemExit, match=r"no label file .*C\.txt"):
+    with pytest.raises(data_prep.BadInput, match=r"no label file .*C\.txt"):
         run("dota", "--root", root, "--split", "train", "--out", tmp_path / "o3", "--workers", "1")
 
 
@@ -247,24 +263,34 @@ def test_dior_sample_converts_with_its_golffield(shared_data, tmp_path):
     assert len(r["meta"]["classes"]) == 20
 
 
-def test_dior_split_list_and_unknown_class(tmp_path):
+DIOR_OBJ = ("<object><name>{}</name><difficult>0</difficult><robndbox><x_left_top>1</x_left_top><y_left_top>2"
+            "</y_left_top><x_right_top>11</x_right_top><y_right_top>2</y_right_top><x_right_bottom>11</x_right_bottom>"
+            "<y_right_bottom>8</y_right_bottom><x_left_bottom>1</x_left_bottom><y_left_bottom>8</y_left_bottom>"
+            "</robndbox></object>")
+
+
+def _dior_root(tmp_path, ids):
+    """DIOR-R layout: one 64x64 image + oriented XML (an expressway service area) per id, ImageSets/Main/ empty."""
     root = tmp_path / "DIOR-R"
-    write_png(root / "JPEGImages-trainval" / "00002.jpg", 64, 64)
     ann = root / "Annotations" / "Oriented Bounding Boxes"
     ann.mkdir(parents=True)
-    obj = ("<object><name>{}</name><difficult>0</difficult><robndbox><x_left_top>1</x_left_top><y_left_top>2"
-           "</y_left_top><x_right_top>11</x_right_top><y_right_top>2</y_right_top><x_right_bottom>11</x_right_bottom>"
-           "<y_right_bottom>8</y_right_bottom><x_left_bottom>1</x_left_bottom><y_left_bottom>8</y_left_bottom>"
-           "</robndbox></object>")
-    (ann / "00002.xml").write_text(f"<annotation><size><width>64</width><height>64</height></size>"
-                                   f"{obj.format('Expressway-Service-area')}</annotation>")
+    for i in ids:
+        write_png(root / "JPEGImages-trainval" / f"{i}.jpg", 64, 64)
+        (ann / f"{i}.xml").write_text(f"<annotation><size><width>64</width><height>64</height></size>"
+                                      f"{DIOR_OBJ.format('Expressway-Service-area')}</annotation>")
     (root / "ImageSets" / "Main").mkdir(parents=True)
+    return root
+
+
+def test_dior_split_list_and_unknown_class(tmp_path):
+    root = _dior_root(tmp_path, ["00002"])
+    ann = root / "Annotations" / "Oriented Bounding Boxes"
     (root / "ImageSets" / "Main" / "train.txt").write_text("00002\n")
     run("dior", "--root", root, "--split", "train", "--out", tmp_path / "o", "--workers", "1")
     (r,) = read_jsonl(tmp_path / "o" / "dior_train.jsonl")
     assert r["meta"]["objects"][0]["label"] == "expressway-service-area"
-    (ann / "00002.xml").write_text(f"<annotation>{obj.format('volcano')}</annotation>")
-    with pytest.raises(SystemExit, match=r"object 1 in .*00002\.xml: unknown class 'volcano'"):
+    (ann / "00002.xml").write_text(f"<annotation>{DIOR_OBJ.format('volcano')}</annotation>")
+    with pytest.raises(data_prep.BadInput, match=r"object 1 in .*00002\.xml: unknown class 'volcano'"):
         run("dior", "--root", root, "--split", "train", "--out", tmp_path / "o", "--workers", "1")
 
 
@@ -293,7 +319,8 @@ def test_fair1m_xml_tiles_like_dota(tmp_path):
     assert np.array_equal(patch[:200], arr[:, 44:]) and not patch[200:].any()
 
 
-def test_rsvg_indices_count_objects_over_sorted_xmls(tmp_path):
+def _rsvg_root(tmp_path):
+    """3 objects: 00001.xml has objects 0 (ship) and 1 (dam), 00002.xml object 2 (vehicle)."""
     root = tmp_path / "DIOR-RSVG"
     for n in ("00001", "00002"):
         write_png(root / "JPEGImages" / f"{n}.jpg", 80, 60)
@@ -307,6 +334,11 @@ def test_rsvg_indices_count_objects_over_sorted_xmls(tmp_path):
         f"{obj('dam', (5, 5, 50, 40), 'the dam on the left')}</annotation>")
     (root / "Annotations" / "00002.xml").write_text(
         f"<annotation><filename>00002.jpg</filename>{obj('vehicle', (30, 10, 40, 20), 'a small white car')}</annotation>")
+    return root
+
+
+def test_rsvg_indices_count_objects_over_sorted_xmls(tmp_path):
+    root = _rsvg_root(tmp_path)
     (root / "test.txt").write_text("1\n2\n")
     run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "o", "--workers", "1")
     recs = {r["id"]: r for r in read_jsonl(tmp_path / "o" / "rsvg_test.jsonl")}
@@ -319,7 +351,8 @@ def test_rsvg_indices_count_objects_over_sorted_xmls(tmp_path):
     assert recs["rsvg_1"]["meta"]["objects"][0]["expression"] == "the dam on the left"
 
 
-def test_rsvqa_types_buckets_and_suffix(tmp_path):
+def _rsvqa_root(tmp_path):
+    """RSVQA-LR test split: image 0 with 6 active questions (4 count, presence, rural_urban) + 1 inactive."""
     root = tmp_path / "RSVQA_LR"
     write_png(root / "Images_LR" / "0.tif", 32, 32)
     qs = [("count", "How many buildings are there?", "0"), ("count", "How many roads are there?", "7"),
@@ -335,6 +368,11 @@ def test_rsvqa_types_buckets_and_suffix(tmp_path):
                  "images": [{"id": 0, "questions_ids": list(range(6)) + [9], "active": True},
                             {"id": 1, "questions_ids": [], "active": False}]}.items():
         (root / f"LR_split_test_{k}.json").write_text(json.dumps({k: v}))
+    return root
+
+
+def test_rsvqa_types_buckets_and_suffix(tmp_path):
+    root = _rsvqa_root(tmp_path)
     s = run("rsvqa", "--root", root, "--variant", "LR", "--split", "test", "--out", tmp_path / "o", "--workers", "1")
     recs = read_jsonl(tmp_path / "o" / "rsvqa_lr_test.jsonl")
     assert [r["meta"]["answer"] for r in recs] == ["0", "between 0 and 10", "between 10 and 100", "more than 1000",
@@ -352,6 +390,16 @@ def test_rsvqa_types_buckets_and_suffix(tmp_path):
     assert data_prep.rsvqa_answer("25", "count", "HR", True) == "25"  # HR counts stay numbers
 
 
+def _caption_set(folder, json_name="dataset.json", n=2):
+    """A Karpathy-style caption set: folder/json_name + folder/imgs/{0..n-1}.tif, image 0 train, the rest test."""
+    images = [{"filename": f"{i}.tif", "imgid": i, "split": "train" if i == 0 else "test",
+               "sentences": [{"raw": f"caption {i} of {folder.name}"}]} for i in range(n)]
+    for e in images:
+        write_png(folder / "imgs" / e["filename"], 16, 16)
+    (folder / json_name).write_text(json.dumps({"images": images, "dataset": "coco"}))  # a copied "dataset" key
+    return folder / json_name
+
+
 def test_captions_one_record_per_image_with_all_references(tmp_path):
     for n in ("a.tif", "b.tif", "c.tif"):
         write_png(tmp_path / "imgs" / n, 16, 16)
@@ -361,7 +409,7 @@ def test_captions_one_record_per_image_with_all_references(tmp_path):
         {"filename": "c.tif", "imgid": 2, "split": "test", "sentences": []}]}
     (tmp_path / "dataset_rsicd.json").write_text(json.dumps(data))
     args = ["captions", "--json", tmp_path / "dataset_rsicd.json", "--images", tmp_path / "imgs", "--workers", "1"]
-    with pytest.raises(SystemExit, match="c.tif.*no reference"):
+    with pytest.raises(data_prep.BadInput, match="c.tif.*no reference"):
         run(*args, "--split", "test", "--out", tmp_path / "o")
     run(*args, "--split", "test", "--out", tmp_path / "o", "--skip-bad")
     (r,) = read_jsonl(tmp_path / "o" / "rsicd_test.jsonl")
@@ -390,6 +438,207 @@ def test_cls_seeded_per_class_split(tmp_path):
     assert "bare land, basketball court" in test[0]["messages"][0]["content"]
     assert split(0, tmp_path / "b")[0] == train  # same seed, same split
     assert any(split(s, tmp_path / f"s{s}")[0] != train for s in (1, 2, 3))
+
+
+# -----------------------------------------------------------------------------
+# Real layouts: DIOR-R without trainval.txt, two caption sets called dataset.json, FAIR1M's closing point
+
+
+def test_dior_trainval_is_train_plus_val_when_there_is_no_trainval_list(tmp_path, capsys):
+    root = _dior_root(tmp_path, ["00001", "00002", "00003", "00004"])
+    lists = root / "ImageSets" / "Main"
+    (lists / "train.txt").write_text("00001\n00002\n")
+    (lists / "val.txt").write_text("00003\n")
+    (lists / "test.txt").write_text("00004\n")
+    s = run("dior", "--root", root, "--split", "trainval", "--out", tmp_path / "o", "--workers", "1")
+    assert [r["id"] for r in read_jsonl(tmp_path / "o" / "dior_trainval.jsonl")] == ["00001", "00002", "00003"]
+    note = f"no trainval.txt: trainval = {lists / 'train.txt'} + {lists / 'val.txt'}"
+    assert s["notes"] == [note] and f"note: {note}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "dior_trainval.info.json").read_text())["summary"]["notes"] == [note]
+    # an existing trainval.txt is what --split trainval reads
+    (lists / "trainval.txt").write_text("00002\n00004\n")
+    s = run("dior", "--root", root, "--split", "trainval", "--out", tmp_path / "o2", "--workers", "1")
+    assert [r["id"] for r in read_jsonl(tmp_path / "o2" / "dior_trainval.jsonl")] == ["00002", "00004"]
+    assert s["notes"] == []
+    # neither: the error says where it looked and which lists there are
+    (lists / "trainval.txt").unlink()
+    (lists / "val.txt").unlink()
+    with pytest.raises(data_prep.BadInput, match=r"trainval split list .*ImageSets/Main.*lists there: test, train\)"):
+        run("dior", "--root", root, "--split", "trainval", "--out", tmp_path / "o3", "--workers", "1")
+
+
+def test_ucm_and_sydney_dataset_json_get_their_own_names(tmp_path):
+    ucm = _caption_set(tmp_path / "UCM_captions", n=2)
+    sydney = _caption_set(tmp_path / "Sydney_captions", n=3)
+    for js in (ucm, sydney):
+        run("captions", "--json", js, "--images", js.parent / "imgs", "--split", "test", "--out", tmp_path / "cap",
+            "--workers", "1")
+    ucm_recs = read_jsonl(tmp_path / "cap" / "ucm_captions_test.jsonl")
+    sydney_recs = read_jsonl(tmp_path / "cap" / "sydney_captions_test.jsonl")
+    assert [r["meta"]["references"] for r in ucm_recs] == [["caption 1 of UCM_captions"]]
+    assert [r["meta"]["references"] for r in sydney_recs] == [["caption 1 of Sydney_captions"],
+                                                             ["caption 2 of Sydney_captions"]]
+    assert {r["dataset"] for r in ucm_recs} == {"ucm_captions"} and {r["dataset"] for r in sydney_recs} == {"sydney_captions"}
+    assert data_prep.caption_dataset_name("RSICD/dataset_rsicd.json") == "rsicd"  # a named file keeps its name
+
+
+@pytest.mark.parametrize("first, last", [("10,20", "10.0,20.0"), ("10.000000,20.000000", "10,20"),
+                                         (" 10.5, 20", "10.5000001,20.0")])
+def test_fair1m_closing_point_is_compared_as_numbers(tmp_path, first, last):
+    def parse(points):
+        xml = tmp_path / "1.xml"
+        xml.write_text("<annotation><objects><object><possibleresult><name>Bus</name></possibleresult><points>"
+                       + "".join(f"<point>{p}</point>" for p in points) + "</points></object></objects></annotation>")
+        return data_prep.parse_fair1m_xml(xml, data_prep.FAIR1M_CLASSES)
+
+    (o,) = parse([first, "60,20", "60,40", "10,40", last])
+    assert o["poly"] == [float(v) for v in first.split(",")] + [60, 20, 60, 40, 10, 40] and o["label"] == "bus"
+    with pytest.raises(data_prep.BadInput, match=r"object 1 in .*1\.xml: polygon has 5 points"):
+        parse([first, "60,20", "60,40", "10,40", "11,20"])  # a fifth corner, not the first again
+
+
+# -----------------------------------------------------------------------------
+# Bad input through the real CLI: one line `error: ...` on stderr, exit code 2, nothing written.
+# The cases start together (each process imports torch through model.py: ~2 s of CPU); the other wrong
+# layouts are checked in-process below (same BadInput, same message).
+
+
+CLI_CASES = ["dota_empty_root", "dota_no_labeltxt", "dota_train_all_patches_empty", "cls_ucmerced_unzipped_folder",
+             "rsvg_index_past_the_last_object", "captions_second_dataset_json_same_name"]
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cli_errors(tmp_path_factory):
+    """{case: (exit code, non-empty stderr lines, strings the line must name, files in OUT before, after)};
+    "debug": the UCMerced case again with --debug after the subcommand."""
+    tmp = tmp_path_factory.mktemp("cli").resolve()
+    cases = {}
+    # dota on an empty root: images/ and labelTxt/ with nothing in them
+    (tmp / "empty" / "images").mkdir(parents=True)
+    (tmp / "empty" / "labelTxt").mkdir()
+    cases["dota_empty_root"] = (["dota", "--root", tmp / "empty", "--split", "train"],
+                                [f"{tmp / 'empty' / 'images'} has no images"])
+    write_png(tmp / "nolabels" / "images" / "A.png", 32, 32)
+    cases["dota_no_labeltxt"] = (["dota", "--root", tmp / "nolabels", "--split", "val"],
+                                 [f"{tmp / 'nolabels' / 'labelTxt'} is not a folder", "--split test"])
+    # every label file without objects: train drops every (empty) patch
+    write_png(tmp / "noobjects" / "images" / "A.png", 32, 32)
+    (tmp / "noobjects" / "labelTxt").mkdir()
+    (tmp / "noobjects" / "labelTxt" / "A.txt").write_text("imagesource:x\ngsd:null\n")
+    cases["dota_train_all_patches_empty"] = (["dota", "--root", tmp / "noobjects", "--split", "train"],
+                                             ["no records for dota_train", str(tmp / "noobjects"), "--keep-empty"])
+    # UCMerced_LandUse.zip unzips to UCMerced_LandUse/Images/<class>/*.tif
+    for c in ("agricultural", "airplane"):
+        write_png(tmp / "UCMerced_LandUse" / "Images" / c / f"{c}00.tif", 8, 8)
+    cases["cls_ucmerced_unzipped_folder"] = (
+        ["cls", "--root", tmp / "UCMerced_LandUse"],
+        [f"{tmp / 'UCMerced_LandUse'} has no class folders with images",
+         f"did you mean {tmp / 'UCMerced_LandUse' / 'Images'}?"])
+    rsvg = _rsvg_root(tmp)  # objects 0, 1, 2
+    (rsvg / "test.txt").write_text("1\n\n7\n2\n")
+    cases["rsvg_index_past_the_last_object"] = (["rsvg", "--root", rsvg, "--split", "test"],
+                                                [f"line 3 in {rsvg / 'test.txt'}", "object 7 does not exist",
+                                                 "has 3 objects"])
+    # two caption sets whose dataset.json sit in folders of the same name: the second must not overwrite the first
+    first, second = _caption_set(tmp / "a" / "captions"), _caption_set(tmp / "b" / "captions", n=3)
+    run("captions", "--json", first, "--images", first.parent / "imgs", "--split", "test",
+        "--out", tmp / "out" / "captions_second_dataset_json_same_name", "--workers", "1")
+    cases["captions_second_dataset_json_same_name"] = (
+        ["captions", "--json", second, "--images", second.parent / "imgs", "--split", "test"],
+        ["captions_test.* was made from " + str(first), f"this run reads {second}", "--name"])
+    assert sorted(cases) == sorted(CLI_CASES)
+    cases["debug"] = (cases["cls_ucmerced_unzipped_folder"][0] + ["--debug"], [])
+
+    procs = {}
+    for case, (argv, names) in cases.items():
+        out = tmp / "out" / case
+        before = _files(out) if out.exists() else {}
+        procs[case] = (start_cli(*argv, "--out", out, "--workers", "1"), names, out, before)
+    results = {}
+    for case, (proc, names, out, before) in procs.items():
+        _, err = proc.communicate(timeout=300)
+        after = _files(out) if out.exists() else {}
+        results[case] = (proc.returncode, [line for line in err.splitlines() if line.strip()], names, before, after)
+    return results
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_bad_input_is_one_line_naming_it_exit_2_nothing_written(cli_errors, case):
+    code, err, names, before, after = cli_errors[case]
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for name in names:
+        assert name in err[0]
+    # no JSONL written and an earlier output (captions_second_...) untouched; tiling leaves only its info.json
+    assert {p: b for p, b in after.items() if p.suffix == ".jsonl"} == {p: b for p, b in before.items() if p.suffix == ".jsonl"}
+    assert all(after.get(p) == b for p, b in before.items())
+
+
+def test_cli_debug_flag_shows_the_traceback(cli_errors):
+    code, err, _, _, _ = cli_errors["debug"]
+    assert code == 1 and any(line.startswith("Traceback") for line in err) and err[-1].startswith("BadInput: ")
+    assert "did you mean" in err[-1]
+
+
+def test_wrong_folders_are_named_with_a_suggestion(tmp_path):
+    # DOTA/ given where DOTA/train is meant
+    write_png(tmp_path / "DOTA" / "train" / "images" / "A.png", 32, 32)
+    with pytest.raises(data_prep.BadInput, match=rf"{tmp_path / 'DOTA' / 'images'} is not a folder.*"
+                                                 rf"did you mean {tmp_path / 'DOTA' / 'train'}\?"):
+        run("dota", "--root", tmp_path / "DOTA", "--split", "test", "--out", tmp_path / "o")
+    (tmp_path / "fair1m" / "images").mkdir(parents=True)
+    with pytest.raises(data_prep.BadInput, match=rf"{tmp_path / 'fair1m' / 'images'} has no images"):
+        run("fair1m", "--root", tmp_path / "fair1m", "--split", "train", "--out", tmp_path / "o")
+    # RSVQA files one level down
+    rsvqa = _rsvqa_root(tmp_path / "parent")
+    with pytest.raises(data_prep.BadInput, match=rf"no {tmp_path / 'parent' / 'LR_split_test_questions.json'} .*"
+                                                 rf"did you mean {rsvqa}\?"):
+        run("rsvqa", "--root", tmp_path / "parent", "--variant", "LR", "--split", "test", "--out", tmp_path / "o")
+    # a --split the caption JSON does not have
+    js = _caption_set(tmp_path / "RSICD", "dataset_rsicd.json")
+    with pytest.raises(data_prep.BadInput, match=r"no records for rsicd_val.*dataset_rsicd\.json has split 'val' "
+                                                 r"\(splits there: test \(1\), train \(1\)\)"):
+        run("captions", "--json", js, "--images", js.parent / "imgs", "--split", "val", "--out", tmp_path / "o")
+    assert not list((tmp_path / "o").glob("*.jsonl"))
+
+
+def test_rsvg_index_past_the_last_object_is_a_counted_skip_with_skip_bad(tmp_path):
+    root = _rsvg_root(tmp_path)
+    (root / "test.txt").write_text("1\n7\n2\n2\n")
+    s = run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "o", "--workers", "1", "--skip-bad")
+    assert [r["id"] for r in read_jsonl(tmp_path / "o" / "rsvg_test.jsonl")] == ["rsvg_1", "rsvg_2"]
+    assert s["counts"]["skipped"] == 1 and "line 2 in" in s["skipped"][0]["reason"]
+    assert s["counts"]["repeated indices, kept once"] == 1
+
+
+def test_zero_record_runs_say_why(tmp_path):
+    # rsvqa: --types that no question has
+    root = _rsvqa_root(tmp_path)
+    with pytest.raises(data_prep.BadInput, match=r"no question of --types presense \(types in .*: count, presence"):
+        run("rsvqa", "--root", root, "--variant", "LR", "--split", "test", "--types", "presense",
+            "--out", tmp_path / "o", "--workers", "1")
+    assert not (tmp_path / "o" / "rsvqa_lr_test.jsonl").exists()
+    # cls: a class folder given as --root; a folder without images is not a class (and is said so)
+    for c in ("Airport", "Beach"):
+        write_png(tmp_path / "AID" / c / f"{c}_1.jpg", 8, 8)
+    with pytest.raises(data_prep.BadInput, match=r"Airport holds images itself: .*\(.*AID\?\)"):
+        run("cls", "--root", tmp_path / "AID" / "Airport", "--out", tmp_path / "c", "--workers", "1")
+    (tmp_path / "AID" / "__MACOSX").mkdir()
+    (tmp_path / "AID" / "empty_folder").mkdir()
+    s = run("cls", "--root", tmp_path / "AID", "--train-ratio", "0.0", "--out", tmp_path / "c", "--workers", "1")
+    assert s["counts"]["classes"] == 2 and s["notes"] == ["folders without images, not classes: __MACOSX, empty_folder"]
+    assert read_jsonl(tmp_path / "c" / "aid_train.jsonl") == [] and len(read_jsonl(tmp_path / "c" / "aid_test.jsonl")) == 2
+    # cls: every image unreadable and skipped -> an error, not two empty files
+    for c in ("Airport", "Beach"):
+        (tmp_path / "AID" / c / f"{c}_1.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(data_prep.BadInput, match=r"no records for aid2.*2 skipped as bad input"):
+        run("cls", "--root", tmp_path / "AID", "--name", "aid2", "--out", tmp_path / "c", "--workers", "1", "--skip-bad")
+    assert not (tmp_path / "c" / "aid2_train.jsonl").exists()
+
 
 
 # -----------------------------------------------------------------------------

@@ -111,6 +111,65 @@ def test_smart_resize_matches_processor(fam, loaded, tmp_path):
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
+def test_smart_resize_sweep_equals_the_image_processor(fam, loaded):
+    """Every side from 1 px up through the factor boundaries (where the old formula clamped a side to one factor
+    and the processor rounds it to 0 first), small and huge images, both budgets' edges: our size equals the
+    grid the processor class the code uses produces; past aspect ratio 200 both refuse."""
+    _, proc = loaded[fam]
+    ip, factor = proc.image_processor, proc.patch_size * proc.merge_size
+    sides = sorted({1, 2, 3, 5, 8, 13, 20, 50, 77, 100, 150, 301, 640, 1000, 1500, 4000}
+                   | {k * factor + d for k in (1, 2, 3) for d in (-factor // 2 - 1, -factor // 2, -factor // 2 + 1, -1, 0, 1)})
+    n = 0
+    for h in sides:
+        for w in sides:
+            if max(h, w) / min(h, w) > 200:
+                with pytest.raises(model.UserError, match="aspect ratio"):
+                    model.smart_resize(h, w, factor, proc.min_pixels, proc.max_pixels)
+                with pytest.raises(ValueError):
+                    ip(images=[Image.new("RGB", (w, h))], return_tensors="pt")
+                continue
+            grid = ip(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0]
+            assert model.smart_resize(h, w, factor, proc.min_pixels, proc.max_pixels) == (
+                int(grid[1]) * proc.patch_size, int(grid[2]) * proc.patch_size), (h, w)
+            n += 1
+    assert n > 500
+
+
+def test_load_image_as_transformers_and_the_processor_read_it(tmp_path):
+    """EXIF orientation applied as transformers' load_image does; transparency composited on white as the image
+    processor's convert_to_rgb does (RGBA, LA, P with a transparent colour). Each check fails with a plain
+    Image.open(...).convert("RGB")."""
+    from transformers.image_transforms import convert_to_rgb
+    from transformers.image_utils import load_image as hf_load_image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    for orientation in (3, 6, 8):  # 180 degrees, 90 clockwise, 90 counter-clockwise (phone/drone JPEGs)
+        path = tmp_path / f"exif{orientation}.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+        ours, ref = model.load_image(path), hf_load_image(str(path))
+        assert ours.size == ref.size and np.array_equal(np.asarray(ours), np.asarray(ref))
+        raw = Image.open(path).convert("RGB")
+        assert ours.size != raw.size or not np.array_equal(np.asarray(ours), np.asarray(raw))
+    alpha = rng.integers(0, 256, (40, 64), dtype=np.uint8)
+    rgba = Image.fromarray(np.dstack([pixels, alpha]), "RGBA")
+    la = Image.fromarray(np.dstack([pixels[..., 0], alpha]), "LA")
+    pal = Image.fromarray(pixels).convert("P", palette=Image.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 3
+    for name, im in (("rgba", rgba), ("la", la), ("p", pal)):
+        path = tmp_path / f"{name}.png"
+        im.save(path)
+        ours = np.asarray(model.load_image(path))
+        ref = convert_to_rgb(Image.open(path), return_numpy=True)
+        assert ours.dtype == np.uint8 and np.array_equal(ours, ref), name
+        assert not np.array_equal(ours, np.asarray(Image.open(path).convert("RGB"))), name
+    with pytest.raises(model.UserError, match="cannot read image .*nothing.png"):
+        model.load_image(tmp_path / "nothing.png")
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
 def test_det_answer_rendered_in_family_coordinates(fam, loaded, images):
     _, proc = loaded[fam]
     objects = [{"poly": [10, 10, 60, 10, 60, 40, 10, 40], "label": "ship", "difficult": 0},
@@ -190,6 +249,13 @@ def test_read_records_errors(tmp_path, images):
     p.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
     with pytest.raises(ValueError, match="duplicate id 'a'"):
         model.read_records(p)
+    p.write_text("\n")
+    with pytest.raises(model.UserError, match=r"recs.jsonl has no records \(an empty file\)"):
+        model.read_records(p)
+    with pytest.raises(model.UserError, match=rf"{tmp_path} is a folder: give a record file \(.jsonl\), e.g. .*recs.jsonl"):
+        model.read_records(tmp_path)
+    with pytest.raises(model.UserError, match="record file .*nope.jsonl not found"):
+        model.read_records(tmp_path / "nope.jsonl")
 
 
 def test_read_predictions(tmp_path):
