@@ -288,32 +288,45 @@ def read_class_list(spec):
     if spec in DOTA_CLASSES:
         return list(DOTA_CLASSES[spec])
     path = Path(spec)
+    if path.is_dir():
+        raise model.UserError(f"--classes {spec} is a folder: give one of {sorted(DOTA_CLASSES)} or a file with one "
+                              f"class per line")
     if not path.is_file():
-        raise SystemExit(f"--classes {spec}: neither one of {sorted(DOTA_CLASSES)} nor a file")
-    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"--classes {spec}: duplicate class names")
+        raise model.UserError(f"--classes {spec}: neither one of {sorted(DOTA_CLASSES)} nor an existing file")
+    names = [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
+    if not names:
+        raise model.UserError(f"--classes {spec}: the file has no class names (one per line)")
+    dup = sorted(n for n, k in Counter(names).items() if k > 1)
+    if dup:
+        raise model.UserError(f"--classes {spec}: duplicate class names {dup}")
     return names
+
+
+def read_text(path):
+    """A text file's content; a file that is not UTF-8 text (an image, a zip) raises UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise model.UserError(f"{path} is not a UTF-8 text file ({e.reason} at byte {e.start})") from None
 
 
 def read_dota_label(path):
     """One DOTA label file -> list of {"poly", "label", "difficult"}. Lines with fewer than 9 fields are
     headers (imagesource:, gsd:); a missing difficult field means 0; any non-zero difficult is difficult."""
     objects = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            t = line.split()
-            if len(t) < 9:
-                continue
-            if len(t) > 10:
-                raise ValueError(f"bad label line {lineno} in {path}: expected 9 or 10 fields, got {len(t)}")
-            try:
-                poly = [float(v) for v in t[:8]]
-                difficult = float(t[9]) != 0 if len(t) == 10 else False
-            except ValueError:
-                raise ValueError(f"bad label line {lineno} in {path}: expected 8 numbers, a class and an "
-                                 f"optional difficult flag, got {line.strip()!r}") from None
-            objects.append({"poly": poly, "label": t[8], "difficult": int(difficult)})
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        t = line.split()
+        if len(t) < 9:
+            continue
+        if len(t) > 10:
+            raise model.UserError(f"bad label line {lineno} in {path}: expected 9 or 10 fields, got {len(t)}")
+        try:
+            poly = [float(v) for v in t[:8]]
+            difficult = float(t[9]) != 0 if len(t) == 10 else False
+        except ValueError:
+            raise model.UserError(f"bad label line {lineno} in {path}: expected 8 numbers, a class and an "
+                                  f"optional difficult flag, got {line.strip()!r}") from None
+        objects.append({"poly": poly, "label": t[8], "difficult": int(difficult)})
     return objects
 
 
@@ -322,14 +335,14 @@ def gt_from_labels(label_dir, classes, names=None):
     label_dir = Path(label_dir)
     if names is None:
         names = sorted(p.stem for p in label_dir.glob("*.txt"))
-    if not names:
-        raise SystemExit(f"no label files (*.txt) in {label_dir}")
+        if not names:
+            raise model.UserError(f"--gt {label_dir}: no label files (*.txt) in it")
     cls_idx = {c: i for i, c in enumerate(classes)}
     img, lab, poly, diff, unknown = [], [], [], [], Counter()
     for i, name in enumerate(names):
         path = label_dir / f"{name}.txt"
         if not path.is_file():
-            raise SystemExit(f"no label file {path} for image '{name}'")
+            raise model.UserError(f"--gt {label_dir}: no label file {path.name} for image '{name}'")
         for o in read_dota_label(path):
             img.append(i)
             lab.append(cls_idx.get(o["label"], -1))
@@ -337,43 +350,62 @@ def gt_from_labels(label_dir, classes, names=None):
             poly.append(o["poly"])
             diff.append(o["difficult"] != 0)
     unknown = {k: v for k, v in unknown.items() if v}
-    if unknown:
-        print(f"note: ground-truth classes not in the class list are not scored: {unknown}", file=sys.stderr)
+    check_classes_match(unknown, len(lab), classes, f"the label files of --gt {label_dir}")
     gt = {"image": np.array(img, np.int64), "label": np.array(lab, np.int64),
           "poly": np.array(poly, float).reshape(-1, 8), "difficult": np.array(diff, bool)}
     return gt, names
+
+
+def check_classes_match(unknown, n_objects, classes, source):
+    """unknown: {label: count} of ground-truth objects whose class is not in the class list. When that is every
+    object, every AP would be 0 because of a wrong class list (or names spelt otherwise), not because of the
+    detections: UserError. Some: a note, they are not scored."""
+    if not unknown:
+        return
+    if sum(unknown.values()) == n_objects:
+        show = lambda xs: ", ".join(xs[:6]) + (", ..." if len(xs) > 6 else "")  # noqa: E731
+        raise model.UserError(f"none of the {n_objects} ground-truth objects in {source} has a class of the class list "
+                              f"(ground truth: {show(sorted(unknown))}; class list: {show(list(classes))}): give "
+                              f"--classes with the ground truth's class names")
+    print(f"note: ground-truth classes not in the class list are not scored: {unknown}", file=sys.stderr)
 
 
 def read_task_files(det_dir, task, classes, image_index):
     """Task1_{class}.txt (`img score x1 y1 ... x4 y4`) or Task2_{class}.txt (`img score xmin ymin xmax ymax`)
     -> detection arrays, rows in file order. A missing class file means no detections for that class."""
     det_dir = Path(det_dir)
-    if not list(det_dir.glob(f"Task{task}_*.txt")):
-        raise SystemExit(f"no Task{task}_*.txt files in {det_dir}")
+    found = sorted(p.name for p in det_dir.glob(f"Task{task}_*.txt"))
+    if not found:
+        other = sorted(p.name for p in det_dir.glob(f"Task{3 - task}_*.txt"))[:1]
+        raise model.UserError(f"--dota-task1 {det_dir}: no Task{task}_*.txt files in it"
+                              + (f" (it has {other[0]}...: use --task {3 - task})" if other else ""))
+    if not any(f"Task{task}_{name}.txt" in found for name in classes):
+        raise model.UserError(f"--dota-task1 {det_dir}: none of its files ({', '.join(found[:3])}...) is named after a "
+                              f"class of the class list ({', '.join(classes[:3])}...): check --classes")
     nfields = 10 if task == 1 else 6
     img, lab, score, geo = [], [], [], []
     for c, name in enumerate(classes):
         path = det_dir / f"Task{task}_{name}.txt"
         if not path.is_file():
             continue
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                t = line.split()
-                if not t:
-                    continue
-                if len(t) != nfields:
-                    raise ValueError(f"bad detection line {lineno} in {path}: expected {nfields} fields "
-                                     f"(image score {'x1 y1 ... x4 y4' if task == 1 else 'xmin ymin xmax ymax'}), got {len(t)}")
-                if t[0] not in image_index:
-                    raise ValueError(f"bad detection line {lineno} in {path}: image '{t[0]}' has no label file")
-                try:
-                    vals = [float(v) for v in t[1:]]
-                except ValueError:
-                    raise ValueError(f"bad detection line {lineno} in {path}: non-numeric score or coordinate") from None
-                img.append(image_index[t[0]])
-                lab.append(c)
-                score.append(vals[0])
-                geo.append(vals[1:])
+        for lineno, line in enumerate(read_text(path).splitlines(), 1):
+            t = line.split()
+            if not t:
+                continue
+            if len(t) != nfields:
+                raise model.UserError(f"bad detection line {lineno} in {path}: expected {nfields} fields (image score "
+                                      f"{'x1 y1 ... x4 y4' if task == 1 else 'xmin ymin xmax ymax'}), got {len(t)}")
+            if t[0] not in image_index:
+                raise model.UserError(f"bad detection line {lineno} in {path}: image '{t[0]}' has no label file "
+                                      f"in --gt (or is not listed in --imageset)")
+            try:
+                vals = [float(v) for v in t[1:]]
+            except ValueError:
+                raise model.UserError(f"bad detection line {lineno} in {path}: non-numeric score or coordinate") from None
+            img.append(image_index[t[0]])
+            lab.append(c)
+            score.append(vals[0])
+            geo.append(vals[1:])
     unknown = sorted(p.name for p in det_dir.glob(f"Task{task}_*.txt") if p.stem[6:] not in classes)
     if unknown:
         print(f"note: detection files for classes not in the class list are ignored: {unknown}", file=sys.stderr)
@@ -455,16 +487,48 @@ def merge_patches(dets, image_names, patch_info, iou_thr=MERGE_NMS_IOU):
 
 
 def read_det_records(args):
-    """The det and ground records of --data (model.read_records), checked for what scoring needs, --limit applied."""
-    recs = [r for r in model.read_records(args.data) if r["task"] in ("det", "ground")]
+    """The det and ground records of --data (model.read_records), checked for what scoring needs, --limit
+    applied. A file without any is a UserError saying which tasks it has and which script scores them."""
+    all_recs = model.read_records(args.data)
+    recs = [r for r in all_recs if r["task"] in ("det", "ground")]
+    if not recs:
+        have = Counter(r["task"] for r in all_recs)
+        hint = ("vqa, cls and caption records are scored by eval_vqa.py" if set(have) & {"vqa", "cls", "caption"}
+                else "chat records are not scored")
+        raise model.UserError(f"{args.data} has no det or ground records to score (it has "
+                              f"{', '.join(f'{n} {t}' for t, n in have.most_common())}): {hint}")
     for r in recs:
-        where = f"record '{r['id']}' of {args.data}"
-        for key in ("width", "height"):
-            if key not in r["meta"]:
-                raise ValueError(f"bad {where}: {r['task']} record needs meta['{key}']")
-        if r["task"] == "ground" and not r["meta"].get("objects"):
-            raise ValueError(f"bad {where}: ground record needs meta['objects'] with one object")
+        check_record(r)
     return recs[:args.limit] if args.limit else recs
+
+
+def check_record(r):
+    """What scoring needs from a det/ground record's meta; else UserError naming its file:line and id (found
+    before any generation, not after it)."""
+    meta, task = r["meta"], r["task"]
+
+    def bad(why):
+        return model.UserError(f"{model.record_where(r)}: {task} record {why}")
+
+    if not isinstance(meta, dict):
+        raise bad("needs meta (a JSON object with width, height, objects)")
+    for key in ("width", "height"):
+        if not isinstance(meta.get(key), (int, float)) or meta[key] <= 0:
+            raise bad(f"needs meta['{key}'] (the image's size in pixels)")
+    if meta.get("box_format") not in (None, *boxes.BOX_FORMATS):
+        raise bad(f"has meta['box_format'] {meta['box_format']!r}: expected one of {list(boxes.BOX_FORMATS)}")
+    objects = meta.get("objects", [])
+    if task == "ground" and not objects:
+        raise bad("needs meta['objects'] with one object (the one referred to)")
+    if not isinstance(objects, list):
+        raise bad("needs meta['objects'] as a list")
+    for k, o in enumerate(objects):
+        poly = o.get("poly") if isinstance(o, dict) else None
+        if not (isinstance(poly, list) and len(poly) == 8 and all(isinstance(v, (int, float)) for v in poly)):
+            raise bad(f"needs a 'poly' of 8 numbers in meta['objects'][{k}]")
+        if task == "det" and not isinstance(o.get("label"), str):
+            raise bad(f"needs a 'label' in meta['objects'][{k}]")
+
 
 
 def dataset_classes(recs, override=None):
@@ -577,6 +641,27 @@ def parse_report(recs, preds, answers, classes=None):
     return dict(rep)
 
 
+# What parse_report's counts are called in the printed line (zero counts are left out of it).
+ANSWER_COUNTS = {"missing_predictions": "without prediction", "answers_none_or_empty": "none or empty",
+                 "answers_with_no_boxes": "with no usable box", "answers_with_junk_lines": "with junk lines",
+                 "answers_with_invalid_boxes": "with invalid boxes", "answers_with_unknown_labels": "with unknown labels"}
+LINE_COUNTS = {"sum_boxes": "boxes", "sum_junk_lines": "junk", "sum_invalid_boxes": "invalid boxes",
+               "sum_unknown_labels": "unknown labels", "sum_duplicates": "duplicates"}
+NOTE_COUNTS = {"sum_extra_numbers": "with extra numbers dropped", "sum_mapped_labels": "with a misspelt label matched",
+               "boxes_without_class": "without a class (not scored)"}
+
+
+def format_parse(rep):
+    """parse_report as one readable line, e.g. "120 answers (3 without prediction, 2 with junk lines);
+    1,310 lines: 1,290 boxes, 12 junk, 8 invalid boxes; boxes: 5 with extra numbers dropped"."""
+    def part(counts):
+        return ", ".join(f"{rep[k]:,} {name}" for k, name in counts.items() if rep.get(k))
+
+    text = f"{rep.get('answers', 0):,} answers" + (f" ({part(ANSWER_COUNTS)})" if part(ANSWER_COUNTS) else "")
+    text += f"; {rep.get('sum_lines', 0):,} lines" + (f": {part(LINE_COUNTS)}" if part(LINE_COUNTS) else "")
+    return text + (f"; boxes {part(NOTE_COUNTS)}" if part(NOTE_COUNTS) else "")
+
+
 # -----------------------------------------------------------------------------
 # Reporting: per-class table, drawings
 
@@ -596,9 +681,9 @@ def print_det_table(title, res, res_hbb=None):
 
 def draw(image_path, gt_objs, pred_objs, out_png, scale=1.0):
     """ground truth in green, predictions in red, each with its label; scale maps polygon pixels to the image."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
-    img = Image.open(image_path).convert("RGB")
+    img = model.load_image(image_path)  # upright (EXIF), as the model saw it; UserError naming an unreadable file
     canvas = ImageDraw.Draw(img)
     for objs, colour in ((gt_objs, (0, 220, 0)), (pred_objs, (255, 40, 40))):
         for o in objs:
@@ -618,11 +703,15 @@ def safe_name(s):
 # Prediction with a checkpoint (model.py: the shared resumable loop)
 
 
+
 def predict_records(args, recs):
     """Greedy answers for det/ground records into OUT/predictions.jsonl via model.predict, which skips ids
     already in the file (resume) and shards over torchrun ranks. Each line also carries the parsed geometry
     in original-image pixels and the coordinate convention, so --preds can rescore without a model.
     Returns the predictions path on the main rank, None on the others."""
+    out_path = Path(args.out) / "predictions.jsonl"
+    todo = model.not_predicted(recs, out_path)
+    model.check_images(todo)  # before the model loads
     device = model.init_dist()  # one GPU per torchrun process; plain python: cuda or cpu
     net, processor = model.load(args.ckpt, dtype=args.dtype, device=device, attn=args.attn,
                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -640,8 +729,8 @@ def predict_records(args, recs):
         return {"task": rec["task"], "dataset": rec["dataset"], "objects": objs, "parse": stats,
                 "coords": kw["coords"], "resized_hw": list(kw["resized_hw"]) if kw["resized_hw"] else None}
 
-    out_path = Path(args.out) / "predictions.jsonl"
-    model.print0(f"generating answers for {len(recs)} det/ground records into {out_path}")
+    model.print0(f"{len(recs)} det/ground records: {len(recs) - len(todo)} already predicted in {out_path}, "
+                 f"{len(todo)} to generate")
     model.predict(net, processor, recs, out_path, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                   postprocess=parsed)
     if torch.distributed.is_initialized():  # predict ends with a barrier: every rank sees the merged file
@@ -689,6 +778,7 @@ def get_args(argv=None):
     ap.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--attn", help="attention implementation (default: flash_attention_2 when installed on GPU, else sdpa)")
     ap.add_argument("--limit", type=int, help="only the first N det/ground records (quick checks)")
+    model.add_debug_flag(ap)
     args = ap.parse_args(argv)
     if not 0 <= args.iou < 1:
         ap.error("--iou must be in [0, 1)")
@@ -698,17 +788,58 @@ def get_args(argv=None):
         ap.error("--ckpt and --preds need --data (the records with the ground truth)")
     if args.ckpt and not args.out:
         ap.error("--ckpt needs --out")
-    if args.preds and not Path(args.preds).is_file():
-        ap.error(f"--preds {args.preds}: no such file")
+    if args.limit is not None and args.limit < 0:
+        ap.error("--limit must be >= 0")
     return args
+
+
+def check_paths(args):
+    """Every path flag names what it should, checked before anything is read or loaded: one line naming the
+    flag and the path (read_records does the same for --data)."""
+    for flag in ("preds", "imageset"):
+        check_path(f"--{flag}", getattr(args, flag), "file")
+    for flag in ("dota_task1", "gt", "images"):
+        check_path(f"--{flag.replace('_', '-')}", getattr(args, flag), "folder")
+    for flag in ("ckpt", "processor"):
+        if getattr(args, flag):
+            check_path(f"--{flag}", getattr(args, flag), "folder")
+            try:  # a folder without config.json: UserError listing the checkpoints below it
+                model.family(getattr(args, flag))
+            except model.UserError as e:
+                raise model.UserError(f"--{flag} {e}") from None
+    if args.out and Path(args.out).is_file():
+        raise model.UserError(f"--out {args.out} is a file: give a folder (it is created if missing)")
+    if args.json_out and Path(args.json_out).is_dir():
+        raise model.UserError(f"--json-out {args.json_out} is a folder: give a file name, e.g. "
+                              f"{Path(args.json_out) / 'metrics.json'}")
+
+
+def check_path(flag, path, kind):
+    """UserError unless path (when given) is an existing file or folder (kind); a folder given for --preds
+    suggests a .jsonl file in it (predictions.jsonl first)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise model.UserError(f"{flag} {path}: no such {kind}")
+    if kind == "file" and p.is_dir():
+        inside = sorted(q.name for q in p.glob("*.jsonl")) if flag == "--preds" else []
+        inside = ["predictions.jsonl"] if "predictions.jsonl" in inside else inside  # what --ckpt writes
+        raise model.UserError(f"{flag} {path} is a folder: give a file" + (f", e.g. {p / inside[0]}" if inside else ""))
+    if kind == "folder" and not p.is_dir():
+        raise model.UserError(f"{flag} {path} is a file: give a folder")
 
 
 def run_dota_task1(args):
     classes = read_class_list(args.classes or "dota1.0")
     names = None
     if args.imageset:
-        names = [ln.strip() for ln in Path(args.imageset).read_text().splitlines() if ln.strip()]
+        names = [ln.strip() for ln in read_text(args.imageset).splitlines() if ln.strip()]
+        if not names:
+            raise model.UserError(f"--imageset {args.imageset}: no image names in it (one per line)")
     gt, names = gt_from_labels(args.gt, classes, names)
+    if not len(gt["label"]):  # every AP would be 0 whatever the detections
+        raise model.UserError(f"--gt {args.gt}: its {len(names)} label files hold no objects")
     dets = read_task_files(args.dota_task1, args.task, classes, {n: i for i, n in enumerate(names)})
     t0 = time.time()
     res = score_det(gt, dets, classes, task=args.task, ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
@@ -733,6 +864,14 @@ def run_records(args, recs, pred_path):
     out_dir = Path(args.out) if args.out else Path(pred_path).parent
     preds = model.read_predictions(pred_path)
     rec_ids = {r["id"] for r in recs}
+    if not preds:
+        raise model.UserError(f"{pred_path} has no predictions (an empty file)")
+    if not rec_ids & preds.keys():  # every answer "missing" would score 0 everywhere: a wrong pair of files
+        show = lambda ids: ", ".join(repr(i) for i in list(ids)[:3]) + (", ..." if len(ids) > 3 else "")  # noqa: E731
+        raise model.UserError(f"none of the {len(preds)} predictions in {pred_path} has the id of a det/ground record "
+                              f"of {args.data}{f' (first {args.limit})' if args.limit else ''}: prediction ids "
+                              f"{show(preds)}, record ids {show([r['id'] for r in recs])}; give the predictions "
+                              f"made for this --data")
     unknown_ids = [k for k in preds if k not in rec_ids]
     coord_fn = make_coord_fn(args)
 
@@ -744,6 +883,15 @@ def run_records(args, recs, pred_path):
     for (task, ds), rs in by_ds.items():
         if task == "det":
             classes = dataset_classes(rs, args.class_list)
+            if not classes:
+                raise model.UserError(f"the det records of dataset '{ds}' in {args.data} name no classes (no "
+                                      f"meta['classes'], no objects): give --classes")
+            objects = [o for r in rs for o in r["meta"].get("objects", [])]
+            check_classes_match(Counter(o["label"] for o in objects if o["label"] not in classes), len(objects),
+                                classes, f"det/{ds} of {args.data}")
+            if not objects:
+                print(f"note: det/{ds} has no ground-truth objects (a test split?): its AP is 0 by definition",
+                      file=sys.stderr)
             gt, dets, answers = det_arrays(rs, preds, classes, coord_fn, args.reparse)
             kw = dict(ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
             res = score_det(gt, dets, classes, task=1, **kw)
@@ -761,13 +909,17 @@ def run_records(args, recs, pred_path):
                   f"meanIoU {100 * res['meanIoU']:.2f}  cumIoU {100 * res['cumIoU']:.2f}  (n={res['n']}, no box: {res['no_box']})")
             metrics["ground"][ds] = res
         metrics["parse"][f"{task}/{ds}"] = rep = parse_report(rs, preds, answers, classes if task == "det" else None)
-        print(f"   parse: {rep}")
+        print(f"   parse: {format_parse(rep)}")
         if rep.get("missing_predictions"):
             print(f"WARNING: {rep['missing_predictions']} {task}/{ds} records have no prediction in {pred_path} "
                   f"(scored as empty answers)", file=sys.stderr)
         for r in rs[:max(vis_left, 0)]:
             if r.get("images"):
-                draw(r["images"][0], r["meta"].get("objects", []), answers[r["id"]][0], out_dir / "vis" / f"{safe_name(r['id'])}.png")
+                try:
+                    draw(r["images"][0], r["meta"].get("objects", []), answers[r["id"]][0],
+                         out_dir / "vis" / f"{safe_name(r['id'])}.png")
+                except model.UserError as e:
+                    raise model.UserError(f"{model.record_where(r)}: --vis: {e}") from None
         vis_left -= len(rs)
     metrics["headline"] = {**{f"det/{ds}: mAP": r["mAP"] for ds, r in metrics["det"].items()},
                            **{f"ground/{ds}: Acc@0.5": r["Acc@0.5"] for ds, r in metrics["ground"].items()}}
@@ -809,13 +961,15 @@ def make_coord_fn(args):
         return lambda w, h: {"coords": args.coords, "resized_hw": None}
 
     def missing(w, h):
-        raise SystemExit("the predictions carry answer text only: say how to read its coordinates with "
-                         "--coords abs|norm1000 or --processor DIR (the model's processor / pixel budget)")
+        raise model.UserError(f"{args.preds} holds answer text only (no parsed boxes): say how to read its "
+                              f"coordinates with --coords abs|norm1000 or --processor DIR (the checkpoint the "
+                              f"answers were made with: its family and pixel budget)")
     return missing
 
 
 def main(argv=None):
     args = get_args(argv)
+    check_paths(args)
     args.class_list = read_class_list(args.classes) if args.classes and not args.dota_task1 else None
     t0 = time.time()
     if args.dota_task1:
@@ -841,4 +995,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    model.run_cli(main)  # a UserError: one line "error: ..." on stderr, exit 2

@@ -60,7 +60,9 @@ def ground_truth(record):
         if gt is not None and task == "caption":
             gt = [gt]
     if gt is None or (task == "caption" and (not isinstance(gt, list) or not gt)):
-        raise ValueError(f"record {record['id']!r} ({task}) has no ground truth: needs meta.{key} or a final assistant turn")
+        raise model.UserError(f"{model.record_where(record)}: {task} record has no ground truth: needs "
+                              f"meta['{key}']" + (" (a list of strings)" if task == "caption" else "")
+                              + " or a final assistant turn")
     return gt if task == "caption" else str(gt)
 
 
@@ -458,13 +460,14 @@ def parse_args(argv=None):
     p.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (use the training value)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the ~5 s Java start)")
     p.add_argument("--vis", action="store_true", help="write a confusion-matrix PNG per classification dataset")
+    model.add_debug_flag(p)
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.preds is None):
         p.error("give exactly one of --ckpt (generate, then score) or --preds (score a predictions file)")
     if args.ckpt and not args.out:
         p.error("--ckpt needs --out (where predictions.jsonl is written and resumed from)")
-    if args.preds and not Path(args.preds).is_file():
-        p.error(f"--preds {args.preds}: no such file")
+    if args.limit < 0:
+        p.error("--limit must be >= 0")
     if args.vis and not (args.out or args.json_out):
         p.error("--vis needs --out or --json-out (the PNGs go next to the metrics)")
     unknown = set(args.tasks.split(",")) - set(TASKS)
@@ -473,33 +476,104 @@ def parse_args(argv=None):
     return args
 
 
+def check_paths(args):
+    """Path flags checked before anything is read or loaded, each failure one line naming the flag and the
+    path (read_records does the same for --data; model.family for a --ckpt folder without config.json)."""
+    def check(flag, path, kind):
+        p = Path(path)
+        if not p.exists():
+            raise model.UserError(f"{flag} {path}: no such {kind}")
+        if kind == "file" and p.is_dir():
+            inside = sorted(q.name for q in p.glob("*.jsonl"))
+            inside = ["predictions.jsonl"] if "predictions.jsonl" in inside else inside  # what --ckpt writes
+            raise model.UserError(f"{flag} {path} is a folder: give a file" + (f", e.g. {p / inside[0]}" if inside else ""))
+        if kind == "folder" and not p.is_dir():
+            raise model.UserError(f"{flag} {path} is a file: give a folder")
+
+    if args.preds:
+        check("--preds", args.preds, "file")
+    if args.ckpt:
+        check("--ckpt", args.ckpt, "folder")
+        try:  # a folder without config.json: UserError listing the checkpoints below it
+            model.family(args.ckpt)
+        except model.UserError as e:
+            raise model.UserError(f"--ckpt {e}") from None
+    if args.out and Path(args.out).is_file():
+        raise model.UserError(f"--out {args.out} is a file: give a folder (it is created if missing)")
+    if args.json_out and Path(args.json_out).is_dir():
+        raise model.UserError(f"--json-out {args.json_out} is a folder: give a file name, e.g. "
+                              f"{Path(args.json_out) / 'metrics.json'}")
+
+
+def select_records(args, records, tasks):
+    """The records of the chosen tasks (--tasks, --limit), their ground truth checked before any generation.
+    None selected is a UserError saying which tasks the file has and what scores them."""
+    selected = [r for r in records if r["task"] in tasks]
+    if not selected:
+        have = Counter(r["task"] for r in records)
+        listed = ", ".join(f"{n} {t}" for t, n in have.most_common())
+        if set(have) & set(TASKS):
+            hint = f"choose from {','.join(t for t in TASKS if t in have)} with --tasks"
+        elif set(have) & {"det", "ground"}:
+            hint = "det and ground records are scored by eval_det.py"
+        else:
+            hint = "chat records are not scored"
+        raise model.UserError(f"{args.data} has no {'/'.join(tasks)} records to score (it has {listed}): {hint}")
+    if args.limit:
+        selected = selected[:args.limit]
+    for r in selected:
+        ground_truth(r)
+    return selected
+
+
+
+
+def check_overlap(args, selected, preds, pred_path):
+    """A predictions file that is empty or shares no id with the records would score every answer as missing
+    (all 0): that is a wrong pair of files, said with examples of both kinds of id."""
+    if not preds:
+        raise model.UserError(f"{pred_path} has no predictions (an empty file)")
+    ids = [r["id"] for r in selected]
+    if not set(ids) & preds.keys():
+        show = lambda xs: ", ".join(repr(i) for i in list(xs)[:3]) + (", ..." if len(xs) > 3 else "")  # noqa: E731
+        raise model.UserError(f"none of the {len(preds)} predictions in {pred_path} has the id of a "
+                              f"{'/'.join(sorted({r['task'] for r in selected}))} record of {args.data}"
+                              f"{f' (first {args.limit})' if args.limit else ''}: prediction ids {show(preds)}, "
+                              f"record ids {show(ids)}; give the predictions made for this --data")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_paths(args)
     t0 = time.time()
     tasks = [t for t in TASKS if t in args.tasks.split(",")]
     log = model.print0  # rank 0 only under torchrun
 
     # ---- records and predictions: generate (resumable, sharded under torchrun) or read a file
     records = model.read_records(args.data)
-    selected = [r for r in records if r["task"] in tasks]
-    if args.limit:
-        selected = selected[:args.limit]
+    selected = select_records(args, records, tasks)
     if args.ckpt:
         out = Path(args.out)
+        pred_path = out / "predictions.jsonl"
+        todo = model.not_predicted(selected, pred_path)
+        model.check_images(todo)
         out.mkdir(parents=True, exist_ok=True)
         device = model.init_dist()  # one GPU per torchrun process; plain python: cuda or cpu
         net, processor = model.load(args.ckpt, dtype=args.dtype, device=device, attn=args.attn,
                                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        log(f"generating answers for {len(selected)} records into {out / 'predictions.jsonl'}")
-        lines = model.predict(net, processor, selected, out / "predictions.jsonl",
+        log(f"{len(selected)} records: {len(selected) - len(todo)} already predicted in {pred_path}, "
+            f"{len(todo)} to generate")
+        lines = model.predict(net, processor, selected, pred_path,
                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         if torch.distributed.is_initialized():  # predict ends with a barrier: every rank has the merged file
             torch.distributed.destroy_process_group()
         if not model.is_main():
             return None
     else:
-        lines = model.read_predictions(args.preds)
+        pred_path = args.preds
+        lines = model.read_predictions(pred_path)
     preds = {i: line["text"] for i, line in lines.items()}
+    check_overlap(args, selected, preds, pred_path)
 
     # ---- scoring
     metrics = evaluate(selected, preds, meteor=not args.no_meteor, all_records=records)
@@ -522,4 +596,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    model.run_cli(main)  # a UserError: one line "error: ..." on stderr, exit 2

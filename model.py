@@ -142,6 +142,103 @@ def default_attn(device):
 
 
 # -----------------------------------------------------------------------------
+# Attention backend: many sequences end to end, one variable-length call per layer
+#
+# transformers' Qwen-VL vision attention calls sdpa once per image or window (a Python loop over
+# `lengths.tolist()`: ~81 calls x 32 blocks per 1008-px image), unless the implementation's name contains
+# "flash", in which case it makes ONE call with the sequence boundaries (cu_seqlens). Measured on an H100
+# (BENCHMARKS.md): a 7B training step 5.6 s with the loop, 1.9 s with one varlen call per layer. The same
+# function serves packed language-model rows (train.py --pack): one row holds several samples, the boundaries
+# come from the text positions restarting at 0, and attention is causal within each sample only.
+
+VARLEN_ATTENTION = "flash_varlen_rscovlm"  # "flash" in the name selects the cu_seqlens path (see above)
+
+
+def varlen_kernel(device):
+    """Which kernel varlen_attention runs on `device`: 'flash_attn' (the package, when installed), 'torch'
+    (torch.nn.attention.varlen.varlen_attn, flash kernels in torch >= 2.10 on sm80+), or 'reference' (one sdpa
+    call with an exact block-diagonal mask: CPUs and the tests; memory grows with T^2)."""
+    if torch.device(device).type != "cuda":
+        return "reference"
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attn"
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "torch" if torch.cuda.get_device_capability(device)[0] >= 8 else "reference"
+
+
+def _segments(cu_seqlens, T, device):
+    """(T,) index of the sequence each position belongs to."""
+    return torch.searchsorted(cu_seqlens[1:].to(device), torch.arange(T, device=device), right=True)
+
+
+def varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     max_length_q=None, position_ids=None, **kwargs):
+    """transformers attention interface: query (1, Hq, T, D), key/value (1, Hkv, T, D) hold several sequences
+    end to end. Their boundaries: cu_seq_lens_q (N+1,) from the vision tower (images or windows, non-causal), or
+    the text positions restarting at 0 (packed rows, causal). Returns ((1, T, Hq, D), None)."""
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise RuntimeError("varlen_attention takes one packed row without padding (train.py --pack)")
+    T, causal = query.shape[2], bool(getattr(module, "is_causal", False))
+    if cu_seq_lens_q is None:  # packed text row: a new sample wherever the position does not step by 1
+        pos = position_ids.reshape(-1)
+        breaks = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
+        cu_seq_lens_q = torch.cat([pos.new_zeros(1), breaks, pos.new_tensor([T])])
+        max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    elif max_length_q is None:
+        max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    kernel = varlen_kernel(query.device)
+    if kernel == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        cu = cu_seq_lens_q.to(torch.int32)
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_length_q, max_length_q, softmax_scale=scaling, causal=causal)
+    elif kernel == "torch":
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = cu_seq_lens_q.to(torch.int32)
+        params = inspect.signature(varlen_attn).parameters
+        extra = {"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in params else {"is_causal": causal}
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in params:
+                extra["enable_gqa"] = True
+            else:  # older torch: repeat the key/value heads
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        out = varlen_attn(q, k, v, cu, cu, max_length_q, max_length_q, scale=scaling, **extra)
+    else:  # reference: the exact mask, one sdpa call (B=1, H, T, D)
+        seg = _segments(cu_seq_lens_q, T, query.device)
+        mask = seg[:, None] == seg[None, :]  # (T, T)
+        if causal:
+            mask &= torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+        out = out[0].transpose(0, 1)  # (T, H, D)
+    return out.unsqueeze(0), None
+
+
+def use_varlen_attention(model, vision=True, text=False):
+    """Route the vision tower's attention (and with text=True the language model's: packed rows only, no
+    padding, no KV cache) through varlen_attention. Registered through transformers' attention interface for
+    those configs alone; works on a model already built, sharded or not."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    if vision:
+        model.config.vision_config._attn_implementation = VARLEN_ATTENTION
+    if text:
+        model.config.text_config._attn_implementation = VARLEN_ATTENTION
+
+
+# -----------------------------------------------------------------------------
 # Records: JSONL, one sample per line (README "Record format")
 
 TASKS = ("det", "ground", "vqa", "caption", "cls", "chat")
@@ -310,6 +407,10 @@ def load(path, dtype=None, device=None, attn=None, min_pixels=None, max_pixels=N
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     attn = attn or default_attn(device)
     processor = load_processor(path, min_pixels, max_pixels)
+    if not sys.stderr.isatty():  # a log file or pipe: stderr is for warnings and errors, not progress bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval(), processor
 
@@ -492,6 +593,20 @@ def tokenize(record, processor, max_length=None, truncate=False):
 
 def _tokenize(record, processor, max_length, truncate):
     pixel_values, grid, sizes = process_images(processor, record["images"])
+    ids, labels = _token_ids(record, processor, sizes, grid, max_length, truncate)
+    ids = torch.tensor(ids, dtype=torch.long)
+    return {
+        "input_ids": ids,
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == processor.image_token_id).long(),
+        "pixel_values": pixel_values,
+        "image_grid_thw": grid,
+    }
+
+
+def _token_ids(record, processor, sizes, grid, max_length=None, truncate=False):
+    """(ids, labels) lists of a record whose images have original sizes [(h, w)] and grid (n, 3)."""
     try:
         messages = target_messages(record, processor, sizes)
     except ValueError as e:  # boxes.py's complaint about a malformed object in meta
@@ -509,15 +624,35 @@ def _tokenize(record, processor, max_length, truncate):
             raise UserError(f"{len(ids)} tokens > max_length {max_length}"
                             + (" (truncation would cut image tokens)" if truncate else ""))
         ids, labels = ids[:max_length], labels[:max_length]
-    ids = torch.tensor(ids, dtype=torch.long)
-    return {
-        "input_ids": ids,
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "attention_mask": torch.ones_like(ids),
-        "mm_token_type_ids": (ids == processor.image_token_id).long(),
-        "pixel_values": pixel_values,
-        "image_grid_thw": grid,
-    }
+    return ids, labels
+
+
+def image_size(path):
+    """(h, w) of an image as load_image returns it (EXIF orientation applied), read from the file header
+    alone: no pixels are decoded."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # the orientations that turn the image by 90 degrees
+                w, h = h, w
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    return h, w
+
+
+def sample_length(record, processor):
+    """len(tokenize(record, processor)["input_ids"]) without decoding pixels (image sizes from the headers):
+    what train.py --pack plans its rows with, ~1 ms a record."""
+    try:
+        sizes = [image_size(p) for p in record["images"]]
+        factor = processor.patch_size * processor.merge_size
+        grid = None
+        if sizes:  # one frame per image: t = 1; h, w in patches
+            grid = torch.tensor([[1, *(v // processor.patch_size for v in smart_resize(
+                h, w, factor, processor.min_pixels, processor.max_pixels))] for h, w in sizes])
+        return len(_token_ids(record, processor, sizes, grid)[0])
+    except UserError as e:
+        raise UserError(f"{record_where(record)}: {e}") from None
 
 
 def collate(samples, pad_token_id):
@@ -534,6 +669,37 @@ def collate(samples, pad_token_id):
     batch["pixel_values"] = torch.cat(pv) if pv else None
     batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples if s["pixel_values"] is not None]) if pv else None
     return batch
+
+
+def rope_positions(model, sample):
+    """(4, 1, T) positions of one tokenized sample as the model would compute them for the sample alone: row 0
+    the text positions 0..T-1 (a packed row tells its samples apart by this row restarting at 0), rows 1-3 the
+    multimodal rotary positions (temporal, height, width) of Qwen-VL's get_rope_index."""
+    ids = sample["input_ids"][None]  # (1, T)
+    text = torch.arange(ids.shape[1]).view(1, 1, -1)
+    if sample["image_grid_thw"] is None:  # text only: all three rotary rows are the text positions
+        return text.expand(4, 1, -1)
+    inner = model.model  # Qwen2_5_VLModel / Qwen3VLModel: get_rope_index reads only the config
+    mrope, _ = inner.get_rope_index(ids, sample["mm_token_type_ids"][None], image_grid_thw=sample["image_grid_thw"])
+    return torch.cat([text, mrope.to(text.dtype)])
+
+
+def pack(samples, model):
+    """Tokenized samples -> ONE packed row (batch of 1, no padding): tokens end to end, each sample's rotary
+    positions as if it were alone (rope_positions), images concatenated in order. Attention stays within each
+    sample: transformers builds a block-diagonal causal mask from the text positions (sdpa) or
+    varlen_attention cuts the row at them. The first label of every sample is -100, so no sample is trained to
+    predict the next one's first token: the supervised targets are exactly those of the unpacked samples."""
+    labels = [s["labels"].clone() for s in samples]
+    for lab in labels:
+        lab[0] = -100
+    grids = [s["image_grid_thw"] for s in samples if s["pixel_values"] is not None]
+    return {"input_ids": torch.cat([s["input_ids"] for s in samples])[None],
+            "labels": torch.cat(labels)[None],
+            "mm_token_type_ids": torch.cat([s["mm_token_type_ids"] for s in samples])[None],
+            "position_ids": torch.cat([rope_positions(model, s) for s in samples], dim=2),
+            "pixel_values": torch.cat([s["pixel_values"] for s in samples if s["pixel_values"] is not None]) if grids else None,
+            "image_grid_thw": torch.cat(grids) if grids else None}
 
 
 # -----------------------------------------------------------------------------
@@ -636,6 +802,25 @@ def read_predictions(path, repair=False):
     return preds
 
 
+def check_images(records):
+    """Every image of the records about to be generated for exists: a missing one stops the run before the
+    model loads, not hours into generation, naming the record's file:line and id."""
+    for r in records:
+        for path in r["images"]:
+            if not Path(path).is_file():
+                raise UserError(f"{record_where(r)}: image {path} not found")
+
+
+def not_predicted(records, out_path):
+    """The records without an answer in out_path yet, nor in the per-rank part files an interrupted torchrun
+    run leaves next to it: what predict will generate."""
+    out_path = Path(out_path)
+    done = set(read_predictions(out_path))
+    for part in sorted(out_path.parent.glob(out_path.name + ".rank*")):
+        done |= set(read_predictions(part))
+    return [r for r in records if r["id"] not in done]
+
+
 def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=512, postprocess=None):
     """Generate answers for records into out_path (JSONL lines {"id", "text", **postprocess(record, text)}),
     appending and flushing per batch, so an interrupted run loses at most one batch; records whose id is already
@@ -659,7 +844,7 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
         settings_path.write_text(json.dumps(settings) + "\n")
     todo = [r for r in records[rank::world] if r["id"] not in done]
     todo.sort(key=lambda r: -_estimated_length(r, processor))
-    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), disable=rank != 0, desc="predict") as bar:
+    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), disable=rank != 0 or not sys.stderr.isatty(), desc="predict") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             for rec, text in zip(chunk, generate(model, processor, chunk, batch_size, max_new_tokens)):

@@ -1,8 +1,13 @@
 """eval_det.py against an independent, straightforward implementation of the DOTA devkit's voc_eval (per
 detection loop, shapely per pair, stable sort) on the real DOTA labels, plus hand-computed cases."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,14 +288,14 @@ def test_bad_lines_name_file_and_line(tmp_path):
     (tmp_path / "dets").mkdir()
     (tmp_path / "gt" / "P1.txt").write_text("imagesource:x\ngsd:0.1\n0 0 10 0 10 10 0 10 plane 0\n0 0 10 0 10 10 0 10 plane 0 7\n")
     (tmp_path / "dets" / "Task1_plane.txt").write_text("P1 0.9 0 0 10 0 10 10 0 10\n")
-    with pytest.raises(ValueError, match=r"bad label line 4 in .*P1.txt: expected 9 or 10 fields"):
+    with pytest.raises(model.UserError, match=r"bad label line 4 in .*P1.txt: expected 9 or 10 fields"):
         eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
     (tmp_path / "gt" / "P1.txt").write_text("0 0 10 0 10 10 0 10 plane\n")  # missing difficult = 0
     (tmp_path / "dets" / "Task1_ship.txt").write_text("P1 0.9 0 0 10 0 10 10\n")
-    with pytest.raises(ValueError, match=r"bad detection line 1 in .*Task1_ship.txt: expected 10 fields"):
+    with pytest.raises(model.UserError, match=r"bad detection line 1 in .*Task1_ship.txt: expected 10 fields"):
         eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
     (tmp_path / "dets" / "Task1_ship.txt").write_text("P2 0.9 0 0 10 0 10 10 0 10\n")
-    with pytest.raises(ValueError, match=r"line 1 in .*Task1_ship.txt: image 'P2' has no label file"):
+    with pytest.raises(model.UserError, match=r"line 1 in .*Task1_ship.txt: image 'P2' has no label file"):
         eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
     (tmp_path / "dets" / "Task1_ship.txt").unlink()
     res = eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
@@ -306,7 +311,7 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_records_scoring_and_parse_report(tmp_path):
+def test_records_scoring_and_parse_report(tmp_path, capsys):
     obj = lambda p, lab, d=0: {"poly": p, "label": lab, "difficult": d}  # noqa: E731
     recs = [det_record("a", [obj(SQ(10, 10), "plane"), obj(SQ(50, 50), "ship")]),
             det_record("b", [obj(SQ(20, 20), "ship", 2)]),   # truncated by a patch border -> difficult
@@ -317,10 +322,13 @@ def test_records_scoring_and_parse_report(tmp_path):
              {"id": "d", "text": "There are none."}]          # c has no prediction at all
     write_jsonl(tmp_path / "val.jsonl", recs)
     write_jsonl(tmp_path / "preds.jsonl", preds)
-    with pytest.raises(SystemExit, match="--coords"):
+    with pytest.raises(model.UserError, match=r"preds\.jsonl holds answer text only .*--coords"):
         eval_det.main(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "val.jsonl")])
     m = eval_det.main(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "val.jsonl"),
                        "--coords", "abs", "--json-out", str(tmp_path / "m.json")])
+    # the parse report printed as words, the same counts as in the metrics
+    assert ("parse: 4 answers (1 without prediction, 1 none or empty, 1 with junk lines, 1 with unknown labels); "
+            "5 lines: 3 boxes, 1 junk, 1 unknown labels") in capsys.readouterr().out
     toy = m["det"]["toy"]
     assert toy["npos"] == {"plane": 2, "ship": 1} and toy["ndet"] == {"plane": 1, "ship": 2}
     assert toy["AP"]["plane"] == pytest.approx(6 / 11)  # 1 of 2 planes found, precision 1 -> recall 0.5
@@ -346,14 +354,14 @@ def test_bad_records_and_predictions_name_the_input(tmp_path):
     write_jsonl(tmp_path / "val.jsonl", [det_record("a", []), {**det_record("b", []), "meta": {"objects": []}}])
     write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "There are none."}])
     argv = ["--preds", str(tmp_path / "p.jsonl"), "--data", str(tmp_path / "val.jsonl"), "--coords", "abs"]
-    with pytest.raises(ValueError, match=r"record 'b' of .*val\.jsonl: det record needs meta\['width'\]"):
+    with pytest.raises(model.UserError, match=r"val\.jsonl:2 \(record 'b'\): det record needs meta\['width'\]"):
         eval_det.main(argv)
     write_jsonl(tmp_path / "val.jsonl", [det_record("a", []), det_record(2, [])])
     assert eval_det.main(argv)["parse"]["det/toy"]["missing_predictions"] == 1
     write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "x"}, {"id": 2, "text": None}, {"id": "a", "text": "y"}])
     with pytest.raises(ValueError, match=r"p\.jsonl:3: duplicate id 'a' \(first on line 1\)"):
         eval_det.main(argv)
-    with pytest.raises(SystemExit):
+    with pytest.raises(model.UserError, match=r"--preds .*nope\.jsonl: no such file"):
         eval_det.main(["--preds", str(tmp_path / "nope.jsonl"), "--data", str(tmp_path / "val.jsonl")])
 
 
@@ -398,10 +406,167 @@ def test_patch_merging(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# The CLI: every user mistake is one line on stderr naming the input, exit code 2
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (command line, what the one error line must contain); {d} is the folder bad_inputs() fills
+BAD_INPUTS = {
+    # --data: a folder, a missing file, an empty file, a file with nothing this script scores, bad meta
+    "data_folder": ("--data {d}/only --preds {d}/preds.jsonl", ["{d}/only is a folder", "{d}/only/val.jsonl"]),
+    "data_missing": ("--data {d}/nope.jsonl --preds {d}/preds.jsonl", ["{d}/nope.jsonl", "not found"]),
+    "data_empty": ("--data {d}/empty.jsonl --preds {d}/preds.jsonl", ["{d}/empty.jsonl", "no records"]),
+    "data_vqa_only": ("--data {d}/vqa_only.jsonl --preds {d}/preds.jsonl", ["{d}/vqa_only.jsonl", "1 vqa", "eval_vqa.py"]),
+    "data_no_width": ("--data {d}/nometa.jsonl --preds {d}/preds.jsonl", ["{d}/nometa.jsonl:1", "'n1'", "meta['width']"]),
+    "data_bad_poly": ("--data {d}/badpoly.jsonl --preds {d}/preds.jsonl", ["{d}/badpoly.jsonl:1", "'n2'", "8 numbers"]),
+    "data_no_classes": ("--data {d}/noclass.jsonl --preds {d}/preds.jsonl --coords abs", ["{d}/noclass.jsonl", "--classes"]),
+    # --preds: a folder, missing, empty, made for other records, a bad line, answer text without a convention
+    "preds_folder": ("--data {d}/val.jsonl --preds {d}", ["--preds {d} is a folder", "{d}/bad_preds.jsonl"]),
+    "preds_missing": ("--data {d}/val.jsonl --preds {d}/nope.jsonl", ["--preds {d}/nope.jsonl: no such file"]),
+    "preds_empty": ("--data {d}/val.jsonl --preds {d}/empty_preds.jsonl", ["{d}/empty_preds.jsonl", "no predictions"]),
+    "preds_other_ids": ("--data {d}/val.jsonl --preds {d}/other_preds.jsonl", ["{d}/other_preds.jsonl", "{d}/val.jsonl", "'x1'", "'a'"]),
+    "preds_bad_line": ("--data {d}/val.jsonl --preds {d}/bad_preds.jsonl", ["{d}/bad_preds.jsonl:2", "'text'"]),
+    "preds_text_only": ("--data {d}/val.jsonl --preds {d}/preds.jsonl", ["{d}/preds.jsonl", "--coords"]),
+    # --classes, --processor, --ckpt, --out, --json-out
+    "classes_missing": ("{rescore} --classes {d}/nope.txt", ["--classes {d}/nope.txt"]),
+    "classes_folder": ("{rescore} --classes {d}", ["--classes {d} is a folder"]),
+    "classes_match_no_gt": ("{rescore} --classes {d}/cars.txt", ["{d}/val.jsonl", "plane", "car"]),
+    "processor_not_ckpt": ("{rescore} --processor {d}/ckpts", ["--processor {d}/ckpts", "no config.json", "{d}/ckpts/run1"]),
+    "ckpt_missing": ("--data {d}/val.jsonl --ckpt {d}/nope --out {d}/o", ["--ckpt {d}/nope: no such folder"]),
+    "ckpt_not_ckpt": ("--data {d}/val.jsonl --ckpt {d}/ckpts --out {d}/o", ["--ckpt {d}/ckpts", "{d}/ckpts/run1"]),
+    "out_is_file": ("{rescore} --out {d}/a_file", ["--out {d}/a_file is a file"]),
+    "json_out_is_folder": ("{rescore} --json-out {d}", ["--json-out {d} is a folder"]),
+    # --dota-task1 / --gt / --imageset: missing folders, bad lines, files that match no class
+    "gt_missing": ("--dota-task1 {d}/dets --gt {d}/nope", ["--gt {d}/nope: no such folder"]),
+    "task1_missing": ("--dota-task1 {d}/nope --gt {d}/gt", ["--dota-task1 {d}/nope: no such folder"]),
+    "gt_without_labels": ("--dota-task1 {d}/dets --gt {d}/only", ["--gt {d}/only", "no label files"]),
+    "gt_no_objects": ("--dota-task1 {d}/dets --gt {d}/gt_empty", ["--gt {d}/gt_empty", "1 label files hold no objects"]),
+    "gt_bad_line": ("--dota-task1 {d}/dets --gt {d}/gt_bad", ["bad label line 2 in {d}/gt_bad/P1.txt"]),
+    "gt_not_text": ("--dota-task1 {d}/dets --gt {d}/gt_binary", ["{d}/gt_binary/P1.txt is not a UTF-8 text file"]),
+    "task1_bad_line": ("--dota-task1 {d}/dets_bad --gt {d}/gt", ["bad detection line 1 in {d}/dets_bad/Task1_ship.txt"]),
+    "task1_no_class_files": ("--dota-task1 {d}/dets_other --gt {d}/gt", ["{d}/dets_other", "Task1_Plane.txt", "--classes"]),
+    "task1_holds_task2": ("--dota-task1 {d}/dets_task2 --gt {d}/gt", ["{d}/dets_task2", "--task 2"]),
+    "gt_classes_not_in_list": ("{task1} --classes {d}/cars.txt", ["--gt {d}/gt", "plane", "car"]),
+    "imageset_empty": ("{task1} --imageset {d}/empty_set.txt", ["--imageset {d}/empty_set.txt"]),
+    "imageset_missing": ("{task1} --imageset {d}/nope.txt", ["--imageset {d}/nope.txt: no such file"]),
+}
+GOOD = {"rescore": "--data {d}/val.jsonl --preds {d}/preds.jsonl --coords abs", "task1": "--dota-task1 {d}/dets --gt {d}/gt"}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """One folder with every file BAD_INPUTS needs (the good ones score: see test_cli_script)."""
+    d = tmp_path_factory.mktemp("bad")
+    obj = {"poly": SQ(10, 10), "label": "plane", "difficult": 0}
+    for name in ("only", "gt", "gt_empty", "gt_bad", "gt_binary", "dets", "dets_bad", "dets_other", "dets_task2", "ckpts/run1"):
+        (d / name).mkdir(parents=True)
+    write_jsonl(d / "val.jsonl", [det_record("a", [obj]), det_record("b", [])])
+    shutil.copy(d / "val.jsonl", d / "only" / "val.jsonl")
+    write_jsonl(d / "preds.jsonl", [{"id": "a", "text": "10,10,20,10,20,20,10,20 plane"}])
+    write_jsonl(d / "other_preds.jsonl", [{"id": "x1", "text": "1,1,5,5 plane"}, {"id": "x2", "text": ""}])
+    (d / "bad_preds.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "b"}\n{"id": "c", "text": "x"}\n')
+    (d / "empty.jsonl").write_text("")
+    (d / "empty_preds.jsonl").write_text("\n")
+    write_jsonl(d / "vqa_only.jsonl", [{"id": "q", "task": "vqa", "messages": [{"role": "user", "content": "?"}]}])
+    write_jsonl(d / "nometa.jsonl", [{**det_record("n1", []), "meta": {"objects": []}}])
+    write_jsonl(d / "badpoly.jsonl", [det_record("n2", [{"poly": [1, 2, 3], "label": "plane"}])])
+    write_jsonl(d / "noclass.jsonl", [det_record("a", [], classes=[])])
+    (d / "cars.txt").write_text("car\ntruck\n")
+    (d / "ckpts" / "run1" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    (d / "a_file").write_text("x")
+    (d / "gt" / "P1.txt").write_text("0 0 10 0 10 10 0 10 plane 0\n")
+    (d / "gt_empty" / "P1.txt").write_text("imagesource:GoogleEarth\ngsd:0.1\n")
+    (d / "gt_bad" / "P1.txt").write_text("0 0 10 0 10 10 0 10 plane 0\n0 0 10 0 10 10 0 10 plane 0 7\n")
+    (d / "gt_binary" / "P1.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    (d / "dets" / "Task1_plane.txt").write_text("P1 0.9 0 0 10 0 10 10 0 10\n")
+    (d / "dets_bad" / "Task1_ship.txt").write_text("P1 0.9 0 0 10 0 10 10 0 x\n")
+    (d / "dets_other" / "Task1_Plane.txt").write_text("P1 0.9 0 0 10 0 10 10 0 10\n")
+    (d / "dets_task2" / "Task2_plane.txt").write_text("P1 0.9 0 0 10 10\n")
+    (d / "empty_set.txt").write_text("\n")
+    return d
+
+
+def fill(text, d):
+    return text.format(d=d, **{k: v.format(d=d) for k, v in GOOD.items()})
+
+
+def run_script(argv):
+    """`python eval_det.py ARGV` as a user runs it: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "eval_det.py", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def run_main(argv, monkeypatch, capsys):
+    """What `python eval_det.py ARGV` runs, in this process: model.run_cli(main) with sys.argv set as the shell
+    sets it (a subprocess per case would pay ~2 s of imports each; test_cli_script checks the script itself)."""
+    monkeypatch.setattr(sys, "argv", ["eval_det.py", *map(str, argv)])
+    monkeypatch.delenv("RSCOVLM_DEBUG", raising=False)
+    monkeypatch.delenv("RSCOVLM_STATUS_DIR", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        model.run_cli(eval_det.main)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def one_error_line(result, names):
+    """The `error: ...` line of a run that must end with exactly that one stderr line, exit code 2, naming
+    every one of names."""
+    code, _, err = result
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    assert all(str(n) in lines[0] for n in names), (lines[0], names)
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2(case, bad_inputs, monkeypatch, capsys):
+    argv, names = BAD_INPUTS[case]
+    one_error_line(run_main(fill(argv, bad_inputs).split(), monkeypatch, capsys), [fill(n, bad_inputs) for n in names])
+
+
+def test_cli_script(bad_inputs):
+    """The script itself (its __main__ uses model.run_cli): the good inputs of BAD_INPUTS score, bad ones end in
+    one line with exit 2 and no traceback, --debug brings the traceback back."""
+    d = bad_inputs
+    argvs = [fill(GOOD["rescore"], d).split(), fill(GOOD["task1"], d).split()]
+    argvs += [fill(BAD_INPUTS[c][0], d).split() for c in ("data_folder", "preds_other_ids", "gt_bad_line")]
+    argvs += [fill("--data {d}/nope.jsonl --preds {d}/preds.jsonl --debug", d).split()]
+    with ThreadPoolExecutor(3) as pool:  # each run pays ~2 s of imports
+        (ok1, ok2, *bad, debug) = pool.map(run_script, argvs)
+    assert ok1[0] == 0 and "det toy" in ok1[1] and ok2[0] == 0 and "Task1" in ok2[1], (ok1, ok2)
+    for case, res in zip(("data_folder", "preds_other_ids", "gt_bad_line"), bad):
+        one_error_line(res, [fill(n, d) for n in BAD_INPUTS[case][1]])
+    assert debug[0] == 1 and "Traceback" in debug[2] and "UserError" in debug[2] and f"{d}/nope.jsonl" in debug[2]
+
+
+def test_cli_missing_or_unreadable_image_names_the_record(tiny_qwen25, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (40, 120, 60)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    recs = [{**det_record(f"r{i}", [], w=56, h=56), "images": [img],
+             "messages": [{"role": "user", "content": "<image>Detect plane, ship."}]}
+            for i, img in enumerate(["ok.png", "gone.png", "broken.png"])]
+    write_jsonl(tmp_path / "val.jsonl", recs)
+    argv = ["--ckpt", tiny_qwen25, "--data", tmp_path / "val.jsonl", "--out", tmp_path / "out", "--max-new-tokens", "2"]
+    # a missing file: found before the model loads; one line with the record's file:line and id
+    one_error_line(run_script(argv), [f"{tmp_path / 'val.jsonl'}:2 (record 'r1')", "gone.png", "not found"])
+    # an unreadable one is found when generation loads it (model.py; run in-process, the model load is the slow
+    # part): after the progress bars on stderr, the last line names the record, no traceback
+    write_jsonl(tmp_path / "val.jsonl", [recs[0], recs[2]])
+    code, _, err = run_main(argv, monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and last.startswith("error: "), err
+    assert f"{tmp_path / 'val.jsonl'}:2 (record 'r2')" in last and "broken.png" in last
+
+
+# -----------------------------------------------------------------------------
 # End to end with a tiny checkpoint: predict, interrupt, resume -> same metrics
 
 
-def test_ckpt_predict_resume(tiny_qwen25, shared_data, tmp_path, monkeypatch):
+def test_ckpt_predict_resume(tiny_qwen25, shared_data, tmp_path, monkeypatch, capsys):
     import boxes
     import model
 
@@ -441,11 +606,16 @@ def test_ckpt_predict_resume(tiny_qwen25, shared_data, tmp_path, monkeypatch):
     lines = pred_file.read_text().splitlines()
     assert len(lines) == 4 and all({"id", "text", "objects", "coords", "resized_hw"} <= json.loads(x).keys() for x in lines)
     assert json.loads(lines[0])["coords"] == "abs"
+    assert "_where" not in pred_file.read_text() + (tmp_path / "out" / "metrics.json").read_text()
     pred_file.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])  # interrupted mid-line
+    capsys.readouterr()
     again = eval_det.main(args)
+    assert f"4 det/ground records: 2 already predicted in {pred_file}, 2 to generate" in capsys.readouterr().out
     assert sorted(pred_file.read_text().splitlines()) == sorted(lines)
     for key in ("det", "ground", "parse"):
         assert again[key] == full[key]
+    eval_det.main(args)  # nothing left: says so instead of "generating answers for 4 records"
+    assert f"4 det/ground records: 4 already predicted in {pred_file}, 0 to generate" in capsys.readouterr().out
     # rescoring the file needs no model and gives the same numbers
     rescored = eval_det.main(["--preds", str(pred_file), "--data", str(tmp_path / "val.jsonl"),
                               "--vis", "2", "--out", str(tmp_path / "re")])

@@ -1,12 +1,18 @@
 """eval_vqa.py: every metric against hand-computed values, captions against pycocoevalcap called directly,
 bad inputs, the CLI, and an interrupted + resumed evaluation on a tiny checkpoint."""
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 import eval_vqa as ev
+import model
 
 
 def rec(rid, task, dataset, meta, question="<image>Question?", answer="x"):
@@ -136,7 +142,7 @@ def test_vqa_ground_truth_from_assistant_turn_when_meta_lacks_it():
     r = rec("q", "vqa", "d", {"type": "presence"}, answer="Yes")
     assert ev.score_vqa([r], {"q": "yes"})["d"]["exact"]["OA"] == 100.0
     bare = {"id": "q", "task": "vqa", "dataset": "d", "messages": [{"role": "user", "content": "?"}], "meta": {}}
-    with pytest.raises(ValueError, match="'q'.*no ground truth"):
+    with pytest.raises(model.UserError, match=r"^record 'q': vqa record has no ground truth: needs meta\['answer'\]"):
         ev.score_vqa([bare], {})
 
 
@@ -270,9 +276,9 @@ def test_cli_prediction_file_problems(tmp_path):
     assert m["vqa"]["d"]["exact"]["OA"] == 50.0 and m["counts"]["missing"] == 0 and m["counts"]["unknown_ids"] == 0
     # a repeated id is an error naming the file and line, not a silent choice between two answers
     write_jsonl(pred, [{"id": "q1", "text": "yes"}, {"id": 2, "text": "no"}, {"id": "q1", "text": "no"}])
-    with pytest.raises(ValueError, match=r"p\.jsonl:3: duplicate id 'q1'"):
+    with pytest.raises(model.UserError, match=r"p\.jsonl:3: duplicate id 'q1'"):
         ev.main(argv + [str(pred)])
-    with pytest.raises(SystemExit):  # a mistyped path is not "every answer missing"
+    with pytest.raises(model.UserError, match=r"--preds .*nope\.jsonl: no such file"):  # not "every answer missing"
         ev.main(argv + [str(tmp_path / "nope.jsonl")])
 
 
@@ -309,16 +315,140 @@ def test_cli_preds_scoring(tmp_path, capsys):
 
 def test_cli_argument_errors(tmp_path):
     for argv in (["--data", "x"], ["--data", "x", "--ckpt", "c", "--preds", "p"], ["--data", "x", "--ckpt", "c"],
-                 ["--data", "x", "--preds", "p", "--vis"], ["--data", "x", "--preds", "p", "--tasks", "det"]):
+                 ["--data", "x", "--preds", "p", "--vis"], ["--data", "x", "--preds", "p", "--tasks", "det"],
+                 ["--data", "x", "--preds", "p", "--limit", "-1"]):
         with pytest.raises(SystemExit):
             ev.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# The CLI: every user mistake is one line on stderr naming the input, exit code 2
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (command line, what the one error line must contain); {d} is the folder bad_inputs() fills
+BAD_INPUTS = {
+    "data_folder": ("--data {d}/only --preds {d}/p.jsonl", ["{d}/only is a folder", "{d}/only/val.jsonl"]),
+    "data_missing": ("--data {d}/nope.jsonl --preds {d}/p.jsonl", ["{d}/nope.jsonl", "not found"]),
+    "data_empty": ("--data {d}/empty.jsonl --preds {d}/p.jsonl", ["{d}/empty.jsonl", "no records"]),
+    "data_det_only": ("--data {d}/det_only.jsonl --preds {d}/p.jsonl", ["{d}/det_only.jsonl", "1 det", "eval_det.py"]),
+    "tasks_select_none": ("--data {d}/val.jsonl --preds {d}/p.jsonl --tasks caption", ["{d}/val.jsonl", "caption",
+                                                                                       "2 vqa", "1 cls", "--tasks"]),
+    "record_without_gt": ("--data {d}/nogt.jsonl --preds {d}/p.jsonl", ["{d}/nogt.jsonl:2", "record 'c2'", "meta['label']"]),
+    "preds_folder": ("--data {d}/val.jsonl --preds {d}/run", ["--preds {d}/run is a folder", "{d}/run/predictions.jsonl"]),
+    "preds_missing": ("--data {d}/val.jsonl --preds {d}/nope.jsonl", ["--preds {d}/nope.jsonl: no such file"]),
+    "preds_empty": ("--data {d}/val.jsonl --preds {d}/empty.jsonl", ["{d}/empty.jsonl", "no predictions"]),
+    "preds_other_ids": ("--data {d}/val.jsonl --preds {d}/other.jsonl", ["{d}/other.jsonl", "{d}/val.jsonl", "'z1'", "'q1'"]),
+    "preds_bad_line": ("--data {d}/val.jsonl --preds {d}/bad.jsonl", ["{d}/bad.jsonl:1", "bad JSON"]),
+    "ckpt_missing": ("--data {d}/val.jsonl --ckpt {d}/nope --out {d}/o", ["--ckpt {d}/nope: no such folder"]),
+    "ckpt_not_ckpt": ("--data {d}/val.jsonl --ckpt {d}/ckpts --out {d}/o", ["--ckpt {d}/ckpts", "no config.json",
+                                                                           "{d}/ckpts/run1"]),
+    "out_is_file": ("--data {d}/val.jsonl --preds {d}/p.jsonl --out {d}/p.jsonl", ["--out {d}/p.jsonl is a file"]),
+    "json_out_is_folder": ("--data {d}/val.jsonl --preds {d}/p.jsonl --json-out {d}", ["--json-out {d} is a folder"]),
+}
+GOOD = "--data {d}/val.jsonl --preds {d}/p.jsonl --no-meteor"
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """One folder with every file BAD_INPUTS needs (GOOD scores: see test_cli_script)."""
+    d = tmp_path_factory.mktemp("bad")
+    for name in ("only", "run", "ckpts/run1"):
+        (d / name).mkdir(parents=True)
+    records = [rec("q1", "vqa", "d", {"type": "presence", "answer": "yes"}), rec("q2", "vqa", "d", {"type": "presence"}),
+               rec("c1", "cls", "aid", {"label": "forest", "classes": ["forest", "river"]})]
+    write_jsonl(d / "val.jsonl", records)
+    write_jsonl(d / "only" / "val.jsonl", records)
+    write_jsonl(d / "p.jsonl", [{"id": "q1", "text": "yes"}, {"id": "c1", "text": "river"}])
+    write_jsonl(d / "run" / "predictions.jsonl", [{"id": "q1", "text": "yes"}])
+    write_jsonl(d / "run" / "other.jsonl", [{"id": "q1", "text": "yes"}])
+    write_jsonl(d / "other.jsonl", [{"id": "z1", "text": "yes"}])
+    (d / "bad.jsonl").write_text("{'id': 'q1', 'text': 'yes'}\n")
+    (d / "empty.jsonl").write_text("")
+    write_jsonl(d / "det_only.jsonl", [rec("d1", "det", "dota", {"width": 10, "height": 10})])
+    write_jsonl(d / "nogt.jsonl", [records[2], {**rec("c2", "cls", "aid", {"classes": ["forest"]}), "messages": [
+        {"role": "user", "content": "<image>Classify."}]}])
+    (d / "ckpts" / "run1" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    return d
+
+
+def run_script(argv):
+    """`python eval_vqa.py ARGV` as a user runs it: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "eval_vqa.py", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def run_main(argv, monkeypatch, capsys):
+    """What `python eval_vqa.py ARGV` runs, in this process: model.run_cli(main) with sys.argv set as the shell
+    sets it (a subprocess per case would pay ~2 s of imports each; test_cli_script checks the script itself)."""
+    monkeypatch.setattr(sys, "argv", ["eval_vqa.py", *map(str, argv)])
+    monkeypatch.delenv("RSCOVLM_DEBUG", raising=False)
+    monkeypatch.delenv("RSCOVLM_STATUS_DIR", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        model.run_cli(ev.main)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def one_error_line(result, names):
+    """The `error: ...` line of a run that must end with exactly that one stderr line, exit code 2, naming
+    every one of names."""
+    code, _, err = result
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    assert all(str(n) in lines[0] for n in names), (lines[0], names)
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2(case, bad_inputs, monkeypatch, capsys):
+    argv, names = BAD_INPUTS[case]
+    d = bad_inputs
+    one_error_line(run_main(argv.format(d=d).split(), monkeypatch, capsys), [n.format(d=d) for n in names])
+
+
+def test_cli_script(bad_inputs):
+    """The script itself (its __main__ uses model.run_cli): GOOD scores, bad inputs end in one line with exit 2
+    and no traceback, --debug brings the traceback back."""
+    d = bad_inputs
+    cases = ("data_det_only", "preds_other_ids")
+    argvs = [GOOD.format(d=d).split()] + [BAD_INPUTS[c][0].format(d=d).split() for c in cases]
+    argvs += [f"--data {d}/nope.jsonl --preds {d}/p.jsonl --debug".split()]
+    with ThreadPoolExecutor(2) as pool:  # each run pays ~2 s of imports
+        (ok, *bad, debug) = pool.map(run_script, argvs)
+    assert ok[0] == 0 and "[vqa] d" in ok[1], ok
+    for case, res in zip(cases, bad):
+        one_error_line(res, [n.format(d=d) for n in BAD_INPUTS[case][1]])
+    assert debug[0] == 1 and "Traceback" in debug[2] and "UserError" in debug[2] and f"{d}/nope.jsonl" in debug[2]
+
+
+def test_cli_missing_or_unreadable_image_names_the_record(tiny_qwen25, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (40, 120, 60)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    recs = [{**rec(f"v{i}", "vqa", "d", {"type": "presence", "answer": "yes"}), "images": [img]}
+            for i, img in enumerate(["ok.png", "gone.png", "broken.png"])]
+    data = write_jsonl(tmp_path / "val.jsonl", recs)
+    argv = ["--ckpt", tiny_qwen25, "--data", data, "--out", tmp_path / "out", "--max-new-tokens", "2"]
+    # a missing file: found before the model loads; one line with the record's file:line and id
+    one_error_line(run_script(argv), [f"{data}:2 (record 'v1')", "gone.png", "not found"])
+    # an unreadable one is found when generation loads it (model.py; run in-process, the model load is the slow
+    # part): after the progress bars on stderr, the last line names the record, no traceback
+    write_jsonl(data, [recs[0], recs[2]])
+    code, _, err = run_main(argv, monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and last.startswith("error: "), err
+    assert f"{data}:2 (record 'v2')" in last and "broken.png" in last
 
 
 # -----------------------------------------------------------------------------
 # end to end with a tiny checkpoint: interrupted + resumed == one uninterrupted run
 
 
-def test_ckpt_run_resumes_to_the_same_metrics(tmp_path, tiny_qwen25):
+def test_ckpt_run_resumes_to_the_same_metrics(tmp_path, tiny_qwen25, capsys):
     from PIL import Image
 
     Image.new("RGB", (56, 56), (40, 120, 60)).save(tmp_path / "img.png")
@@ -339,12 +469,15 @@ def test_ckpt_run_resumes_to_the_same_metrics(tmp_path, tiny_qwen25):
     pred_lines = (tmp_path / "full" / "predictions.jsonl").read_text().splitlines()
     assert sorted(json.loads(l)["id"] for l in pred_lines) == ["c1", "k1", "v1", "v2"]
     assert full["counts"]["missing"] == 0 and full["counts"]["scored"] == 4
+    assert "_where" not in "".join(p.read_text() for p in (tmp_path / "full").iterdir())  # nothing internal leaks
 
     # interrupted after one answer: the first line survives, the rest is generated on the re-run
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     (resumed_dir / "predictions.jsonl").write_text(pred_lines[0] + "\n")
+    capsys.readouterr()
     resumed = ev.main(argv + ["--out", str(resumed_dir)])
+    assert f"4 records: 1 already predicted in {resumed_dir / 'predictions.jsonl'}, 3 to generate" in capsys.readouterr().out
     assert strip(resumed) == strip(full)
     got = [json.loads(l) for l in (resumed_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(got) == 4 and {g["id"]: g["text"] for g in got} == {json.loads(l)["id"]: json.loads(l)["text"] for l in pred_lines}
@@ -354,7 +487,7 @@ def test_ckpt_run_resumes_to_the_same_metrics(tmp_path, tiny_qwen25):
     assert strip(rescored) == strip(full)
 
 
-def test_resume_with_scripted_answers(tmp_path, tiny_qwen25, monkeypatch):
+def test_resume_with_scripted_answers(tmp_path, tiny_qwen25, monkeypatch, capsys):
     """The tiny random model answers only whitespace, so script the answers (model.generate replaced) to
     check that a resumed run generates only what is missing and scores non-trivial answers identically."""
     import model
@@ -389,5 +522,9 @@ def test_resume_with_scripted_answers(tmp_path, tiny_qwen25, monkeypatch):
     calls.clear()
     resumed = ev.main(argv + ["--out", str(tmp_path / "resumed")])
     assert sorted(calls) == sorted(set(answers) - {json.loads(first)["id"]})  # only the missing ones
+    calls.clear()
+    capsys.readouterr()
+    ev.main(argv + ["--out", str(tmp_path / "resumed")])  # nothing left: says so, generates nothing
+    assert calls == [] and "5 records: 5 already predicted in " in capsys.readouterr().out
     drop = ("args", "seconds")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in full.items() if k not in drop}
