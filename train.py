@@ -90,6 +90,7 @@ def get_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=0, help="most padded tokens in one micro-batch (samples x longest); 0 = batch-size x max-length")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
     p.add_argument("--max-length", type=int, default=6144, help="most tokens in one sample (image tokens included)")
+    p.add_argument("--pack", action="store_true", help="pack each step's samples end to end into rows of up to --max-tokens tokens, balanced over the ranks (no padding, equal work per rank; attention stays within each sample). A step holds the same samples as without it unless --max-tokens would cut a micro-batch short; the loss is the same")
     p.add_argument("--overlong", default="skip", choices=["skip", "truncate", "error"], help="what to do with a sample longer than --max-length (truncate never cuts image tokens; then it errors)")
     p.add_argument("--min-pixels", type=int, default=None, help="image pixel budget floor (RSCoVLM: 50176 = 64*28*28); default: the checkpoint's processor")
     p.add_argument("--max-pixels", type=int, default=None, help="image pixel budget ceiling (RSCoVLM: 1016064 = 1296*28*28); default: the checkpoint's processor")
@@ -108,8 +109,29 @@ def get_args(argv=None):
     p.add_argument("--freeze-llm", action="store_true", help="do not train the language model (embeddings and head included)")
     # numerics and memory
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (master weights and gradient reduction are fp32); default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of every decoder and vision block (less memory, ~30%% more compute)")
-    p.add_argument("--attn", default=None, help="attention implementation (sdpa, flash_attention_2, ...); default flash_attention_2 when installed on GPU, else sdpa")
+    p.add_argument("--ac", default="none", metavar="none|full|vision|every-K",
+                   help="activation checkpointing: a checkpointed block keeps only its input and reruns its forward in "
+                        "backward. full = every decoder layer and vision block (least memory, ~30%% more compute); "
+                        "vision = vision blocks only (saves the per-patch activations of large images, a few %% more "
+                        "compute); every-K = the K-th, 2K-th, ... decoder layer and vision block (every-2: about half "
+                        "of full's saving for half its cost); none = keep every activation (fastest, most memory)")
+    p.add_argument("--grad-ckpt", dest="ac", action="store_const", const="full", help="the same as --ac full")
+    # parallelism
+    p.add_argument("--hsdp", default="auto", choices=["auto", "on", "off"],
+                   help="hybrid sharding: shard the model within a node, replicate it across nodes (gradients are "
+                        "reduce-scattered in the node, then all-reduced across nodes: less traffic between nodes, more "
+                        "memory per GPU than sharding over every GPU); auto = on when the job spans more than one node "
+                        "(torchrun's LOCAL_WORLD_SIZE < WORLD_SIZE) with more than one rank each (with one, HSDP "
+                        "would not shard at all)")
+    p.add_argument("--hsdp-replicas", type=int, default=0, metavar="N",
+                   help="with HSDP, the number of model replicas, each sharded over world / N ranks; 0 = the number "
+                        "of nodes (set it to shard over groups of nodes, or to try HSDP on one node)")
+    p.add_argument("--vision-shard", default="tower", choices=["tower", "blocks"],
+                   help="FSDP units of the vision tower: tower = one unit (one all-gather, the whole tower gathered "
+                        "while it runs); blocks = one unit per vision block, plus one for the patch embedding and "
+                        "merger(s) (less memory, more and smaller collectives)")
+    p.add_argument("--attn", default=None, help="language-model attention: sdpa, flash_attention_2, eager, or varlen (model.varlen_attention: one variable-length call per packed row; needs --pack); default flash_attention_2 when installed on GPU, else varlen with --pack on a GPU with a varlen kernel, else sdpa")
+    p.add_argument("--vision-attn", default=None, help="vision-tower attention: varlen (one variable-length call per layer over every image and window: flash_attn's kernel or torch's varlen_attn on GPU, an exact masked sdpa call on CPU) or any --attn value (transformers' implementation: with sdpa one call per window); default varlen on a GPU with a varlen kernel, else --attn")
     p.add_argument("--dist-timeout", type=float, default=60, help="minutes a collective may wait for the slowest rank (rank 0 alone loads the weights and writes exports meanwhile)")
     # checkpoints, exports, logging
     p.add_argument("--resume", default="auto", help="'auto' = newest complete checkpoint in OUT/ckpt (fresh start when none), 'none' = fresh start, or a checkpoint directory")
@@ -122,7 +144,10 @@ def get_args(argv=None):
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (when installed)")
     p.add_argument("--run-name", default=None, help="run name for W&B (default: the name of --out)")
     M.add_debug_flag(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"none|full|vision|every-[1-9]\d*", args.ac):
+        p.error(f"argument --ac: expected none, full, vision or every-K (K >= 1), got '{args.ac}'")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -191,12 +216,40 @@ def pass_permutation(seed, epoch, n):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def stream_entry(k, rank, world, n, seed):
-    """Index into the mixture's entries of position k of rank `rank`'s stream. The global stream is pass after
-    pass over the mixture, each pass a fresh permutation seeded by (seed, pass); rank r takes global positions
-    r, r + world, r + 2*world, ... So the stream is a pure function of k and resuming is remembering k."""
-    epoch, offset = divmod(k * world + rank, n)
+def global_entry(p, n, seed):
+    """Index into the mixture's n entries of position p of the global stream: pass after pass over the mixture,
+    each pass a fresh permutation seeded by (seed, pass)."""
+    epoch, offset = divmod(p, n)
     return int(pass_permutation(seed, epoch, n)[offset])
+
+
+def stream_entry(k, rank, world, n, seed):
+    """Index into the mixture's entries of position k of rank `rank`'s stream: rank r takes global positions
+    r, r + world, r + 2*world, ... So the stream is a pure function of k and resuming is remembering k."""
+    return global_entry(k * world + rank, n, seed)
+
+
+def load_sample(files, entry, processor, max_length, overlong):
+    """The model.tokenize dict (+ "id", "n_images") of one entry (file index, record index); None for a record
+    skipped as overlong; {"error": line} for bad input (the line names the record's file:line), handed to the
+    main process as data so that it ends the run with that one line, not a DataLoader worker traceback."""
+    path, records = files[entry[0]]
+    rec = records[entry[1]]
+    try:
+        sample = M.tokenize(rec, processor)
+        n = len(sample["input_ids"])
+        if n > max_length:
+            if overlong == "skip":
+                return None
+            if overlong == "error":
+                raise M.UserError(f"{M.record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)")
+            sample = M.tokenize(rec, processor, max_length=max_length, truncate=True)
+    except M.UserError as e:
+        return {"error": str(e)}
+    except Exception as e:  # a bug: keep the traceback, but name the record
+        raise RuntimeError(f"cannot tokenize record '{rec['id']}' of {path}: {e}") from e
+    sample["id"], sample["n_images"] = rec["id"], len(rec["images"])
+    return sample
 
 
 class MixtureStream(torch.utils.data.IterableDataset):
@@ -217,24 +270,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         return path, records[rec_i]
 
     def load(self, k):
-        path, rec = self.record(k)
-        try:
-            sample = M.tokenize(rec, self.processor)
-            n = len(sample["input_ids"])
-            if n > self.max_length:
-                if self.overlong == "skip":
-                    return None
-                if self.overlong == "error":
-                    raise M.UserError(f"{M.record_where(rec)}: {n} tokens > --max-length {self.max_length} (see --overlong)")
-                sample = M.tokenize(rec, self.processor, max_length=self.max_length, truncate=True)
-        except M.UserError as e:
-            # bad input (names the record's file:line): handed to the main process as data, so it ends the run
-            # with that one line instead of a DataLoader worker traceback
-            return {"error": str(e)}
-        except Exception as e:  # a bug: keep the traceback, but name the record
-            raise RuntimeError(f"cannot tokenize record '{rec['id']}' of {path}: {e}") from e
-        sample["id"], sample["n_images"] = rec["id"], len(rec["images"])
-        return sample
+        entry = self.entries[stream_entry(k, self.rank, self.world, len(self.entries), self.seed)]
+        return load_sample(self.files, entry, self.processor, self.max_length, self.overlong)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -288,20 +325,174 @@ class MicroBatches:
 
 
 # -----------------------------------------------------------------------------
+# Packed steps (--pack): the same samples per step, in rows balanced over the ranks
+#
+# Without --pack a step is --grad-accum padded micro-batches per rank, each rank with its own share of the
+# stream: ranks do unequal work (lengths run from ~300 to 6,144 tokens) and every step waits for the slowest.
+# With --pack a step takes the same world x grad-accum x batch-size samples of the global stream (the same
+# samples as without --pack whenever no micro-batch is cut short by --max-tokens and no record is skipped),
+# plans their rows from token lengths known in advance (model.sample_length), and deals the rows so that every
+# rank runs the same number of rows with about the same number of tokens. A row is samples end to end with no
+# padding; attention stays within each sample (model.pack). The loss is still the sum over supervised tokens
+# of all ranks divided by their number, so --pack changes the speed, not the numbers.
+
+
+def record_lengths(files, processor, max_length, overlong, device):
+    """Token length of every record of the mixture, [int64 array per file], computed from image headers and
+    text alone, each rank a share, summed over ranks. -1 marks a record skipped as overlong (--overlong skip);
+    with --overlong truncate a longer record counts as max_length. A bad record is a UserError on every rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = [len(records) for _, records in files]
+    flat = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
+    error, j = "", 0
+    for path, records in files:
+        for rec in records:
+            if j % world == rank and not error:
+                try:
+                    n = M.sample_length(rec, processor)
+                except M.UserError as e:
+                    error = str(e)
+                    n = 0
+                if n > max_length:
+                    if overlong == "error":
+                        error = f"{M.record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)"
+                    n = -1 if overlong == "skip" else max_length
+                flat[j] = n + 1  # each record on one rank only: the sum over ranks is its value
+            j += 1
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        raise M.UserError(next(e for e in errors if e))
+    dist.all_reduce(flat)
+    return np.split(flat.cpu().numpy() - 1, np.cumsum(sizes)[:-1])
+
+
+def pack_rows(lengths, world, rows_per_rank, capacity):
+    """Split one step's samples (their token lengths) into rows: at least rows_per_rank on each rank and the
+    same number on every rank (each row is one forward and backward, and FSDP needs every rank to run the same
+    ones); a row holds at most `capacity` tokens (a longer sample gets a row of its own). Longest sample first
+    onto the row with the fewest tokens where it fits (a row may stay empty: it becomes a one-token filler);
+    when it fits nowhere, `world` more rows are opened. Then rows are dealt heaviest first to the rank with the
+    fewest tokens that still needs rows. Returns rank -> [row -> [sample index, ascending]]; deterministic."""
+    rows, load = [[] for _ in range(world * rows_per_rank)], [0] * (world * rows_per_rank)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [r for r in range(len(rows)) if not rows[r] or load[r] + lengths[i] <= capacity]
+        if not fits:
+            rows += [[] for _ in range(world)]
+            load += [0] * world
+            fits = list(range(len(rows) - world, len(rows)))
+        r = min(fits, key=lambda r: (load[r], r))
+        rows[r].append(i)
+        load[r] += lengths[i]
+    per_rank = len(rows) // world
+    ranks, rank_load = [[] for _ in range(world)], [0] * world
+    for r in sorted(range(len(rows)), key=lambda r: (-load[r], r)):
+        k = min((k for k in range(world) if len(ranks[k]) < per_rank), key=lambda k: (rank_load[k], k))
+        ranks[k].append(sorted(rows[r]))
+        rank_load[k] += load[r]
+    return ranks
+
+
+class PackedSteps(torch.utils.data.IterableDataset):
+    """Yields (step, rows, skipped) for steps start, start+1, ...: this rank's rows of that step (lists of
+    tokenized samples; an empty list is a filler row) and the number of overlong records the step skipped.
+    Step g covers global stream positions [g * per_step, (g + 1) * per_step): a pure function of g, so
+    resuming is knowing the step. Worker w of W takes steps start+w, start+w+W, ... (the DataLoader returns
+    them in order)."""
+
+    def __init__(self, files, entries, lengths, processor, rank, world, seed, start, per_step, rows_per_rank,
+                 capacity, max_length, overlong):
+        super().__init__()
+        self.files, self.entries, self.lengths, self.processor = files, entries, lengths, processor
+        self.rank, self.world, self.seed, self.start, self.per_step = rank, world, seed, start, per_step
+        self.rows_per_rank, self.capacity, self.max_length, self.overlong = rows_per_rank, capacity, max_length, overlong
+
+    def plan(self, g):
+        """(this rank's rows as lists of entries, number of skipped records) of step g."""
+        n = len(self.entries)
+        block = [self.entries[global_entry(p, n, self.seed)] for p in range(g * self.per_step, (g + 1) * self.per_step)]
+        kept = [e for e in block if self.lengths[e[0]][e[1]] >= 0]
+        rows = pack_rows([int(self.lengths[f][i]) for f, i in kept], self.world, self.rows_per_rank, self.capacity)
+        return [[kept[i] for i in row] for row in rows[self.rank]], len(block) - len(kept)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        g = self.start + worker
+        while True:
+            rows, skipped = self.plan(g)
+            yield g, [[load_sample(self.files, e, self.processor, self.max_length, self.overlong) for e in row]
+                      for row in rows], skipped
+            g += n_workers
+
+
+class PackedBatches:
+    """The --pack counterpart of MicroBatches: next() returns this rank's rows of the next step; `skipped`
+    counts overlong records skipped since the start of this process (on rank 0 only: every rank plans the same
+    steps, and the per-step counts are summed over ranks); `cursor` the equivalent stream position."""
+
+    def __init__(self, stream_iter, start, rank, positions_per_step):
+        self.it, self.step, self.rank, self.positions_per_step = stream_iter, start, rank, positions_per_step
+        self.skipped = 0
+
+    @property
+    def cursor(self):
+        return self.step * self.positions_per_step
+
+    def next(self):
+        g, rows, skipped = next(self.it)
+        assert g == self.step, f"packed steps out of order: got {g}, expected {self.step}"
+        for sample in (s for row in rows for s in row):
+            if sample is not None and "error" in sample:
+                raise M.UserError(sample["error"])
+        self.step += 1
+        self.skipped += skipped if self.rank == 0 else 0
+        return rows
+
+
+def filler_sample(pad_token_id):
+    """A row for a rank with fewer samples than rows: one pad token, no label, no image (the vision tower still
+    runs on a blank image, see DummyImage): the forward and backward every rank must run, contributing 0."""
+    ids = torch.tensor([pad_token_id])
+    return {"input_ids": ids, "labels": torch.tensor([-100]), "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": torch.zeros_like(ids), "pixel_values": None, "image_grid_thw": None,
+            "id": None, "n_images": 0}
+
+
+# -----------------------------------------------------------------------------
 # Model: build on meta, shard, then load
 
 
-def apply_fsdp(model, param_dtype):
-    """FSDP2 as in torchtitan's apply_fsdp: one unit per decoder layer, the vision tower as one unit, then the
-    root (embeddings, final norm, lm_head). Master weights and the gradient reduction stay in fp32; compute runs
-    in param_dtype. Each unit's parameters are all-gathered just before its forward and freed after."""
+def apply_fsdp(model, param_dtype, mesh, vision_shard="tower"):
+    """FSDP2 units as in torchtitan's apply_fsdp, in the order forward runs them:
+      - the token embeddings, unless tied to lm_head (one Parameter must stay in one unit: then the root's);
+      - the vision tower: `tower` = one unit; `blocks` = one unit per block, the rest of the tower (patch and
+        position embeddings, the merger and Qwen3-VL's deepstack mergers, which run between blocks) in the
+        tower's own unit;
+      - one unit per decoder layer;
+      - [final norm, lm_head], unless tied;
+      - the root: whatever is left (tied embeddings, norm and lm_head).
+    `mesh` is 1-D (FSDP: shard over every rank) or 2-D ("replicate", "shard") (HSDP: shard within a replica,
+    replicate across them). Master weights and the gradient reduction stay in fp32; compute runs in param_dtype.
+    Each unit's parameters are all-gathered just before its forward and freed after."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    layers = model.model.language_model.layers
-    for i, layer in enumerate(layers):
-        # the last layer is the first one backward needs: keep it gathered instead of resharding it
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model.model.visual, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    lm, visual = model.model.language_model, model.model.visual
+    tied = model.lm_head.weight is lm.embed_tokens.weight
+    if not tied:
+        fully_shard(lm.embed_tokens, mesh=mesh, mp_policy=mp)
+    if vision_shard == "blocks":
+        # inside the tower, activations are already in param_dtype; not casting block inputs keeps the rotary
+        # cos/sin in fp32, as they are with the one-unit tower
+        block_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for block in visual.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=block_mp)
+    fully_shard(visual, mesh=mesh, mp_policy=mp)
+    for i, layer in enumerate(lm.layers):
+        # the last layer (and [norm, lm_head]) is the first one backward needs: keep it gathered, not resharded
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(lm.layers) - 1)
+    if not tied:
+        fully_shard([lm.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -332,6 +523,8 @@ def param_kind(name):
 
 def build_model(args, device, param_dtype, rank):
     """The sharded model with the checkpoint's weights, in three steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.utils.checkpoint import checkpoint
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     # 1. build on the meta device: no memory, no init cost, the same on every rank
@@ -342,12 +535,35 @@ def build_model(args, device, param_dtype, rank):
     frozen = {"vision": args.freeze_vision, "merger": args.freeze_merger, "llm": args.freeze_llm}
     for name, p in model.named_parameters():
         p.requires_grad_(not frozen[param_kind(name)])
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # activation checkpointing (--ac): decoder layers and vision blocks are transformers GradientCheckpointingLayers,
+    # which rerun their forward in backward when their `gradient_checkpointing` flag is set. Set per block here:
+    # model.gradient_checkpointing_enable(every_n_layers=K) would count the two stacks as one.
+    if args.ac != "none":
+        every = 1 if args.ac in ("full", "vision") else int(args.ac.removeprefix("every-"))
+        stacks = [model.model.visual.blocks] + ([] if args.ac == "vision" else [model.model.language_model.layers])
+        for blocks in stacks:
+            for i, block in enumerate(blocks):
+                block.gradient_checkpointing = (i + 1) % every == 0  # the K-th, 2K-th, ... block
+                block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
     model.train()
 
-    # 2. shard, then allocate this rank's shards (uninitialised) on the device
-    apply_fsdp(model, param_dtype)
+    # 2. shard over a mesh of ranks, then allocate this rank's shards (uninitialised) on the device. FSDP: a 1-D
+    # mesh, every rank holds 1/world of each unit. HSDP: (replicas, ranks per replica), ranks of a replica
+    # consecutive, i.e. one node each by default (torchrun numbers a node's ranks consecutively).
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = world // per_node
+    # auto: not with one rank per node, where HSDP would not shard at all (each GPU: the whole model and optimizer)
+    if args.hsdp == "on" or (args.hsdp == "auto" and nodes > 1 and per_node > 1):
+        replicas = args.hsdp_replicas or nodes
+        if replicas < 1 or world % replicas:
+            raise M.UserError(f"--hsdp-replicas {replicas}: must divide the {world} ranks")
+        mesh = init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    M.print0(f"  {'HSDP' if mesh.ndim == 2 else 'FSDP'} mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))}, "
+             f"vision units: {args.vision_shard}, activation checkpointing: {args.ac}")
+    apply_fsdp(model, param_dtype, mesh, args.vision_shard)
     model.to_empty(device=device)
 
     # 3. rank 0 reads the checkpoint in its own dtype (a bf16 7B: 16 GB of host memory, not a 33 GB fp32 copy)
@@ -428,7 +644,11 @@ def build_optimizer(model, args):
                                 "weight_decay": args.weight_decay if decay else 0.0})["params"].append(p)
     if not groups:
         raise ValueError("every parameter is frozen: drop one of --freeze-vision/--freeze-merger/--freeze-llm")
-    return torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=tuple(args.betas), eps=1e-8)
+    # on GPU, the fused kernel updates every parameter of a group in one launch (the default is a few
+    # launches per group and op); on CPU, torch's default
+    on_cuda = next(iter(groups.values()))["params"][0].device.type == "cuda"
+    return torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=tuple(args.betas), eps=1e-8,
+                             fused=True if on_cuda else None)
 
 
 def get_lr(step, max_steps, warmup_steps, min_ratio):
@@ -683,7 +903,7 @@ def setup(args):
     device = M.init_dist(single_process_group=True, timeout_minutes=args.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     param_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    args.attn = args.attn or M.default_attn(device)
+    choose_attention(args, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -693,8 +913,29 @@ def setup(args):
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=2))
-    M.print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {param_dtype}, attention {args.attn}")
+    M.print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {param_dtype}, attention: language model "
+             f"{'varlen' if args.text_varlen else args.attn}, vision {'varlen' if args.vision_varlen else args.attn}"
+             + (f" ({M.varlen_kernel(device)} kernel)" if args.text_varlen or args.vision_varlen else ""))
     return rank, world, device, param_dtype
+
+
+def choose_attention(args, device):
+    """Resolve --attn / --vision-attn. args.attn becomes the transformers implementation the model is built with;
+    args.text_varlen / args.vision_varlen say which parts then run model.varlen_attention instead."""
+    gpu_varlen = device.type == "cuda" and M.varlen_kernel(device) != "reference"
+    builtin = M.default_attn(device)  # flash_attention_2 when installed on GPU, else sdpa
+    text = args.attn or ("varlen" if args.pack and gpu_varlen and builtin == "sdpa" else builtin)
+    if text == "varlen" and not args.pack:
+        raise M.UserError("--attn varlen needs --pack (it runs packed rows without padding)")
+    args.attn = "sdpa" if text == "varlen" else text
+    vision = args.vision_attn or ("varlen" if gpu_varlen else args.attn)
+    if vision not in ("varlen", args.attn):
+        raise M.UserError(f"--vision-attn {vision}: give varlen or the language model's ({args.attn})")
+    args.text_varlen, args.vision_varlen = text == "varlen", vision == "varlen"
+    if device.type == "cuda" and not args.vision_varlen and "flash" not in args.attn:
+        warnings.warn("no varlen attention kernel (flash_attn, or torch >= 2.10's varlen_attn on sm80+): the vision "
+                      "tower runs one sdpa call per window, measured on an H100 at ~2% MFU and ~76% of a 7B step "
+                      "(5.6 s vs 1.9 s with varlen; BENCHMARKS.md). Install flash-attn or a newer torch.")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -743,15 +984,16 @@ def set_rng_state(state):
 STEP_COUNTS = ("supervised_tokens", "tokens", "samples", "images", "skipped_overlong", "ranks_stopping")
 
 
-def step_counts(micro, batches, stopping, device):
-    """{name: sum over ranks} of STEP_COUNTS for this step's micro-batches: supervised tokens (the loss
-    normaliser), tokens, samples, images, overlong records skipped so far, and the ranks that caught a stop
-    signal (so that every rank decides to stop after the same step)."""
-    local = {"supervised_tokens": sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-             "tokens": sum(int(b["attention_mask"].sum()) for b in micro),
-             "samples": sum(len(b["input_ids"]) for b in micro),
-             "images": sum(len(b["image_grid_thw"]) if b["image_grid_thw"] is not None else 0 for b in micro),
-             "skipped_overlong": batches.skipped, "ranks_stopping": int(stopping)}
+def step_counts(groups, skipped, stopping, device):
+    """{name: sum over ranks} of STEP_COUNTS for this step's samples (groups: the micro-batches or packed rows,
+    lists of tokenized samples): supervised tokens (the loss normaliser; a sample's first token is never a
+    target), tokens, samples, images, overlong records skipped so far, and the ranks that caught a stop signal
+    (so that every rank decides to stop after the same step). Filler samples (id None) count nothing."""
+    samples = [s for g in groups for s in g if s["id"] is not None]
+    local = {"supervised_tokens": sum(int((s["labels"][1:] != -100).sum()) for s in samples),
+             "tokens": sum(len(s["input_ids"]) for s in samples), "samples": len(samples),
+             "images": sum(s["n_images"] for s in samples), "skipped_overlong": skipped,
+             "ranks_stopping": int(stopping)}
     counts = torch.tensor([local[k] for k in STEP_COUNTS], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     return dict(zip(STEP_COUNTS, counts.tolist()))
@@ -810,9 +1052,17 @@ def main(argv=None):
         M.print0(f"  {path}: x{repeat} {percent:g}% -> {n} samples per pass ({100 * n / len(entries):.1f}%)")
     max_tokens = args.max_tokens or args.batch_size * args.max_length
     schedule = make_schedule(args, len(entries), world)
+    if args.pack:  # token lengths of every record, to plan the packed rows (errors surface here, before loading)
+        t0 = time.time()
+        lengths = record_lengths(files, processor, args.max_length, args.overlong, device)
+        kept = np.concatenate(lengths)
+        kept = kept[kept >= 0]
+        M.print0(f"  --pack: {len(kept)} records measured in {time.time() - t0:.1f} s, {kept.mean():.0f} tokens on "
+                 f"average (max {kept.max()}), rows of <= {max_tokens} tokens")
 
     # --- model, optimizer
     model = build_model(args, device, param_dtype, rank)
+    M.use_varlen_attention(model, vision=args.vision_varlen, text=args.text_varlen)
     dummy = DummyImage(model, processor)
     optimizer = build_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -837,12 +1087,20 @@ def main(argv=None):
     M.print0(f"  {len(entries)} samples per pass; {max_steps} steps of {world} ranks x {args.grad_accum} "
              f"micro-batches x <= {args.batch_size} samples / {max_tokens} tokens; warmup {warmup_steps} steps")
 
-    # --- data loader (after resume: it starts at this rank's cursor)
-    stream = MixtureStream(files, entries, processor, rank, world, args.seed, cursor, args.max_length, args.overlong)
+    # --- data loader (after resume: it starts at this rank's cursor, or with --pack at this step)
+    if args.pack:
+        stream = PackedSteps(files, entries, lengths, processor, rank, world, args.seed, step,
+                             world * args.grad_accum * args.batch_size, args.grad_accum, max_tokens, args.max_length,
+                             args.overlong)
+    else:
+        stream = MixtureStream(files, entries, processor, rank, world, args.seed, cursor, args.max_length, args.overlong)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
                                          prefetch_factor=4 if args.num_workers else None,
                                          worker_init_fn=worker_ignores_stop_signals if args.num_workers else None)
-    batches = MicroBatches(iter(loader), cursor, args.batch_size, max_tokens, pass_size=len(entries))
+    if args.pack:
+        batches = PackedBatches(iter(loader), step, rank, args.grad_accum * args.batch_size)
+    else:
+        batches = MicroBatches(iter(loader), cursor, args.batch_size, max_tokens, pass_size=len(entries))
 
     # --- loop
     logger = Logger(args, out, rank, step)
@@ -853,8 +1111,13 @@ def main(argv=None):
     bar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True, file=sys.stdout)
     while step < max_steps:
         t0 = time.time()
-        micro = [M.collate(batches.next(), processor.pad_token_id) for _ in range(args.grad_accum)]
-        counts = step_counts(micro, batches, len(stop_signals) > 0, device)
+        if args.pack:  # this rank's rows of the step, one forward and backward each
+            groups = [row or [filler_sample(processor.pad_token_id)] for row in batches.next()]
+            micro = [M.pack(row, model) for row in groups]
+        else:
+            groups = [batches.next() for _ in range(args.grad_accum)]
+            micro = [M.collate(g, processor.pad_token_id) for g in groups]
+        counts = step_counts(groups, batches.skipped, len(stop_signals) > 0, device)
         n_supervised = max(1.0, counts["supervised_tokens"])
         loss_sum = forward_backward(model, micro, n_supervised, dummy, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
