@@ -89,11 +89,24 @@ trap 'forward USR1' USR1
 echo "launch.sh: node $NODE_RANK of $NNODES, $NPROC_PER_NODE processes, master ${MASTER_ADDR}:${MASTER_PORT:-auto}" >&2
 torchrun "${RDZV[@]}" --nproc-per-node "$NPROC_PER_NODE" "$HERE/train.py" "$@" &
 TORCHRUN=$!
-while true; do  # `wait` returns early when a trapped signal arrives: wait again until torchrun has ended
-    rc=0
-    wait "$TORCHRUN" || rc=$?
-    if ! kill -0 "$TORCHRUN" 2>/dev/null; then break; fi
+stop_ranks_after_a_failure() {
+    # A rank that ended with an error (not 0, not 143) leaves the others waiting in a collective that cannot
+    # complete (with NCCL, until --dist-timeout), and the SIGTERM torchrun sends them reads as a stop request:
+    # end them. Their DataLoader workers follow their parent.
+    local f
+    if [[ -n "$(grep -L -E '"code": (0|143),' "$STATUS"/*.exit 2>/dev/null)" ]]; then
+        for f in "$STATUS"/*.pid; do
+            if [[ -e "$f" && ! -e "${f%.pid}.exit" ]]; then kill -KILL "$(cat "$f")" 2>/dev/null || true; fi
+        done
+    fi
+}
+while kill -0 "$TORCHRUN" 2>/dev/null; do
+    sleep 1 &
+    wait $! || true  # returns at once when a trapped signal arrives (the trap forwards it first)
+    stop_ranks_after_a_failure
 done
+rc=0
+wait "$TORCHRUN" || rc=$?
 # ranks that outlive torchrun (torchrun killed, or an old torch that dies of SIGUSR1) may still be saving
 for f in "$STATUS"/*.pid; do
     if [[ -e "$f" ]]; then

@@ -588,8 +588,8 @@ def build_model(args, device, param_dtype, rank):
 class DummyImage:
     """Keeps every rank's collectives in step when a micro-batch has no image.
 
-    The vision tower is its own FSDP unit: its parameters are all-gathered when it runs and its gradients
-    reduce-scattered in backward. Both are collectives, so if one rank's micro-batch has images and another's
+    The vision tower is one FSDP unit, or one per block (--vision-shard): its parameters are all-gathered when
+    it runs and its gradients reduce-scattered in backward. Both are collectives, so if one rank's micro-batch has images and another's
     is text-only, the ranks would wait on different collectives and hang. When `active`, a forward pre-hook on
     the language model (the point where the vision tower would have run, so the order of collectives matches)
     runs the tower on one blank image (the smallest the processor's pixel budget allows) and adds 0 x its
@@ -1107,8 +1107,11 @@ def main(argv=None):
     flops = peak_flops(device, param_dtype)
     from tqdm import tqdm
 
-    # progress on stdout: stderr is kept for warnings and errors (an input error is its only line)
-    bar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True, file=sys.stdout)
+    # progress on stdout (stderr is kept for warnings and errors): a bar on a terminal, a line per logged step in
+    # a log file
+    tty = sys.stdout.isatty()
+    bar = tqdm(total=max_steps, initial=step, disable=rank != 0 or not tty, desc="train", dynamic_ncols=True,
+               file=sys.stdout)
     while step < max_steps:
         t0 = time.time()
         if args.pack:  # this rank's rows of the step, one forward and backward each
@@ -1146,6 +1149,9 @@ def main(argv=None):
             metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS
         if step % args.log_every == 0:
             logger.log(metrics)
+            if not tty:
+                M.print0(f"step {step}/{max_steps} loss {loss:.4f} lr {args.lr * mult:.2e} grad_norm {grad_norm:.3f} "
+                         f"tokens/s {tok_s:.0f} {dt:.2f} s")
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{args.lr * mult:.2e}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
 
@@ -1154,7 +1160,7 @@ def main(argv=None):
         if step % args.save_every == 0 or step == max_steps or stop:
             saved, seconds, gb = save_checkpoint(ckpt_dir, step, model, optimizer,
                                                  {"cursor": batches.cursor, "rng": rng_state()}, args, schedule)
-            M.print0(f"\n  saved {saved} ({gb:.2f} GB) in {seconds:.1f} s")
+            M.print0(("\n" if tty else "") + f"  saved {saved} ({gb:.2f} GB) in {seconds:.1f} s")
         if stop:
             M.print0(f"stopping on a signal after step {step}: saved {saved}; run the same command to resume")
             bar.close()
