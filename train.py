@@ -521,10 +521,26 @@ def param_kind(name):
     return "llm"
 
 
+def apply_ac(model, ac):
+    """Activation checkpointing (--ac none|full|vision|every-K): decoder layers and vision blocks are transformers
+    GradientCheckpointingLayers, which rerun their forward in backward when their `gradient_checkpointing` flag
+    is set. Set per block here (model.gradient_checkpointing_enable(every_n_layers=K) would count the two stacks
+    as one); every-K checkpoints the K-th, 2K-th, ... block of each stack."""
+    from torch.utils.checkpoint import checkpoint
+
+    if ac == "none":
+        return
+    every = 1 if ac in ("full", "vision") else int(ac.removeprefix("every-"))
+    stacks = [model.model.visual.blocks] + ([] if ac == "vision" else [model.model.language_model.layers])
+    for blocks in stacks:
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = (i + 1) % every == 0
+            block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+
+
 def build_model(args, device, param_dtype, rank):
     """The sharded model with the checkpoint's weights, in three steps."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.utils.checkpoint import checkpoint
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     # 1. build on the meta device: no memory, no init cost, the same on every rank
@@ -535,16 +551,7 @@ def build_model(args, device, param_dtype, rank):
     frozen = {"vision": args.freeze_vision, "merger": args.freeze_merger, "llm": args.freeze_llm}
     for name, p in model.named_parameters():
         p.requires_grad_(not frozen[param_kind(name)])
-    # activation checkpointing (--ac): decoder layers and vision blocks are transformers GradientCheckpointingLayers,
-    # which rerun their forward in backward when their `gradient_checkpointing` flag is set. Set per block here:
-    # model.gradient_checkpointing_enable(every_n_layers=K) would count the two stacks as one.
-    if args.ac != "none":
-        every = 1 if args.ac in ("full", "vision") else int(args.ac.removeprefix("every-"))
-        stacks = [model.model.visual.blocks] + ([] if args.ac == "vision" else [model.model.language_model.layers])
-        for blocks in stacks:
-            for i, block in enumerate(blocks):
-                block.gradient_checkpointing = (i + 1) % every == 0  # the K-th, 2K-th, ... block
-                block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    apply_ac(model, args.ac)
     model.train()
 
     # 2. shard over a mesh of ranks, then allocate this rank's shards (uninitialised) on the device. FSDP: a 1-D
@@ -630,9 +637,10 @@ def _tensors(x):
 # Optimizer and schedule
 
 
-def build_optimizer(model, args):
+def build_optimizer(model, args, fused=None):
     """AdamW with one learning rate per part (vision tower, merger, language model, as RSCoVLM's vision_lr /
-    merger_lr) and weight decay on matrices only. Each group keeps its peak lr in 'base_lr'."""
+    merger_lr) and weight decay on matrices only. Each group keeps its peak lr in 'base_lr'. fused: the fused
+    kernel (default: on CUDA)."""
     peak = {"vision": args.vision_lr or args.lr, "merger": args.merger_lr or args.lr, "llm": args.lr}
     groups = {}
     for name, p in model.named_parameters():
@@ -646,9 +654,10 @@ def build_optimizer(model, args):
         raise ValueError("every parameter is frozen: drop one of --freeze-vision/--freeze-merger/--freeze-llm")
     # on GPU, the fused kernel updates every parameter of a group in one launch (the default is a few
     # launches per group and op); on CPU, torch's default
-    on_cuda = next(iter(groups.values()))["params"][0].device.type == "cuda"
+    if fused is None:
+        fused = next(iter(groups.values()))["params"][0].device.type == "cuda"
     return torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=tuple(args.betas), eps=1e-8,
-                             fused=True if on_cuda else None)
+                             fused=fused or None)
 
 
 def get_lr(step, max_steps, warmup_steps, min_ratio):
