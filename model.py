@@ -921,13 +921,13 @@ def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hid
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
     if family not in COORDS:
-        raise ValueError(f"family must be one of {sorted(COORDS)}, got '{family}'")
+        raise UserError(f"family must be one of {sorted(COORDS)}, got '{family}'")
     for name, v in (("hidden", hidden), ("vision_hidden", vision_hidden)):
         if v < 32 or v % 16:
-            raise ValueError(f"{name} must be a multiple of 16 and >= 32, got {v}")
+            raise UserError(f"--{name.replace('_', '-')} must be a multiple of 16 and >= 32, got {v}")
     for name, v in (("layers", layers), ("vision_depth", vision_depth)):
         if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -998,7 +998,7 @@ def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hid
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
+def main():
     parser = argparse.ArgumentParser(description="rscovlm model utilities")
     parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a tiny random-init checkpoint to DIR")
     parser.add_argument("--family", default="qwen2.5", choices=sorted(COORDS), help="model family of the tiny checkpoint")
@@ -1007,6 +1007,11 @@ if __name__ == "__main__":
     parser.add_argument("--layers", type=int, default=2, help="language model decoder layers")
     parser.add_argument("--vision-hidden", type=int, default=64, help="vision tower width (multiple of 16)")
     parser.add_argument("--vision-depth", type=int, default=2, help="vision tower blocks")
+    add_debug_flag(parser)
     args = parser.parse_args()
     print(make_tiny(args.make_tiny, args.family, args.seed, hidden=args.hidden, layers=args.layers,
                     vision_hidden=args.vision_hidden, vision_depth=args.vision_depth))
+
+
+if __name__ == "__main__":
+    run_cli(main)
