@@ -156,6 +156,37 @@ def real_config(name):
     return Config(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie"], **QWEN_IDS)
 
 
+def config_and_image_processor(name, family="qwen2.5", seed=0, text_layers=None, min_pixels=None, max_pixels=None):
+    """(transformers config, PIL image processor) of `name`: the tiny checkpoint of `family` (its own pixel
+    budget) or a real-size config (RSCoVLM's budget); text_layers cuts the language model's depth."""
+    if name == "tiny":
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = M.make_tiny(Path(tmp) / "tiny", family, seed=seed)
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(ckpt)
+            tiny_proc = M.load_processor(ckpt)
+            budget = (tiny_proc.min_pixels, tiny_proc.max_pixels)
+    else:
+        config, budget = real_config(name), RSCOVLM_PIXELS
+    if text_layers:
+        deepstack = len(getattr(config.vision_config, "deepstack_visual_indexes", []))
+        if text_layers < max(1, deepstack):
+            raise M.UserError(f"--text-layers {text_layers}: this model adds vision features to its first "
+                              f"{deepstack} decoder layers; keep at least {max(1, deepstack)}")
+        config.text_config.num_hidden_layers = text_layers
+    budget = (min_pixels or budget[0], max_pixels or budget[1])
+    vc = config.vision_config
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=vc.patch_size, merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size,
+        size={"shortest_edge": budget[0], "longest_edge": budget[1]})
+    if M.family(config) == "qwen3":  # Qwen3-VL normalises to [-1, 1]
+        image_processor.image_mean, image_processor.image_std = [0.5] * 3, [0.5] * 3
+    return config, image_processor
+
+
 def build_model(config, device, attn):
     """A random-init model with fp32 (master) weights on `device`, in training mode. The same seed gives the same
     weights, so every variant starts from the same point."""
@@ -623,31 +654,10 @@ def main():
           f"{versions['varlen_kernel']}, compute {dtype}")
 
     # --- model config and image processor
-    if config_name == "tiny":
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = M.make_tiny(Path(tmp) / "tiny", args.family, seed=args.seed)
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(ckpt)
-            tiny_proc = M.load_processor(ckpt)
-            budget = (tiny_proc.min_pixels, tiny_proc.max_pixels)
-    else:
-        config, budget = real_config(config_name), RSCOVLM_PIXELS
-    if args.text_layers:
-        deepstack = len(getattr(config.vision_config, "deepstack_visual_indexes", []))
-        if args.text_layers < max(1, deepstack):
-            raise M.UserError(f"--text-layers {args.text_layers}: this model adds vision features to its first "
-                              f"{deepstack} decoder layers; keep at least {max(1, deepstack)}")
-        config.text_config.num_hidden_layers = args.text_layers
-    budget = (args.min_pixels or budget[0], args.max_pixels or budget[1])
+    config, image_processor = config_and_image_processor(config_name, args.family, args.seed, args.text_layers,
+                                                         args.min_pixels, args.max_pixels)
     vc, tc = config.vision_config, config.text_config
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=vc.patch_size, merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size,
-        size={"shortest_edge": budget[0], "longest_edge": budget[1]})
-    if M.family(config) == "qwen3":  # Qwen3-VL normalises to [-1, 1]
-        image_processor.image_mean, image_processor.image_std = [0.5] * 3, [0.5] * 3
+    budget = M._pixel_budget(image_processor)
     # what model.expand_image_tokens and train.DummyImage read from a processor
     proc = SimpleNamespace(image_processor=image_processor, patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
                            image_token_id=config.image_token_id, pad_token_id=tc.bos_token_id)  # <|endoftext|>

@@ -412,6 +412,8 @@ def load(path, dtype=None, device=None, attn=None, min_pixels=None, max_pixels=N
 
         hf_logging.disable_progress_bar()
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    if device.type == "cuda" and varlen_kernel(device) != "reference":  # prefill: one attention call per vision layer
+        use_varlen_attention(model, vision=True)
     return model.to(device).eval(), processor
 
 
@@ -734,34 +736,112 @@ def _estimated_length(record, processor):
     return n
 
 
+def left_pad(prompts, processor, device, dtype):
+    """A batch of tokenized prompts, left-padded so that every prompt ends where generation starts."""
+    T = max(len(p["input_ids"]) for p in prompts)
+    ids = torch.full((len(prompts), T), processor.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, T - len(p["input_ids"]):] = torch.tensor(p["input_ids"])
+        mask[row, T - len(p["input_ids"]):] = 1
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+              "mm_token_type_ids": (ids == processor.image_token_id).long().to(device)}
+    pv = [p["pixel_values"] for p in prompts if p["pixel_values"] is not None]
+    if pv:
+        inputs["pixel_values"] = torch.cat(pv).to(device, dtype)
+        inputs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts if p["pixel_values"] is not None]).to(device)
+    return inputs
+
+
+def decode_greedy(model, inputs, max_new_tokens, eos_ids):
+    """Greedy decoding with a KV cache, the built-in fast path (backend='fast'). Each step runs the model on
+    the batch's last tokens and keeps only the last position's logits; a row that has produced an end token
+    leaves the batch at once (its cache rows too), so the batch only ever holds unfinished answers. Positions
+    are Qwen-VL's: the prompt's multimodal rotary positions, then text positions that continue from each row's
+    largest one (what transformers' generate computes). Returns, per row, the new token ids (ending with the end
+    token when the answer ended)."""
+    from transformers import DynamicCache
+
+    mask = inputs["attention_mask"]  # (B, T), left-padded
+    B = mask.shape[0]
+    text_pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
+    if inputs.get("image_grid_thw") is not None:
+        mrope, delta = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                  image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+    else:
+        mrope, delta = text_pos[None].expand(3, -1, -1), torch.zeros(B, 1, dtype=torch.long, device=mask.device)
+    cache = DynamicCache(config=model.config)
+    logits = model(**inputs, position_ids=torch.cat([text_pos[None], mrope]), cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]  # (B, V)
+    eos = torch.tensor(eos_ids, device=mask.device)
+    rows = torch.arange(B, device=mask.device)  # which original row each batch row is
+    out = [[] for _ in range(B)]
+    for _ in range(max_new_tokens):
+        token = logits.argmax(-1)  # (B',)
+        for r, t in zip(rows.tolist(), token.tolist()):
+            out[r].append(t)
+        alive = ~torch.isin(token, eos)
+        if not alive.any():
+            break
+        if not alive.all():  # finished rows leave the batch, cache included
+            keep = alive.nonzero().flatten()
+            rows, token, mask, delta = rows[keep], token[keep], mask[keep], delta[keep]
+            cache.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        pos = mask.sum(-1, keepdim=True) - 1  # (B', 1) the new token's text position
+        position_ids = torch.cat([pos[None], (pos + delta)[None].expand(3, -1, -1)])  # (4, B', 1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+    return out
+
+
 @torch.no_grad()
-def generate(model, processor, records, batch_size=8, max_new_tokens=512):
+def generate(model, processor, records, batch_size=8, max_new_tokens=512, backend="fast", details=False):
     """Greedy answers for records (prompt = messages before the final assistant turn). Batches are formed from
-    records sorted by length and left-padded; outputs come back in input order."""
+    records sorted by length (little padding) and left-padded; outputs come back in input order.
+    backend: 'fast' (decode_greedy: finished answers leave the batch) or 'hf' (transformers' generate); both give
+    the same tokens. details=True returns [{"text", "new_tokens", "cut"}]: cut = the answer reached
+    max_new_tokens without ending (a dense patch's answer may need more: see auto_max_new_tokens)."""
+    if backend not in ("fast", "hf"):
+        raise ValueError(f"backend must be 'fast' or 'hf', got {backend!r}")
     order = sorted(range(len(records)), key=lambda i: -_estimated_length(records[i], processor))
-    texts = [None] * len(records)
+    results = [None] * len(records)
     device, dtype = model.device, next(model.parameters()).dtype
     eos = [processor.end_of_turn_id, processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        prompts = [_prompt(records[i], processor) for i in idx]
-        T = max(len(p["input_ids"]) for p in prompts)
-        ids = torch.full((len(idx), T), processor.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[row, T - len(p["input_ids"]) :] = torch.tensor(p["input_ids"])
-            mask[row, T - len(p["input_ids"]) :] = 1
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                  "mm_token_type_ids": (ids == processor.image_token_id).long().to(device)}
-        pv = [p["pixel_values"] for p in prompts if p["pixel_values"] is not None]
-        if pv:
-            inputs["pixel_values"] = torch.cat(pv).to(device, dtype)
-            inputs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts if p["pixel_values"] is not None]).to(device)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=processor.pad_token_id, eos_token_id=eos)
-        for row, i in enumerate(idx):
-            texts[i] = processor.tokenizer.decode(out[row, T:], skip_special_tokens=True).strip()
-    return texts
+        inputs = left_pad([_prompt(records[i], processor) for i in idx], processor, device, dtype)
+        if backend == "hf":
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=processor.pad_token_id, eos_token_id=eos)
+            new = [row[inputs["input_ids"].shape[1]:].tolist() for row in out]
+        else:
+            new = decode_greedy(model, inputs, max_new_tokens, eos)
+        for i, toks in zip(idx, new):
+            end = next((k for k, t in enumerate(toks) if t in eos), None)
+            toks = toks if end is None else toks[: end + 1]
+            results[i] = {"text": processor.tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                          "new_tokens": len(toks), "cut": end is None}
+    return results if details else [r["text"] for r in results]
+
+
+def auto_max_new_tokens(records, processor, context=32768, margin=1.25, extra=32):
+    """--max-new-tokens auto: the longest reference answer among the records, as this model family would write
+    it (det/ground answers rendered from meta at this processor's pixel budget), x margin + extra tokens, capped
+    by the context left after the longest prompt. A model that knows every object of a dense patch then has room
+    to say so; without references (a test split) it falls back to 2048."""
+    longest, prompt = 0, 0
+    for r in records:
+        sizes = [image_size(p) for p in r["images"]]
+        msgs = target_messages(r, processor, sizes) if r.get("meta") else r["messages"]
+        answers = [m["content"] for m in msgs if m["role"] == "assistant"][-1:] + \
+            [str(x) for x in (r.get("meta", {}).get("references") or [])]
+        for a in answers:
+            longest = max(longest, len(processor.tokenizer.encode(a, add_special_tokens=False)) + 1)  # + <|im_end|>
+        prompt = max(prompt, _estimated_length(r, processor))
+    if not longest:
+        return 2048
+    return max(16, min(int(longest * margin) + extra, context - prompt))
 
 
 def read_predictions(path, repair=False):
@@ -821,11 +901,12 @@ def not_predicted(records, out_path):
     return [r for r in records if r["id"] not in done]
 
 
-def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=512, postprocess=None):
-    """Generate answers for records into out_path (JSONL lines {"id", "text", **postprocess(record, text)}),
-    appending and flushing per batch, so an interrupted run loses at most one batch; records whose id is already
-    in the file are skipped. Under torchrun each rank takes every world-th record into its own part file and
-    rank 0 merges them in record order. Returns {id: line dict} for all records (on every rank)."""
+def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=512, postprocess=None, backend="fast"):
+    """Generate answers for records into out_path (JSONL lines {"id", "text", "new_tokens", "cut",
+    **postprocess(record, text)}; cut = the answer reached max_new_tokens without ending), appending and
+    flushing per batch, so an interrupted run loses at most one batch; records whose id is already in the file
+    are skipped. Under torchrun each rank takes every world-th record into its own part file and rank 0 merges
+    them in record order. backend: see generate. Returns {id: line dict} for all records (on every rank)."""
     from tqdm import tqdm
 
     rank, world, _ = dist_info()
@@ -847,8 +928,9 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
     with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), disable=rank != 0 or not sys.stderr.isatty(), desc="predict") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            for rec, text in zip(chunk, generate(model, processor, chunk, batch_size, max_new_tokens)):
-                line = {"id": rec["id"], "text": text, **(postprocess(rec, text) if postprocess else {})}
+            answers = generate(model, processor, chunk, batch_size, max_new_tokens, backend=backend, details=True)
+            for rec, a in zip(chunk, answers):
+                line = {"id": rec["id"], **a, **(postprocess(rec, a["text"]) if postprocess else {})}
                 f.write(json.dumps(line) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -585,7 +585,8 @@ def test_ckpt_predict_resume(tiny_qwen25, shared_data, tmp_path, monkeypatch, ca
     real_generate = model.generate
 
     def generate(net, processor, records, *a, **k):
-        texts = real_generate(net, processor, records, *a, **k)
+        answers = real_generate(net, processor, records, *a, **k)
+        texts = [x["text"] if k.get("details") else x for x in answers]
         for i, r in enumerate(records):
             kw = model.coord_kwargs(processor, 170, 170)
             if r["id"] in ("r0", "r1"):
@@ -594,7 +595,7 @@ def test_ckpt_predict_resume(tiny_qwen25, shared_data, tmp_path, monkeypatch, ca
                 texts[i] += "\n" + boxes.render_answer([{"poly": SQ(35, 35, 40), "label": "plane"}], 170, 170, **kw)
             if r["id"] == "g":
                 texts[i] = boxes.render_answer(objs, 170, 170, **kw, box_format="hbox", with_label=False)
-        return texts
+        return [{**x, "text": t} for x, t in zip(answers, texts)] if k.get("details") else texts
 
     monkeypatch.setattr(model, "generate", generate)
     args = ["--ckpt", str(tiny_qwen25), "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "out"),

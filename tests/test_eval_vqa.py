@@ -504,9 +504,9 @@ def test_resume_with_scripted_answers(tmp_path, tiny_qwen25, monkeypatch, capsys
                "k2": "a road near the river"}
     calls = []
 
-    def scripted(net, processor, recs, batch_size=8, max_new_tokens=512):
+    def scripted(net, processor, recs, batch_size=8, max_new_tokens=512, backend="fast", details=False):
         calls.extend(r["id"] for r in recs)
-        return [answers[r["id"]] for r in recs]
+        return [{"text": answers[r["id"]], "new_tokens": 3, "cut": False} if details else answers[r["id"]] for r in recs]
 
     monkeypatch.setattr(model, "generate", scripted)
     argv = ["--ckpt", tiny_qwen25, "--data", str(data), "--batch-size", "2", "--no-meteor"]
