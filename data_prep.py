@@ -46,7 +46,10 @@ what it looked at (and, when the data sits one folder down, which folder to give
 overwrites the output of another input: OUT/NAME.info.json remembers which --root / --json it was made from.
 
 Answers in det/ground records are rendered with boxes.render_answer in the record's own pixels, for people
-to read; model.tokenize re-renders them from meta in the model's coordinate convention.
+to read; model.tokenize re-renders them from meta in the model's coordinate convention. The det/ground
+subcommands (dota, fair1m, dior, rsvg, synth) report per split how many answers need more than
+--answer-budget tokens (Qwen writes one token per digit: a dense 1024-px DOTA patch takes over 15k), estimated
+(one token per digit, punctuation run, word and line break) or, with --processor DIR, counted exactly.
 
 synth writes `synth_{det,ground,vqa,caption,cls,all}_{train,val}.jsonl` and `images/{split}_{i:05d}.png`.
 """
@@ -217,6 +220,8 @@ def print_summary(title, summary, out_files):
         print(f"  note: {note}")
     for k in sorted(c):
         print(f"  {k:<28} {c[k]}")
+    if "answer_tokens" in summary:
+        print(format_answer_tokens(summary["answer_tokens"]))
     if summary["skipped"]:
         reasons = Counter(re.sub(r"\d+", "N", s["reason"].split(":")[-1].strip())[:60] for s in summary["skipped"])
         print(f"  skipped items ({len(summary['skipped'])}), by reason:")
@@ -278,7 +283,103 @@ def write_info(out, name, args, summary=None):
     if summary is not None:
         info["summary"] = {"counts": dict(summary["counts"]), "skipped": summary["skipped"],
                            "notes": summary["notes"]}
+        if "answer_tokens" in summary:
+            info["summary"]["answer_tokens"] = summary["answer_tokens"]
     atomic_write_bytes(Path(out) / f"{name}.info.json", json.dumps(info, indent=2).encode())
+
+
+# -----------------------------------------------------------------------------
+# Answer length in tokens (det/ground). A dense patch's answer can outgrow what generation allows
+# (eval_det.py --max-new-tokens) and what training keeps (train.py --max-length skips longer samples): one
+# DOTA 1024-px patch of the P0706 harbour holds ~500 ships, over 15k tokens, because Qwen writes one token
+# per digit. Every det/ground subcommand reports, per split, how many answers need more than --answer-budget.
+
+_QWEN_PIECES = []  # Qwen2's pre-tokenizer split (model.QWEN_SPLIT), compiled on first use
+
+
+def estimate_answer_tokens(text):
+    """Tokens a Qwen-VL answer takes, without a tokenizer: the pieces Qwen2's pre-tokenizer cuts the text into
+    (model.QWEN_SPLIT: every digit alone, a run of punctuation, a word with its leading space, a line break),
+    one token each, + 1 for the <|im_end|> that ends the answer. BPE merges only inside a piece, so this is
+    exact for the digits, commas and line breaks that make up a box answer, and counts each word as one token
+    (a word Qwen's vocabulary splits takes more: a lower bound there; --processor counts exactly)."""
+    if not _QWEN_PIECES:
+        import regex  # \p{L} / \p{N} classes (installed with transformers)
+
+        _QWEN_PIECES.append(regex.compile(model.QWEN_SPLIT))
+    return len(_QWEN_PIECES[0].findall(text)) + 1
+
+
+def answer_token_counter(args):
+    """records -> {id: tokens of the record's answer, <|im_end|> included} for the records that have one, and
+    a sentence saying how they were counted. --processor DIR: exact, the det/ground answer rendered from meta
+    in that checkpoint's coordinates at its pixel budget (what model.tokenize trains on) and tokenized by its
+    tokenizer. Without: estimate_answer_tokens of the answer as stored (record pixels; the model's frame
+    differs a little, e.g. 1008 instead of 1024 px, which rarely changes a number's digit count)."""
+    if not args.processor:
+        def estimate(records):
+            return {r["id"]: estimate_answer_tokens(answer) for r in records
+                    if (answer := _final_answer(r["messages"])) is not None}
+
+        return estimate, ("estimated: one token per digit, punctuation run, word and line break, as Qwen's "
+                          "pre-tokenizer splits them, + <|im_end|>; --processor DIR counts exactly")
+    if not Path(args.processor).is_dir():
+        raise BadInput(f"--processor {args.processor}: no such folder (give a checkpoint folder with its tokenizer)")
+    try:
+        processor = model.load_processor(args.processor)
+    except model.UserError as e:
+        raise BadInput(f"--processor {e}") from None
+
+    def exact(records):
+        ids, texts = [], []
+        for r in records:
+            answer = _final_answer(model.target_messages(r, processor))
+            if answer is not None:
+                ids.append(r["id"])
+                texts.append(answer)
+        counts = []
+        for start in range(0, len(texts), 512):  # the fast tokenizer encodes a batch in parallel
+            counts += [len(t) + 1 for t in processor.tokenizer(texts[start:start + 512], add_special_tokens=False)["input_ids"]]
+        return dict(zip(ids, counts))
+
+    return exact, (f"exact: {args.processor}'s tokenizer, boxes in its {model.COORDS[processor.family]} coordinates "
+                   f"at max_pixels {processor.max_pixels}, + <|im_end|>")
+
+
+def _final_answer(messages):
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else None
+
+
+def report_answer_tokens(summary, split, records, counter, budget, hint=""):
+    """summary["answer_tokens"]: per split, how many answers need more than `budget` tokens (+ the longest and
+    the median), for the printed summary and NAME.info.json. counter: answer_token_counter(args); hint: what
+    else the note suggests when some answers are over."""
+    count, method = counter
+    tokens = count(records)
+    report = summary.setdefault("answer_tokens", {"budget": budget, "method": method, "splits": {}})
+    lengths = sorted(tokens.values())
+    longest = max(tokens, key=tokens.get) if tokens else None
+    over = sum(n > budget for n in lengths)
+    report["splits"][split] = {"answers": len(lengths), "over_budget": over,
+                               "longest": tokens.get(longest, 0), "longest_id": longest,
+                               "median": lengths[len(lengths) // 2] if lengths else 0}
+    if over:
+        summary["notes"].append(
+            f"{split}: {over} of {len(lengths)} answers need more than {budget} tokens (--answer-budget): "
+            f"generating them needs eval_det.py --max-new-tokens above that (its default, auto, sizes the limit to "
+            f"the longest answer), and train.py skips a sample longer than --max-length{hint}")
+
+
+def format_answer_tokens(report):
+    """The printed lines of report_answer_tokens' summary["answer_tokens"]."""
+    lines = [f"  answer tokens ({report['method']}):"]
+    for split, s in report["splits"].items():
+        if not s["answers"]:
+            lines.append(f"    {split}: no answers (prompt-only records)")
+            continue
+        lines.append(f"    {split}: {s['over_budget']:,} of {s['answers']:,} answers over --answer-budget "
+                     f"{report['budget']:,} tokens; longest {s['longest']:,} ({s['longest_id']}), median {s['median']:,}")
+    return "\n".join(lines)
 
 
 def read_image_size(path, full=True):
@@ -599,6 +700,7 @@ def run_tiling(args, source):
         raise BadInput(f"--gap {args.gap} must be at least 0 and smaller than --patch {args.patch}")
     name = args.name or f"{source}_{args.split}" + ("" if args.patch == 1024 else f"_{args.patch}") + (
         "_ms" if rates != [1.0] else "")
+    counter = answer_token_counter(args)  # a bad --processor stops here, before anything is written
 
     # list the images (and labels) first: a wrong --root stops before anything is written
     summary = new_summary()
@@ -658,6 +760,9 @@ def run_tiling(args, source):
             records += res["records"]
             summary["counts"].update(res["counts"])
             summary["skipped"] += res["skipped"]
+    if records:
+        report_answer_tokens(summary, args.split, records, counter, args.answer_budget,
+                             hint=f"; patches smaller than --patch {args.patch} hold fewer objects, shorter answers")
     roots = " ".join(args.root)
     if summary["counts"]["empty patches dropped"]:
         why = (f"every patch of the images in {roots} is empty (no {dataset} object kept) and --split train drops "
@@ -741,6 +846,7 @@ def run_dior(args):
         ids = list(dict.fromkeys(ids))
     name = args.name or f"dior_{args.split}"
     claim_output(out, name, args)
+    counter = answer_token_counter(args)
     out.mkdir(parents=True, exist_ok=True)
     for i in ids:
         try:
@@ -772,6 +878,8 @@ def run_dior(args):
         summary["counts"]["objects"] += len(objects)
     summary["counts"]["records"] = len(records)
     summary["counts"]["empty images"] = sum(not r["meta"]["objects"] for r in records)
+    if records:
+        report_answer_tokens(summary, args.split, records, counter, args.answer_budget)
     write_outputs(out, name, args, summary, records, f"dior {args.split}: {len(records)} records",
                   f"none of the {len(ids)} listed images could be read")
     return summary
@@ -812,6 +920,7 @@ def run_rsvg(args):
         raise BadInput(f"index file {split_file} lists no object index")
     name = args.name or f"rsvg_{args.split}"
     claim_output(out, name, args)
+    counter = answer_token_counter(args)
     out.mkdir(parents=True, exist_ok=True)
     items, index = [], 0
     for xml in xmls:
@@ -855,6 +964,8 @@ def run_rsvg(args):
         records.append(make_record(f"rsvg_{idx}", "ground", "dior-rsvg", [rel(image, out)],
                                    ground_prompt(obj["expression"]), answer, meta))
     summary["counts"]["records"] = len(records)
+    if records:
+        report_answer_tokens(summary, args.split, records, counter, args.answer_budget)
     write_outputs(out, name, args, summary, records, f"rsvg {args.split}: {len(records)} records",
                   f"no object of {split_file} could be used")
     return summary
@@ -1263,6 +1374,7 @@ def run_synth(args):
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     summary, written = new_summary(), []
+    counter = answer_token_counter(args)
     for split_code, (split, n) in enumerate([("train", args.train), ("val", args.val)]):
         by_task = {t: [] for t in ("det", "ground", "vqa", "caption", "cls")}
         for i in progress(range(n), desc=f"synth {split}"):
@@ -1281,6 +1393,8 @@ def run_synth(args):
             summary["counts"][f"records {t} {split}"] = len(recs)
         write_jsonl(out / f"synth_all_{split}.jsonl", [r for recs in by_task.values() for r in recs])
         written.append(out / f"synth_all_{split}.jsonl")
+        if n:
+            report_answer_tokens(summary, split, by_task["det"] + by_task["ground"], counter, args.answer_budget)
     write_info(out, "synth", args, summary)
     print_summary(f"synth (seed {args.seed})", summary, written)
     return summary
@@ -1306,9 +1420,19 @@ def build_parser():
             sp.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                             help="processes for tiling / image checks")
 
+    def answer_budget(sp):  # det/ground subcommands: how many answers are too long to generate or train on
+        sp.add_argument("--answer-budget", type=int, default=2048,
+                        help="report, per split, how many answers need more tokens than this (default %(default)s, "
+                        "eval_det.py's former --max-new-tokens; for training: --max-length minus the image and "
+                        "prompt tokens)")
+        sp.add_argument("--processor", default=None,
+                        help="checkpoint folder whose tokenizer, coordinates and pixel budget count answer tokens "
+                        "exactly (default: an estimate, one token per digit, punctuation run, word and line break)")
+
     for src in ("dota", "fair1m"):
         sp = sub.add_parser(src, help=f"{src.upper()} -> det records of tiled patches")
         common(sp)
+        answer_budget(sp)
         sp.add_argument("--root", nargs="+", required=True,
                         help="folder(s) with images/ and " + ("labelTxt/" if src == "dota" else "labelXml/"))
         sp.add_argument("--split", choices=["train", "val", "test"], required=True,
@@ -1327,6 +1451,7 @@ def build_parser():
 
     sp = sub.add_parser("dior", help="DIOR-R oriented XML -> det records")
     common(sp)
+    answer_budget(sp)
     sp.add_argument("--root", required=True, help="DIOR-R folder (Annotations/, JPEGImages-*/, ImageSets/Main/)")
     sp.add_argument("--split", default="trainval",
                     help="split list name (train, val, trainval, test) or 'all'; trainval without a trainval.txt "
@@ -1336,6 +1461,7 @@ def build_parser():
 
     sp = sub.add_parser("rsvg", help="DIOR-RSVG -> ground records")
     common(sp)
+    answer_budget(sp)
     sp.add_argument("--root", required=True, help="DIOR-RSVG folder (Annotations/, JPEGImages/, {split}.txt)")
     sp.add_argument("--split", default="test", help="train, val or test (reads {split}.txt)")
     sp.add_argument("--split-file", default=None, help="explicit index file (one object index per line)")
@@ -1372,6 +1498,7 @@ def build_parser():
     sp.add_argument("--train", type=int, default=200, help="number of training images")
     sp.add_argument("--val", type=int, default=50, help="number of validation images")
     sp.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
+    answer_budget(sp)
     model.add_debug_flag(sp)
     return p
 
@@ -1385,6 +1512,8 @@ def main(argv=None):
     """Returns the run's summary. Bad input raises BadInput (a model.UserError): run_cli prints it as one line
     `error: ...` and exits 2; any other exception is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "answer_budget", 1) < 1:
+        raise BadInput(f"--answer-budget {args.answer_budget}: give a number of tokens >= 1")
     return RUNNERS[args.source](args)
 
 

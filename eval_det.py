@@ -28,6 +28,9 @@ mF1: per image one-to-one greedy matching in score order at IoU > threshold, dif
 precision/recall/F1 per class, averaged over classes with ground truth.
 Grounding: Acc@0.5 / Acc@0.7 (IoU > t with the first box of the answer; unparseable = wrong; denominator =
 all samples), meanIoU, cumIoU (sum of intersections / sum of unions), per dataset.
+Answer length: Qwen writes one token per digit, so a dense patch's answer runs to thousands of tokens;
+--max-new-tokens auto (the default) sizes the limit from the longest reference answer, and every dataset
+reports how many answers were cut at the limit ("cut"; a warning on stderr when any were).
 """
 
 import argparse
@@ -704,17 +707,18 @@ def safe_name(s):
 
 
 
+
+
 def predict_records(args, recs):
     """Greedy answers for det/ground records into OUT/predictions.jsonl via model.predict, which skips ids
     already in the file (resume) and shards over torchrun ranks. Each line also carries the parsed geometry
     in original-image pixels and the coordinate convention, so --preds can rescore without a model.
-    Returns the predictions path on the main rank, None on the others."""
+    Returns (the predictions path on the main rank, None on the others; the generation settings used)."""
     out_path = Path(args.out) / "predictions.jsonl"
     todo = model.not_predicted(recs, out_path)
     model.check_images(todo)  # before the model loads
-    device = model.init_dist()  # one GPU per torchrun process; plain python: cuda or cpu
-    net, processor = model.load(args.ckpt, dtype=args.dtype, device=device, attn=args.attn,
-                                min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    net, processor = model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
+                                               min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     det_recs = defaultdict(list)
     for r in recs:
         if r["task"] == "det":
@@ -731,11 +735,22 @@ def predict_records(args, recs):
 
     model.print0(f"{len(recs)} det/ground records: {len(recs) - len(todo)} already predicted in {out_path}, "
                  f"{len(todo)} to generate")
-    model.predict(net, processor, recs, out_path, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                  postprocess=parsed)
+    max_new_tokens, how = model.resolve_max_new_tokens(args.max_new_tokens, recs, processor, model.context_length(net))
+    model.print0(how)
+    model.predict(net, processor, recs, out_path, batch_size=args.batch_size, max_new_tokens=max_new_tokens,
+                  postprocess=parsed, backend=args.backend, vllm_args={"tensor_parallel_size": args.tensor_parallel})
     if torch.distributed.is_initialized():  # predict ends with a barrier: every rank sees the merged file
         torch.distributed.destroy_process_group()
-    return out_path if model.is_main() else None
+    generation = {"max_new_tokens": max_new_tokens, "requested": args.max_new_tokens, "how": how, "backend": args.backend}
+    return (out_path if model.is_main() else None), generation
+
+
+
+
+
+
+
+
 
 
 # -----------------------------------------------------------------------------
@@ -772,7 +787,15 @@ def get_args(argv=None):
     ap.add_argument("--reparse", action="store_true", help="parse the answer text again even when the predictions file has parsed boxes")
     # prediction
     ap.add_argument("--batch-size", type=int, default=8, help="generation batch size per process (default %(default)s)")
-    ap.add_argument("--max-new-tokens", type=int, default=2048, help="generation limit per answer (default %(default)s; dense DOTA patches need many)")
+    ap.add_argument("--max-new-tokens", type=model.max_new_tokens_arg, default="auto",
+                    help="generation limit per answer: a number, or auto = the longest reference answer of --data "
+                         "(rendered for the checkpoint) x 1.25 + 32, within the model's context (default %(default)s; "
+                         "a dense 1024-px DOTA patch needs over 15k tokens, one per digit)")
+    ap.add_argument("--backend", choices=["fast", "hf", "vllm"], default="fast",
+                    help="generation loop: fast = model.py's greedy loop, finished answers leave the batch; hf = "
+                         "transformers' generate (the same tokens, slower on mixed lengths); vllm = vLLM when installed "
+                         "(one process; the same prompts and pixels) (default %(default)s)")
+    ap.add_argument("--tensor-parallel", type=int, default=1, help="with --backend vllm: GPUs vLLM spreads the model over")
     ap.add_argument("--min-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
     ap.add_argument("--max-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
     ap.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: bf16 on GPU, fp32 on CPU)")
@@ -859,10 +882,12 @@ def run_dota_task1(args):
     return res
 
 
-def run_records(args, recs, pred_path):
-    """Score det and ground records (read_det_records) against a predictions file."""
+def run_records(args, recs, pred_path, generation=None):
+    """Score det and ground records (read_det_records) against a predictions file. generation: the settings
+    predict_records used (None for --preds: then read from the file's .settings.json when it has one)."""
     out_dir = Path(args.out) if args.out else Path(pred_path).parent
     preds = model.read_predictions(pred_path)
+    generation = generation or model.generation_settings(pred_path)
     rec_ids = {r["id"] for r in recs}
     if not preds:
         raise model.UserError(f"{pred_path} has no predictions (an empty file)")
@@ -875,7 +900,8 @@ def run_records(args, recs, pred_path):
     unknown_ids = [k for k in preds if k not in rec_ids]
     coord_fn = make_coord_fn(args)
 
-    metrics = {"det": {}, "ground": {}, "parse": {}, "predictions": str(pred_path), "data": str(args.data)}
+    metrics = {"det": {}, "ground": {}, "parse": {}, "predictions": str(pred_path), "data": str(args.data),
+               "generation": generation}
     by_ds = defaultdict(list)
     for r in recs:
         by_ds[(r["task"], r["dataset"])].append(r)
@@ -899,7 +925,7 @@ def run_records(args, recs, pred_path):
                           if k in ("mAP", "mAP_gt_classes", "mF1", "AP", "protocol")}
             res["images"] = len(rs)
             res["level"] = "patch" if any("offset" in r["meta"] for r in rs) else "image"
-            print_det_table(f"det {ds} ({len(rs)} {res['level']}s)", res, res["hbb"])
+            print_det_table(f"det {ds} ({len(rs)} {'patches' if res['level'] == 'patch' else 'images'})", res, res["hbb"])
             if args.merge:
                 res["merged"] = merge_and_score(args, rs, dets, classes, out_dir / "merged" / safe_name(ds))
             metrics["det"][ds] = res
@@ -910,6 +936,9 @@ def run_records(args, recs, pred_path):
             metrics["ground"][ds] = res
         metrics["parse"][f"{task}/{ds}"] = rep = parse_report(rs, preds, answers, classes if task == "det" else None)
         print(f"   parse: {format_parse(rep)}")
+        res["cut"], res["cut_unknown"] = count_cut(rs, preds)
+        print(f"   {format_cut(res['cut'], res['cut_unknown'], rs, preds)}")
+        warn_cut(f"{task}/{ds}", res["cut"], sum(r["id"] in preds for r in rs), generation)
         if rep.get("missing_predictions"):
             print(f"WARNING: {rep['missing_predictions']} {task}/{ds} records have no prediction in {pred_path} "
                   f"(scored as empty answers)", file=sys.stderr)
@@ -927,6 +956,38 @@ def run_records(args, recs, pred_path):
         metrics["predictions_not_in_data"] = len(unknown_ids)
         print(f"note: {len(unknown_ids)} predictions have ids that are not det/ground records of {args.data}", file=sys.stderr)
     return metrics
+
+
+
+
+def count_cut(recs, preds):
+    """(how many of the records' answers hit the generation limit, how many prediction lines do not say).
+    model.predict writes "cut": true when an answer reached --max-new-tokens without ending; files of other
+    models or older runs have no "cut": when no line of these records says, the count is "unknown"."""
+    lines = [preds[r["id"]] for r in recs if r["id"] in preds]
+    known = [line["cut"] for line in lines if isinstance(line.get("cut"), bool)]
+    return (sum(known) if known else "unknown"), len(lines) - len(known)
+
+
+def format_cut(cut, unknown, recs, preds):
+    """The printed line of count_cut, e.g. "cut at the generation limit: 3 of 120 answers"."""
+    if cut == "unknown":
+        return "cut at the generation limit: unknown (the predictions file does not say; model.predict writes it)"
+    return (f"cut at the generation limit: {cut:,} of {sum(r['id'] in preds for r in recs):,} answers"
+            + (f" ({unknown:,} without a 'cut' field)" if unknown else ""))
+
+
+def warn_cut(name, cut, n, generation):
+    """A warning on stderr when answers were cut: their objects after the cut are missing, so recall is capped
+    by the limit, not by the model."""
+    if cut == "unknown" or not cut:
+        return
+    limit = (generation or {}).get("max_new_tokens")
+    raise_it = ("a larger --max-new-tokens N (auto's limit was too small for these answers)"
+                if (generation or {}).get("requested") == "auto" else "a larger --max-new-tokens (or --max-new-tokens auto)")
+    print(f"WARNING: {name}: {cut} of {n} answers hit the generation limit" + (f" of {limit} tokens" if limit else "")
+          + f" and were cut off (what follows the cut is missing from the scores); generate again with {raise_it} "
+          "into a new --out", file=sys.stderr)
 
 
 def merge_and_score(args, rs, dets, classes, out_dir):
@@ -976,13 +1037,13 @@ def main(argv=None):
         metrics = run_dota_task1(args)
     else:
         recs = read_det_records(args)
-        pred_path = args.preds
+        pred_path, generation = args.preds, None
         if args.ckpt:
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            pred_path = predict_records(args, recs)
+            pred_path, generation = predict_records(args, recs)
             if pred_path is None:  # not the main rank: rank 0 scores
                 return None
-        metrics = run_records(args, recs, pred_path)
+        metrics = run_records(args, recs, pred_path, generation)
     args_d = {k: v for k, v in vars(args).items() if k != "class_list"}
     metrics["args"] = args_d
     metrics["seconds_total"] = round(time.time() - t0, 3)

@@ -19,6 +19,8 @@ Metrics, per dataset (a file may mix datasets), all in percent:
   normalised prediction equals, or "(other)"), a PNG of it with --vis.
 - caption: BLEU-1..4, METEOR (needs Java; the output says when it was skipped), ROUGE-L and CIDEr-D,
   computed by pycocoevalcap's own scorers on lower-cased, punctuation-stripped whitespace tokens, x100.
+- every dataset: "cut", how many answers reached --max-new-tokens without ending (a warning on stderr when
+  any did; "unknown" for predictions files that do not say).
 
 Examples:
   python eval_vqa.py --ckpt runs/exp1/final --data data/rsvqa_lr_test.jsonl --out runs/exp1/eval_rsvqa
@@ -31,6 +33,7 @@ import argparse
 import json
 import re
 import shutil
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -192,6 +195,8 @@ RULES = {
     "count_mae": "mean |pred - GT| over counting questions where both parse as numbers (first number in the "
                  "normalised prediction); the others are counted as gt_not_numeric / pred_not_numeric",
     "missing": "records without a prediction are scored as the empty answer (wrong) and counted",
+    "cut": "answers that reached --max-new-tokens without ending (model.predict's 'cut'; scored as written); "
+           "'unknown' when the predictions file does not say (other models' files)",
     "cls_confusion": "rows: GT class; columns: the class whose normalised name equals the normalised "
                      "prediction, else '(other)'; so the diagonal sum / n is the exact accuracy",
     "caption": "pycocoevalcap 1.2 scorers Bleu(4), Meteor (1.5, needs Java), Rouge (ROUGE-L) and Cider (the "
@@ -379,9 +384,10 @@ def score_captions(records, preds, meteor=True):
 # scoring a whole file
 
 
-def evaluate(records, preds, meteor=True, all_records=None):
+def evaluate(records, preds, meteor=True, all_records=None, cut=None):
     """metrics dict (without args) for the vqa / cls / caption records and {id: text}. all_records (the
-    whole data file, default records) is what unknown prediction ids and skipped records are counted against."""
+    whole data file, default records) is what unknown prediction ids and skipped records are counted against.
+    cut: {id: True/False/None} from the prediction lines (count_cut); None = no line says."""
     all_records = records if all_records is None else all_records
     by_task = defaultdict(list)
     for r in records:
@@ -399,7 +405,32 @@ def evaluate(records, preds, meteor=True, all_records=None):
         metrics["cls"] = score_cls(by_task["cls"], preds)
     if by_task["caption"]:
         metrics["caption"] = score_captions(by_task["caption"], preds, meteor=meteor)
+    for task in TASKS:
+        for name, res in metrics.get(task, {}).items():
+            res["cut"], res["cut_unknown"] = count_cut([r for r in by_task[task] if r["dataset"] == name], preds, cut or {})
     return metrics
+
+
+def count_cut(records, preds, cut):
+    """(how many of the records' answers hit the generation limit, how many of their predictions do not say).
+    model.predict writes "cut": true when an answer reached --max-new-tokens without ending; files of other
+    models or older runs have no "cut": when none of these records' predictions says, the count is "unknown"."""
+    said = [cut.get(r["id"]) for r in records if r["id"] in preds]
+    known = [c for c in said if isinstance(c, bool)]
+    return (sum(known) if known else "unknown"), len(said) - len(known)
+
+
+def warn_cut(metrics, generation):
+    """A warning on stderr per dataset whose answers were cut at the generation limit (scored as written)."""
+    limit = (generation or {}).get("max_new_tokens")
+    raise_it = ("a larger --max-new-tokens N (auto's limit was too small for these answers)"
+                if (generation or {}).get("requested") == "auto" else "a larger --max-new-tokens (or --max-new-tokens auto)")
+    for task in TASKS:
+        for name, res in metrics.get(task, {}).items():
+            if res["cut"] != "unknown" and res["cut"]:
+                print(f"WARNING: {task}/{name}: {res['cut']} of {res['n'] - res['missing']} answers hit the generation limit"
+                      + (f" of {limit} tokens" if limit else "") + f" and were cut off; generate again with {raise_it} "
+                      "into a new --out", file=sys.stderr)
 
 
 def _f(x):
@@ -413,7 +444,7 @@ def format_tables(metrics):
     lines.append(f"records {c['records']}, scored {c['scored']}, missing predictions {c['missing']}, "
                  f"unknown prediction ids {c['unknown_ids']}, skipped records by task {c['skipped'] or 'none'}")
     for name, res in metrics.get("vqa", {}).items():
-        lines.append(f"\n[vqa] {name}  n={res['n']} missing={res['missing']} bucketed={res['bucketed']}")
+        lines.append(f"\n[vqa] {name}  n={res['n']} missing={res['missing']} bucketed={res['bucketed']} cut={res['cut']}")
         lines.append(f"{'type':<20}{'n':>7}{'exact':>8}{'contain':>8}")
         for t, v in res["types"].items():
             lines.append(f"{t:<20}{v['n']:>7} {_f(v['exact'])} {_f(v['contain'])}")
@@ -425,22 +456,26 @@ def format_tables(metrics):
             lines.append(f"count MAE {mae} over {k['numeric']} numeric pairs "
                          f"(GT not numeric {k['gt_not_numeric']}, prediction not numeric {k['pred_not_numeric']})")
     if metrics.get("cls"):
-        lines.append(f"\n[cls]\n{'dataset':<24}{'n':>7}{'exact':>8}{'contain':>8}{'missing':>8}")
+        lines.append(f"\n[cls]\n{'dataset':<24}{'n':>7}{'exact':>8}{'contain':>8}{'missing':>8}{'cut':>8}")
         for name, res in metrics["cls"].items():
-            lines.append(f"{name:<24}{res['n']:>7} {_f(res['exact'])} {_f(res['contain'])}{res['missing']:>8}")
+            lines.append(f"{name:<24}{res['n']:>7} {_f(res['exact'])} {_f(res['contain'])}{res['missing']:>8}{res['cut']:>8}")
     if metrics.get("caption"):
         keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"]
-        lines.append(f"\n[caption]\n{'dataset':<24}{'n':>7}" + "".join(f"{k:>9}" for k in keys))
+        lines.append(f"\n[caption]\n{'dataset':<24}{'n':>7}" + "".join(f"{k:>9}" for k in keys) + f"{'cut':>9}")
         for name, res in metrics["caption"].items():
-            lines.append(f"{name:<24}{res['n']:>7}" + "".join(f"  {_f(res[k])}" for k in keys))
+            lines.append(f"{name:<24}{res['n']:>7}" + "".join(f"  {_f(res[k])}" for k in keys) + f"{res['cut']:>9}")
             if isinstance(res["METEOR"], str):
                 lines.append(f"  METEOR {res['METEOR']}")
-    lines.append(f"\nexact = {RULES['exact']}\ncontain = {RULES['contain']}")
+    lines.append(f"\nexact = {RULES['exact']}\ncontain = {RULES['contain']}\ncut = {RULES['cut']}")
     return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
 # CLI
+
+
+
+
 
 
 def parse_args(argv=None):
@@ -453,7 +488,15 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="vqa,cls,caption", help="comma list of the tasks to evaluate")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N records of those tasks (0 = all)")
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size per process")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (captions need ~60)")
+    p.add_argument("--max-new-tokens", type=model.max_new_tokens_arg, default=128,
+                   help="generation limit per answer: a number, or auto = the longest reference answer x 1.25 + 32 "
+                        "(default %(default)s: short answers and captions need ~10-60 tokens, and a verbose answer "
+                        "cut at auto's tighter limit could lose the word that scores)")
+    p.add_argument("--backend", choices=["fast", "hf", "vllm"], default="fast",
+                   help="generation loop: fast = model.py's greedy loop, finished answers leave the batch; hf = "
+                        "transformers' generate (the same tokens); vllm = vLLM when installed (one process; the same "
+                        "prompts and pixels) (default %(default)s)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="with --backend vllm: GPUs vLLM spreads the model over")
     p.add_argument("--dtype", default=None, help="model dtype for model.load (e.g. bfloat16; default: model.load's)")
     p.add_argument("--attn", default=None, help="attention implementation for model.load (e.g. sdpa, flash_attention_2)")
     p.add_argument("--min-pixels", type=int, default=None, help="processor min_pixels (use the training value)")
@@ -528,6 +571,8 @@ def select_records(args, records, tasks):
 
 
 
+
+
 def check_overlap(args, selected, preds, pred_path):
     """A predictions file that is empty or shares no id with the records would score every answer as missing
     (all 0): that is a wrong pair of files, said with examples of both kinds of id."""
@@ -558,13 +603,15 @@ def main(argv=None):
         todo = model.not_predicted(selected, pred_path)
         model.check_images(todo)
         out.mkdir(parents=True, exist_ok=True)
-        device = model.init_dist()  # one GPU per torchrun process; plain python: cuda or cpu
-        net, processor = model.load(args.ckpt, dtype=args.dtype, device=device, attn=args.attn,
-                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        net, processor = model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
+                                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         log(f"{len(selected)} records: {len(selected) - len(todo)} already predicted in {pred_path}, "
             f"{len(todo)} to generate")
-        lines = model.predict(net, processor, selected, pred_path,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        limit, how = model.resolve_max_new_tokens(args.max_new_tokens, selected, processor, model.context_length(net))
+        log(how)
+        lines = model.predict(net, processor, selected, pred_path, batch_size=args.batch_size, max_new_tokens=limit,
+                              backend=args.backend, vllm_args={"tensor_parallel_size": args.tensor_parallel})
+        generation = {"max_new_tokens": limit, "requested": args.max_new_tokens, "how": how, "backend": args.backend}
         if torch.distributed.is_initialized():  # predict ends with a barrier: every rank has the merged file
             torch.distributed.destroy_process_group()
         if not model.is_main():
@@ -572,14 +619,18 @@ def main(argv=None):
     else:
         pred_path = args.preds
         lines = model.read_predictions(pred_path)
+        generation = model.generation_settings(pred_path)
     preds = {i: line["text"] for i, line in lines.items()}
     check_overlap(args, selected, preds, pred_path)
 
     # ---- scoring
-    metrics = evaluate(selected, preds, meteor=not args.no_meteor, all_records=records)
+    metrics = evaluate(selected, preds, meteor=not args.no_meteor, all_records=records,
+                       cut={i: line.get("cut") for i, line in lines.items()})
+    metrics["generation"] = generation
     metrics["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     metrics["seconds"] = round(time.time() - t0, 2)
     log(format_tables(metrics))
+    warn_cut(metrics, generation)
 
     # ---- outputs
     json_out = Path(args.json_out) if args.json_out else (Path(args.out) / "metrics.json" if args.out else None)

