@@ -830,11 +830,7 @@ def check_paths(args):
                 model.family(getattr(args, flag))
             except model.UserError as e:
                 raise model.UserError(f"--{flag} {e}") from None
-    if args.out and Path(args.out).is_file():
-        raise model.UserError(f"--out {args.out} is a file: give a folder (it is created if missing)")
-    if args.json_out and Path(args.json_out).is_dir():
-        raise model.UserError(f"--json-out {args.json_out} is a folder: give a file name, e.g. "
-                              f"{Path(args.json_out) / 'metrics.json'}")
+    model.check_output_paths(args.out, args.json_out)
 
 
 def check_path(flag, path, kind):

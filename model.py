@@ -84,6 +84,15 @@ def run_cli(main):
     sys.exit(code)
 
 
+def check_output_paths(out=None, json_out=None):
+    """An eval script's --out must be a folder (made if missing) and --json-out a file name: said before any
+    work, not after hours of generation."""
+    if out and Path(out).is_file():
+        raise UserError(f"--out {out} is a file: give a folder (it is created if missing)")
+    if json_out and Path(json_out).is_dir():
+        raise UserError(f"--json-out {json_out} is a folder: give a file name, e.g. {Path(json_out) / 'metrics.json'}")
+
+
 def add_debug_flag(parser):
     """--debug on a script's parser (read by run_cli)."""
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of input errors too")

@@ -31,6 +31,7 @@ A step is --grad-accum micro-batches on every rank; its loss is the sum of cross
 """
 
 import argparse
+import atexit
 import functools
 import json
 import math
@@ -970,6 +971,19 @@ def worker_ignores_stop_signals(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
+def stop_workers(loader_iter):
+    """End a DataLoader iterator's worker processes now: the DataLoader's own shutdown, then SIGKILL for any
+    that is still there. Registered with atexit when the loader starts, so it runs on every way out (done, 143,
+    an input error, a crash) and before multiprocessing's own exit handler, which would send the workers SIGTERM,
+    which they ignore (worker_ignores_stop_signals), and then wait for them forever."""
+    shutdown = getattr(loader_iter, "_shutdown_workers", None)  # absent without workers (--num-workers 0)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(loader_iter, "_workers", []):
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+
+
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -1106,10 +1120,12 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
                                          prefetch_factor=4 if args.num_workers else None,
                                          worker_init_fn=worker_ignores_stop_signals if args.num_workers else None)
+    loader_iter = iter(loader)  # starts the workers
+    atexit.register(stop_workers, loader_iter)  # atexit runs last-registered first: before multiprocessing's
     if args.pack:
-        batches = PackedBatches(iter(loader), step, rank, args.grad_accum * args.batch_size)
+        batches = PackedBatches(loader_iter, step, rank, args.grad_accum * args.batch_size)
     else:
-        batches = MicroBatches(iter(loader), cursor, args.batch_size, max_tokens, pass_size=len(entries))
+        batches = MicroBatches(loader_iter, cursor, args.batch_size, max_tokens, pass_size=len(entries))
 
     # --- loop
     logger = Logger(args, out, rank, step)
@@ -1186,7 +1202,7 @@ def main(argv=None):
         plot_loss(out / "metrics.jsonl", out / "loss.png")
     logger.close()
     M.print0(f"done: {step} steps; Hugging Face export in {out / 'final'}")
-    del loader
+    stop_workers(loader_iter)
     dist.destroy_process_group()
 
 

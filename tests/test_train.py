@@ -109,6 +109,14 @@ if what == "sigterm":  # only rank 0 gets SIGTERM, during optimizer step `at` (a
             os.kill(os.getpid(), signal.SIGTERM)
         return get_lr(step, *a)
     train.get_lr = signalled
+if os.environ.get("KEEP_LOADER"):  # the DataLoader iterator stays referenced until exit (as a reference cycle can)
+    import torch
+    kept, make_iter = [], torch.utils.data.DataLoader.__iter__
+    def keeping(self):
+        it = make_iter(self)
+        kept.append(it)
+        return it
+    torch.utils.data.DataLoader.__iter__ = keeping
 if what == "stale_listing":  # rank 1 lists no checkpoint (a shared filesystem that shows it files late)
     listing = train.complete_checkpoints
     train.complete_checkpoints = lambda d: [] if rank == 1 else listing(d)
@@ -525,6 +533,20 @@ def test_bad_record_in_a_dataloader_worker_is_the_last_line_under_launch(data, t
     assert p.returncode == 2, p.stderr[-3000:]
     assert re.fullmatch(rf"launch.sh: rank \d: error: {re.escape(str(bad))}:4 \(record 'cls3'\): cannot read image "
                         rf"{re.escape(str(tmp_path / 'gone.png'))}: .*", last), last
+
+
+def test_exits_when_its_dataloader_workers_outlive_main(data, tiny_qwen25, tmp_path):
+    """The workers ignore SIGTERM (a scheduler's signal must not kill them before their rank saves), and
+    Python's exit sends them SIGTERM and waits: a run whose DataLoader iterator is still referenced at exit would
+    wait forever, unless train.py ends the workers itself (train.stop_workers, registered with atexit). Both ways
+    out: done (0), and stopped by a signal (143: SIGTERM during step 2 of 6)."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    for hook, steps, code in (("none", 3, 0), ("sigterm", 6, 143)):
+        env = {**ENV, "HOOK": hook, "HOOK_STEP": "2", "RANK": "0", "KEEP_LOADER": "1"}
+        p = subprocess.run([sys.executable, str(wrapper), *common(data, tiny_qwen25, tmp_path / hook, steps=steps),
+                            "--num-workers", "2"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert p.returncode == code, (hook, p.stderr[-3000:])
 
 
 def test_kill_while_checkpointing_resumes_from_previous(baseline, data, tiny_qwen25, tmp_path):
