@@ -28,5 +28,5 @@ bash launch.sh NPROC_PER_NODE=2 --model "$OUT/tiny" --data "$OUT/data/synth_all_
 python eval_det.py --ckpt "$OUT/train/final" --data "$OUT/data/synth_all_val.jsonl" --out "$OUT/eval_det" \
     --batch-size 16
 python eval_vqa.py --ckpt "$OUT/train/final" --data "$OUT/data/synth_all_val.jsonl" --out "$OUT/eval_vqa" \
-    --max-new-tokens 32 --batch-size 16
+    --batch-size 16
 echo "demo.sh: done; see $OUT/train/metrics.jsonl, $OUT/train/loss.png, $OUT/eval_det/metrics.json, $OUT/eval_vqa/metrics.json"
