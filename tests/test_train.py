@@ -351,7 +351,7 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(baseline, data, tiny_
     # resume (plain launch.sh, one node, two processes) and finish
     r = run(["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny_qwen25, run_dir), "--resume", "auto",
              "--num-workers", "0"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming from" in r.stdout + r.stderr and "step_00000004 at step 4" in r.stdout + r.stderr
     # bit-identical: same exported bytes, same logged losses (metrics.jsonl has steps 1..6 once each)
     assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
