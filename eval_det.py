@@ -786,16 +786,7 @@ def get_args(argv=None):
                                         "(Qwen2.5-VL: absolute pixels of the resized image)")
     ap.add_argument("--reparse", action="store_true", help="parse the answer text again even when the predictions file has parsed boxes")
     # prediction
-    ap.add_argument("--batch-size", type=int, default=8, help="generation batch size per process (default %(default)s)")
-    ap.add_argument("--max-new-tokens", type=model.max_new_tokens_arg, default="auto",
-                    help="generation limit per answer: a number, or auto = the longest reference answer of --data "
-                         "(rendered for the checkpoint) x 1.25 + 32, within the model's context (default %(default)s; "
-                         "a dense 1024-px DOTA patch needs over 15k tokens, one per digit)")
-    ap.add_argument("--backend", choices=["fast", "hf", "vllm"], default="fast",
-                    help="generation loop: fast = model.py's greedy loop, finished answers leave the batch; hf = "
-                         "transformers' generate (the same tokens, slower on mixed lengths); vllm = vLLM when installed "
-                         "(one process; the same prompts and pixels) (default %(default)s)")
-    ap.add_argument("--tensor-parallel", type=int, default=1, help="with --backend vllm: GPUs vLLM spreads the model over")
+    model.add_generation_flags(ap, "auto", "a dense 1024-px DOTA patch needs over 15k tokens, one per digit")
     ap.add_argument("--min-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
     ap.add_argument("--max-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
     ap.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: bf16 on GPU, fp32 on CPU)")

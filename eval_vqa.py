@@ -487,16 +487,8 @@ def parse_args(argv=None):
     p.add_argument("--json-out", default=None, help="metrics JSON path (default OUT/metrics.json)")
     p.add_argument("--tasks", default="vqa,cls,caption", help="comma list of the tasks to evaluate")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N records of those tasks (0 = all)")
-    p.add_argument("--batch-size", type=int, default=8, help="generation batch size per process")
-    p.add_argument("--max-new-tokens", type=model.max_new_tokens_arg, default=128,
-                   help="generation limit per answer: a number, or auto = the longest reference answer x 1.25 + 32 "
-                        "(default %(default)s: short answers and captions need ~10-60 tokens, and a verbose answer "
-                        "cut at auto's tighter limit could lose the word that scores)")
-    p.add_argument("--backend", choices=["fast", "hf", "vllm"], default="fast",
-                   help="generation loop: fast = model.py's greedy loop, finished answers leave the batch; hf = "
-                        "transformers' generate (the same tokens); vllm = vLLM when installed (one process; the same "
-                        "prompts and pixels) (default %(default)s)")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="with --backend vllm: GPUs vLLM spreads the model over")
+    model.add_generation_flags(p, 128, "short answers and captions need ~10-60 tokens, and a verbose answer cut at "
+                                       "auto's tighter limit could lose the word that scores")
     p.add_argument("--dtype", default=None, help="model dtype for model.load (e.g. bfloat16; default: model.load's)")
     p.add_argument("--attn", default=None, help="attention implementation for model.load (e.g. sdpa, flash_attention_2)")
     p.add_argument("--min-pixels", type=int, default=None, help="processor min_pixels (use the training value)")

@@ -940,6 +940,21 @@ def max_new_tokens_arg(text):
     return value
 
 
+def add_generation_flags(parser, max_new_tokens_default, max_new_tokens_help):
+    """The eval scripts' generation flags: --batch-size, --max-new-tokens (a number or auto), --backend,
+    --tensor-parallel."""
+    parser.add_argument("--batch-size", type=int, default=8, help="generation batch size per process (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=max_new_tokens_arg, default=max_new_tokens_default,
+                        help=f"generation limit per answer: a number, or auto = the longest reference answer (rendered "
+                             f"for the checkpoint) x 1.25 + 32, within the model's context (default %(default)s; "
+                             f"{max_new_tokens_help})")
+    parser.add_argument("--backend", choices=["fast", "hf", "vllm"], default="fast",
+                        help="generation loop: fast = model.py's greedy loop, finished answers leave the batch; hf = "
+                             "transformers' generate (the same tokens, slower on mixed lengths); vllm = vLLM when "
+                             "installed (one process; the same prompts and pixels) (default %(default)s)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="with --backend vllm: GPUs vLLM spreads the model over")
+
+
 def context_length(ckpt_or_model):
     """The language model's max_position_embeddings (of a loaded model or a checkpoint directory)."""
     if isinstance(ckpt_or_model, (str, Path)):
@@ -959,11 +974,12 @@ def resolve_max_new_tokens(spec, records, processor, context, margin=1.25, extra
     meta_refs = lambda r: ("objects" in r.get("meta", {}) and r["task"] in ("det", "ground")) or bool(  # noqa: E731
         r.get("meta", {}).get("references")) or any(m["role"] == "assistant" for m in r["messages"])
     try:
-        n = auto_max_new_tokens(records, processor, context=context, margin=margin, extra=extra)
+        lengths = reference_lengths(records, processor)  # one pass: rendering dense answers is the cost
+        n = auto_max_new_tokens(records, processor, context=context, margin=margin, extra=extra, lengths=lengths)
         if not any(meta_refs(r) for r in records):
             return n, (f"--max-new-tokens auto = {n}: none of the {len(records)} records has a reference answer (a "
                        "test split?), so none can size it; dense patches may need more: give --max-new-tokens N")
-        longest = auto_max_new_tokens(records, processor, context=10**9, margin=1, extra=0)
+        longest = max(16, lengths[0])
     except UserError as e:  # an image that cannot be read, meta that disagrees with it
         raise UserError(f"--max-new-tokens auto: {e} (or give --max-new-tokens N)") from None
     capped = n < int(longest * margin) + extra
@@ -982,11 +998,10 @@ def generation_settings(pred_path):
         return None
 
 
-def auto_max_new_tokens(records, processor, context=32768, margin=1.25, extra=32):
-    """--max-new-tokens auto: the longest reference answer among the records, as this model family would write
-    it (det/ground answers rendered from meta at this processor's pixel budget), x margin + extra tokens, capped
-    by the context left after the longest prompt. A model that knows every object of a dense patch then has room
-    to say so; without references (a test split) it falls back to 2048."""
+def reference_lengths(records, processor):
+    """(the longest reference answer among the records in tokens, with <|im_end|>, as this model family would
+    write it: det/ground answers rendered from meta at this processor's pixel budget; the longest prompt,
+    estimated). 0 for the first when no record has a reference (a test split)."""
     longest, prompt = 0, 0
     for r in records:
         sizes = [image_size(p) for p in r["images"]]
@@ -996,6 +1011,14 @@ def auto_max_new_tokens(records, processor, context=32768, margin=1.25, extra=32
         for a in answers:
             longest = max(longest, len(processor.tokenizer.encode(a, add_special_tokens=False)) + 1)  # + <|im_end|>
         prompt = max(prompt, _estimated_length(r, processor))
+    return longest, prompt
+
+
+def auto_max_new_tokens(records, processor, context=32768, margin=1.25, extra=32, lengths=None):
+    """--max-new-tokens auto: the longest reference answer among the records (reference_lengths, or `lengths`
+    when already computed), x margin + extra tokens, capped by the context left after the longest prompt. A model
+    that knows every object of a dense patch then has room to say so; without references it falls back to 2048."""
+    longest, prompt = lengths or reference_lengths(records, processor)
     if not longest:
         return 2048
     return max(16, min(int(longest * margin) + extra, context - prompt))

@@ -1,17 +1,15 @@
 """eval_vqa.py: every metric against hand-computed values, captions against pycocoevalcap called directly,
 bad inputs, the CLI, and an interrupted + resumed evaluation on a tiny checkpoint."""
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import eval_vqa as ev
+import cli_helpers
 import model
 
 
@@ -373,33 +371,14 @@ def bad_inputs(tmp_path_factory):
 
 
 def run_script(argv):
-    """`python eval_vqa.py ARGV` as a user runs it: (exit code, stdout, stderr)."""
-    p = subprocess.run([sys.executable, "eval_vqa.py", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
-    return p.returncode, p.stdout, p.stderr
+    return cli_helpers.run_script("eval_vqa.py", argv)
 
 
 def run_main(argv, monkeypatch, capsys):
-    """What `python eval_vqa.py ARGV` runs, in this process: model.run_cli(main) with sys.argv set as the shell
-    sets it (a subprocess per case would pay ~2 s of imports each; test_cli_script checks the script itself)."""
-    monkeypatch.setattr(sys, "argv", ["eval_vqa.py", *map(str, argv)])
-    monkeypatch.delenv("RSCOVLM_DEBUG", raising=False)
-    monkeypatch.delenv("RSCOVLM_STATUS_DIR", raising=False)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        model.run_cli(ev.main)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+    return cli_helpers.run_main("eval_vqa.py", ev.main, argv, monkeypatch, capsys)
 
 
-def one_error_line(result, names):
-    """The `error: ...` line of a run that must end with exactly that one stderr line, exit code 2, naming
-    every one of names."""
-    code, _, err = result
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
-    assert all(str(n) in lines[0] for n in names), (lines[0], names)
-    return lines[0]
+one_error_line = cli_helpers.one_error_line
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bench_generate
 import model
 
 FAMILIES = ["qwen2.5", "qwen3"]
@@ -19,19 +20,18 @@ def nets(tiny_qwen25, tiny_qwen3):
     out = {}
     for fam, path in (("qwen2.5", tiny_qwen25), ("qwen3", tiny_qwen3)):
         net, proc = model.load(path)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                if p.ndim == 2 and "embed" not in name:
-                    p.normal_(0, p.shape[1] ** -0.5)
+        bench_generate.lively(net, seed=0)
         out[fam] = (net, proc)
     return out
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    """Prompts of mixed lengths: images of several sizes (one with two images) and text-only ones."""
-    d = tmp_path_factory.mktemp("gen")
+    return mixed_records(tmp_path_factory.mktemp("gen"), 9)
+
+
+def mixed_records(d, n):
+    """n prompts of mixed lengths: images of several sizes (one with two images) and text-only ones."""
     rng = np.random.default_rng(0)
     sizes = [(56, 84), (200, 120), (90, 300), (150, 150), (64, 64)]
     for i, (h, w) in enumerate(sizes):
@@ -39,7 +39,7 @@ def records(tmp_path_factory):
     questions = ["Is there a ship?", "Describe the image.", "How many vehicles are there? Answer with a number.",
                  "Where is the red plane in the top left corner?"]
     recs = []
-    for i in range(9):
+    for i in range(n):
         images = [str(d / f"im{i % 5}.png")] if i % 4 != 3 else []
         if i == 5:
             images.append(str(d / "im1.png"))

@@ -18,12 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import bench_generate
 import model
+from test_generate import mixed_records
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 12
@@ -99,36 +99,15 @@ def _head_dim_32(tmp_path):
 
     ckpt = model.make_tiny(tmp_path / "hd32", "qwen2.5", head_dim=32)
     net = AutoModelForImageTextToText.from_pretrained(ckpt)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if p.ndim == 2 and "embed" not in name:
-                p.normal_(0, p.shape[1] ** -0.5)
+    bench_generate.lively(net, seed=0)
     net.save_pretrained(ckpt)
     return ckpt
-
-
-def _records(d):
-    rng = np.random.default_rng(0)
-    sizes = [(56, 84), (200, 120), (90, 300), (150, 150), (64, 64)]
-    for i, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"im{i}.png")
-    questions = ["Is there a ship?", "Describe the image.", "How many vehicles are there? Answer with a number.",
-                 "Where is the red plane in the top left corner?"]
-    recs = []
-    for i in range(7):
-        images = [str(d / f"im{i % 5}.png")] if i % 4 != 3 else []
-        if i == 5:
-            images.append(str(d / "im1.png"))
-        recs.append({"id": f"r{i}", "task": "chat", "images": images, "meta": {},
-                     "messages": [{"role": "user", "content": "<image>" * len(images) + questions[i % 4] * (1 + i % 3)}]})
-    return recs
 
 
 def test_vllm_equals_hf(vllm_python, tmp_path):
     ckpt = _head_dim_32(tmp_path)
     net, proc = model.load(ckpt)
-    records = _records(tmp_path)
+    records = mixed_records(tmp_path, 7)
     (tmp_path / "recs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     hf = model.generate(net, proc, records, batch_size=8, max_new_tokens=MAX_NEW, backend="hf", details=True)
     # the project's expanded prompt ids and HF's new token ids, one record at a time
