@@ -38,7 +38,8 @@ from shapely.geometry import MultiPoint, Polygon
 BOX_FORMATS = {"poly": 8, "hbox": 4, "rbox": 5}  # numbers per box
 NONE_ANSWER = "There are none."
 MIN_AREA = 1e-6  # px^2; anything smaller counts as zero-area
-JSON_KEYS = {"bbox_2d": "hbox", "bbox": "hbox", "poly": "poly", "rbox": "rbox"}
+JSON_KEYS = {"bbox_2d": "hbox", "bbox": "hbox", "poly": "poly", "rbox": "rbox",
+             "quadrant bbox": "poly", "oriented bbox": "rbox"}  # the last two: RSCoVLM's JSON answers
 
 
 # -----------------------------------------------------------------------------
@@ -266,9 +267,15 @@ def render_answer(objects, width, height, *, coords="abs", resized_hw=None, box_
     with_label=False (grounding) writes only the numbers and sorts by position. Identical lines
     are written once. No object -> "There are none." (plain) or an empty list (json).
 
+    style "rscovlm": RSCoVLM's own text (render_rscovlm); with_label=False there means grounding, whose
+    lines end with the object's expression, as RSCoVLM's are.
+
     >>> render_answer([{"poly": [0, 0, 4, 0, 4, 2, 0, 2], "label": "ship"}], 10, 10, box_format="rbox")
     '2,1,4,2,0 ship'
     """
+    if style == "rscovlm" and box_format in BOX_FORMATS:
+        return render_rscovlm(objects, width, height, coords=coords, resized_hw=resized_hw, box_format=box_format,
+                              task="det" if with_label else "ground")
     if box_format not in BOX_FORMATS or style not in ("plain", "json"):
         raise ValueError(f"bad box_format {box_format!r} or style {style!r}")
     sx, sy, fw, fh = _frame(width, height, coords, resized_hw)
@@ -300,6 +307,102 @@ def render_answer(objects, width, height, *, coords="abs", resized_hw=None, box_
 
 
 # -----------------------------------------------------------------------------
+# RSCoVLM's answer text (meta.answer_style "rscovlm"), so its released checkpoints are trained and scored on
+# the text they were trained on. As VisionXLab/RSCoVLM's rscovlm/training/data/dense_det_dataset.py (det)
+# and refgeo_dataset.py (grounding) write it, plain form:
+#   * a coordinate is int(v * resized / original): truncated toward zero, never clipped (objects cut by a patch
+#     border keep corners outside it). Grounding truncates the original pixels first, int(int(v) * r / o), as
+#     does the far corner x2, y2 of a detection hbox (its COCO x + w is int()ed before scaling).
+#   * poly: the 4 truncated corners ordered by their angle around the corners' mean, from the top-most (then
+#     left-most): clockwise on screen for detection, counter-clockwise for grounding.
+#   * rbox: cv2.minAreaRect of the truncated corners; w < h swapped (angle + 90); angle wrapped into [-90, 90);
+#     then int() of cx, cy, w, h, angle. A square keeps OpenCV 4.x's angle in (0, 90], so 90 becomes -90.
+#   * det label: the class name with '-' as ' ', lower case; grounding: the expression as written.
+#   * det lines sorted by class (its alphabetical rank), then the hbox's truncated y1, x1; ties keep the input
+#     order; no de-duplication; every line ends with a line break; no object: "There are none.".
+# RSCoVLM has no Qwen3-VL code: for Qwen3-VL the same rules run in 0..1000 (resized = 1000).
+# Deviation: the rbox is computed in float64 here, OpenCV in float32; a value that is whole in exact
+# arithmetic can come out just under it there and truncate one lower (and a near-square's w/h order flip).
+
+def rscovlm_label(name):
+    """A class name as RSCoVLM writes it (prompts and answers): only '-' becomes ' ', then lower case.
+
+    >>> rscovlm_label("Expressway-Service-area")
+    'expressway service area'
+    """
+    return str(name).replace("-", " ").lower()
+
+
+def _trunc(v):
+    """int() of a float64 result, nudged 1e-6 away from zero so a whole number that the arithmetic lands just
+    under (44.99999999999) truncates to itself."""
+    return int(v + math.copysign(1e-6, v))
+
+
+def rscovlm_order(points, clockwise=True):
+    """RSCoVLM's vertex order: by angle around the mean of the points (ascending = clockwise on screen),
+    rotated to start at the top-most (then left-most) point.
+
+    >>> rscovlm_order([(0, 2), (4, 2), (4, 0), (0, 0)])
+    [0, 0, 4, 0, 4, 2, 0, 2]
+    >>> rscovlm_order([(0, 2), (4, 2), (4, 0), (0, 0)], clockwise=False)
+    [0, 0, 0, 2, 4, 2, 4, 0]
+    """
+    cx = sum(x for x, _ in points) / len(points)
+    cy = sum(y for _, y in points) / len(points)
+    pts = sorted(points, key=lambda p: math.atan2(p[1] - cy, p[0] - cx), reverse=not clockwise)
+    start = pts.index(min(pts, key=lambda p: (p[1], p[0])))
+    return [v for p in pts[start:] + pts[:start] for v in p]
+
+
+def rscovlm_rbox(points):
+    """[cx, cy, w, h, angle] integers, as RSCoVLM derives them from (integer) corners: the minimum-area
+    rectangle, w >= h, angle in [-90, 90), each value truncated toward zero; a square's angle as OpenCV 4.x
+    reports it, in (0, 90], with 90 wrapped to -90.
+
+    >>> rscovlm_rbox([(0, 0), (5, 0), (5, 3), (0, 3)]), rscovlm_rbox([(0, 0), (4, 0), (4, 4), (0, 4)])
+    ([2, 1, 5, 3, 0], [2, 2, 4, 4, -90])
+    """
+    cx, cy, w, h, a = poly_to_rbox([v for p in points for v in p])  # le90; squares in [-45, 45)
+    if abs(w - h) <= 1e-9 * max(w, 1.0):
+        a = round(a % 90, 6) % 90 or -90.0
+    return [_trunc(cx), _trunc(cy), _trunc(w), _trunc(h), _trunc(a)]
+
+
+def render_rscovlm(objects, width, height, *, coords="abs", resized_hw=None, box_format="poly", task="det"):
+    """RSCoVLM's plain answer for objects [{"poly": 8 numbers (pixels), "label", ground: "expression"}] (rules
+    in the comment above). task "det" or "ground".
+
+    >>> objs = [{"poly": [10, 10, 51, 10, 51, 31, 10, 31], "label": "small-vehicle"}]
+    >>> render_rscovlm(objs, 100, 100, resized_hw=(50, 50), box_format="hbox")
+    '5,5,25,15 small vehicle\\n'
+    """
+    if box_format not in BOX_FORMATS or task not in ("det", "ground"):
+        raise ValueError(f"bad box_format {box_format!r} or task {task!r}")
+    _, _, fw, fh = _frame(width, height, coords, resized_hw)
+    ground = task == "ground"
+    rows = []
+    for i, obj in enumerate(objects):
+        poly = obj["poly"]
+        if len(poly) != 8 or not all(math.isfinite(float(v)) for v in poly):
+            raise ValueError(f"object {i} (label {obj.get('label')!r}): poly must be 8 finite numbers, got {poly}")
+        poly = [int(v) if ground else float(v) for v in poly]
+        xs = [int(x * fw / width) for x in poly[0::2]]  # (v * resized) / original, RSCoVLM's order of operations
+        ys = [int(y * fh / height) for y in poly[1::2]]
+        x1, y1 = min(xs), min(ys)  # = int(min * r / o): truncation is monotone
+        if box_format == "hbox":
+            nums = [x1, y1, int(int(max(poly[0::2])) * fw / width), int(int(max(poly[1::2])) * fh / height)]
+        elif box_format == "poly":
+            nums = rscovlm_order(list(zip(xs, ys)), clockwise=not ground)
+        else:
+            nums = rscovlm_rbox(list(zip(xs, ys)))
+        label = (obj.get("expression") or obj.get("label", "")) if ground else rscovlm_label(obj["label"])
+        rows.append((() if ground else (label, y1, x1), ",".join(map(str, nums)) + f" {label}"))
+    rows.sort(key=lambda r: r[0])  # stable: equal keys keep the input order, as Python's sort in RSCoVLM does
+    return "".join(line + "\n" for _, line in rows) if rows else NONE_ANSWER
+
+
+# -----------------------------------------------------------------------------
 # Parsing: answer text -> objects (never raises on any str)
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
@@ -307,9 +410,9 @@ _NUM_RE = re.compile(_NUM)
 _SEP = r"[\s,;:()\[\]{}<>]*"
 _PREFIX_RE = re.compile(rf"(?:[-*•]\s+)?{_SEP}(?:{_NUM}{_SEP})+")  # leading numbers (after a bullet)
 _NONE_RE = re.compile(r"(there (is|are) (none|no\b|nothing)|none\b|no (objects?|targets?)\b|nothing\b)")
-_JSON_HINT_RE = re.compile(r"""['"](bbox_2d|bbox|poly|rbox|label)['"]\s*:""")
+_JSON_HINT_RE = re.compile(r"""['"](bbox_2d|bbox|poly|rbox|quadrant bbox|oriented bbox|label)['"]\s*:""")
 _CHUNK_RE = re.compile(r"\{[^{}]*\}")
-_KEY_RE = re.compile(r"""['"](bbox_2d|bbox|poly|rbox)['"]\s*:\s*\[((?:[^\[\]]|\[[^\[\]]*\])*)\]""")
+_KEY_RE = re.compile(r"""['"](bbox_2d|bbox|poly|rbox|quadrant bbox|oriented bbox)['"]\s*:\s*\[((?:[^\[\]]|\[[^\[\]]*\])*)\]""")
 _LABEL_RE = re.compile(r"""['"]label['"]\s*:\s*(?:"((?:[^"\\]|\\.)*)"|'([^']*)')""")
 
 
@@ -392,10 +495,10 @@ def parse_answer(text, width, height, *, coords="abs", resized_hw=None, box_form
     Returns (objects, stats): objects = [{"poly": 8 floats in original-image pixels (valid,
     inside the image), "label": class name | None}] in answer order. With classes, labels are
     matched by match_label (fuzzy matches kept and counted, unknown ones dropped and counted);
-    without, the raw label text is kept. box_format None: a JSON object's key gives its kind
-    (bbox_2d hbox, poly, rbox); plain answers take the kind of the most common count of numbers
-    among their lines (8 poly, 5 rbox, 4 hbox; else the largest that fits some line) for every
-    line. A box with too few numbers is invalid; extra numbers are dropped (counted).
+    without, the raw label text is kept. A JSON object's key gives its kind, box_format or not
+    (bbox_2d hbox, poly, rbox; RSCoVLM's "quadrant bbox" poly, "oriented bbox" rbox); plain answers
+    take box_format, else the kind of the most common count of numbers among their lines (8 poly,
+    5 rbox, 4 hbox; else the largest that fits some line) for every line. A box with too few numbers is invalid; extra numbers are dropped (counted).
     Every counted line ends up in exactly one of boxes, junk_lines, invalid_boxes,
     unknown_labels, duplicates.
 
@@ -420,7 +523,7 @@ def parse_answer(text, width, height, *, coords="abs", resized_hw=None, box_form
         (k for k in ("poly", "rbox", "hbox") if any(len(n) >= BOX_FORMATS[k] for n, _, _ in items)), None)
     objects, seen = [], set()
     for nums, label, hint in items:
-        kind = box_format or hint or answer_kind
+        kind = hint or box_format or answer_kind
         if kind is None or len(nums) < BOX_FORMATS[kind]:
             stats["invalid_boxes"] += 1
             continue

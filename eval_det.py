@@ -619,6 +619,158 @@ def score_ground(recs, preds, coord_fn, reparse=False):
     }, answers
 
 
+def expression(rec):
+    """What a grounding record asks for: the object's expression in meta, else the last user text."""
+    expr = rec["meta"]["objects"][0].get("expression") if rec["meta"].get("objects") else None
+    if expr is None:
+        expr = next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "user").replace("<image>", "").strip()
+    return expr
+
+
+def score_text_prior(train_recs, recs):
+    """The grounding score of a model that ignores the image: each record answered with the mean training box of
+    its expression (relative to the image size; the mean of all training boxes for an unseen expression). A model
+    that looks should beat it by a wide margin. Acc@0.5 and meanIoU as score_ground counts them."""
+    by_expr = defaultdict(list)
+    for r in train_recs:
+        x1, y1, x2, y2 = hboxes(r["meta"]["objects"][0]["poly"])[0]
+        w, h = r["meta"]["width"], r["meta"]["height"]
+        by_expr[expression(r)].append((x1 / w, y1 / h, x2 / w, y2 / h))
+    if not by_expr:
+        raise model.UserError("--prior: the file has no ground records to take boxes from")
+    mean_all = np.mean([b for bs in by_expr.values() for b in bs], axis=0)
+    ious, seen = [], 0
+    for r in recs:
+        bs = by_expr.get(expression(r))
+        seen += bs is not None
+        rx1, ry1, rx2, ry2 = np.mean(bs, axis=0) if bs else mean_all
+        w, h = r["meta"]["width"], r["meta"]["height"]
+        p_geom = shapely.box(rx1 * w, ry1 * h, rx2 * w, ry2 * h)
+        gt = r["meta"]["objects"][0]["poly"]
+        g_geom = shapely.box(*hboxes(gt)[0]) if r["meta"].get("box_format", "hbox") == "hbox" else quad_geoms(gt)[0]
+        inter = 0.0 if g_geom is None else shapely.intersection(p_geom, g_geom).area
+        union = p_geom.area + (0.0 if g_geom is None else g_geom.area) - inter
+        ious.append(inter / union if union > 0 else 0.0)
+    ious = np.array(ious)
+    return {"Acc@0.5": float(np.mean(ious > 0.5)) if len(ious) else 0.0,
+            "meanIoU": float(ious.mean()) if len(ious) else 0.0, "n": len(recs),
+            "expressions_seen_in_training": seen, "train_records": sum(len(bs) for bs in by_expr.values()),
+            "rule": "the mean training box (relative to the image) of the record's expression, else of all"}
+
+
+# -----------------------------------------------------------------------------
+# Benchmark grounding rules (records of data_prep.py refgeo / vrsbench / geochat): Acc@0.5 per group of
+# meta["groups"] (VRSBench unique / non-unique, object size) and GeoChat-Bench referring (meta["benchmark"]
+# "geochat_referring"), whose targets can be several objects.
+
+REFERRING_RULE = ("GeoChat-Bench referring, RSCoVLM's rule: per sample, the GIoU of every answer box with every "
+                  "target (polygons in original pixels); greedy matching takes the highest GIoU left while it is "
+                  ">= 0.5 (both leave); the sample is correct when every box and every target are matched (F1 = 1); "
+                  "precision = correct / samples, overall and per object size, type and single/multiple target; an "
+                  "answer without a box is wrong")
+
+
+def poly_giou(a, b):
+    """Generalised IoU of two quadrilaterals (8 numbers each): IoU - (C - U) / C with C the area of the convex
+    hull of both and U their union. A degenerate quadrilateral gives -1 (it can match nothing)."""
+    ga, gb = quad_geoms([a, b])
+    if ga is None or gb is None:
+        return -1.0
+    inter = _safe_inter_area(ga, gb)
+    union = ga.area + gb.area - inter
+    hull = shapely.convex_hull(shapely.geometrycollections([ga, gb])).area
+    if union <= 0 or hull <= 0:
+        return -1.0
+    return float(inter / union - (hull - union) / hull)
+
+
+def greedy_matches(scores, thr=0.5):
+    """[(prediction, target)] pairs of a (predictions x targets) score matrix, RSCoVLM's GeoChat-Bench rule: the
+    highest score left, while >= thr, pairs its row and column, which both leave (ties: lowest row, then column).
+    Greedy, not an optimal assignment: a box taking the target another box needed can leave that box unmatched."""
+    m = np.array(scores, dtype=float)
+    if m.size == 0:
+        return []
+    pairs = []
+    for _ in range(min(m.shape)):
+        i, j = np.unravel_index(np.argmax(m), m.shape)
+        if m[i, j] < thr:
+            break
+        pairs.append((int(i), int(j)))
+        m[i, :], m[:, j] = -np.inf, -np.inf
+    return pairs
+
+
+def group_rates(rows):
+    """{group: {value: {"rate", "n"}}} of rows (record, correct) by the record's meta["groups"]."""
+    counts = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for r, ok in rows:
+        for key, value in (r["meta"].get("groups") or {}).items():
+            c = counts[key][str(value)]
+            c[0], c[1] = c[0] + bool(ok), c[1] + 1
+    return {k: {v: {"rate": c[0] / c[1], "n": c[1]} for v, c in sorted(vs.items())} for k, vs in sorted(counts.items())}
+
+
+def score_referring(recs, answers, thr=0.5):
+    """GeoChat-Bench referring precision (REFERRING_RULE) over ground records whose meta["objects"] are all the
+    targets, with answers {id: (objects, stats)} as score_ground returns them."""
+    rows = []
+    for r in recs:
+        targets = [o["poly"] for o in r["meta"]["objects"]]
+        boxes_ = [o["poly"] for o in answers[r["id"]][0]]
+        matched = len(greedy_matches([[poly_giou(p, t) for t in targets] for p in boxes_], thr)) if boxes_ else 0
+        rows.append((r, matched == len(boxes_) == len(targets)))
+    n = len(rows)
+    return {"precision": sum(ok for _, ok in rows) / n if n else 0.0, "n": n, "correct": sum(ok for _, ok in rows),
+            "groups": group_rates(rows), "rule": REFERRING_RULE}
+
+
+def first_box_ious(recs, answers):
+    """Per record the IoU score_ground counts: the answer's first box against the first object (horizontal boxes
+    for hbox records, polygons otherwise; no box = 0)."""
+    ious = []
+    for r in recs:
+        objs = answers[r["id"]][0]
+        if not objs:
+            ious.append(0.0)
+            continue
+        gt, pred = r["meta"]["objects"][0]["poly"], objs[0]["poly"]
+        if r["meta"].get("box_format", "hbox") == "hbox":
+            g, p = shapely.box(*hboxes(gt)[0]), shapely.box(*hboxes(pred)[0])
+        else:
+            g, p = quad_geoms([gt, pred])
+        inter = 0.0 if g is None or p is None else _safe_inter_area(g, p)
+        union = (0.0 if g is None else g.area) + (0.0 if p is None else p.area) - inter
+        ious.append(inter / union if union > 0 else 0.0)
+    return ious
+
+
+def ground_benchmark(recs, answers, ds):
+    """What a benchmark's grounding records add to score_ground (printed, and returned for metrics.json):
+    GeoChat-Bench referring precision, or Acc@0.5 per group of meta["groups"]."""
+    if any(r["meta"].get("benchmark") == "geochat_referring" for r in recs):
+        res = score_referring(recs, answers)
+        print(f"   referring (GeoChat-Bench): precision@GIoU0.5 {100 * res['precision']:.2f} (n={res['n']}); "
+              + "; ".join(f"{k} " + ", ".join(f"{v} {100 * x['rate']:.2f} (n={x['n']})" for v, x in vs.items())
+                          for k, vs in res["groups"].items()))
+        return {"referring": res}
+    if not any(r["meta"].get("groups") for r in recs):
+        return {}
+    groups = group_rates([(r, iou > 0.5) for r, iou in zip(recs, first_box_ious(recs, answers))])
+    print(f"   Acc@0.5 by group ({ds}): " + "; ".join(
+        f"{k} " + ", ".join(f"{v} {100 * x['rate']:.2f} (n={x['n']})" for v, x in vs.items()) for k, vs in groups.items()))
+    return {"groups": groups}
+
+
+def benchmark_headline(metrics):
+    """GeoChat-Bench referring's headline is its precision (the first box's Acc@0.5 says little when a sample
+    has several targets)."""
+    for ds, r in metrics["ground"].items():
+        if "referring" in r:
+            metrics["headline"].pop(f"ground/{ds}: Acc@0.5", None)
+            metrics["headline"][f"ground/{ds}: precision@GIoU0.5"] = r["referring"]["precision"]
+
+
 def parse_report(recs, preds, answers, classes=None):
     """Counts of parse failures: answers with junk lines, with unknown labels, with no usable box although
     they wrote something (an empty answer or "There are none." is counted apart), plus the summed counters
@@ -709,7 +861,7 @@ def safe_name(s):
 
 
 
-def predict_records(args, recs):
+def predict_records(args, recs, loaded=None):
     """Greedy answers for det/ground records into OUT/predictions.jsonl via model.predict, which skips ids
     already in the file (resume) and shards over torchrun ranks. Each line also carries the parsed geometry
     in original-image pixels and the coordinate convention, so --preds can rescore without a model.
@@ -717,8 +869,8 @@ def predict_records(args, recs):
     out_path = Path(args.out) / "predictions.jsonl"
     todo = model.not_predicted(recs, out_path)
     model.check_images(todo)  # before the model loads
-    net, processor = model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
-                                               min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    net, processor = loaded or model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
+                                                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     det_recs = defaultdict(list)
     for r in recs:
         if r["task"] == "det":
@@ -739,8 +891,8 @@ def predict_records(args, recs):
     model.print0(how)
     model.predict(net, processor, recs, out_path, batch_size=args.batch_size, max_new_tokens=max_new_tokens,
                   postprocess=parsed, backend=args.backend, vllm_args={"tensor_parallel_size": args.tensor_parallel})
-    if torch.distributed.is_initialized():  # predict ends with a barrier: every rank sees the merged file
-        torch.distributed.destroy_process_group()
+    # predict ends with a barrier: every rank sees the merged file; the process group stays up for the caller
+    # (main ends it; eval_suite.py runs many benchmarks in one group: a second group in one torchrun job hangs)
     generation = {"max_new_tokens": max_new_tokens, "requested": args.max_new_tokens, "how": how, "backend": args.backend}
     return (out_path if model.is_main() else None), generation
 
@@ -763,6 +915,7 @@ def get_args(argv=None):
     mode.add_argument("--ckpt", help="checkpoint directory: predict every det/ground record of --data, then score")
     mode.add_argument("--preds", help="predictions JSONL (lines with 'id' and 'text') to score against --data")
     mode.add_argument("--dota-task1", help="folder of Task1_{class}.txt (or Task2_ with --task 2) files to score against --gt")
+    model.add_watch_flags(ap, mode)
     ap.add_argument("--data", help="records JSONL with the ground truth (det and ground records are used)")
     ap.add_argument("--out", help="output folder (predictions.jsonl, metrics.json, merged/, vis/); required with --ckpt, "
                                   "default with --preds: the predictions file's folder")
@@ -777,7 +930,7 @@ def get_args(argv=None):
     ap.add_argument("--f1-score-thr", type=float, default=0.0, help="mF1 counts only detections with score >= this (default %(default)s; VLM answers score 1.0)")
     ap.add_argument("--merge", action="store_true", help="merge patch records (meta source/offset) to whole images, "
                                                           "write zipped Task1 files, score against --gt if given")
-    ap.add_argument("--vis", type=int, default=0, help="draw ground truth and predictions on this many images into OUT/vis")
+    ap.add_argument("--vis", type=int, default=0, help="draw ground truth and predictions on this many images of each task and dataset into OUT/vis")
     ap.add_argument("--images", help="--dota-task1 with --vis: folder of the images (NAME.png/.jpg/.tif)")
     # coordinate convention for answers that carry no parsed boxes (a predictions file not written by --ckpt)
     ap.add_argument("--coords", choices=["abs", "norm1000"], help="answers' coordinates: abs = pixels of the original image "
@@ -785,6 +938,9 @@ def get_args(argv=None):
     ap.add_argument("--processor", help="checkpoint/processor folder whose family and pixel budget the answers were made with "
                                         "(Qwen2.5-VL: absolute pixels of the resized image)")
     ap.add_argument("--reparse", action="store_true", help="parse the answer text again even when the predictions file has parsed boxes")
+    ap.add_argument("--prior", metavar="TRAIN_JSONL",
+                    help="also score the grounding text prior: each record answered with the mean training box of its "
+                         "expression in this file (what a model that ignores the image does best)")
     # prediction
     model.add_generation_flags(ap, "auto", "a dense 1024-px DOTA patch needs over 15k tokens, one per digit")
     ap.add_argument("--min-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
@@ -798,10 +954,10 @@ def get_args(argv=None):
         ap.error("--iou must be in [0, 1)")
     if args.dota_task1 and not args.gt:
         ap.error("--dota-task1 needs --gt LABEL_DIR")
-    if (args.ckpt or args.preds) and not args.data:
-        ap.error("--ckpt and --preds need --data (the records with the ground truth)")
-    if args.ckpt and not args.out:
-        ap.error("--ckpt needs --out")
+    if (args.ckpt or args.preds or args.watch) and not args.data:
+        ap.error("--ckpt, --preds and --watch need --data (the records with the ground truth)")
+    if (args.ckpt or args.watch) and not args.out:
+        ap.error("--ckpt and --watch need --out")
     if args.limit is not None and args.limit < 0:
         ap.error("--limit must be >= 0")
     return args
@@ -892,7 +1048,6 @@ def run_records(args, recs, pred_path, generation=None):
     by_ds = defaultdict(list)
     for r in recs:
         by_ds[(r["task"], r["dataset"])].append(r)
-    vis_left = args.vis
     for (task, ds), rs in by_ds.items():
         if task == "det":
             classes = dataset_classes(rs, args.class_list)
@@ -920,6 +1075,11 @@ def run_records(args, recs, pred_path, generation=None):
             res, answers = score_ground(rs, preds, coord_fn, args.reparse)
             print(f"\n== ground {ds}: Acc@0.5 {100 * res['Acc@0.5']:.2f}  Acc@0.7 {100 * res['Acc@0.7']:.2f}  "
                   f"meanIoU {100 * res['meanIoU']:.2f}  cumIoU {100 * res['cumIoU']:.2f}  (n={res['n']}, no box: {res['no_box']})")
+            res.update(ground_benchmark(rs, answers, ds))  # benchmark records: per-group Acc@0.5, referring
+            if args.prior:
+                res["prior"] = score_text_prior([t for t in args.prior_records if t["task"] == "ground"], rs)
+                print(f"   text prior ({args.prior}): Acc@0.5 {100 * res['prior']['Acc@0.5']:.2f}  "
+                      f"meanIoU {100 * res['prior']['meanIoU']:.2f}")
             metrics["ground"][ds] = res
         metrics["parse"][f"{task}/{ds}"] = rep = parse_report(rs, preds, answers, classes if task == "det" else None)
         print(f"   parse: {format_parse(rep)}")
@@ -929,16 +1089,16 @@ def run_records(args, recs, pred_path, generation=None):
         if rep.get("missing_predictions"):
             print(f"WARNING: {rep['missing_predictions']} {task}/{ds} records have no prediction in {pred_path} "
                   f"(scored as empty answers)", file=sys.stderr)
-        for r in rs[:max(vis_left, 0)]:
+        for r in rs[:args.vis]:
             if r.get("images"):
                 try:
                     draw(r["images"][0], r["meta"].get("objects", []), answers[r["id"]][0],
                          out_dir / "vis" / f"{safe_name(r['id'])}.png")
                 except model.UserError as e:
                     raise model.UserError(f"{model.record_where(r)}: --vis: {e}") from None
-        vis_left -= len(rs)
     metrics["headline"] = {**{f"det/{ds}: mAP": r["mAP"] for ds, r in metrics["det"].items()},
                            **{f"ground/{ds}: Acc@0.5": r["Acc@0.5"] for ds, r in metrics["ground"].items()}}
+    benchmark_headline(metrics)
     if unknown_ids:
         metrics["predictions_not_in_data"] = len(unknown_ids)
         print(f"note: {len(unknown_ids)} predictions have ids that are not det/ground records of {args.data}", file=sys.stderr)
@@ -1016,9 +1176,16 @@ def make_coord_fn(args):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    return model.eval_main(get_args(argv), run)  # --watch, or one run(args)
+
+
+def run(args, loaded=None):
+    """One evaluation (--ckpt, --preds or --dota-task1); the metrics dict, also written to OUT/metrics.json (None
+    on the ranks other than 0 under torchrun). loaded: (model, processor) already loaded for --ckpt with these
+    settings (eval_suite.py loads a checkpoint once for all its benchmarks)."""
     check_paths(args)
     args.class_list = read_class_list(args.classes) if args.classes and not args.dota_task1 else None
+    args.prior_records = model.read_records(args.prior) if args.prior else []
     t0 = time.time()
     if args.dota_task1:
         metrics = run_dota_task1(args)
@@ -1027,11 +1194,11 @@ def main(argv=None):
         pred_path, generation = args.preds, None
         if args.ckpt:
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            pred_path, generation = predict_records(args, recs)
+            pred_path, generation = predict_records(args, recs, loaded)
             if pred_path is None:  # not the main rank: rank 0 scores
                 return None
         metrics = run_records(args, recs, pred_path, generation)
-    args_d = {k: v for k, v in vars(args).items() if k != "class_list"}
+    args_d = {k: v for k, v in vars(args).items() if k not in ("class_list", "prior_records")}
     metrics["args"] = args_d
     metrics["seconds_total"] = round(time.time() - t0, 3)
     json_out = args.json_out or (Path(args.out) / "metrics.json" if args.out else None)

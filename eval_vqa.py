@@ -31,6 +31,7 @@ Examples:
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -381,17 +382,432 @@ def score_captions(records, preds, meteor=True):
 
 
 # -----------------------------------------------------------------------------
+# Large-image benchmarks (data_prep.py lrs-vqa / mme-realworld; meta["benchmark"]) and the zoom-in chain
+#
+# LRS-VQA, RSCoVLM's rule (rscovlm/eval/metric/large_image_bench.py, as the LRS-VQA authors' script): GT and
+# prediction lower-cased, stripped of spaces and '.'; correct when equal, or when some WordNet synset of one has
+# path similarity > 0.8 with some synset of the other (NLTK's WordNet 3.0). Accuracy per task (category) and per
+# source (FAIR, STAR, GLH: the question id's prefix), overall (all correct / all) and "average" (the mean of the
+# per-task accuracies; per source, the mean over that source's tasks). Without a WordNet the rule is the equality
+# alone, named "exact", and the metrics' rules say so. MME-RealWorld: the official letter rule
+# (evaluation/eval_your_results.py), below; RSCoVLM itself scores it with "contain", reported beside it.
+
+LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+            "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
+            "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
+            "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
+            "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
+            "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
+            "adj.ppl").split()
+DEBIAN_WORDNET = Path("/usr/share/wordnet")  # apt-get install wordnet-base: the WordNet 3.0 database files
+_WORDNET = []
+
+
+def load_wordnet():
+    """(WordNet corpus reader or None, where it came from or why there is none). NLTK's own data when installed
+    (nltk.download needs github), else the WordNet 3.0 files of Debian/Ubuntu's wordnet-base package (the same
+    database NLTK ships), read by NLTK's reader from a cache folder that adds the one file the package lacks
+    (lexnames: the fixed list of lexicographer files, lexnames(5WN)). Loaded once."""
+    if _WORDNET:
+        return _WORDNET[0]
+    found = (None, "nltk is not installed (pip install nltk; WordNet data: apt-get install wordnet-base)")
+    try:
+        import nltk
+        from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    except ImportError:
+        _WORDNET.append(found)
+        return found
+    try:
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
+        found = (wordnet, "NLTK data 'wordnet'")
+    except (LookupError, OSError, ValueError):
+        found = (None, "no WordNet data: neither NLTK's 'wordnet' nor Debian's wordnet-base (/usr/share/wordnet)")
+        if (DEBIAN_WORDNET / "data.noun").is_file():
+            cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rscovlm" / "wordnet"
+            cache.mkdir(parents=True, exist_ok=True)
+            for f in DEBIAN_WORDNET.iterdir():  # copies (~30 MB, once): NLTK refuses links out of its root
+                if f.is_file() and not (cache / f.name).exists():
+                    shutil.copyfile(f, cache / f".{f.name}.tmp")
+                    os.replace(cache / f".{f.name}.tmp", cache / f.name)
+            if not (cache / "lexnames").exists():
+                (cache / "lexnames").write_text("".join(f"{i:02d}\t{n}\t{ {'adj': 3, 'adv': 4, 'noun': 1, 'verb': 2}[n.split('.')[0]]}\n"
+                                                        for i, n in enumerate(LEXNAMES)))
+            if str(cache) not in nltk.data.path:
+                nltk.data.path.append(str(cache))  # NLTK reads only under its data paths
+
+            class WordNet30(WordNetCorpusReader):
+                def map_wn(self, version="wordnet"):  # NLTK's 'wordnet' is this same WordNet 3.0: nothing to map
+                    return None
+
+            import warnings
+
+            with warnings.catch_warnings():  # "multilingual functions are not available": not used here
+                warnings.simplefilter("ignore", UserWarning)
+                found = (WordNet30(str(cache), None), f"WordNet 3.0 of Debian's wordnet-base ({DEBIAN_WORDNET})")
+    _WORDNET.append(found)
+    return found
+
+
+def lrs_clean(text):
+    """RSCoVLM's normalisation for LRS-VQA: lower-case, strip spaces, then '.'."""
+    return text.lower().strip().strip(".")
+
+
+def wordnet_synonyms(a, b, wn):
+    """RSCoVLM's are_synonyms: some synset pair of the two words with path similarity > 0.8."""
+    for s1 in wn.synsets(a):
+        for s2 in wn.synsets(b):
+            sim = s1.path_similarity(s2)
+            if sim is not None and sim > 0.8:
+                return True
+    return False
+
+
+def lrs_match(pred, gt, wn=None):
+    """LRS-VQA correctness: equal after lrs_clean, or (with a WordNet) WordNet synonyms."""
+    p, g = lrs_clean(pred), lrs_clean(gt)
+    return p == g or (wn is not None and bool(p) and wordnet_synonyms(g, p, wn))
+
+
+def _acc_table(rows, key):
+    """{group: accuracy %} of rows (group, correct) for one rule."""
+    n, ok = Counter(), Counter()
+    for r in rows:
+        n[r["group"]] += 1
+        ok[r["group"]] += r[key]
+    return {g: _pct(ok[g], n[g]) for g in sorted(n)}
+
+
+def score_lrs_vqa(records, preds, cut):
+    """Per dataset: accuracy per task, per source and per (source, task), overall and average, under the main rule
+    (wordnet, or exact without a WordNet) and contain."""
+    wn, where = load_wordnet()
+    main = "wordnet" if wn is not None else "exact"
+    by_dataset = defaultdict(list)
+    for r in records:
+        by_dataset[r["dataset"]].append(r)
+    out = {}
+    for name, recs in sorted(by_dataset.items()):
+        rows = []
+        for r in recs:
+            meta = r.get("meta") or {}
+            pred, gt = preds.get(r["id"]), ground_truth(r)
+            src = str(meta.get("source") or str(meta.get("question_id", r["id"])).split("_")[0])
+            rows.append({"task": str(meta.get("type", "untyped")), "source": src, "missing": pred is None,
+                         main: lrs_match(pred or "", gt, wn), "contain": contain_match(pred or "", lrs_clean(gt))})
+        res = {"n": len(rows), "missing": sum(x["missing"] for x in rows), "rule": main, "wordnet": where}
+        for rule in (main, "contain"):
+            tasks = _acc_table([{"group": x["task"], rule: x[rule]} for x in rows], rule)
+            sources = _acc_table([{"group": x["source"], rule: x[rule]} for x in rows], rule)
+            per_source = {}
+            for s in sources:
+                st = _acc_table([{"group": x["task"], rule: x[rule]} for x in rows if x["source"] == s], rule)
+                per_source[s] = {"overall": sources[s], "average": sum(st.values()) / len(st), "tasks": st}
+            res[rule] = {"overall": _pct(sum(x[rule] for x in rows), len(rows)),
+                         "average": sum(tasks.values()) / len(tasks), "tasks": tasks, "sources": per_source}
+        res["cut"], res["cut_unknown"] = count_cut(recs, preds, cut)
+        out[name] = res
+    return out
+
+
+MME_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer",
+                "The best option isThe correct option is", "Best answer:Best option:"]
+_LRS_COMMON = ("GT and prediction lower-cased, stripped of spaces and '.'; accuracy per task (category), per source "
+               "(FAIR/STAR/GLH, the question id's prefix) and overall (correct / all); 'average' = mean of the per-task "
+               "accuracies (per source: over that source's tasks); contain = the cleaned GT is a substring of the "
+               "cleaned prediction")
+LRS_RULES = {
+    "wordnet": "LRS-VQA, RSCoVLM's rule: correct when equal, or when a WordNet 3.0 synset of the GT and one of the "
+               "prediction have path similarity > 0.8 (NLTK's reader); " + _LRS_COMMON,
+    "exact": "LRS-VQA WITHOUT WordNet (no WordNet data found: pip install nltk and apt-get install wordnet-base, or "
+             "NLTK's wordnet data): correct only when equal, so it can score below RSCoVLM's rule, which also "
+             "accepts WordNet synonyms; " + _LRS_COMMON,
+}
+MME_RULE = ("MME-RealWorld letter rule (official extract_characters_regex, its quirks kept: 'Best answer:' and 'The "
+            "best option is' are not stripped; > 10 words without a capital A-E is no answer; else the first capital "
+            "A-E; else the choice containing the answer), except that an empty answer is no answer; contain = "
+            "RSCoVLM's rule (GT letter, lower-cased, in the lower-cased answer)")
+ZOOM_RULE = ("zoom: per record the tool replies it got (rounds), each call cropped or answered with the whole image as "
+             "malformed (no valid image_zoom_in JSON), outside (no pixel of the image) or empty (no area); over_cap = "
+             "answers that were still a tool call when --max-zoom-rounds was reached (scored as written); crop sizes in "
+             "original pixels; crops_on_evidence = crops holding the centre of the question's object (LRS-VQA hbox)")
+
+
+def mme_letter(text, choices):
+    """MME-RealWorld's official answer extraction (extract_characters_regex), quirks included for comparable
+    numbers: its prefix list lacks two commas, so "The best option is", "The correct option is", "Best answer:"
+    and "Best option:" are not removed (the capital B of "Best answer: C" is read as the answer B); more than ten
+    words without a capital A-E is no answer; else the first capital A-E anywhere; else the letter of the first
+    choice whose text contains the whole answer. One deviation: an empty answer is no answer (the official
+    code gives it the first choice's letter, since '' is in every string)."""
+    s = text.strip()
+    if not s:
+        return ""
+    for prefix in MME_PREFIXES:
+        s = s.replace(prefix, "")
+    if len(s.split()) > 10 and not re.search("[ABCDE]", s):
+        return ""
+    m = re.search(r"[ABCDE]", s)
+    if m is None:
+        return next((c[1] for c in choices if s.lower() in c.lower()), "")
+    return m[0]
+
+
+def score_mme(records, preds, cut):
+    """Per dataset: accuracy per category and overall under the letter rule and RSCoVLM's contain rule; how many
+    answers chose E (the "not in the image" option) and how many gave no letter."""
+    by_dataset = defaultdict(list)
+    for r in records:
+        by_dataset[r["dataset"]].append(r)
+    out = {}
+    for name, recs in sorted(by_dataset.items()):
+        rows, chose_e, no_letter = [], 0, 0
+        for r in recs:
+            meta = r.get("meta") or {}
+            pred = preds.get(r["id"]) or ""
+            letter = mme_letter(pred, meta.get("choices") or [])
+            chose_e += letter == "E"
+            no_letter += letter == ""
+            gt = ground_truth(r)
+            rows.append({"group": str(meta.get("type", "untyped")), "letter": letter == gt,
+                         "contain": contain_match(pred, gt)})
+        res = {"n": len(rows), "missing": sum(r["id"] not in preds for r in recs), "chose_E": chose_e,
+               "no_letter": no_letter}
+        for rule in ("letter", "contain"):
+            res[rule] = {"overall": _pct(sum(x[rule] for x in rows), len(rows)), "categories": _acc_table(rows, rule)}
+        res["cut"], res["cut_unknown"] = count_cut(recs, preds, cut)
+        out[name] = res
+    return out
+
+
+def zoom_stats(records, zoom):
+    """The chain's statistics per dataset from the prediction lines' "zoom" (model.zoom_chain): records run through
+    it, tool replies per record, calls by outcome (cropped, malformed, outside, empty), calls past the round cap,
+    crop sizes in original pixels, and for LRS-VQA's benchmark lines how many crops hold the centre of the
+    question's object (meta.evidence_hbox)."""
+    by_dataset = defaultdict(list)
+    for r in records:
+        if r["id"] in zoom:
+            by_dataset[r["dataset"]].append(r)
+    out = {}
+    for name, recs in sorted(by_dataset.items()):
+        rounds, outcomes, sizes, over_cap, hits, with_evidence = Counter(), Counter(), [], 0, 0, 0
+        for r in recs:
+            z = zoom[r["id"]]
+            rounds[len(z.get("calls", []))] += 1
+            over_cap += bool(z.get("over_cap"))
+            ev = (r.get("meta") or {}).get("evidence_hbox")
+            for c in z.get("calls", []):
+                outcomes[c.get("problem") or "cropped"] += 1
+                if c.get("crop"):
+                    sizes.append(c["size"])
+                    if ev:
+                        with_evidence += 1
+                        cx, cy = (ev[0] + ev[2]) / 2, (ev[1] + ev[3]) / 2
+                        x1, y1, x2, y2 = c["crop"]
+                        hits += x1 <= cx <= x2 and y1 <= cy <= y2
+        res = {"records": len(recs), "rounds": {str(k): v for k, v in sorted(rounds.items())},
+               "calls": dict(sorted(outcomes.items())), "over_cap": over_cap}
+        if sizes:
+            ws, hs = sorted(s[0] for s in sizes), sorted(s[1] for s in sizes)
+            res["crop_size"] = {"n": len(sizes), "median_w": ws[len(ws) // 2], "median_h": hs[len(hs) // 2],
+                                "min": [min(ws), min(hs)], "max": [max(ws), max(hs)]}
+        if with_evidence:
+            res["crops_on_evidence"] = {"n": with_evidence, "pct": _pct(hits, with_evidence)}
+        out[name] = res
+    return out
+
+
+def format_large_image(metrics):
+    """Table lines of the LRS-VQA, MME-RealWorld and zoom sections."""
+    lines = []
+    for name, res in metrics.get("lrs_vqa", {}).items():
+        main = res["rule"]
+        lines.append(f"\n[lrs-vqa] {name}  n={res['n']} missing={res['missing']} cut={res['cut']}  rule={main} "
+                     f"({res['wordnet']})")
+        lines.append(f"{'task':<20}{main:>9}{'contain':>9}")
+        for t in res[main]["tasks"]:
+            lines.append(f"{t:<20} {_f(res[main]['tasks'][t])}  {_f(res['contain']['tasks'][t])}")
+        for s in res[main]["sources"]:
+            lines.append(f"{'source ' + s:<20} {_f(res[main]['sources'][s]['overall'])}  "
+                         f"{_f(res['contain']['sources'][s]['overall'])}   average over tasks "
+                         f"{_f(res[main]['sources'][s]['average'])}")
+        lines.append(f"{'average (tasks)':<20} {_f(res[main]['average'])}  {_f(res['contain']['average'])}")
+        lines.append(f"{'overall':<20} {_f(res[main]['overall'])}  {_f(res['contain']['overall'])}")
+    for name, res in metrics.get("mme_realworld", {}).items():
+        lines.append(f"\n[mme-realworld] {name}  n={res['n']} missing={res['missing']} cut={res['cut']} "
+                     f"chose_E={res['chose_E']} no_letter={res['no_letter']}")
+        lines.append(f"{'category':<20}{'letter':>9}{'contain':>9}")
+        for c in res["letter"]["categories"]:
+            lines.append(f"{c:<20} {_f(res['letter']['categories'][c])}  {_f(res['contain']['categories'][c])}")
+        lines.append(f"{'overall':<20} {_f(res['letter']['overall'])}  {_f(res['contain']['overall'])}")
+    for name, z in metrics.get("zoom", {}).items():
+        lines.append(f"\n[zoom] {name}: {z['records']} records, tool replies per record {z['rounds']}, calls "
+                     f"{z['calls'] or 'none'}, calls past the round cap {z['over_cap']}")
+        if "crop_size" in z:
+            c = z["crop_size"]
+            lines.append(f"  crops (original px): median {c['median_w']}x{c['median_h']}, smallest {c['min']}, "
+                         f"largest {c['max']}")
+        if "crops_on_evidence" in z:
+            lines.append(f"  crops holding the question's object centre: {z['crops_on_evidence']['pct']:.1f}% of "
+                         f"{z['crops_on_evidence']['n']}")
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks of data_prep.py geochat / vrsbench / vhm (meta["benchmark"]). GeoChat-Bench and VRSBench questions
+# and classes are scored by score_vqa / score_cls like any others; their records name RSCoVLM's contain rule in
+# meta["headline_rule"], so their headline is the contain accuracy. VHM's parts get VHM's own measures (as
+# RSCoVLM's rscovlm/eval/metric/vhm_bench.py computes them, deviations named in VHM_RULES).
+
+VHM_RULES = {
+    "counting": "MAE and MAPE (%) of the answer's first whole number (else a number word 0..99) against the GT "
+                "count; answers without a number are left out and counted (pred_not_numeric; RSCoVLM's code stops "
+                "there), and MAPE leaves out GT 0 (gt_zero; a division by 0 there)",
+    "choice": "imgtype, abspos, relpos multiple choice: the answer's letter (a leading A-E, else the first capital "
+              "A-E standing alone) equals the GT's (RSCoVLM takes the first capital A-E anywhere, so 'Answer: B' "
+              "reads A, and accepts it when the letter occurs anywhere in the GT text)",
+    "presence": "yes/no: the answer has the word yes or true and not no or false (then yes), or the reverse (then "
+                "no); both or neither is wrong. Words, not RSCoVLM's substrings ('no' in 'north', 'snow')",
+    "color": "mean over questions of the fraction of the GT's comma-separated colours found in the answer (lower "
+             "case, spaces removed), x100 (RSCoVLM's rule)",
+}
+VHM_CHOICE = ("imgtype", "abspos", "relpos")
+COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+               "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+COUNT_TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def vhm_count(text):
+    """The first whole number ("12 planes" -> 12), else the first number word 0..99 ("twenty-one" -> 21), else None."""
+    m = re.search(r"\d+", text)
+    if m:
+        return int(m.group())
+    toks = re.findall(r"[a-z]+", text.lower())
+    for i, t in enumerate(toks):
+        if t in COUNT_TENS:
+            unit = toks[i + 1] if i + 1 < len(toks) and toks[i + 1] in COUNT_WORDS[1:10] else "zero"
+            return 20 + 10 * COUNT_TENS.index(t) + COUNT_WORDS.index(unit)
+        if t in COUNT_WORDS:
+            return COUNT_WORDS.index(t)
+    return None
+
+
+def vhm_letter(text):
+    """A multiple-choice answer's letter: a leading A-E ("B", "(C) ...", "D. ..."), else the first capital A-E that
+    stands alone ("The answer is C"), else None."""
+    m = re.match(r"\s*\(?([A-E])(?![A-Za-z])", text) or re.search(r"(?<![A-Za-z])([A-E])(?![A-Za-z])", text)
+    return m.group(1) if m else None
+
+
+def vhm_yes_no(text):
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    yes, no = bool(words & {"yes", "true"}), bool(words & {"no", "false"})
+    return "yes" if yes and not no else "no" if no and not yes else None
+
+
+def score_vhm(records, preds):
+    """Per dataset (one VHM part each, meta["vhm_part"]): counting MAE/MAPE, else accuracy in percent (VHM_RULES)."""
+    by_dataset = defaultdict(list)
+    for r in records:
+        by_dataset[r["dataset"]].append(r)
+    out = {}
+    for name, recs in sorted(by_dataset.items()):
+        part = recs[0]["meta"]["vhm_part"]
+        res = {"part": part, "n": len(recs), "missing": sum(r["id"] not in preds for r in recs)}
+        if part == "counting":
+            errs, apes, not_numeric, gt_zero = [], [], 0, 0
+            for r in recs:
+                gt, p = vhm_count(ground_truth(r)), vhm_count(preds.get(r["id"]) or "")
+                if gt is None:
+                    raise model.UserError(f"{model.record_where(r)}: VHM counting record's answer "
+                                          f"{ground_truth(r)!r} is not a number")
+                if p is None:
+                    not_numeric += 1
+                    continue
+                errs.append(abs(p - gt))
+                if gt:
+                    apes.append(abs(p - gt) / gt)
+                gt_zero += gt == 0
+            res.update(MAE=sum(errs) / len(errs) if errs else None, MAPE=_pct(sum(apes), len(apes)),
+                       numeric=len(errs), pred_not_numeric=not_numeric, gt_zero=gt_zero)
+        else:
+            scores = []
+            for r in recs:
+                gt, p = ground_truth(r), preds.get(r["id"]) or ""
+                if part in VHM_CHOICE:
+                    scores.append(vhm_letter(p) is not None and vhm_letter(p) == vhm_letter(gt.upper()))
+                elif part == "presence":
+                    scores.append(vhm_yes_no(p) is not None and vhm_yes_no(p) == gt.lower().strip().strip("."))
+                else:  # color
+                    colours = [c for c in gt.lower().replace(" ", "").strip(".").split(",") if c]
+                    said = p.lower().replace(" ", "")
+                    scores.append(sum(c in said for c in colours) / len(colours) if colours else 0.0)
+            res["accuracy"] = _pct(sum(scores), len(scores))
+        out[name] = res
+    return out
+
+
+def add_benchmark_scores(metrics, records, preds):
+    """metrics["vhm"] (score_vhm of the VHM records) and metrics["headline_rules"] ({task/dataset: rule} that
+    the records name in meta["headline_rule"]), both read by benchmark_headline."""
+    vhm = [r for r in records if r["task"] == "vqa" and (r.get("meta") or {}).get("benchmark") == "vhm"]
+    if vhm:
+        metrics["vhm"] = score_vhm(vhm, preds)
+        metrics["rules"] = {**metrics["rules"], "vhm": VHM_RULES}
+    rules = {f"{r['task']}/{r['dataset']}": r["meta"]["headline_rule"] for r in records
+             if r["task"] in ("vqa", "cls") and (r.get("meta") or {}).get("headline_rule") == "contain"}
+    if rules:
+        metrics["headline_rules"] = rules
+
+
+def benchmark_headline(metrics, heads):
+    """heads with the benchmarks' own numbers: contain accuracy where the records name it (GeoChat-Bench,
+    VRSBench), VHM's MAE / MAPE / accuracy instead of the exact-rule OA."""
+    for key in metrics.get("headline_rules", {}):
+        task, ds = key.split("/", 1)
+        res = metrics.get(task, {}).get(ds)
+        if res is not None:
+            label = "OA" if task == "vqa" else "accuracy"
+            heads.pop(f"{key}: {label}", None)
+            heads[f"{key}: {label} (contain)"] = res["contain"]["OA"] if task == "vqa" else res["contain"]
+    for ds, res in metrics.get("vhm", {}).items():
+        heads.pop(f"vqa/{ds}: OA", None)
+        if res["part"] == "counting":
+            heads[f"vqa/{ds}: MAE"], heads[f"vqa/{ds}: MAPE"] = res["MAE"], res["MAPE"]
+        else:
+            heads[f"vqa/{ds}: accuracy"] = res["accuracy"]
+    return heads
+
+
+def format_vhm(metrics):
+    lines = []
+    for name, res in metrics.get("vhm", {}).items():
+        if res["part"] == "counting":
+            lines.append(f"\n[vhm] {name}  n={res['n']} missing={res['missing']}  MAE {_f(res['MAE'])}  MAPE "
+                         f"{_f(res['MAPE'])}%  (numeric {res['numeric']}, no number {res['pred_not_numeric']})")
+        else:
+            lines.append(f"\n[vhm] {name}  n={res['n']} missing={res['missing']}  accuracy {_f(res['accuracy'])}")
+    return lines
+
+
+# -----------------------------------------------------------------------------
 # scoring a whole file
 
 
-def evaluate(records, preds, meteor=True, all_records=None, cut=None):
+def evaluate(records, preds, meteor=True, all_records=None, cut=None, zoom=None):
     """metrics dict (without args) for the vqa / cls / caption records and {id: text}. all_records (the
     whole data file, default records) is what unknown prediction ids and skipped records are counted against.
-    cut: {id: True/False/None} from the prediction lines (count_cut); None = no line says."""
+    cut: {id: True/False/None} from the prediction lines (count_cut); None = no line says. zoom: {id: the line's
+    "zoom"} (zoom_stats). vqa records of LRS-VQA and MME-RealWorld (meta.benchmark) are scored by their own rules,
+    in "lrs_vqa" and "mme_realworld"."""
     all_records = records if all_records is None else all_records
-    by_task = defaultdict(list)
+    by_task, bench = defaultdict(list), defaultdict(list)
     for r in records:
-        by_task[r["task"]].append(r)
+        b = (r.get("meta") or {}).get("benchmark") if r["task"] == "vqa" else None
+        (bench[b] if b in ("lrs_vqa", "mme_realworld") else by_task[r["task"]]).append(r)
     scored = {r["id"] for r in records if r["task"] in TASKS}
     file_ids = {r["id"] for r in all_records}
     counts = {"records": len(all_records), "scored": len(scored),
@@ -408,7 +824,26 @@ def evaluate(records, preds, meteor=True, all_records=None, cut=None):
     for task in TASKS:
         for name, res in metrics.get(task, {}).items():
             res["cut"], res["cut_unknown"] = count_cut([r for r in by_task[task] if r["dataset"] == name], preds, cut or {})
+    if bench["lrs_vqa"]:
+        metrics["lrs_vqa"] = score_lrs_vqa(bench["lrs_vqa"], preds, cut or {})
+        metrics["rules"] = {**metrics["rules"], "lrs_vqa": LRS_RULES[metrics["lrs_vqa"][min(metrics["lrs_vqa"])]["rule"]]}
+    if bench["mme_realworld"]:
+        metrics["mme_realworld"] = score_mme(bench["mme_realworld"], preds, cut or {})
+        metrics["rules"] = {**metrics["rules"], "mme_realworld": MME_RULE}
+    if zoom:
+        metrics["zoom"] = zoom_stats(records, zoom)
+        metrics["rules"] = {**metrics["rules"], "zoom": ZOOM_RULE}
+    add_benchmark_scores(metrics, records, preds)  # VHM parts; GeoChat-Bench / VRSBench headline rule
     return metrics
+
+
+def headline(metrics):
+    """The one number per task and dataset a curve or a paper table shows: VQA overall accuracy (exact rule),
+    classification accuracy (exact), caption CIDEr-D; all x100."""
+    heads = {"vqa": ("OA", lambda r: r["exact"]["OA"]), "cls": ("accuracy", lambda r: r["exact"]),
+             "caption": ("CIDEr-D", lambda r: r["CIDEr-D"])}
+    return benchmark_headline(metrics, {f"{task}/{name}: {label}": get(res) for task, (label, get) in heads.items()
+                                        for name, res in metrics.get(task, {}).items()})
 
 
 def count_cut(records, preds, cut):
@@ -466,7 +901,10 @@ def format_tables(metrics):
             lines.append(f"{name:<24}{res['n']:>7}" + "".join(f"  {_f(res[k])}" for k in keys) + f"{res['cut']:>9}")
             if isinstance(res["METEOR"], str):
                 lines.append(f"  METEOR {res['METEOR']}")
+    lines += format_large_image(metrics)
+    lines += format_vhm(metrics)
     lines.append(f"\nexact = {RULES['exact']}\ncontain = {RULES['contain']}\ncut = {RULES['cut']}")
+    lines += [f"{k} = {metrics['rules'][k]}" for k in ("lrs_vqa", "mme_realworld", "zoom") if k in metrics["rules"]]
     return "\n".join(lines)
 
 
@@ -483,12 +921,16 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="records JSONL with vqa / cls / caption records (others are skipped)")
     p.add_argument("--ckpt", default=None, help="checkpoint dir (HF format) to generate answers with")
     p.add_argument("--preds", default=None, help="score this predictions JSONL ({'id','text'} per line) instead of generating")
+    model.add_watch_flags(p)
     p.add_argument("--out", default=None, help="output dir: predictions.jsonl (with --ckpt), metrics.json, PNGs")
     p.add_argument("--json-out", default=None, help="metrics JSON path (default OUT/metrics.json)")
     p.add_argument("--tasks", default="vqa,cls,caption", help="comma list of the tasks to evaluate")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N records of those tasks (0 = all)")
     model.add_generation_flags(p, 128, "short answers and captions need ~10-60 tokens, and a verbose answer cut at "
                                        "auto's tighter limit could lose the word that scores")
+    p.add_argument("--max-zoom-rounds", type=int, default=1,
+                   help="zoom records (data_prep.py lrs-vqa / mme-realworld): at most this many image_zoom_in replies "
+                        "before the answer counts (default %(default)s, as trained; 0 = answer from the whole image)")
     p.add_argument("--dtype", default=None, help="model dtype for model.load (e.g. bfloat16; default: model.load's)")
     p.add_argument("--attn", default=None, help="attention implementation for model.load (e.g. sdpa, flash_attention_2)")
     p.add_argument("--min-pixels", type=int, default=None, help="processor min_pixels (use the training value)")
@@ -497,10 +939,13 @@ def parse_args(argv=None):
     p.add_argument("--vis", action="store_true", help="write a confusion-matrix PNG per classification dataset")
     model.add_debug_flag(p)
     args = p.parse_args(argv)
-    if (args.ckpt is None) == (args.preds is None):
-        p.error("give exactly one of --ckpt (generate, then score) or --preds (score a predictions file)")
-    if args.ckpt and not args.out:
-        p.error("--ckpt needs --out (where predictions.jsonl is written and resumed from)")
+    if sum(x is not None for x in (args.ckpt, args.preds, args.watch)) != 1:
+        p.error("give exactly one of --ckpt (generate, then score), --preds (score a predictions file) or --watch "
+                "(score each checkpoint of a training run)")
+    if (args.ckpt or args.watch) and not args.out:
+        p.error("--ckpt and --watch need --out (where predictions.jsonl is written and resumed from)")
+    if args.max_zoom_rounds < 0:
+        p.error("--max-zoom-rounds must be >= 0")
     if args.limit < 0:
         p.error("--limit must be >= 0")
     if args.vis and not (args.out or args.json_out):
@@ -576,7 +1021,13 @@ def check_overlap(args, selected, preds, pred_path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    return model.eval_main(parse_args(argv), run)  # --watch, or one run(args)
+
+
+def run(args, loaded=None):
+    """One evaluation (--ckpt or --preds); the metrics dict, also written to OUT/metrics.json (None on the ranks
+    other than 0 under torchrun). loaded: (model, processor) already loaded for --ckpt with these settings
+    (eval_suite.py loads a checkpoint once for all its benchmarks)."""
     check_paths(args)
     t0 = time.time()
     tasks = [t for t in TASKS if t in args.tasks.split(",")]
@@ -591,17 +1042,19 @@ def main(argv=None):
         todo = model.not_predicted(selected, pred_path)
         model.check_images(todo)
         out.mkdir(parents=True, exist_ok=True)
-        net, processor = model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
-                                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        net, processor = loaded or model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
+                                                             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         log(f"{len(selected)} records: {len(selected) - len(todo)} already predicted in {pred_path}, "
             f"{len(todo)} to generate")
         limit, how = model.resolve_max_new_tokens(args.max_new_tokens, selected, processor, model.context_length(net))
         log(how)
         lines = model.predict(net, processor, selected, pred_path, batch_size=args.batch_size, max_new_tokens=limit,
-                              backend=args.backend, vllm_args={"tensor_parallel_size": args.tensor_parallel})
+                              backend=args.backend, vllm_args={"tensor_parallel_size": args.tensor_parallel},
+                              max_zoom_rounds=args.max_zoom_rounds)
         generation = {"max_new_tokens": limit, "requested": args.max_new_tokens, "how": how, "backend": args.backend}
-        if torch.distributed.is_initialized():  # predict ends with a barrier: every rank has the merged file
-            torch.distributed.destroy_process_group()
+        if any(map(model.is_zoom, selected)):
+            generation["max_zoom_rounds"] = args.max_zoom_rounds
+        # predict ends with a barrier: every rank has the merged file; the process group stays up for the caller
         if not model.is_main():
             return None
     else:
@@ -613,7 +1066,9 @@ def main(argv=None):
 
     # ---- scoring
     metrics = evaluate(selected, preds, meteor=not args.no_meteor, all_records=records,
-                       cut={i: line.get("cut") for i, line in lines.items()})
+                       cut={i: line.get("cut") for i, line in lines.items()},
+                       zoom={i: line["zoom"] for i, line in lines.items() if isinstance(line.get("zoom"), dict)})
+    metrics["headline"] = headline(metrics)
     metrics["generation"] = generation
     metrics["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     metrics["seconds"] = round(time.time() - t0, 2)

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -544,15 +545,22 @@ def target_messages(record, processor, images_hw=None):
             messages.append({"role": "assistant", "content": answer})
         else:
             messages[last]["content"] = answer
+    if (meta.get("zoom") or {}).get("bbox") is not None:  # the tool call, in this family's frame (zoom section)
+        render_zoom_call(messages, record, processor, images_hw)
     return messages
 
 
-def process_images(processor, paths):
+def process_images(processor, paths, crops=None):
     """Load and preprocess images. Returns (pixel_values (P, C) or None, image_grid_thw (n, 3) or None,
-    [(h, w)] original sizes)."""
+    [(h, w)] original sizes). crops: {index: (x1, y1, x2, y2)} integer pixel boxes; image `index` is that crop
+    of its file at full resolution (a zoom record's zoomed-in image, zoom_crops)."""
     if not paths:
         return None, None, []
-    images = [load_image(p) for p in paths]
+    loaded = {}
+    for p in paths:  # a zoom record names the same file for the whole image and its crop: decode it once
+        if p not in loaded:
+            loaded[p] = load_image(p)
+    images = [loaded[p].crop(tuple(crops[i])) if crops and i in crops else loaded[p] for i, p in enumerate(paths)]
     factor = processor.patch_size * processor.merge_size
     for p, im in zip(paths, images):  # the processor's own error would not name the file
         try:
@@ -620,7 +628,7 @@ def tokenize(record, processor, max_length=None, truncate=False):
 
 
 def _tokenize(record, processor, max_length, truncate):
-    pixel_values, grid, sizes = process_images(processor, record["images"])
+    pixel_values, grid, sizes = process_images(processor, record["images"], zoom_crops(record))
     ids, labels = _token_ids(record, processor, sizes, grid, max_length, truncate)
     ids = torch.tensor(ids, dtype=torch.long)
     return {
@@ -673,6 +681,8 @@ def sample_length(record, processor):
     what train.py --pack plans its rows with, ~1 ms a record."""
     try:
         sizes = [image_size(p) for p in record["images"]]
+        for i, (x1, y1, x2, y2) in zoom_crops(record, sizes).items():  # a zoomed-in image is its crop's size
+            sizes[i] = (y2 - y1, x2 - x1)
         factor = processor.patch_size * processor.merge_size
         grid = None
         if sizes:  # one frame per image: t = 1; h, w in patches
@@ -825,26 +835,58 @@ def decode_greedy(model, inputs, max_new_tokens, eos_ids):
 
 
 @torch.no_grad()
-def generate(model, processor, records, batch_size=8, max_new_tokens=512, backend="fast", details=False, vllm_args=None):
+def generate(model, processor, records, batch_size=8, max_new_tokens=512, backend="fast", details=False, vllm_args=None,
+             max_zoom_rounds=1, on_result=None):
     """Greedy answers for records (prompt = messages before the final assistant turn). Batches are formed from
     records sorted by length (little padding) and left-padded; outputs come back in input order.
     backend: 'fast' (decode_greedy: finished answers leave the batch), 'hf' (transformers' generate), both giving
     the same tokens, or 'vllm' (generate_vllm with vllm_args; `model` may be the checkpoint directory). details=True
     returns [{"text", "new_tokens", "cut"}]: cut = the answer reached max_new_tokens without ending (a dense
-    patch's answer may need more: see auto_max_new_tokens)."""
+    patch's answer may need more: see auto_max_new_tokens). Zoom records (is_zoom) run the zoom-in chain
+    (zoom_chain, at most max_zoom_rounds tool replies; their results add "zoom"). on_result(index, result) is
+    called as each record's answer is ready (predict writes it then)."""
     if backend not in ("fast", "hf", "vllm"):
         raise ValueError(f"backend must be 'fast', 'hf' or 'vllm', got {backend!r}")
+    zoom = [i for i, r in enumerate(records) if is_zoom(r)]
+    if zoom:
+        plain = [i for i in range(len(records)) if i not in set(zoom)]
+        results = [None] * len(records)
+        if plain:
+            got = generate(model, processor, [records[i] for i in plain], batch_size, max_new_tokens, backend, True,
+                           vllm_args, on_result=on_result and (lambda k, a: on_result(plain[k], a)))
+            for i, a in zip(plain, got):
+                results[i] = a
+        step = model_zoom_step(model, processor, batch_size, max_new_tokens, backend)
+        for start in range(0, len(zoom), batch_size):  # a batch's states (their image tensors) at a time
+            idx = zoom[start:start + batch_size]
+            states = [zoom_start(records[i], processor) for i in idx]
+            where = {id(s): i for s, i in zip(states, idx)}
+            done = on_result and (lambda s, a: on_result(where[id(s)], a))
+            for i, a in zip(idx, zoom_chain(states, step, processor, max_zoom_rounds, on_done=done)):
+                results[i] = a
+        return results if details else [r["text"] for r in results]
     if backend == "vllm":
         ckpt = model if isinstance(model, (str, Path)) else model.name_or_path
         results = generate_vllm(ckpt, processor, records, max_new_tokens, **(vllm_args or {}))
+        for i, a in enumerate(results if on_result else []):
+            on_result(i, a)
         return results if details else [r["text"] for r in results]
     order = sorted(range(len(records)), key=lambda i: -_estimated_length(records[i], processor))
-    results = [None] * len(records)
+    results = decode_batches(model, processor, order, lambda i: _prompt(records[i], processor), batch_size,
+                             max_new_tokens, backend, on_result)
+    return results if details else [r["text"] for r in results]
+
+
+def decode_batches(model, processor, order, prompt, batch_size, max_new_tokens, backend="fast", on_result=None):
+    """Greedy answers [{"text", "new_tokens", "cut"}] for prompts 0..len(order)-1, batched in `order` (longest
+    first: little padding), each prompt(i) (a tokenized prompt dict for left_pad) made when its batch comes.
+    backend 'fast' = decode_greedy, 'hf' = transformers' generate. on_result(i, result) as each batch ends."""
+    results = [None] * len(order)
     device, dtype = model.device, next(model.parameters()).dtype
     eos = [processor.end_of_turn_id, processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        inputs = left_pad([_prompt(records[i], processor) for i in idx], processor, device, dtype)
+        inputs = left_pad([prompt(i) for i in idx], processor, device, dtype)
         if backend == "hf":
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=processor.pad_token_id, eos_token_id=eos)
@@ -854,9 +896,12 @@ def generate(model, processor, records, batch_size=8, max_new_tokens=512, backen
         for i, toks in zip(idx, new):
             end = next((k for k, t in enumerate(toks) if t in eos), None)
             toks = toks if end is None else toks[: end + 1]
+            # <tool_call> is an added, not a special, token in Qwen's vocabularies: it stays in the text
             results[i] = {"text": processor.tokenizer.decode(toks, skip_special_tokens=True).strip(),
                           "new_tokens": len(toks), "cut": end is None}
-    return results if details else [r["text"] for r in results]
+            if on_result:
+                on_result(i, results[i])
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -1082,11 +1127,12 @@ def not_predicted(records, out_path):
 
 
 def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=512, postprocess=None, backend="fast",
-            vllm_args=None):
+            vllm_args=None, max_zoom_rounds=1):
     """Generate answers for records into out_path (JSONL lines {"id", "text", "new_tokens", "cut",
-    **postprocess(record, text)}; cut = the answer reached max_new_tokens without ending), appending and
-    flushing per batch, so an interrupted run loses at most one batch; records whose id is already in the file
-    are skipped. Under torchrun each rank takes every world-th record into its own part file and rank 0 merges
+    **postprocess(record, text)}; cut = the answer reached max_new_tokens without ending), each line written and
+    flushed as its record finishes, so an interrupted run loses at most the batch in flight; records whose id is
+    already in the file are skipped. Zoom records (is_zoom) run the zoom-in chain with at most max_zoom_rounds tool
+    replies and their lines add "zoom" (zoom_chain). Under torchrun each rank takes every world-th record into its own part file and rank 0 merges
     them in record order. backend, vllm_args: see generate (vllm: one process; records go to the engine 512 at a
     time, which it batches itself, and are written after each such chunk). Returns {id: line dict} for all
     records (on every rank)."""
@@ -1101,6 +1147,8 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
     settings = {"model": str(model) if isinstance(model, (str, Path)) else str(getattr(model, "name_or_path", "")),
                 "family": processor.family,
                 "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels, "max_new_tokens": max_new_tokens}
+    if any(is_zoom(r) for r in records):  # only then, so files of runs without zoom records still resume
+        settings["max_zoom_rounds"] = max_zoom_rounds
     settings_path = out_path.with_name(out_path.name + ".settings.json")
     if done and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise UserError(f"{out_path} holds predictions made with {settings_path.read_text().strip()}, not with "
@@ -1113,12 +1161,22 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
         step = max(batch_size, 512) if backend == "vllm" else batch_size
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
-            answers = generate(model, processor, chunk, batch_size, max_new_tokens, backend=backend, details=True,
-                               vllm_args=vllm_args)
-            for rec, a in zip(chunk, answers):
-                line = {"id": rec["id"], **a, **(postprocess(rec, a["text"]) if postprocess else {})}
+
+            written = set()
+
+            def write(i, a, chunk=chunk):  # as each record finishes (a zoom record after its last round)
+                line = {"id": chunk[i]["id"], **a, **(postprocess(chunk[i], a["text"]) if postprocess else {})}
                 f.write(json.dumps(line) + "\n")
-            f.flush()
+                f.flush()
+                written.add(i)
+
+            # plain records finish together, with their batch; only zoom records need the callback
+            zoom_kw = {"max_zoom_rounds": max_zoom_rounds, "on_result": write} if any(map(is_zoom, chunk)) else {}
+            answers = generate(model, processor, chunk, batch_size, max_new_tokens, backend=backend, details=True,
+                               vllm_args=vllm_args, **zoom_kw)
+            for i, a in enumerate(answers):
+                if i not in written:
+                    write(i, a)
             os.fsync(f.fileno())
             bar.update(len(chunk))
     if world > 1:
@@ -1137,6 +1195,368 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
                 out_path.with_name(f"{out_path.name}.rank{r}").unlink(missing_ok=True)
         torch.distributed.barrier()
     return read_predictions(out_path)
+
+
+# -----------------------------------------------------------------------------
+# Zoom-in chain: images far larger than the pixel budget (LRS-VQA, MME-RealWorld, XLRS-Bench scenes)
+#
+# RSCoVLM's protocol, in its wording: the system turn is Qwen's "# Tools" block (the one Qwen's chat templates
+# write for `tools=`) declaring one function, image_zoom_in(bbox); the user turn is the whole image (resized into
+# the pixel budget) + the question + ZOOM_ASK; the assistant calls the tool with a box in its frame of the whole
+# image (Qwen2.5-VL: pixels of the resized image, Qwen3-VL: 0..1000); the next user turn is the crop of the
+# ORIGINAL full-resolution image at that box (resized into the budget like any image) + ZOOM_REPLY; the assistant
+# answers. Both assistant turns are supervised (_split_turns masks every assistant turn the same way).
+#
+# A training record of the chain (data_prep.py lrs-vqa) lists the image file twice, the whole image and then its
+# crop, and keeps the crop box in meta["zoom"]["bbox"] in pixels of the original image; the call text is rendered
+# from it when the record is tokenized (render_zoom_call), as det/ground answers are, so one file trains both
+# families at any budget. A record with meta["zoom"] is generated by zoom_chain, prompted with the turns before
+# its first assistant turn (an evaluation record has no assistant turn and no bbox).
+#
+# Where this differs from RSCoVLM's inference (rscovlm/eval/inferencer.py): the crop is cut from the original
+# file, not from the downsampled image the model saw (training crops never were); the number of tool replies is
+# capped (max_zoom_rounds, 1 as trained; RSCoVLM recurses while the model keeps calling); and each sample keeps
+# its own images through the rounds (RSCoVLM's image offset advances only over the samples that called the tool,
+# so a later sample of a mixed batch can be handed an earlier sample's image).
+
+ZOOM_TOOL = "image_zoom_in"
+ZOOM_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "image_zoom_in", "description": "Zoom in to the region of interest '
+    "on the given image. Input the bounding box of the region of interest and return the zoomed-in image to help to "
+    'focus and view more clearly.", "parameters": {"name": "bbox", "type": "list[int]", "description": "The bounding '
+    "box of the region of interest as an array [x1, y1, x2, y2], where (x1, y1) and (x2, y2) indicate the positions' "
+    'absolute coordinates of the left top and right down corners, respectively.", "required": true}}}\n</tools>\n\n'
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    'XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+ZOOM_ASK = "\nZoom in to the region of interest and answer the question."  # appended to the question
+ZOOM_REPLY = "Here's the zoomed-in image. You can complete your task now."  # after the crop's <image>
+ZOOM_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def zoom_call_text(numbers):
+    """The assistant's tool call for a box [x1, y1, x2, y2] already in the model's frame."""
+    return ('<tool_call>\n{"name": "image_zoom_in", "arguments": {"bbox": [%d, %d, %d, %d]}}\n</tool_call>'
+            % tuple(numbers))
+
+
+def is_zoom(record):
+    """A record of the zoom-in chain (meta["zoom"] is a dict: with "bbox" for training, empty for evaluation)."""
+    return isinstance((record.get("meta") or {}).get("zoom"), dict)
+
+
+def _zoom_frame(processor, width, height):
+    """(sx, sy, frame_w, frame_h): model coordinate = pixel * s of the whole width x height image, and the extent
+    the model's coordinates live in (the resized image for Qwen2.5-VL, 1000 x 1000 for Qwen3-VL)."""
+    ck = coord_kwargs(processor, width, height)
+    fh, fw = ck["resized_hw"] if ck["coords"] == "abs" else (1000, 1000)
+    return fw / width, fh / height, fw, fh
+
+
+def zoom_box_to_model(bbox, width, height, processor):
+    """A crop box in original pixels -> the 4 integers the call writes: scaled, clipped to the frame, rounded
+    half up (boxes.py's convention for every rendered coordinate)."""
+    sx, sy, fw, fh = _zoom_frame(processor, width, height)
+    return [int(math.floor(min(max(float(v) * s, 0.0), f) + 0.5))
+            for v, s, f in zip(bbox, (sx, sy, sx, sy), (fw, fh, fw, fh))]
+
+
+def zoom_box_from_model(numbers, width, height, processor):
+    """The model's 4 numbers -> a box in original pixels of the whole image (floats, not clipped)."""
+    sx, sy, _, _ = _zoom_frame(processor, width, height)
+    return [float(v) / s for v, s in zip(numbers, (sx, sy, sx, sy))]
+
+
+def zoom_crop_box(box, width, height):
+    """(integer crop box, problem) for a box in original pixels: the box widened to whole pixels (floor the
+    start, ceil the end) and clipped to the image. problem: None, 'outside' (no pixel of the image inside it) or
+    'empty' (no area: reversed corners, zero width or height, or a sliver Qwen-VL cannot take, aspect >= 200)."""
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        return None, "empty"
+    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+        return None, "outside"
+    eps = 1e-6  # 56 / 0.56 is 99.999...: a whole pixel in float arithmetic stays that pixel
+    c = [max(0, math.floor(x1 + eps)), max(0, math.floor(y1 + eps)), min(width, math.ceil(x2 - eps)),
+         min(height, math.ceil(y2 - eps))]
+    w, h = c[2] - c[0], c[3] - c[1]
+    if w < 1 or h < 1 or max(w, h) / min(w, h) >= 200:
+        return None, "empty"
+    return c, None
+
+
+def parse_zoom_call(text):
+    """(numbers, problem) of a generated turn: (None, None) when it calls no tool (an answer); ([x1, y1, x2, y2],
+    None) for a well-formed image_zoom_in call; (None, 'malformed') for a <tool_call> that is not one (bad JSON,
+    another function, no 4-number bbox, no closing tag)."""
+    if "<tool_call>" not in text:
+        return None, None
+    m = ZOOM_CALL.search(text)
+    try:
+        call = json.loads(m.group(1)) if m else None
+    except ValueError:
+        call = None
+    args = call.get("arguments") if isinstance(call, dict) and call.get("name") == ZOOM_TOOL else None
+    bbox = args.get("bbox") if isinstance(args, dict) else None
+    if (not isinstance(bbox, list) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+        return None, "malformed"
+    return [float(v) for v in bbox], None
+
+
+def zoom_crops(record, sizes=None):
+    """{1: integer crop box} for a training record of the chain (image 1 is the crop of image 0's file at
+    meta["zoom"]["bbox"]), {} for any other. sizes: [(h, w)] of the images as loaded (else read from the header).
+    A box outside the image, empty, or a record without the two images raises UserError."""
+    bbox = ((record.get("meta") or {}).get("zoom") or {}).get("bbox")
+    if bbox is None:
+        return {}
+    images = record["images"]
+    if len(images) < 2 or images[0] != images[1]:
+        raise UserError("meta.zoom.bbox needs the image file listed twice (the whole image, then its crop)")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        raise UserError(f"meta.zoom.bbox must be [x1, y1, x2, y2] in pixels, got {bbox!r}")
+    h, w = sizes[0] if sizes else image_size(images[0])
+    crop, problem = zoom_crop_box(bbox, w, h)
+    if problem:
+        raise UserError(f"meta.zoom.bbox {bbox} is {problem} for the {w}x{h} image {images[0]}")
+    return {1: crop}
+
+
+def render_zoom_call(messages, record, processor, images_hw=None):
+    """Write the first assistant turn of a training record of the chain as the tool call, the box in this family's
+    frame of the whole image (images_hw[0] or the file's header size). In place; returns messages."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    if first is None:
+        raise UserError("meta.zoom.bbox is set but the record has no assistant turn for the tool call")
+    h, w = images_hw[0] if images_hw else image_size(record["images"][0])
+    messages[first]["content"] = zoom_call_text(zoom_box_to_model(record["meta"]["zoom"]["bbox"], w, h, processor))
+    return messages
+
+
+def _image_tensors(processor, image, name):
+    """(pixel_values (P, C), image_grid_thw (1, 3)) of one PIL image, as process_images makes them."""
+    factor = processor.patch_size * processor.merge_size
+    try:
+        smart_resize(image.height, image.width, factor, processor.min_pixels, processor.max_pixels)
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
+    out = processor.image_processor(images=[image], return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def zoom_start(record, processor):
+    """The chain's state for one record: its turns before the first assistant turn, one (pixel_values, grid) per
+    image they hold (so every sample carries its own images through the rounds), the whole image's size."""
+    msgs = record["messages"]
+    first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), len(msgs))
+    messages = [{"role": m["role"], "content": m["content"]} for m in msgs[:first]]
+    paths = record["images"][:sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)]
+    if not paths:
+        raise UserError(f"{record_where(record)}: a zoom record needs the whole image in its first user turn")
+    tensors = []
+    for p in paths:
+        try:
+            tensors.append(_image_tensors(processor, load_image(p), p))
+        except UserError as e:
+            raise UserError(f"{record_where(record)}: {e}") from None
+    h, w = image_size(paths[0])
+    return {"record": record, "messages": messages, "images": tensors, "path": paths[0], "size": (h, w),
+            "turns": [], "calls": [], "new_tokens": 0}
+
+
+def zoom_prompt(state, processor):
+    """The tokenized prompt of a chain state, for left_pad: the conversation so far + the generation prompt."""
+    ids = processor.tokenizer.encode(_render(processor, state["messages"], add_generation_prompt=True),
+                                     add_special_tokens=False)
+    grid = torch.cat([g for _, g in state["images"]])
+    ids, _ = expand_image_tokens(ids, [-100] * len(ids), processor, grid)
+    return {"input_ids": ids, "pixel_values": torch.cat([pv for pv, _ in state["images"]]), "image_grid_thw": grid}
+
+
+def zoom_reply(state, text, processor):
+    """Append the assistant's turn and the tool's reply: the crop of the ORIGINAL image at the called box, or the
+    whole image again when the call is malformed, outside the image or empty (counted in state["calls"])."""
+    numbers, problem = parse_zoom_call(text)
+    h, w = state["size"]
+    crop = None
+    if numbers is not None:
+        crop, problem = zoom_crop_box(zoom_box_from_model(numbers, w, h, processor), w, h)
+    if crop is not None:
+        whole = load_image(state["path"])  # full resolution, decoded again: states never hold it
+        state["images"].append(_image_tensors(processor, whole.crop(tuple(crop)), state["path"]))
+    else:
+        state["images"].append(state["images"][0])
+    state["calls"].append({"bbox": numbers, "crop": crop, "size": None if crop is None else [crop[2] - crop[0], crop[3] - crop[1]],
+                           "problem": problem})
+    state["messages"] += [{"role": "assistant", "content": text},
+                          {"role": "user", "content": IMAGE_PLACEHOLDER + ZOOM_REPLY}]
+
+
+def zoom_chain(states, step, processor, max_zoom_rounds=1, on_done=None):
+    """Run the chain: generate for every state (step(states) -> [{"text", "new_tokens", "cut"}]); a turn that
+    calls the tool gets its reply (zoom_reply) and goes on to the next round, only those; any other turn, or any
+    turn once max_zoom_rounds replies were given, is the answer. on_done(state, result) as each state finishes.
+    Returns the results in the states' order: {"text", "new_tokens", "cut", "zoom": {"rounds", "calls" [{"bbox"
+    (model frame), "crop" (original pixels), "size" [w, h], "problem"}], "over_cap", "turns"}}."""
+    if max_zoom_rounds < 0:
+        raise ValueError(f"max_zoom_rounds must be >= 0, got {max_zoom_rounds}")
+    results = [None] * len(states)
+    active = list(range(len(states)))
+    for rnd in range(max_zoom_rounds + 1):
+        outs = step([states[i] for i in active])
+        going = []
+        for i, out in zip(active, outs):
+            s = states[i]
+            s["turns"].append(out["text"])
+            s["new_tokens"] += out["new_tokens"]
+            calls = "<tool_call>" in out["text"]  # a call cut at the limit is malformed: whole image
+            if calls and rnd < max_zoom_rounds:
+                zoom_reply(s, out["text"], processor)
+                going.append(i)
+                continue
+            results[i] = {"text": out["text"], "new_tokens": s["new_tokens"], "cut": out["cut"],
+                          "zoom": {"rounds": len(s["calls"]), "calls": s["calls"], "over_cap": calls, "turns": s["turns"]}}
+            if on_done:
+                on_done(s, results[i])
+        active = going
+        if not active:
+            break
+    return results
+
+
+def model_zoom_step(model, processor, batch_size, max_new_tokens, backend="fast"):
+    """step() for zoom_chain with a loaded model: prompts sorted by length into left-padded batches, greedy
+    (decode_batches, as generate() does for plain records)."""
+    if backend not in ("fast", "hf"):
+        raise UserError(f"the zoom-in chain runs with --backend fast or hf, not {backend}")
+
+    def step(states):
+        prompts = [zoom_prompt(s, processor) for s in states]
+        order = sorted(range(len(states)), key=lambda i: -len(prompts[i]["input_ids"]))
+        return decode_batches(model, processor, order, prompts.__getitem__, batch_size, max_new_tokens, backend)
+
+    return step
+
+
+# -----------------------------------------------------------------------------
+# Following a training run: score its start and each export as it appears (the eval scripts' --watch)
+
+def add_watch_flags(parser, mode=None):
+    """--watch RUN (into the group of mutually exclusive modes, when given) and its two knobs, the same in
+    eval_det.py and eval_vqa.py."""
+    (mode or parser).add_argument("--watch", metavar="RUN",
+                        help="a train.py --out folder: score the model it started from (step 0), each RUN/export/step_N "
+                             "as it appears and RUN/final, in step order, each into OUT/step_N/; writes "
+                             "OUT/metrics_by_step.jsonl and OUT/metrics_by_step.png; resumable; ends once final is "
+                             "scored. Run it beside the training (one process)")
+    parser.add_argument("--watch-poll", type=float, default=30, metavar="S",
+                        help="--watch: seconds between looks for a new export")
+    parser.add_argument("--watch-idle", type=float, default=60, metavar="MIN",
+                        help="--watch: give up (exit 2) after this many minutes with no new export while the run's "
+                             "metrics.jsonl does not grow either (a run that died)")
+
+
+def eval_main(args, run):
+    """The eval scripts' main after parsing: with --watch RUN every checkpoint of the run (watch_run), each as one
+    run(args) with --ckpt and --out set to it; else one run(args). Ends torchrun's process group at the end (run()
+    leaves it up, so eval_suite.py can score many benchmarks in one group)."""
+    if args.watch:
+        check_output_paths(args.out, args.json_out)
+        one = lambda ckpt, out: run(argparse.Namespace(**{**vars(args), "watch": None, "ckpt": ckpt, "out": out,  # noqa: E731
+                                                            "json_out": None}))
+        return watch_run(args.watch, args.out, one, args.watch_poll, args.watch_idle)
+    try:
+        return run(args)
+    finally:
+        if torch.distributed.is_initialized():  # under torchrun: the other ranks left after predicting
+            torch.distributed.destroy_process_group()
+
+
+def run_checkpoints(run_dir):
+    """[(step, checkpoint dir)] of a train.py run, step order: the --model it started from at step 0, each
+    complete export/step_N, and final at the last logged step (when written). A folder that is not a run is a
+    UserError naming what it is (an export, a folder of runs)."""
+    run = Path(run_dir)
+    if not (run / "args.json").is_file():
+        if (run / "config.json").is_file() and (run.parent.name == "export" or run.name == "final"):
+            raise UserError(f"--watch {run_dir} is one export of a run: give the run folder {run.parent if run.name == 'final' else run.parent.parent}")
+        below = sorted(str(p.parent) for p in run.glob("*/args.json"))
+        hint = f"; runs below it: {', '.join(below[:5])}" if below else ""
+        raise UserError(f"--watch {run_dir}: not a train.py run folder (no args.json){hint}")
+    start = json.loads((run / "args.json").read_text())["model"]
+    if not Path(start).is_dir():
+        raise UserError(f"--watch {run_dir}: the model it started from, {start} (args.json), is not a folder here")
+    found = [(0, str(start))]
+    for p in (run / "export").glob("step_*"):  # export_hf writes step_N.tmp, then renames: step_N is complete
+        m = re.fullmatch(r"step_(\d+)", p.name)
+        if m and (p / "config.json").is_file():
+            found.append((int(m.group(1)), str(p)))
+    if (run / "final" / "config.json").is_file():
+        # final's step: the run's last logged step (train.py logs every step by default)
+        log = run / "metrics.jsonl"
+        steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+        found.append((steps[-1] if steps else max(s for s, _ in found) + 1, str(run / "final")))
+    return sorted(found)
+
+
+def watch_run(run_dir, out_dir, evaluate, poll_s=30, idle_minutes=60):
+    """Score a training run while it goes. evaluate(ckpt, out_subdir) -> metrics with "headline" {name: value}
+    (the eval script's own path, resumable within a checkpoint). Each checkpoint's headline becomes a line
+    {"step", "ckpt", "headline"} of OUT/metrics_by_step.jsonl; steps already there are skipped, so a stopped
+    watcher resumes. Returns those lines once the run's final export is scored."""
+    if torch.distributed.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--watch runs as one process (not under torchrun): it scores checkpoints one after another")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "metrics_by_step.jsonl"
+    lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
+    last_news = time.time()
+    metrics_file = Path(run_dir) / "metrics.jsonl"
+    seen_size = metrics_file.stat().st_size if metrics_file.exists() else 0
+    while True:
+        done = {line["step"] for line in lines}
+        todo = [(s, c) for s, c in run_checkpoints(run_dir) if s not in done]
+        for step, ckpt in todo:
+            print(f"\n=== watch {run_dir}: step {step} ({ckpt})", flush=True)
+            metrics = evaluate(ckpt, str(out / f"step_{step}"))
+            lines.append({"step": step, "ckpt": ckpt, "headline": metrics["headline"]})
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(lines[-1]) + "\n")
+            plot_metrics_by_step(lines, out / "metrics_by_step.png", title=str(run_dir))
+            last_news = time.time()
+        if any(Path(line["ckpt"]).name == "final" for line in lines):
+            print(f"watch: final scored; {log_path}, {out / 'metrics_by_step.png'}")
+            return sorted(lines, key=lambda line: line["step"])
+        size = metrics_file.stat().st_size if metrics_file.exists() else 0
+        if size != seen_size:
+            seen_size, last_news = size, time.time()
+        if time.time() - last_news > 60 * idle_minutes:
+            raise UserError(f"--watch {run_dir}: no new export and no training progress ({metrics_file}) for "
+                            f"{idle_minutes:g} min; scored steps {sorted(done)} are in {log_path}")
+        time.sleep(poll_s)
+
+
+def plot_metrics_by_step(lines, png_path, title=""):
+    """One panel per headline metric against the training step (matplotlib, no display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = sorted(lines, key=lambda line: line["step"])
+    names = sorted({k for line in lines for k in line["headline"]})
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.6 * max(len(names), 1), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        pts = [(line["step"], line["headline"][name]) for line in lines if name in line["headline"]]
+        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -1178,7 +1598,7 @@ TINY_CORPUS = (
 
 
 def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hidden=64, vision_depth=2, head_dim=16,
-              rope_theta=None):
+              rope_theta=None, vision_head_dim=16, vision_pos_std=None):
     """Write a tiny random-init Qwen2.5-VL or Qwen3-VL checkpoint (config, safetensors, tokenizer trained here
     with `tokenizers`, chat template, image processor config) loadable by `load` and by
     transformers.AutoModelForImageTextToText offline. Returns the directory as a string.
@@ -1186,8 +1606,13 @@ def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hid
     hidden / layers: width and depth of the language model; vision_hidden / vision_depth: the same for the
     vision tower. The defaults (64-wide, 2 layers each) are what the tests use: seconds per step on a CPU.
     head_dim: width of the language model's heads (a multiple of 16 dividing `hidden`; M-RoPE's sections are
-    [d/8, 3d/16, 3d/16] of it, [16, 24, 24] at Qwen's 128; vLLM's CPU kernels need >= 32). rope_theta: the text
-    RoPE base (default Qwen's: 1e6 for Qwen2.5-VL, 5e6 for Qwen3-VL). Vision heads are 16 wide."""
+    in Qwen's proportions, see below; vLLM's CPU kernels need >= 32). rope_theta: the text
+    RoPE base (default Qwen's: 1e6 for Qwen2.5-VL, 5e6 for Qwen3-VL). vision_head_dim: width of the vision heads.
+    What localises on a CPU in minutes (demo.sh, BENCHMARKS.md): Qwen3-VL, 128 x 4 with 32-wide heads and
+    rope_theta 1e4, a 128 x 2 vision tower with 32-wide heads. With 16-wide heads and Qwen's theta, M-RoPE's
+    width section gets no usable frequencies and the model cannot tell columns apart. vision_pos_std (Qwen3-VL):
+    the std of the vision tower's learned absolute position embeddings at init (transformers': 0.02, ~1/20 of the
+    patch features, so where a patch is reaches the language model only faintly until training grows it)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
@@ -1198,6 +1623,9 @@ def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hid
             raise UserError(f"--{name.replace('_', '-')} must be a multiple of 16 and >= 32, got {v}")
     if head_dim < 16 or head_dim % 16 or hidden % head_dim:
         raise UserError(f"--head-dim must be a multiple of 16 that divides --hidden {hidden}, got {head_dim}")
+    if vision_head_dim < 16 or vision_head_dim % 16 or vision_hidden % vision_head_dim:
+        raise UserError(f"--vision-head-dim must be a multiple of 16 that divides --vision-hidden {vision_hidden}, "
+                        f"got {vision_head_dim}")
     for name, v in (("layers", layers), ("vision_depth", vision_depth)):
         if v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -1225,8 +1653,12 @@ def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hid
     ids = dict(image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
                vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"])
     # head_dim-wide text heads, 2 query heads per KV head; M-RoPE splits head_dim / 2 frequencies 2:3:3
-    heads, vision_heads = hidden // head_dim, vision_hidden // 16
+    heads, vision_heads = hidden // head_dim, vision_hidden // vision_head_dim
+    # M-RoPE sections (temporal, height, width frequencies) in Qwen's proportions: [16, 24, 24] of 64 for
+    # Qwen2.5-VL, [24, 20, 20] for Qwen3-VL (where head_dim is a multiple of 32; else Qwen2.5-VL's)
     sections = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    if family == "qwen3" and head_dim % 32 == 0:
+        sections = [3 * head_dim // 16, 5 * head_dim // 32, 5 * head_dim // 32]
     text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
                 bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
@@ -1249,6 +1681,11 @@ def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hid
                       temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     model = AutoModelForImageTextToText.from_config(config)
+    if vision_pos_std is not None:
+        if family != "qwen3":
+            raise UserError("--vision-pos-std: only Qwen3-VL's vision tower has absolute position embeddings")
+        with torch.no_grad():
+            model.model.visual.pos_embed.weight.normal_(0.0, vision_pos_std)
     model.generation_config.eos_token_id = [special["<|im_end|>"], special["<|endoftext|>"]]
     model.generation_config.pad_token_id = special["<|endoftext|>"]
     model.save_pretrained(out_dir)
@@ -1283,11 +1720,14 @@ def main():
     parser.add_argument("--vision-depth", type=int, default=2, help="vision tower blocks")
     parser.add_argument("--head-dim", type=int, default=16, help="language model head width (multiple of 16 dividing --hidden; vLLM's CPU kernels need >= 32)")
     parser.add_argument("--rope-theta", type=float, default=None, help="text RoPE base (default: 1e6 for qwen2.5, 5e6 for qwen3)")
+    parser.add_argument("--vision-head-dim", type=int, default=16, help="vision tower head width (multiple of 16 dividing --vision-hidden)")
+    parser.add_argument("--vision-pos-std", type=float, default=None, help="Qwen3-VL: init std of the vision tower's absolute position embeddings (default: transformers', 0.02)")
     add_debug_flag(parser)
     args = parser.parse_args()
     print(make_tiny(args.make_tiny, args.family, args.seed, hidden=args.hidden, layers=args.layers,
                     vision_hidden=args.vision_hidden, vision_depth=args.vision_depth, head_dim=args.head_dim,
-                    rope_theta=args.rope_theta))
+                    rope_theta=args.rope_theta, vision_head_dim=args.vision_head_dim,
+                    vision_pos_std=args.vision_pos_std))
 
 
 if __name__ == "__main__":

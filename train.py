@@ -18,10 +18,14 @@ shard -> load) -> optimizer and schedule -> checkpoints and export -> main() wit
         --batch-size 8 --lr 1e-3      # ~25 s on 2 cores; loss 5.9 -> 3.1
 
 OUT/ holds: args.json, metrics.jsonl (one line per step), loss.png, ckpt/step_00000500/ (torch.distributed
-checkpoint: model, optimizer, sampler position, step, RNG; the last --keep-last are kept),
+checkpoint: the trained parameters, optimizer, sampler position, step, RNG; the last --keep-last are kept),
 export/step_N/ (with --export-every) and final/: Hugging Face directories (config, safetensors, processor)
 loadable by model.load and transformers' AutoModelForImageTextToText (vLLM reads the same layout; not tested
 here).
+
+LoRA: --lora 64 [--lora-targets llm+vision] [--dora] trains PEFT adapters instead of the weights they sit on
+(apply_lora); checkpoints then hold the adapters alone, final/ has them merged in and final_adapter/ is the
+PEFT adapter (export_hf).
 
 Data: --data "a.jsonl*25,b.jsonl%50,c.jsonl" — `*N` repeats a file N times, `%P` keeps a seeded P% subset.
 All entries are shuffled together (a fresh seeded permutation per pass) and dealt to ranks in turn; each
@@ -108,6 +112,19 @@ def get_args(argv=None):
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower (merger excluded)")
     p.add_argument("--freeze-merger", action="store_true", help="do not train the vision-language merger")
     p.add_argument("--freeze-llm", action="store_true", help="do not train the language model (embeddings and head included)")
+    # LoRA (PEFT): adapters instead of the full weights of the parts they target
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="train LoRA adapters of rank R on every linear layer of --lora-targets instead of their weights "
+                        "(RSCoVLM: 64); the targeted parts' own weights stay frozen, the parts not targeted train fully "
+                        "unless frozen (--freeze-vision --freeze-merger: adapters only, as RSCoVLM). OUT/final is "
+                        "exported with the adapters merged, OUT/final_adapter holds the PEFT adapter. 0 (the default): no LoRA")
+    p.add_argument("--lora-alpha", type=float, default=None, metavar="ALPHA", help="LoRA scaling numerator: the update is alpha / R x B A (default 16, RSCoVLM's)")
+    p.add_argument("--lora-dropout", type=float, default=None, metavar="P", help="dropout on the adapters' input (default 0.05, RSCoVLM's)")
+    p.add_argument("--lora-targets", default=None, choices=["llm", "llm+vision"],
+                   help="where the adapters go: llm = every linear of the decoder layers (attention and MLP; not the "
+                        "embeddings nor lm_head); llm+vision = also every linear of the vision blocks (the merger "
+                        "stays under --freeze-merger). Default llm")
+    p.add_argument("--dora", action="store_true", help="DoRA (weight-decomposed LoRA): adapters also learn each output row's magnitude")
     # numerics and memory
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (master weights and gradient reduction are fp32); default bf16 on GPU, fp32 on CPU")
     p.add_argument("--ac", default="none", metavar="none|full|vision|every-K",
@@ -148,7 +165,36 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not re.fullmatch(r"none|full|vision|every-[1-9]\d*", args.ac):
         p.error(f"argument --ac: expected none, full, vision or every-K (K >= 1), got '{args.ac}'")
+    check_lora_args(args)
     return args
+
+
+LORA_DEFAULTS = {"lora_alpha": 16.0, "lora_dropout": 0.05, "lora_targets": "llm"}  # RSCoVLM's
+
+
+def check_lora_args(args):
+    """Fill in the LoRA defaults (only with --lora, so that a LoRA flag given without it is an error, not a
+    silently full fine-tune) and refuse combinations that contradict each other."""
+    if args.lora < 0:
+        raise M.UserError(f"--lora {args.lora}: give the adapter rank (>= 1), or 0 for no LoRA")
+    given = [f"--{k.replace('_', '-')}" for k in LORA_DEFAULTS if getattr(args, k) is not None] + (["--dora"] if args.dora else [])
+    if not args.lora:
+        if given:
+            raise M.UserError(f"{', '.join(given)} without --lora R: add --lora R (e.g. --lora 64) or drop {given[0]}")
+        return
+    for k, v in LORA_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not 0 <= args.lora_dropout < 1:
+        raise M.UserError(f"--lora-dropout {args.lora_dropout}: must be in [0, 1)")
+    if args.lora_alpha <= 0:
+        raise M.UserError(f"--lora-alpha {args.lora_alpha}: must be > 0")
+    if args.freeze_llm:
+        raise M.UserError("--freeze-llm with --lora: the language model's adapters are what --lora trains (its own "
+                          "weights are frozen already); drop --freeze-llm")
+    if args.freeze_vision and args.lora_targets == "llm+vision":
+        raise M.UserError("--freeze-vision with --lora-targets llm+vision: adapters on the vision tower train it; drop "
+                          "--freeze-vision (the tower's own weights stay frozen) or use --lora-targets llm")
 
 
 # -----------------------------------------------------------------------------
@@ -539,6 +585,55 @@ def apply_ac(model, ac):
             block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
 
+LORA_TARGETS = {"llm": ("llm",), "llm+vision": ("llm", "vision")}  # --lora-targets -> the param_kind parts
+
+
+def lora_config(model, args, modules_to_save=None):
+    r"""The PEFT LoraConfig of --lora/--lora-alpha/--lora-dropout/--lora-targets/--dora: every nn.Linear of the
+    targeted parts (the decoder layers' attention and MLP; with llm+vision the vision blocks' too). Not lm_head
+    (with tied embeddings it is the embedding matrix) and not the merger (--freeze-merger decides). The targets are
+    written as one regex per stack, `model\.language_model\.layers\.\d+\.(mlp\.down_proj|...)`: short, and in a
+    fixed order in adapter_config.json (PEFT saves a list of names as a set, in another order every run)."""
+    from peft import LoraConfig
+
+    kinds = LORA_TARGETS[args.lora_targets]
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and name != "lm_head" and param_kind(name + ".weight") in kinds]
+    stacks = {}  # "model.language_model.layers" -> {"mlp.down_proj", ...}
+    for name in names:
+        stack, _, inner = re.fullmatch(r"(.*?)\.(\d+)\.(.*)", name).groups()
+        stacks.setdefault(stack, set()).add(inner)
+    targets = "|".join(rf"{re.escape(stack)}\.\d+\.({'|'.join(map(re.escape, sorted(inner)))})"
+                       for stack, inner in sorted(stacks.items()))
+    assert [n for n, _ in model.named_modules() if re.fullmatch(targets, n)] == names, "the regex must name exactly these"
+    return LoraConfig(r=args.lora, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+                      use_dora=args.dora, modules_to_save=modules_to_save, base_model_name_or_path=str(args.model))
+
+
+def apply_lora(model, args):
+    """--lora R: put a PEFT LoRA adapter on every targeted Linear, in place (peft.inject_adapter_in_model, not a
+    PeftModel wrapper: parameter names keep their prefixes, so param_kind, apply_fsdp, apply_ac and DummyImage
+    see the model they know; `q_proj.weight` becomes `q_proj.base_layer.weight` beside `q_proj.lora_A.default.weight`).
+    On the meta device the adapters are empty; on a real model PEFT initialises them (A random, B zero: the
+    model's output is unchanged at step 0; DoRA's magnitudes are the rows' norms). Without --lora: nothing."""
+    if not args.lora:
+        return
+    from peft import inject_adapter_in_model
+
+    on_meta = next(model.parameters()).is_meta
+    inject_adapter_in_model(lora_config(model, args), model, low_cpu_mem_usage=on_meta)
+
+
+def set_trainable(model, args):
+    """requires_grad of every parameter: in a part LoRA targets only the adapters train; any other part trains
+    unless its --freeze-* flag is given."""
+    frozen = {"vision": args.freeze_vision, "merger": args.freeze_merger, "llm": args.freeze_llm}
+    lora_kinds = LORA_TARGETS[args.lora_targets] if args.lora else ()
+    for name, p in model.named_parameters():
+        kind = param_kind(name)
+        p.requires_grad_("lora_" in name if kind in lora_kinds else not frozen[kind])  # PEFT's own adapter test
+
+
 def build_model(args, device, param_dtype, rank):
     """The sharded model with the checkpoint's weights, in three steps."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -549,9 +644,8 @@ def build_model(args, device, param_dtype, rank):
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, attn_implementation=args.attn, dtype=torch.float32)
     model.config.use_cache = False
-    frozen = {"vision": args.freeze_vision, "merger": args.freeze_merger, "llm": args.freeze_llm}
-    for name, p in model.named_parameters():
-        p.requires_grad_(not frozen[param_kind(name)])
+    apply_lora(model, args)
+    set_trainable(model, args)
     apply_ac(model, args.ac)
     model.train()
 
@@ -576,13 +670,18 @@ def build_model(args, device, param_dtype, rank):
 
     # 3. rank 0 reads the checkpoint in its own dtype (a bf16 7B: 16 GB of host memory, not a 33 GB fp32 copy)
     # and broadcasts it tensor by tensor into everyone's fp32 shards (copy_ upcasts). Buffers (the rotary
-    # inv_freq) are not in the state dict (non-persistent), so they are broadcast separately.
+    # inv_freq) are not in the state dict (non-persistent), so they are broadcast separately. LoRA adapters are
+    # initialised on rank 0's copy, seeded by --seed, and broadcast with the weights: the same start on any
+    # number of ranks.
     full, loaded = {}, None
     if rank == 0:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" would go to stderr, which is kept for errors
         loaded, _ = M.load(args.model, dtype=checkpoint_dtype(args.model), device="cpu", attn="sdpa")
+        with torch.random.fork_rng(devices=[]):  # leaves rank 0's training RNG as setup() seeded it
+            torch.manual_seed(args.seed)
+            apply_lora(loaded, args)
         full = loaded.state_dict()
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buf in model.named_buffers():
@@ -681,6 +780,24 @@ def make_schedule(args, n_entries, world):
     return {"max_steps": max_steps, "warmup_steps": round(args.warmup_ratio * max_steps)}
 
 
+# What decides which parameters train: a checkpoint holds only those (trained_state), so a resume must keep them.
+TRAINED_FLAGS = ("lora", "lora_alpha", "lora_dropout", "lora_targets", "dora", "freeze_vision", "freeze_merger",
+                 "freeze_llm")
+
+
+def check_trained_flags(args, resume_from):
+    """Refuse a resume that asks for other LoRA or --freeze-* flags than the run it continues: the checkpoint's
+    parameters would not be the ones this run trains (another --lora rank: not even their shapes). Checked before
+    the model is built, so the line comes at once."""
+    saved = torch.load(Path(resume_from) / "loop.pt", weights_only=False)["args"]
+    before_lora = {"lora": 0, "dora": False}  # checkpoints written before train.py had LoRA
+    changed = [f"--{k.replace('_', '-')} {saved.get(k, before_lora.get(k))} -> {getattr(args, k)}" for k in TRAINED_FLAGS
+               if saved.get(k, before_lora.get(k)) != getattr(args, k)]
+    if changed:
+        raise M.UserError(f"the checkpoint {resume_from} trained other parameters ({'; '.join(changed)}): resume with "
+                          "the flags it was started with (OUT/args.json), or start a new --out from an export")
+
+
 def resumed_schedule(args, loop, schedule):
     """The schedule of a resumed run: the checkpoint's, so the learning rate continues on the curve it started
     on even when the run comes back with another number of ranks (which changes what --epochs means in steps).
@@ -711,10 +828,20 @@ def complete_checkpoints(ckpt_dir):
     return sorted(found, key=lambda d: int(d.name[5:]))
 
 
+def trained_state(model, optimizer):
+    """The state a checkpoint holds: what trains, i.e. the parameters with requires_grad and the optimizer state.
+    Frozen weights (the base model under --lora, a --freeze-* part) come from --model again when a run resumes,
+    so a 7B LoRA checkpoint is the adapters and their AdamW moments, not the 8B weights. (Not get_state_dict's
+    ignore_frozen_params: it drops a parameter under one of its names only, and keeps a frozen tied lm_head.)"""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    trained = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in trained}, optim_sd
+
+
 def save_checkpoint(ckpt_dir, step, model, optimizer, loop_state, args, schedule):
-    """Model and optimizer shards via torch.distributed.checkpoint (each rank writes its own, all at once), plus
-    loop.pt from rank 0: step, world size, every rank's sampler cursor and RNG states, the schedule, args. Then
-    rename, rotate. Returns (path, seconds, GB written by all ranks)."""
+    """Trained parameters and optimizer shards via torch.distributed.checkpoint (each rank writes its own, all at
+    once), plus loop.pt from rank 0: step, world size, every rank's sampler cursor and RNG states, the schedule,
+    args. Then rename, rotate. Returns (path, seconds, GB written by all ranks)."""
     t0 = time.time()
     rank = dist.get_rank()
     final = Path(ckpt_dir) / f"step_{step:08d}"
@@ -722,7 +849,7 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, loop_state, args, schedule
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = trained_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     loop_states = [None] * dist.get_world_size()
     dist.all_gather_object(loop_states, loop_state)  # also: every rank has finished writing its shards
@@ -773,32 +900,96 @@ def choose_resume(args, ckpt_dir):
 
 
 def load_checkpoint(path, model, optimizer):
-    """Load model and optimizer shards in place; returns loop.pt's dict."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    """Load the trained parameters and optimizer shards in place (the frozen ones were loaded from --model and
+    are not in the checkpoint: strict=False; dcp.load still fails on a trained one it lacks); returns loop.pt's
+    dict. Checkpoints of older runs hold every parameter: the trained ones are read from them the same way."""
+    model_sd, optim_sd = trained_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     return torch.load(Path(path) / "loop.pt", weights_only=False)
 
 
 def gather_full_state(model, dtype):
-    """{name: full tensor in `dtype` on CPU} on rank 0 ({} elsewhere), gathered one tensor at a time, so rank 0
-    holds at most the export's own size (a bf16 7B: 16 GB) and never a full fp32 copy. Collective."""
-    full = {}
+    """(full, trained) on rank 0, ({}, {}) elsewhere. full: {name: full tensor in `dtype` on CPU}, gathered one
+    tensor at a time, so rank 0 holds at most the export's own size (a bf16 7B: 16 GB) and never a full fp32 copy.
+    With --lora, a LoRA layer's tensors (base weight and bias, adapters) are gathered in fp32 and come back as
+    the plain Linear's weight and bias with the adapter merged in (merge_lora), under the names of --model; and
+    trained: what the run changed, for the adapter export: the adapters (fp32) and the parameters of any part
+    trained in full (as in `full`). Collective."""
+    rank0 = dist.get_rank() == 0
+    lora = {prefix: m for prefix, m in model.named_modules() if hasattr(m, "lora_A")}  # PEFT's LoRA layers
+    owner = {f"{prefix}.{k}": (prefix, k) for prefix, m in lora.items() for k in m.state_dict()}
+    size = {prefix: len(m.state_dict()) for prefix, m in lora.items()}
+    in_full = {n for n, p in model.named_parameters() if p.requires_grad and n not in owner} if lora else set()
+    full, trained, parts = {}, {}, {prefix: {} for prefix in lora}
     for name, value in model.state_dict().items():
         t = value.full_tensor() if hasattr(value, "full_tensor") else value  # all-gather of one parameter
-        if dist.get_rank() == 0:
+        if rank0 and name in owner:
+            prefix, key = owner[name]
+            parts[prefix][key] = t.detach().to("cpu", torch.float32)
+            if key.startswith("lora_"):
+                trained[name] = parts[prefix][key]
+            if len(parts[prefix]) == size[prefix]:  # the layer is complete: merge, keep only the result
+                for k, v in merge_lora(parts.pop(prefix), lora[prefix].scaling["default"]).items():
+                    full[f"{prefix}.{k}"] = v.to(dtype)
+        elif rank0:
             full[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
+            if name in in_full:
+                trained[name] = full[name]
         del t
-    return full
+    return full, trained
+
+
+def merge_lora(parts, scaling):
+    """One LoRA layer's tensors (its state dict, fp32) -> the plain Linear's {"weight", "bias"} with the adapter
+    merged in, as PEFT's merge computes it: V = W + scaling * B @ A; DoRA then rescales each output row of V to
+    its learnt magnitude m: m * V / ||V||."""
+    w = parts["base_layer.weight"] + scaling * (parts["lora_B.default.weight"] @ parts["lora_A.default.weight"])  # (out, in)
+    if "lora_magnitude_vector.default.weight" in parts:  # DoRA, m: (out,)
+        w = parts["lora_magnitude_vector.default.weight"].unsqueeze(1) * w / w.norm(dim=1, keepdim=True)
+    merged = {"weight": w}
+    if "base_layer.bias" in parts:
+        merged["bias"] = parts["base_layer.bias"]
+    return merged
+
+
+def save_adapter(shell, trained, args, out_dir):
+    """out_dir (via out_dir.tmp + rename): what the run trained, as PeftModel.save_pretrained writes it
+    (adapter_config.json, adapter_model.safetensors): the LoRA adapters, and a part trained in full (the merger
+    without --freeze-merger; the vision tower under --lora-targets llm without --freeze-vision) as PEFT's
+    modules_to_save, one entry per module holding its weights. So PeftModel.from_pretrained(the --model
+    checkpoint, out_dir) is the trained model, equal to the merged export. shell: a meta-device model of --model's
+    config (PEFT takes the names from it). trained: gather_full_state's."""
+    from peft import get_peft_model
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    in_full = [k for k in trained if "lora_" not in k]  # "model.visual.merger.mlp.0.weight", ...
+    modules = sorted({k.rsplit(".", 1)[0] for k in in_full})
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing (a FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_shell = get_peft_model(shell, lora_config(shell, args, modules_to_save=modules or None),
+                                    low_cpu_mem_usage=True)
+    # the names a live PeftModel's state dict has: the wrapped model under base_model.model., a module to save as
+    # its copy .modules_to_save.default.; PEFT picks this adapter's entries and writes them without "default"
+    state = {f"base_model.model.{k}": v for k, v in trained.items() if k not in in_full}
+    for k in in_full:
+        module, leaf = k.rsplit(".", 1)
+        state[f"base_model.model.{module}.modules_to_save.default.{leaf}"] = trained[k]
+    peft_shell.save_pretrained(tmp, state_dict=state)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
 
 
 def export_hf(model, out_dir, args, processor, dtype):
     """Gather the full weights on rank 0 and write a Hugging Face directory (config, safetensors, generation
-    config, processor) at out_dir, via out_dir.tmp + rename. Collective: every rank must call it."""
+    config, processor) at out_dir, via out_dir.tmp + rename; with --lora the adapters merged in, and the adapter
+    alone in PEFT's format at {out_dir}_adapter. Collective: every rank must call it."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
-    full = gather_full_state(model, dtype)
+    full, trained = gather_full_state(model, dtype)
     if dist.get_rank() == 0:
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -821,7 +1012,11 @@ def export_hf(model, out_dir, args, processor, dtype):
         (tmp / "training_args.json").write_text(json.dumps(vars(args), indent=2))
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
-    del full
+        if args.lora:
+            with torch.device("meta"):
+                shell = AutoModelForImageTextToText.from_config(config)
+            save_adapter(shell, trained, args, out_dir.with_name(out_dir.name + "_adapter"))
+    del full, trained
     dist.barrier()
 
 
@@ -909,7 +1104,7 @@ def peak_flops(device, dtype):
 
 def setup(args):
     """Process group (a one-process group for a plain `python train.py`: FSDP2 needs one), seeds, TF32, the
-    attention default, OUT/args.json. Returns (rank, world, device, param_dtype)."""
+    attention default, the OUT folder. Returns (rank, world, device, param_dtype)."""
     device = M.init_dist(single_process_group=True, timeout_minutes=args.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     param_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -922,7 +1117,6 @@ def setup(args):
     torch.manual_seed(args.seed + rank)
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=2))
     M.print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {param_dtype}, attention: language model "
              f"{'varlen' if args.text_varlen else args.attn}, vision {'varlen' if args.vision_varlen else args.attn}"
              + (f" ({M.varlen_kernel(device)} kernel)" if args.text_varlen or args.vision_varlen else ""))
@@ -1066,6 +1260,8 @@ def main(argv=None):
     rank, world, device, param_dtype = setup(args)
     out, ckpt_dir = Path(args.out), Path(args.out) / "ckpt"
     resume_from = choose_resume(args, ckpt_dir)  # decided before the slow part
+    if resume_from is not None:
+        check_trained_flags(args, resume_from)
 
     # --- data
     processor = M.load_processor(args.model, args.min_pixels, args.max_pixels)
@@ -1092,6 +1288,13 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     M.print0(f"  {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in trainable) / 1e6:.1f}M trained; "
              + ", ".join(f"{g['name']} lr {g['base_lr']:g}" for g in optimizer.param_groups))
+    if args.lora:
+        n_layers = sum(hasattr(m, "lora_A") for m in model.modules())
+        n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        full_parts = sorted({param_kind(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n})
+        M.print0(f"  LoRA r {args.lora}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g}{', DoRA' if args.dora else ''} "
+                 f"on {n_layers} linears ({args.lora_targets}): {n_adapter:,} adapter parameters; also trained in full: "
+                 f"{', '.join(full_parts) or 'nothing'}")
 
     # --- resume: weights, optimizer, schedule, this rank's data position and RNG
     step, cursor = 0, 0
@@ -1107,6 +1310,8 @@ def main(argv=None):
                      "continues approximately (a few samples may repeat or be skipped)")
         M.print0(f"  resuming from {resume_from} at step {step}")
     max_steps, warmup_steps = schedule["max_steps"], schedule["warmup_steps"]
+    if rank == 0:  # once the resume checks passed: a refused command leaves the flags of the run it would continue
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
     M.print0(f"  {len(entries)} samples per pass; {max_steps} steps of {world} ranks x {args.grad_accum} "
              f"micro-batches x <= {args.batch_size} samples / {max_tokens} tokens; warmup {warmup_steps} steps")
 
@@ -1117,9 +1322,12 @@ def main(argv=None):
                              args.overlong)
     else:
         stream = MixtureStream(files, entries, processor, rank, world, args.seed, cursor, args.max_length, args.overlong)
+    # its own generator: starting the iterator draws a seed for the workers, which from the global RNG would happen
+    # at step 0 in one run and at the resumed step in another, and shift every later dropout mask (--lora-dropout)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
                                          prefetch_factor=4 if args.num_workers else None,
-                                         worker_init_fn=worker_ignores_stop_signals if args.num_workers else None)
+                                         worker_init_fn=worker_ignores_stop_signals if args.num_workers else None,
+                                         generator=torch.Generator().manual_seed(args.seed + rank))
     loader_iter = iter(loader)  # starts the workers
     atexit.register(stop_workers, loader_iter)  # atexit runs last-registered first: before multiprocessing's
     if args.pack:

@@ -601,7 +601,8 @@ def test_ckpt_predict_resume(tiny_qwen25, shared_data, tmp_path, monkeypatch, ca
     rescored = eval_det.main(["--preds", str(pred_file), "--data", str(tmp_path / "val.jsonl"),
                               "--vis", "2", "--out", str(tmp_path / "re")])
     assert rescored["det"] == full["det"] and rescored["ground"] == full["ground"]
-    assert sorted(p.name for p in (tmp_path / "re" / "vis").iterdir()) == ["r0.png", "r1.png"]
+    # --vis N: N images of each task and dataset (two det records, the one ground record)
+    assert sorted(p.name for p in (tmp_path / "re" / "vis").iterdir()) == ["g.png", "r0.png", "r1.png"]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["args"]["ckpt"] == str(tiny_qwen25)
 
 
