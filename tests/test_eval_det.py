@@ -644,18 +644,7 @@ def test_data_prep_patches_scored_and_merged_back_to_whole_images(shared_data, t
 # Answer length: --max-new-tokens auto, answers cut at the limit, --backend
 
 
-def scripted_generate(answers, calls):
-    """A stand-in for model.generate that knows each record's answer and writes it as a model would: token by
-    token until <|im_end|>, or until max_new_tokens, when the answer is cut (model.generate's contract)."""
-    def generate(net, processor, records, batch_size=8, max_new_tokens=512, backend="fast", details=False, vllm_args=None):
-        out = []
-        for r in records:
-            calls.append({"id": r["id"], "max_new_tokens": max_new_tokens, "backend": backend})
-            toks = processor.tokenizer.encode(answers[r["id"]], add_special_tokens=False) + [processor.end_of_turn_id]
-            out.append({"text": processor.tokenizer.decode(toks[:max_new_tokens], skip_special_tokens=True).strip(),
-                        "new_tokens": min(len(toks), max_new_tokens), "cut": len(toks) > max_new_tokens})
-        return out if details else [o["text"] for o in out]
-    return generate
+scripted_generate = cli_helpers.scripted_generate
 
 
 def answer_tokens(record, processor):
