@@ -409,7 +409,10 @@ def preempt_launch(tmp_path, run_dir, data, tiny, how):
             os.killpg(p.pid, signal.SIGTERM)
         else:
             for pid in [p.pid, *torchrun, *ranks, *workers]:
-                os.kill(pid, signal.SIGUSR1)
+                try:  # as scancel: every process alive now (a pass's DataLoader workers end with their pass)
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
         time.sleep(0.5)
         for r in ranks:
             os.kill(r, signal.SIGCONT)
