@@ -31,9 +31,13 @@ import json
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from shapely.geometry import MultiPoint, Polygon
+
+from common import UserError
+
 
 BOX_FORMATS = {"poly": 8, "hbox": 4, "rbox": 5}  # numbers per box
 NONE_ANSWER = "There are none."
@@ -213,6 +217,92 @@ def match_label(text, classes):
         return by_text[norm], True
     close = difflib.get_close_matches(norm, list(by_text), n=1, cutoff=0.6)
     return (by_text[close[0]], False) if close else (None, False)
+
+
+# -----------------------------------------------------------------------------
+# Class lists and DOTA label files (canonical class names: lower case, hyphenated)
+
+DOTA_CLASSES = {
+    "1.0": ["plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
+            "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
+            "swimming-pool", "helicopter"],
+}
+DOTA_CLASSES["1.5"] = DOTA_CLASSES["1.0"] + ["container-crane"]
+DOTA_CLASSES["2.0"] = DOTA_CLASSES["1.5"] + ["airport", "helipad"]
+
+DIOR_CLASSES = ["airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney",
+                "expressway-service-area", "expressway-toll-station", "dam", "golffield", "groundtrackfield",
+                "harbor", "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation", "vehicle",
+                "windmill"]
+# FAIR1M-1.0 names ("Liquid Cargo Ship") lower-cased with spaces -> hyphens
+FAIR1M_CLASSES = ["boeing737", "boeing747", "boeing777", "boeing787", "c919", "a220", "a321", "a330", "a350",
+                  "arj21", "other-airplane", "passenger-ship", "motorboat", "fishing-boat", "tugboat",
+                  "engineering-ship", "liquid-cargo-ship", "dry-cargo-ship", "warship", "other-ship", "small-car",
+                  "bus", "cargo-truck", "dump-truck", "van", "trailer", "tractor", "excavator", "truck-tractor",
+                  "other-vehicle", "basketball-court", "tennis-court", "football-field", "baseball-field",
+                  "intersection", "roundabout", "bridge"]
+
+
+def check_numbers(tokens, where, n=8):
+    """n finite numbers (8 = a 4-point polygon) -> list of floats, else UserError naming `where`."""
+    if len(tokens) != n:
+        raise UserError(f"{where}: polygon has {len(tokens) // 2} points, expected 4" if n == 8
+                        else f"{where}: expected {n} numbers, got {len(tokens)}")
+    out = []
+    for tok in tokens:
+        try:
+            v = float(tok)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: coordinate {tok!r} is not a number") from None
+        if not math.isfinite(v):
+            raise UserError(f"{where}: coordinate {tok!r} is not finite")
+        out.append(v)
+    return out
+
+
+def _is_number(tok):
+    try:
+        float(tok)
+        return True
+    except ValueError:
+        return False
+
+
+def read_text(path):
+    """A text file's content; a file that is not UTF-8 text (an image, a zip) raises UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+
+
+def read_dota_labels(path, classes=None):
+    """One DOTA labelTxt file -> [{"poly", "label", "difficult"}], the reader of data_prep.py and eval_det.py.
+    `imagesource:` / `gsd:` headers and blank lines are skipped; every other line must be `x1 y1 ... x4 y4
+    class [difficult]` with 8 finite numbers and an integer difficult flag (missing = 0), else UserError
+    naming the file and line. classes: when given, a label outside it is an error too (eval_det counts
+    unknown labels itself, with a hint about the class list)."""
+    objects = []
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        parts = line.split()
+        where = f"bad label line {lineno} in {path}"
+        if not parts or (len(parts) < 9 and ":" in line):  # blank or a header
+            continue
+        n_num = next((i for i, t in enumerate(parts) if not _is_number(t)), len(parts))
+        if n_num < 8 and len(parts) - n_num <= 2:  # the numbers stop early, then class [difficult]
+            raise UserError(f"{where}: polygon has fewer than 4 points ({n_num} numbers before the class)")
+        if len(parts) not in (9, 10):
+            raise UserError(f"{where}: expected 9 or 10 fields (x1 y1 .. x4 y4 class [difficult]), got {len(parts)}")
+        poly = check_numbers(parts[:8], where)
+        label = parts[8]
+        if classes is not None and label not in classes:
+            raise UserError(f"{where}: unknown class {label!r}")
+        try:
+            difficult = int(parts[9]) if len(parts) == 10 else 0
+        except ValueError:
+            raise UserError(f"{where}: difficult flag {parts[9]!r} is not an integer") from None
+        objects.append({"poly": poly, "label": label, "difficult": difficult})
+    return objects
 
 
 # -----------------------------------------------------------------------------

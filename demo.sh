@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # demo.sh — the whole rscovlm pipeline on the built-in default, on 2 CPU cores in about 9.5 minutes, with a
-# model that learns to find objects (README: the table it prints over three seeds):
-#   tiny random-init Qwen3-VL (model.py --make-tiny) -> synthetic remote-sensing data (data_prep.py synth: rich
+# model that learns to find objects (BENCHMARKS.md "CPU demo that localises": the table over three seeds):
+#   tiny random-init Qwen3-VL (synth.py model) -> synthetic remote-sensing data (synth.py data: rich
 #   scenes for VQA/captions/classification, plus a localisation level of one large object per image) ->
 #   FSDP2 co-training of all five tasks on 2 CPU processes (launch.sh -> train.py), an export every quarter ->
 #   every export scored in step order (eval_det.py / eval_vqa.py --watch), the untrained model at step 0 ->
@@ -28,12 +28,12 @@ export OMP_NUM_THREADS=1  # one thread per process: two ranks x two threads on t
 start=$(date +%s)
 
 # ---- model: Qwen3-VL at toy size, in the shape that localises (32-wide heads, text RoPE base 1e4)
-[[ -f "$OUT/tiny/config.json" ]] || python model.py --make-tiny "$OUT/tiny" --family qwen3 --seed "$SEED" \
+[[ -f "$OUT/tiny/config.json" ]] || python synth.py model "$OUT/tiny" --family qwen3 --seed "$SEED" \
     --hidden 128 --layers 4 --head-dim 32 --rope-theta 1e4 --vision-hidden 128 --vision-depth 2 --vision-head-dim 32 --vision-pos-std 0.5
 
 # ---- data: rich scenes (1-4 objects: VQA, captions, classification) + the localisation level
-python data_prep.py synth --out "$OUT/data/scenes" --train "$SCENES" --val "$SCENES_VAL" --seed "$SEED"
-python data_prep.py synth --out "$OUT/data/locate" --train "$LOCATE" --val "$LOCATE_VAL" --seed "$SEED" \
+python synth.py data --out "$OUT/data/scenes" --train "$SCENES" --val "$SCENES_VAL" --seed "$SEED"
+python synth.py data --out "$OUT/data/locate" --train "$LOCATE" --val "$LOCATE_VAL" --seed "$SEED" \
     --objects 1,1 --object-size 64,96 --ground-expr class
 
 # ---- co-training: grounding weighted up (~75% of samples), single-object detection, every scene task, and a

@@ -15,7 +15,7 @@ Three ways in, one scorer:
     # 3. score DOTA-format Task1_{class}.txt / Task2_{class}.txt files from any detector
     python eval_det.py --dota-task1 results/ --gt DOTA/val/labelTxt --classes dota1.0 --task 1
 
-Detection follows the DOTA devkit (dota_evaluation_task1.py / task2.py, REFERENCE.md section 1): per class,
+Detection follows the DOTA devkit (dota_evaluation_task1.py / task2.py, docs/reference.md#dota-metric): per class,
 detections of all images sorted by descending score, each takes the ground truth of maximum IoU in its image
 (polygon IoU; Task2: horizontal boxes with the devkit's +1 pixel convention), IoU > threshold strictly,
 difficult ground truth ignored, used ground truth makes a duplicate a false positive; AP is VOC07 11-point
@@ -48,14 +48,10 @@ import torch
 
 import boxes
 import model
+from common import (UserError, add_debug_flag, add_generation_flags, check_output_paths, check_record_images,
+                    generation_settings, is_main, not_predicted, print0, read_predictions, read_records, record_where,
+                    run_cli)
 
-DOTA_CLASSES = {
-    "dota1.0": ["plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
-                "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
-                "swimming-pool", "helicopter"],
-}
-DOTA_CLASSES["dota1.5"] = DOTA_CLASSES["dota1.0"] + ["container-crane"]
-DOTA_CLASSES["dota2.0"] = DOTA_CLASSES["dota1.0"] + ["container-crane", "airport", "helipad"]
 
 MERGE_NMS_IOU = 0.1  # MMRotate's per-class polygon NMS threshold when merging patch results
 
@@ -287,50 +283,23 @@ def score_det(gt, dets, classes, *, task=1, ap_rule="voc07", iou_thr=0.5, f1_sco
 
 
 def read_class_list(spec):
-    """--classes: a DOTA version name or a file with one class per line."""
-    if spec in DOTA_CLASSES:
-        return list(DOTA_CLASSES[spec])
+    """--classes: dota1.0 | dota1.5 | dota2.0 | dior | fair1m, or a file with one class per line."""
+    lists = {**{f"dota{v}": c for v, c in boxes.DOTA_CLASSES.items()}, "dior": boxes.DIOR_CLASSES,
+             "fair1m": boxes.FAIR1M_CLASSES}
+    if spec in lists:
+        return list(lists[spec])
     path = Path(spec)
     if path.is_dir():
-        raise model.UserError(f"--classes {spec} is a folder: give one of {sorted(DOTA_CLASSES)} or a file with one "
-                              f"class per line")
+        raise UserError(f"--classes {spec} is a folder: give one of {', '.join(lists)} or a file with one class per line")
     if not path.is_file():
-        raise model.UserError(f"--classes {spec}: neither one of {sorted(DOTA_CLASSES)} nor an existing file")
-    names = [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
+        raise UserError(f"--classes {spec}: neither one of {', '.join(lists)} nor an existing file")
+    names = [ln.strip() for ln in boxes.read_text(path).splitlines() if ln.strip()]
     if not names:
-        raise model.UserError(f"--classes {spec}: the file has no class names (one per line)")
+        raise UserError(f"--classes {spec}: the file has no class names (one per line)")
     dup = sorted(n for n, k in Counter(names).items() if k > 1)
     if dup:
-        raise model.UserError(f"--classes {spec}: duplicate class names {dup}")
+        raise UserError(f"--classes {spec}: duplicate class names {dup}")
     return names
-
-
-def read_text(path):
-    """A text file's content; a file that is not UTF-8 text (an image, a zip) raises UserError naming it."""
-    try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise model.UserError(f"{path} is not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-
-
-def read_dota_label(path):
-    """One DOTA label file -> list of {"poly", "label", "difficult"}. Lines with fewer than 9 fields are
-    headers (imagesource:, gsd:); a missing difficult field means 0; any non-zero difficult is difficult."""
-    objects = []
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
-        t = line.split()
-        if len(t) < 9:
-            continue
-        if len(t) > 10:
-            raise model.UserError(f"bad label line {lineno} in {path}: expected 9 or 10 fields, got {len(t)}")
-        try:
-            poly = [float(v) for v in t[:8]]
-            difficult = float(t[9]) != 0 if len(t) == 10 else False
-        except ValueError:
-            raise model.UserError(f"bad label line {lineno} in {path}: expected 8 numbers, a class and an "
-                                  f"optional difficult flag, got {line.strip()!r}") from None
-        objects.append({"poly": poly, "label": t[8], "difficult": int(difficult)})
-    return objects
 
 
 def gt_from_labels(label_dir, classes, names=None):
@@ -339,14 +308,14 @@ def gt_from_labels(label_dir, classes, names=None):
     if names is None:
         names = sorted(p.stem for p in label_dir.glob("*.txt"))
         if not names:
-            raise model.UserError(f"--gt {label_dir}: no label files (*.txt) in it")
+            raise UserError(f"--gt {label_dir}: no label files (*.txt) in it")
     cls_idx = {c: i for i, c in enumerate(classes)}
     img, lab, poly, diff, unknown = [], [], [], [], Counter()
     for i, name in enumerate(names):
         path = label_dir / f"{name}.txt"
         if not path.is_file():
-            raise model.UserError(f"--gt {label_dir}: no label file {path.name} for image '{name}'")
-        for o in read_dota_label(path):
+            raise UserError(f"--gt {label_dir}: no label file {path.name} for image '{name}'")
+        for o in boxes.read_dota_labels(path):
             img.append(i)
             lab.append(cls_idx.get(o["label"], -1))
             unknown[o["label"]] += o["label"] not in cls_idx
@@ -367,7 +336,7 @@ def check_classes_match(unknown, n_objects, classes, source):
         return
     if sum(unknown.values()) == n_objects:
         show = lambda xs: ", ".join(xs[:6]) + (", ..." if len(xs) > 6 else "")  # noqa: E731
-        raise model.UserError(f"none of the {n_objects} ground-truth objects in {source} has a class of the class list "
+        raise UserError(f"none of the {n_objects} ground-truth objects in {source} has a class of the class list "
                               f"(ground truth: {show(sorted(unknown))}; class list: {show(list(classes))}): give "
                               f"--classes with the ground truth's class names")
     print(f"note: ground-truth classes not in the class list are not scored: {unknown}", file=sys.stderr)
@@ -380,10 +349,10 @@ def read_task_files(det_dir, task, classes, image_index):
     found = sorted(p.name for p in det_dir.glob(f"Task{task}_*.txt"))
     if not found:
         other = sorted(p.name for p in det_dir.glob(f"Task{3 - task}_*.txt"))[:1]
-        raise model.UserError(f"--dota-task1 {det_dir}: no Task{task}_*.txt files in it"
+        raise UserError(f"--dota-task1 {det_dir}: no Task{task}_*.txt files in it"
                               + (f" (it has {other[0]}...: use --task {3 - task})" if other else ""))
     if not any(f"Task{task}_{name}.txt" in found for name in classes):
-        raise model.UserError(f"--dota-task1 {det_dir}: none of its files ({', '.join(found[:3])}...) is named after a "
+        raise UserError(f"--dota-task1 {det_dir}: none of its files ({', '.join(found[:3])}...) is named after a "
                               f"class of the class list ({', '.join(classes[:3])}...): check --classes")
     nfields = 10 if task == 1 else 6
     img, lab, score, geo = [], [], [], []
@@ -391,20 +360,20 @@ def read_task_files(det_dir, task, classes, image_index):
         path = det_dir / f"Task{task}_{name}.txt"
         if not path.is_file():
             continue
-        for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        for lineno, line in enumerate(boxes.read_text(path).splitlines(), 1):
             t = line.split()
             if not t:
                 continue
             if len(t) != nfields:
-                raise model.UserError(f"bad detection line {lineno} in {path}: expected {nfields} fields (image score "
+                raise UserError(f"bad detection line {lineno} in {path}: expected {nfields} fields (image score "
                                       f"{'x1 y1 ... x4 y4' if task == 1 else 'xmin ymin xmax ymax'}), got {len(t)}")
             if t[0] not in image_index:
-                raise model.UserError(f"bad detection line {lineno} in {path}: image '{t[0]}' has no label file "
+                raise UserError(f"bad detection line {lineno} in {path}: image '{t[0]}' has no label file "
                                       f"in --gt (or is not listed in --imageset)")
             try:
                 vals = [float(v) for v in t[1:]]
             except ValueError:
-                raise model.UserError(f"bad detection line {lineno} in {path}: non-numeric score or coordinate") from None
+                raise UserError(f"bad detection line {lineno} in {path}: non-numeric score or coordinate") from None
             img.append(image_index[t[0]])
             lab.append(c)
             score.append(vals[0])
@@ -490,15 +459,15 @@ def merge_patches(dets, image_names, patch_info, iou_thr=MERGE_NMS_IOU):
 
 
 def read_det_records(args):
-    """The det and ground records of --data (model.read_records), checked for what scoring needs, --limit
+    """The det and ground records of --data (read_records), checked for what scoring needs, --limit
     applied. A file without any is a UserError saying which tasks it has and which script scores them."""
-    all_recs = model.read_records(args.data)
+    all_recs = read_records(args.data)
     recs = [r for r in all_recs if r["task"] in ("det", "ground")]
     if not recs:
         have = Counter(r["task"] for r in all_recs)
         hint = ("vqa, cls and caption records are scored by eval_vqa.py" if set(have) & {"vqa", "cls", "caption"}
                 else "chat records are not scored")
-        raise model.UserError(f"{args.data} has no det or ground records to score (it has "
+        raise UserError(f"{args.data} has no det or ground records to score (it has "
                               f"{', '.join(f'{n} {t}' for t, n in have.most_common())}): {hint}")
     for r in recs:
         check_record(r)
@@ -511,7 +480,7 @@ def check_record(r):
     meta, task = r["meta"], r["task"]
 
     def bad(why):
-        return model.UserError(f"{model.record_where(r)}: {task} record {why}")
+        return UserError(f"{record_where(r)}: {task} record {why}")
 
     if not isinstance(meta, dict):
         raise bad("needs meta (a JSON object with width, height, objects)")
@@ -531,7 +500,6 @@ def check_record(r):
             raise bad(f"needs a 'poly' of 8 numbers in meta['objects'][{k}]")
         if task == "det" and not isinstance(o.get("label"), str):
             raise bad(f"needs a 'label' in meta['objects'][{k}]")
-
 
 
 def dataset_classes(recs, override=None):
@@ -637,7 +605,7 @@ def score_text_prior(train_recs, recs):
         w, h = r["meta"]["width"], r["meta"]["height"]
         by_expr[expression(r)].append((x1 / w, y1 / h, x2 / w, y2 / h))
     if not by_expr:
-        raise model.UserError("--prior: the file has no ground records to take boxes from")
+        raise UserError("--prior: the file has no ground records to take boxes from")
     mean_all = np.mean([b for bs in by_expr.values() for b in bs], axis=0)
     ious, seen = [], 0
     for r in recs:
@@ -858,17 +826,14 @@ def safe_name(s):
 # Prediction with a checkpoint (model.py: the shared resumable loop)
 
 
-
-
-
 def predict_records(args, recs, loaded=None):
     """Greedy answers for det/ground records into OUT/predictions.jsonl via model.predict, which skips ids
     already in the file (resume) and shards over torchrun ranks. Each line also carries the parsed geometry
     in original-image pixels and the coordinate convention, so --preds can rescore without a model.
     Returns (the predictions path on the main rank, None on the others; the generation settings used)."""
     out_path = Path(args.out) / "predictions.jsonl"
-    todo = model.not_predicted(recs, out_path)
-    model.check_images(todo)  # before the model loads
+    todo = not_predicted(recs, out_path)
+    check_record_images(todo)  # before the model loads
     net, processor = loaded or model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
                                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     det_recs = defaultdict(list)
@@ -885,24 +850,16 @@ def predict_records(args, recs, loaded=None):
         return {"task": rec["task"], "dataset": rec["dataset"], "objects": objs, "parse": stats,
                 "coords": kw["coords"], "resized_hw": list(kw["resized_hw"]) if kw["resized_hw"] else None}
 
-    model.print0(f"{len(recs)} det/ground records: {len(recs) - len(todo)} already predicted in {out_path}, "
+    print0(f"{len(recs)} det/ground records: {len(recs) - len(todo)} already predicted in {out_path}, "
                  f"{len(todo)} to generate")
     max_new_tokens, how = model.resolve_max_new_tokens(args.max_new_tokens, recs, processor, model.context_length(net))
-    model.print0(how)
+    print0(how)
     model.predict(net, processor, recs, out_path, batch_size=args.batch_size, max_new_tokens=max_new_tokens,
                   postprocess=parsed, backend=args.backend, vllm_args={"tensor_parallel_size": args.tensor_parallel})
     # predict ends with a barrier: every rank sees the merged file; the process group stays up for the caller
     # (main ends it; eval_suite.py runs many benchmarks in one group: a second group in one torchrun job hangs)
     generation = {"max_new_tokens": max_new_tokens, "requested": args.max_new_tokens, "how": how, "backend": args.backend}
-    return (out_path if model.is_main() else None), generation
-
-
-
-
-
-
-
-
+    return (out_path if is_main() else None), generation
 
 
 # -----------------------------------------------------------------------------
@@ -942,13 +899,13 @@ def get_args(argv=None):
                     help="also score the grounding text prior: each record answered with the mean training box of its "
                          "expression in this file (what a model that ignores the image does best)")
     # prediction
-    model.add_generation_flags(ap, "auto", "a dense 1024-px DOTA patch needs over 15k tokens, one per digit")
+    add_generation_flags(ap, "auto", "a dense 1024-px DOTA patch needs over 15k tokens, one per digit")
     ap.add_argument("--min-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
     ap.add_argument("--max-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
     ap.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--attn", help="attention implementation (default: flash_attention_2 when installed on GPU, else sdpa)")
     ap.add_argument("--limit", type=int, help="only the first N det/ground records (quick checks)")
-    model.add_debug_flag(ap)
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     if not 0 <= args.iou < 1:
         ap.error("--iou must be in [0, 1)")
@@ -975,9 +932,9 @@ def check_paths(args):
             check_path(f"--{flag}", getattr(args, flag), "folder")
             try:  # a folder without config.json: UserError listing the checkpoints below it
                 model.family(getattr(args, flag))
-            except model.UserError as e:
-                raise model.UserError(f"--{flag} {e}") from None
-    model.check_output_paths(args.out, args.json_out)
+            except UserError as e:
+                raise UserError(f"--{flag} {e}") from None
+    check_output_paths(args.out, args.json_out)
 
 
 def check_path(flag, path, kind):
@@ -987,25 +944,25 @@ def check_path(flag, path, kind):
         return
     p = Path(path)
     if not p.exists():
-        raise model.UserError(f"{flag} {path}: no such {kind}")
+        raise UserError(f"{flag} {path}: no such {kind}")
     if kind == "file" and p.is_dir():
         inside = sorted(q.name for q in p.glob("*.jsonl")) if flag == "--preds" else []
         inside = ["predictions.jsonl"] if "predictions.jsonl" in inside else inside  # what --ckpt writes
-        raise model.UserError(f"{flag} {path} is a folder: give a file" + (f", e.g. {p / inside[0]}" if inside else ""))
+        raise UserError(f"{flag} {path} is a folder: give a file" + (f", e.g. {p / inside[0]}" if inside else ""))
     if kind == "folder" and not p.is_dir():
-        raise model.UserError(f"{flag} {path} is a file: give a folder")
+        raise UserError(f"{flag} {path} is a file: give a folder")
 
 
 def run_dota_task1(args):
     classes = read_class_list(args.classes or "dota1.0")
     names = None
     if args.imageset:
-        names = [ln.strip() for ln in read_text(args.imageset).splitlines() if ln.strip()]
+        names = [ln.strip() for ln in boxes.read_text(args.imageset).splitlines() if ln.strip()]
         if not names:
-            raise model.UserError(f"--imageset {args.imageset}: no image names in it (one per line)")
+            raise UserError(f"--imageset {args.imageset}: no image names in it (one per line)")
     gt, names = gt_from_labels(args.gt, classes, names)
     if not len(gt["label"]):  # every AP would be 0 whatever the detections
-        raise model.UserError(f"--gt {args.gt}: its {len(names)} label files hold no objects")
+        raise UserError(f"--gt {args.gt}: its {len(names)} label files hold no objects")
     dets = read_task_files(args.dota_task1, args.task, classes, {n: i for i, n in enumerate(names)})
     t0 = time.time()
     res = score_det(gt, dets, classes, task=args.task, ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
@@ -1029,14 +986,14 @@ def run_records(args, recs, pred_path, generation=None):
     """Score det and ground records (read_det_records) against a predictions file. generation: the settings
     predict_records used (None for --preds: then read from the file's .settings.json when it has one)."""
     out_dir = Path(args.out) if args.out else Path(pred_path).parent
-    preds = model.read_predictions(pred_path)
-    generation = generation or model.generation_settings(pred_path)
+    preds = read_predictions(pred_path)
+    generation = generation or generation_settings(pred_path)
     rec_ids = {r["id"] for r in recs}
     if not preds:
-        raise model.UserError(f"{pred_path} has no predictions (an empty file)")
+        raise UserError(f"{pred_path} has no predictions (an empty file)")
     if not rec_ids & preds.keys():  # every answer "missing" would score 0 everywhere: a wrong pair of files
         show = lambda ids: ", ".join(repr(i) for i in list(ids)[:3]) + (", ..." if len(ids) > 3 else "")  # noqa: E731
-        raise model.UserError(f"none of the {len(preds)} predictions in {pred_path} has the id of a det/ground record "
+        raise UserError(f"none of the {len(preds)} predictions in {pred_path} has the id of a det/ground record "
                               f"of {args.data}{f' (first {args.limit})' if args.limit else ''}: prediction ids "
                               f"{show(preds)}, record ids {show([r['id'] for r in recs])}; give the predictions "
                               f"made for this --data")
@@ -1052,7 +1009,7 @@ def run_records(args, recs, pred_path, generation=None):
         if task == "det":
             classes = dataset_classes(rs, args.class_list)
             if not classes:
-                raise model.UserError(f"the det records of dataset '{ds}' in {args.data} name no classes (no "
+                raise UserError(f"the det records of dataset '{ds}' in {args.data} name no classes (no "
                                       f"meta['classes'], no objects): give --classes")
             objects = [o for r in rs for o in r["meta"].get("objects", [])]
             check_classes_match(Counter(o["label"] for o in objects if o["label"] not in classes), len(objects),
@@ -1094,8 +1051,8 @@ def run_records(args, recs, pred_path, generation=None):
                 try:
                     draw(r["images"][0], r["meta"].get("objects", []), answers[r["id"]][0],
                          out_dir / "vis" / f"{safe_name(r['id'])}.png")
-                except model.UserError as e:
-                    raise model.UserError(f"{model.record_where(r)}: --vis: {e}") from None
+                except UserError as e:
+                    raise UserError(f"{record_where(r)}: --vis: {e}") from None
     metrics["headline"] = {**{f"det/{ds}: mAP": r["mAP"] for ds, r in metrics["det"].items()},
                            **{f"ground/{ds}: Acc@0.5": r["Acc@0.5"] for ds, r in metrics["ground"].items()}}
     benchmark_headline(metrics)
@@ -1103,8 +1060,6 @@ def run_records(args, recs, pred_path, generation=None):
         metrics["predictions_not_in_data"] = len(unknown_ids)
         print(f"note: {len(unknown_ids)} predictions have ids that are not det/ground records of {args.data}", file=sys.stderr)
     return metrics
-
-
 
 
 def count_cut(recs, preds):
@@ -1169,7 +1124,7 @@ def make_coord_fn(args):
         return lambda w, h: {"coords": args.coords, "resized_hw": None}
 
     def missing(w, h):
-        raise model.UserError(f"{args.preds} holds answer text only (no parsed boxes): say how to read its "
+        raise UserError(f"{args.preds} holds answer text only (no parsed boxes): say how to read its "
                               f"coordinates with --coords abs|norm1000 or --processor DIR (the checkpoint the "
                               f"answers were made with: its family and pixel budget)")
     return missing
@@ -1185,7 +1140,7 @@ def run(args, loaded=None):
     settings (eval_suite.py loads a checkpoint once for all its benchmarks)."""
     check_paths(args)
     args.class_list = read_class_list(args.classes) if args.classes and not args.dota_task1 else None
-    args.prior_records = model.read_records(args.prior) if args.prior else []
+    args.prior_records = read_records(args.prior) if args.prior else []
     t0 = time.time()
     if args.dota_task1:
         metrics = run_dota_task1(args)
@@ -1210,4 +1165,4 @@ def run(args, loaded=None):
 
 
 if __name__ == "__main__":
-    model.run_cli(main)  # a UserError: one line "error: ..." on stderr, exit 2
+    run_cli(main)  # a UserError: one line "error: ..." on stderr, exit 2

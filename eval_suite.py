@@ -38,7 +38,9 @@ import torch
 import eval_det
 import eval_vqa
 import model
-from model import print0
+from common import (UserError, add_debug_flag, check_output_paths, is_main, max_new_tokens_arg, print0, read_records,
+                    run_cli)
+
 
 # -----------------------------------------------------------------------------
 # Scorers: which eval script reads which tasks, and how its numbers become percentages
@@ -85,33 +87,33 @@ def split_of(path):
 
 def find_benchmarks(bench, only, out):
     """[{"name", "path", "split", "scorers"}] of the *.jsonl files under bench (name order), those matching a
-    --only glob when given. Every file is read (model.read_records checks each line) before any model loads, so
+    --only glob when given. Every file is read (read_records checks each line) before any model loads, so
     a bad file stops the run at once, naming it."""
     root = Path(bench)
     if not root.is_dir():
-        raise model.UserError(f"--bench {bench}: no such folder" if not root.exists() else f"--bench {bench} is a file: give the folder of record files")
+        raise UserError(f"--bench {bench}: no such folder" if not root.exists() else f"--bench {bench} is a file: give the folder of record files")
     out = Path(out).resolve()
     files = [p for p in sorted(root.rglob("*.jsonl"))
              if out not in p.resolve().parents]  # our own predictions, when --out is inside --bench
     if not files:
         there = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-        raise model.UserError(f"--bench {bench}: no benchmark files (*.jsonl record files, searched recursively) in it; "
+        raise UserError(f"--bench {bench}: no benchmark files (*.jsonl record files, searched recursively) in it; "
                               f"it holds {', '.join(there[:10]) + (', ...' if len(there) > 10 else '') if there else 'nothing'}")
     names = {p: p.relative_to(root).with_suffix("").as_posix() for p in files}
     if only:
         files = [p for p in files if any(fnmatch.fnmatch(names[p], g) for g in only)]
         if not files:
             listed = ", ".join(list(names.values())[:10]) + (", ..." if len(names) > 10 else "")
-            raise model.UserError(f"--only {' '.join(only)}: matches none of the benchmarks in {bench} ({listed})")
+            raise UserError(f"--only {' '.join(only)}: matches none of the benchmarks in {bench} ({listed})")
     benchmarks = []
     for p in files:
         try:
-            tasks = {r["task"] for r in model.read_records(p)}
-        except model.UserError as e:
-            raise model.UserError(f"{e} (choose the benchmarks to run with --only GLOB)") from None
+            tasks = {r["task"] for r in read_records(p)}
+        except UserError as e:
+            raise UserError(f"{e} (choose the benchmarks to run with --only GLOB)") from None
         scorers = [s for s, (scored, *_) in SCORERS.items() if tasks & set(scored)]
         if not scorers:
-            raise model.UserError(f"{p}: no record to score (its tasks: {', '.join(sorted(tasks))}; scored are det, "
+            raise UserError(f"{p}: no record to score (its tasks: {', '.join(sorted(tasks))}; scored are det, "
                                   f"ground, vqa, cls, caption); choose the benchmarks to run with --only GLOB")
         benchmarks.append({"name": names[p], "path": str(p), "split": split_of(p), "scorers": scorers})
     return benchmarks
@@ -127,7 +129,7 @@ def checkpoint_names(ckpts, names):
     (a checkpoint keeps its folder whatever else is on the command line)."""
     if names:
         if len(names) != len(ckpts):
-            raise model.UserError(f"--names gives {len(names)} names for {len(ckpts)} checkpoints: give one per --ckpt")
+            raise UserError(f"--names gives {len(names)} names for {len(ckpts)} checkpoints: give one per --ckpt")
     else:
         names = []
         for c in ckpts:
@@ -140,10 +142,10 @@ def checkpoint_names(ckpts, names):
                 names.append(p.name)
     for n in names:
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n) or n in (".", ".."):
-            raise model.UserError(f"checkpoint name {n!r} cannot name a folder: give --names with letters, digits, _ . + -")
+            raise UserError(f"checkpoint name {n!r} cannot name a folder: give --names with letters, digits, _ . + -")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise model.UserError(f"two checkpoints are both named {twice[0]!r} ({', '.join(c for c, n in zip(ckpts, names) if n == twice[0])}): "
+        raise UserError(f"two checkpoints are both named {twice[0]!r} ({', '.join(c for c, n in zip(ckpts, names) if n == twice[0])}): "
                               f"give --names, one per --ckpt")
     return names
 
@@ -151,11 +153,11 @@ def checkpoint_names(ckpts, names):
 def check_checkpoint(ckpt):
     """A checkpoint folder with a config.json of a supported family, said before any benchmark runs."""
     if not Path(ckpt).is_dir():
-        raise model.UserError(f"--ckpt {ckpt}: no such folder" if not Path(ckpt).exists() else f"--ckpt {ckpt} is a file: give a checkpoint folder")
+        raise UserError(f"--ckpt {ckpt}: no such folder" if not Path(ckpt).exists() else f"--ckpt {ckpt} is a file: give a checkpoint folder")
     try:
         model.family(ckpt)
-    except model.UserError as e:  # names the folder and the checkpoints below it
-        raise model.UserError(f"--ckpt {e}") from None
+    except UserError as e:  # names the folder and the checkpoints below it
+        raise UserError(f"--ckpt {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def get_args(argv=None):
                                                "folder's name; runs/x/final and runs/x/export/step_N: x_final, x_step_N)")
     # passed to eval_det.py and eval_vqa.py as given; left out, each script's own default applies
     ap.add_argument("--batch-size", type=int, help="generation batch size per process (default: the eval scripts' 8)")
-    ap.add_argument("--max-new-tokens", type=model.max_new_tokens_arg,
+    ap.add_argument("--max-new-tokens", type=max_new_tokens_arg,
                     help="generation limit per answer, a number or auto (default: eval_det.py's auto, eval_vqa.py's 128)")
     ap.add_argument("--backend", choices=["fast", "hf", "vllm"], help="generation loop (default: fast; see eval_det.py --help)")
     ap.add_argument("--tensor-parallel", type=int, help="with --backend vllm: GPUs vLLM spreads the model over (default 1)")
@@ -306,7 +308,7 @@ def get_args(argv=None):
     ap.add_argument("--attn", help="attention implementation (default: flash_attention_2 when installed on GPU, else sdpa)")
     ap.add_argument("--limit", type=int, help="only the first N scored records of each benchmark and scorer (quick checks)")
     ap.add_argument("--no-meteor", action="store_true", help="captions: skip METEOR (saves the ~5 s Java start per benchmark)")
-    model.add_debug_flag(ap)
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         ap.error("--limit must be >= 1")
@@ -323,7 +325,7 @@ def main(argv=None):
     for ckpt in args.ckpt:
         check_checkpoint(ckpt)
     names = checkpoint_names(args.ckpt, args.names)
-    model.check_output_paths(args.out)
+    check_output_paths(args.out)
     benchmarks = find_benchmarks(args.bench, args.only, args.out)
 
     # the torchrun group (none when run plainly), one for every benchmark: the eval scripts' run() leave it up,
@@ -368,7 +370,7 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
     # ---- tables, rank 0 only
-    if not model.is_main():
+    if not is_main():
         return None
     tables = {}
     for ckpt, name in zip(args.ckpt, names):
@@ -388,4 +390,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    model.run_cli(main)  # a UserError: one line "error: ..." on stderr, exit 2
+    run_cli(main)  # a UserError: one line "error: ..." on stderr, exit 2

@@ -5,7 +5,7 @@ Reads records (JSONL, see the record format) of task "vqa", "cls" and "caption";
 and skipped (det/ground belong to eval_det.py). Either generates answers with a checkpoint (batched,
 written incrementally to OUT/predictions.jsonl and resumable through model.predict, also under torchrun),
 or scores an existing predictions file: any JSONL whose lines carry "id" (the record id) and "text" (the
-raw answer), so answers from other models or APIs can be scored the same way (read by model.read_predictions:
+raw answer), so answers from other models or APIs can be scored the same way (read by read_predictions:
 "text": null is an empty answer, a repeated id is an error).
 
 Metrics, per dataset (a file may mix datasets), all in percent:
@@ -42,6 +42,10 @@ from pathlib import Path
 import torch
 
 import model
+from common import (UserError, add_debug_flag, add_generation_flags, check_output_paths, check_record_images,
+                    generation_settings, is_main, not_predicted, print0, read_predictions, read_records, record_where,
+                    run_cli)
+
 
 TASKS = ("vqa", "cls", "caption")
 
@@ -64,7 +68,7 @@ def ground_truth(record):
         if gt is not None and task == "caption":
             gt = [gt]
     if gt is None or (task == "caption" and (not isinstance(gt, list) or not gt)):
-        raise model.UserError(f"{model.record_where(record)}: {task} record has no ground truth: needs "
+        raise UserError(f"{record_where(record)}: {task} record has no ground truth: needs "
                               f"meta['{key}']" + (" (a list of strings)" if task == "caption" else "")
                               + " or a final assistant turn")
     return gt if task == "caption" else str(gt)
@@ -722,7 +726,7 @@ def score_vhm(records, preds):
             for r in recs:
                 gt, p = vhm_count(ground_truth(r)), vhm_count(preds.get(r["id"]) or "")
                 if gt is None:
-                    raise model.UserError(f"{model.record_where(r)}: VHM counting record's answer "
+                    raise UserError(f"{record_where(r)}: VHM counting record's answer "
                                           f"{ground_truth(r)!r} is not a number")
                 if p is None:
                     not_numeric += 1
@@ -926,7 +930,7 @@ def parse_args(argv=None):
     p.add_argument("--json-out", default=None, help="metrics JSON path (default OUT/metrics.json)")
     p.add_argument("--tasks", default="vqa,cls,caption", help="comma list of the tasks to evaluate")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N records of those tasks (0 = all)")
-    model.add_generation_flags(p, 128, "short answers and captions need ~10-60 tokens, and a verbose answer cut at "
+    add_generation_flags(p, 128, "short answers and captions need ~10-60 tokens, and a verbose answer cut at "
                                        "auto's tighter limit could lose the word that scores")
     p.add_argument("--max-zoom-rounds", type=int, default=1,
                    help="zoom records (data_prep.py lrs-vqa / mme-realworld): at most this many image_zoom_in replies "
@@ -937,7 +941,7 @@ def parse_args(argv=None):
     p.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (use the training value)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the ~5 s Java start)")
     p.add_argument("--vis", action="store_true", help="write a confusion-matrix PNG per classification dataset")
-    model.add_debug_flag(p)
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.ckpt, args.preds, args.watch)) != 1:
         p.error("give exactly one of --ckpt (generate, then score), --preds (score a predictions file) or --watch "
@@ -962,13 +966,13 @@ def check_paths(args):
     def check(flag, path, kind):
         p = Path(path)
         if not p.exists():
-            raise model.UserError(f"{flag} {path}: no such {kind}")
+            raise UserError(f"{flag} {path}: no such {kind}")
         if kind == "file" and p.is_dir():
             inside = sorted(q.name for q in p.glob("*.jsonl"))
             inside = ["predictions.jsonl"] if "predictions.jsonl" in inside else inside  # what --ckpt writes
-            raise model.UserError(f"{flag} {path} is a folder: give a file" + (f", e.g. {p / inside[0]}" if inside else ""))
+            raise UserError(f"{flag} {path} is a folder: give a file" + (f", e.g. {p / inside[0]}" if inside else ""))
         if kind == "folder" and not p.is_dir():
-            raise model.UserError(f"{flag} {path} is a file: give a folder")
+            raise UserError(f"{flag} {path} is a file: give a folder")
 
     if args.preds:
         check("--preds", args.preds, "file")
@@ -976,9 +980,9 @@ def check_paths(args):
         check("--ckpt", args.ckpt, "folder")
         try:  # a folder without config.json: UserError listing the checkpoints below it
             model.family(args.ckpt)
-        except model.UserError as e:
-            raise model.UserError(f"--ckpt {e}") from None
-    model.check_output_paths(args.out, args.json_out)
+        except UserError as e:
+            raise UserError(f"--ckpt {e}") from None
+    check_output_paths(args.out, args.json_out)
 
 
 def select_records(args, records, tasks):
@@ -994,7 +998,7 @@ def select_records(args, records, tasks):
             hint = "det and ground records are scored by eval_det.py"
         else:
             hint = "chat records are not scored"
-        raise model.UserError(f"{args.data} has no {'/'.join(tasks)} records to score (it has {listed}): {hint}")
+        raise UserError(f"{args.data} has no {'/'.join(tasks)} records to score (it has {listed}): {hint}")
     if args.limit:
         selected = selected[:args.limit]
     for r in selected:
@@ -1010,11 +1014,11 @@ def check_overlap(args, selected, preds, pred_path):
     """A predictions file that is empty or shares no id with the records would score every answer as missing
     (all 0): that is a wrong pair of files, said with examples of both kinds of id."""
     if not preds:
-        raise model.UserError(f"{pred_path} has no predictions (an empty file)")
+        raise UserError(f"{pred_path} has no predictions (an empty file)")
     ids = [r["id"] for r in selected]
     if not set(ids) & preds.keys():
         show = lambda xs: ", ".join(repr(i) for i in list(xs)[:3]) + (", ..." if len(xs) > 3 else "")  # noqa: E731
-        raise model.UserError(f"none of the {len(preds)} predictions in {pred_path} has the id of a "
+        raise UserError(f"none of the {len(preds)} predictions in {pred_path} has the id of a "
                               f"{'/'.join(sorted({r['task'] for r in selected}))} record of {args.data}"
                               f"{f' (first {args.limit})' if args.limit else ''}: prediction ids {show(preds)}, "
                               f"record ids {show(ids)}; give the predictions made for this --data")
@@ -1031,16 +1035,16 @@ def run(args, loaded=None):
     check_paths(args)
     t0 = time.time()
     tasks = [t for t in TASKS if t in args.tasks.split(",")]
-    log = model.print0  # rank 0 only under torchrun
+    log = print0  # rank 0 only under torchrun
 
     # ---- records and predictions: generate (resumable, sharded under torchrun) or read a file
-    records = model.read_records(args.data)
+    records = read_records(args.data)
     selected = select_records(args, records, tasks)
     if args.ckpt:
         out = Path(args.out)
         pred_path = out / "predictions.jsonl"
-        todo = model.not_predicted(selected, pred_path)
-        model.check_images(todo)
+        todo = not_predicted(selected, pred_path)
+        check_record_images(todo)
         out.mkdir(parents=True, exist_ok=True)
         net, processor = loaded or model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
                                                              min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -1055,12 +1059,12 @@ def run(args, loaded=None):
         if any(map(model.is_zoom, selected)):
             generation["max_zoom_rounds"] = args.max_zoom_rounds
         # predict ends with a barrier: every rank has the merged file; the process group stays up for the caller
-        if not model.is_main():
+        if not is_main():
             return None
     else:
         pred_path = args.preds
-        lines = model.read_predictions(pred_path)
-        generation = model.generation_settings(pred_path)
+        lines = read_predictions(pred_path)
+        generation = generation_settings(pred_path)
     preds = {i: line["text"] for i, line in lines.items()}
     check_overlap(args, selected, preds, pred_path)
 
@@ -1090,4 +1094,4 @@ def run(args, loaded=None):
 
 
 if __name__ == "__main__":
-    model.run_cli(main)  # a UserError: one line "error: ..." on stderr, exit 2
+    run_cli(main)  # a UserError: one line "error: ..." on stderr, exit 2

@@ -13,7 +13,7 @@
 # Preemption: SIGTERM or SIGUSR1 to this script, to its process group or to every process of the job
 # (DataLoader workers included) makes every rank finish its step, save a checkpoint and exit; this script
 # then exits 143 and the same command resumes. With Slurm, ask for the signal early enough for a step and
-# a save: `#SBATCH --signal=USR1@120` (README "Preemption" has the arithmetic for a 7B run).
+# a save: `#SBATCH --signal=USR1@120` (docs/training.md#preemption has the arithmetic for a 7B run).
 # Exit codes: 0 done; 143 stopped by a signal, checkpoint saved; 2 an input error (its one line is
 # printed last); anything else a failure (see the ranks' output above it).
 #
@@ -27,13 +27,13 @@
 # Slurm (one launch.sh per node; resubmitting the same job continues from the newest checkpoint):
 #   srun --nodes 4 --ntasks-per-node 1 --gpus-per-node 8 bash launch.sh --model ckpt/Qwen2.5-VL-7B-Instruct --data data/mix.jsonl --out /shared/runs/x --resume auto
 #
-# RSCoVLM multi-task recipe (REFERENCE.md section 7: full fine-tune of Qwen2.5-VL-7B, lr 2e-6 cosine, 5% warmup,
+# RSCoVLM multi-task recipe (docs/reference.md#rscovlm-recipe: full fine-tune of Qwen2.5-VL-7B, lr 2e-6 cosine, 5% warmup,
 # weight decay 0.1, 1 epoch, global batch 32 = 32 GPUs x 1, bf16, activation checkpointing, max length 6144,
 # 64..1296 merged 28-px tokens per image); file names as data_prep.py writes them:
 #   srun --nodes 4 --ntasks-per-node 1 --gpus-per-node 8 bash launch.sh --model ckpt/Qwen2.5-VL-7B-Instruct --out /shared/runs/rscovlm_7b --data "data/dota/dota_train_512.jsonl*25,data/dior/dior_trainval.jsonl,data/rsvg/rsvg_train.jsonl,data/rsvqa/rsvqa_lr_train.jsonl,data/cap/rsicd_train.jsonl,data/aid/aid_train.jsonl,data/chat.jsonl" --lr 2e-6 --warmup-ratio 0.05 --weight-decay 0.1 --epochs 1 --batch-size 1 --grad-accum 1 --max-length 6144 --min-pixels 50176 --max-pixels 1016064 --dtype bf16 --grad-ckpt --save-every 500 --resume auto
 #
 # Tiny CPU demo (two gloo processes, seconds per step):
-#   python model.py --make-tiny ckpt/tiny && python data_prep.py synth --out data/synth --train 200 --val 50
+#   python synth.py model ckpt/tiny && python synth.py data --out data/synth --train 200 --val 50
 #   bash launch.sh --model ckpt/tiny --data data/synth/synth_all_train.jsonl --out runs/tiny --max-steps 100 --batch-size 8 --lr 1e-3
 set -euo pipefail
 

@@ -5,15 +5,16 @@ Loading a Qwen2.5-VL or Qwen3-VL checkpoint and its processor, the chat template
 training tensors (image tokens + label masking), batched generation, the resumable prediction loop the
 evaluation scripts share, and a tiny random-init checkpoint for tests and the CPU demo.
 
-    from model import load, read_records, tokenize, generate
+    from common import read_records
+    from model import load, tokenize, generate
     model, processor = load("Qwen/Qwen2.5-VL-7B-Instruct-local-dir")
     records = read_records("data/dota_val512.jsonl")
     sample = tokenize(records[0], processor)          # input_ids, labels, pixel_values, ...
     texts = generate(model, processor, records[:8])   # greedy answers, in input order
 
-    python model.py --make-tiny ckpt/tiny --family qwen2.5   # a tiny offline checkpoint (seconds, CPU)
+    python synth.py model ckpt/tiny --family qwen2.5   # a tiny offline checkpoint (seconds, CPU)
 
-Conventions (see README "Record format"): a record is {"id", "task", "dataset", "images", "messages",
+Conventions (docs/data.md "Record format"): a record is {"id", "task", "dataset", "images", "messages",
 "meta"}; "<image>" in a message marks where an image goes; the final assistant turn is the target; for det
 and ground records that target is rendered from meta by boxes.py in this model family's coordinates.
 """
@@ -32,89 +33,19 @@ import torch
 from PIL import Image
 
 import boxes
+from common import IMAGE_PLACEHOLDER, UserError, check_output_paths, dist_info, read_predictions, record_where
 
-IMAGE_PLACEHOLDER = "<image>"
+
 FAMILIES = {"qwen2_5_vl": "qwen2.5", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3"}
-# How each family writes boxes (REFERENCE.md section 2): Qwen2.5-VL grounds in absolute pixels of the
+# How each family writes boxes (docs/reference.md#coordinates): Qwen2.5-VL grounds in absolute pixels of the
 # resized image, Qwen3-VL in coordinates normalised to 0..1000.
 COORDS = {"qwen2.5": "abs", "qwen3": "norm1000"}
+# Qwen2's pre-tokenizer split (tokenizer.json): digits one by one (so coordinates tokenize digit by digit, as in real Qwen).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # -----------------------------------------------------------------------------
-# User errors: one line on stderr, exit code 2 (README "Troubleshooting")
-
-
-class UserError(ValueError):
-    """A mistake in what the user gave (a path, a flag, a line of an input file). The message names the input
-    (file:line, record id, flag) and says what to do. Scripts run under `run_cli` print it as one line and exit
-    with 2; programming errors (any other exception) keep their tracebacks. A ValueError, so callers that
-    catch ValueError still do."""
-
-
-def run_cli(main):
-    """Run a script's main() with the project's error rule: a UserError prints `error: MESSAGE` as one line on
-    stderr and exits 2 (no traceback; `--debug` or RSCOVLM_DEBUG=1 brings it back). Under launch.sh
-    (RSCOVLM_STATUS_DIR set) each process also records its pid at start and how it ended, so launch.sh can
-    forward signals to the ranks, wait for them and print the first failing rank's line last."""
-    status_dir = os.environ.get("RSCOVLM_STATUS_DIR")
-    name = f"rank{os.environ.get('LOCAL_RANK', 0)}"
-    if status_dir:
-        Path(status_dir, f"{name}.pid").write_text(str(os.getpid()))
-    debug = "--debug" in sys.argv[1:] or os.environ.get("RSCOVLM_DEBUG", "") not in ("", "0")
-    code, line = 1, None
-    try:
-        main()
-        code = 0
-    except UserError as e:
-        line = f"error: {' '.join(str(e).split())}"  # one line, whatever the message held
-        if debug:
-            raise
-        print(line, file=sys.stderr, flush=True)
-        code = 2
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        line = e.code if isinstance(e.code, str) else None
-        raise
-    except KeyboardInterrupt:
-        code = 130
-        raise
-    finally:
-        if status_dir:
-            rank = os.environ.get("RANK", "0")
-            Path(status_dir, f"{name}.exit").write_text(json.dumps(
-                {"code": code, "time": time.time(), "line": f"rank {rank}: {line}" if line else None}))
-    sys.exit(code)
-
-
-def check_output_paths(out=None, json_out=None):
-    """An eval script's --out must be a folder (made if missing) and --json-out a file name: said before any
-    work, not after hours of generation."""
-    if out and Path(out).is_file():
-        raise UserError(f"--out {out} is a file: give a folder (it is created if missing)")
-    if json_out and Path(json_out).is_dir():
-        raise UserError(f"--json-out {json_out} is a folder: give a file name, e.g. {Path(json_out) / 'metrics.json'}")
-
-
-def add_debug_flag(parser):
-    """--debug on a script's parser (read by run_cli)."""
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of input errors too")
-
-
-# -----------------------------------------------------------------------------
-# Distributed helpers (rank-aware printing, data-parallel inference)
-
-
-def dist_info():
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when run plainly."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def is_main():
-    return dist_info()[0] == 0
-
-
-def print0(*args, **kwargs):
-    if is_main():
-        print(*args, **kwargs, flush=True)
+# Distributed: the process group of torchrun's ranks (rank-aware printing is common.print0)
 
 
 def init_dist(single_process_group=False, timeout_minutes=60):
@@ -246,65 +177,6 @@ def use_varlen_attention(model, vision=True, text=False):
         model.config.vision_config._attn_implementation = VARLEN_ATTENTION
     if text:
         model.config.text_config._attn_implementation = VARLEN_ATTENTION
-
-
-# -----------------------------------------------------------------------------
-# Records: JSONL, one sample per line (README "Record format")
-
-TASKS = ("det", "ground", "vqa", "caption", "cls", "chat")
-
-
-def read_records(path):
-    """Read a JSONL file of records. Image paths become absolute (relative ones are relative to the JSONL's
-    folder). Any problem raises UserError naming the file and line. Each record remembers where it came from in
-    rec["_where"] ("file:line"), so later errors (a missing image) can name it."""
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(q.name for q in path.glob("*.jsonl"))[:5]
-        raise UserError(f"{path} is a folder: give a record file (.jsonl)"
-                        + (f", e.g. {path / found[0]} (in it: {', '.join(found)})" if found else ""))
-    if not path.is_file():
-        raise UserError(f"record file {path} not found")
-    root = path.resolve().parent
-    records, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"bad JSON at {where}: {e}") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"bad record at {where}: expected a JSON object")
-            for key in ("id", "messages"):
-                if key not in rec:
-                    raise UserError(f"bad record at {where}: missing key '{key}'")
-            rec["id"] = str(rec["id"])
-            rec.setdefault("task", "chat")
-            rec.setdefault("dataset", path.stem)
-            rec.setdefault("images", [])
-            rec.setdefault("meta", {})
-            if rec["task"] not in TASKS:
-                raise UserError(f"bad record at {where}: task '{rec['task']}' is not one of {TASKS}")
-            if rec["id"] in seen:
-                raise UserError(f"bad record at {where}: duplicate id '{rec['id']}'")
-            seen.add(rec["id"])
-            msgs = rec["messages"]
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in msgs):
-                raise UserError(f"bad record at {where}: messages must be a list of {{'role', 'content': str}}")
-            n_tags = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in msgs)
-            if n_tags != len(rec["images"]):
-                raise UserError(f"bad record at {where}: {n_tags} '<image>' tags but {len(rec['images'])} images")
-            if not isinstance(rec["images"], list) or not all(isinstance(p, str) for p in rec["images"]):
-                raise UserError(f"bad record at {where}: images must be a list of paths")
-            rec["images"] = [str(p) if os.path.isabs(p) else str(root / p) for p in rec["images"]]
-            rec["_where"] = where
-            records.append(rec)
-    if not records:
-        raise UserError(f"{path} has no records (an empty file)")
-    return records
 
 
 # -----------------------------------------------------------------------------
@@ -497,6 +369,124 @@ def load_image(path):
 
 
 # -----------------------------------------------------------------------------
+# Prompts: every wording the project writes, in one place. "<image>" marks where an image goes.
+# The default preset is this project's (RSCoVLM / GeoChat practice); --prompts rscovlm is RSCoVLM's own.
+
+DET_PROMPT = "<image>\nDetect all objects of the following categories in the image: {categories}. {fmt}"
+DET_FORMAT = {
+    "poly": "Output one object per line as its four corner points x1,y1,x2,y2,x3,y3,x4,y4 followed by its category.",
+    "hbox": "Output one object per line as its box x1,y1,x2,y2 followed by its category.",
+    "rbox": "Output one object per line as its rotated box cx,cy,w,h,angle followed by its category.",
+}
+GROUND_PROMPT = '<image>\nLocate the object described as "{expression}". {fmt}'
+GROUND_FORMAT = {
+    "poly": "Output its four corner points x1,y1,x2,y2,x3,y3,x4,y4.",
+    "hbox": "Output its box x1,y1,x2,y2.",
+    "rbox": "Output its rotated box cx,cy,w,h,angle.",
+}
+VQA_SUFFIX = "Answer the question using a single word or phrase."  # GeoChat-Bench
+CAPTION_PROMPT = "<image>\nDescribe this remote sensing image in one sentence."
+CLS_PROMPT = "<image>\nClassify the image from the following classes: {classes}. Answer in one word or a short phrase."
+# --prompts rscovlm: RSCoVLM's own wording (VisionXLab/RSCoVLM, plain-text form, its default): detection and
+# grounding from rscovlm/training/data/dense_det_dataset.py and refgeo_dataset.py (and eval/data/dense_det.py,
+# geoground.py), VQA from eval/data/geochat_bench.py and vrsbench.py, scene classification from
+# eval/data/scene_cls.py, captions from eval/data/data_prepare/format_image_caption.py. Its image comes
+# right before the text (its chat data strips the '\n' after <image>); det/ground get a system turn per box
+# form, and their answers RSCoVLM's conventions (meta.answer_style "rscovlm", boxes.render_rscovlm).
+PRESETS = ("default", "rscovlm")
+RSCOVLM_SYSTEM = {
+    "hbox": "As an AI assistant, you specialize in accurate image object detection, delivering coordinates in "
+            "plain text format 'x1,y1,x2,y2 object'.",
+    "rbox": "As an AI assistant, you specialize in accurate oriented object detection, delivering coordinates in "
+            "plain text format 'x,y,w,h,a object'.",
+    "poly": "As an AI assistant, you specialize in accurate oriented object detection, delivering coordinates of "
+            "the polygon vertices in plain text format 'x1,y1,x2,y2,x3,y3,x4,y4 object'.",
+}
+RSCOVLM_FIND = "<image>find the {}"  # det: the categories (evaluation adds '.'); ground: the expression
+RSCOVLM_VQA_SUFFIX = "Answer the question using a single word or a short phrase."  # not GeoChat's "or phrase."
+RSCOVLM_CAPTION_PROMPT = "<image>Describe the image"
+RSCOVLM_CLS_PROMPT = "<image>Classify the image within one of the given classes:{classes}."  # joined by ','
+
+
+def _check_preset(preset):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown prompt preset {preset!r}: expected one of {PRESETS}")
+
+
+def det_prompt(classes, box_format="poly", preset="default", train=True):
+    """Categories as text (hyphens as spaces, lower case), alphabetical. The default preset returns the user
+    text; rscovlm returns [system turn, user turn] (make_record takes either). train=False: the evaluation
+    wording (RSCoVLM's ends with a period; the default preset has one wording)."""
+    _check_preset(preset)
+    if preset == "rscovlm":
+        cats = ", ".join(sorted(boxes.rscovlm_label(c) for c in classes))
+        return [{"role": "system", "content": RSCOVLM_SYSTEM[box_format]},
+                {"role": "user", "content": RSCOVLM_FIND.format(cats) + ("" if train else ".")}]
+    return DET_PROMPT.format(categories=", ".join(sorted(boxes.class_to_text(c) for c in classes)),
+                             fmt=DET_FORMAT[box_format])
+
+
+def ground_prompt(expression, box_format="hbox", preset="default"):
+    """The user text (default) or [system turn, user turn] (rscovlm: the same wording to train and evaluate)."""
+    _check_preset(preset)
+    if preset == "rscovlm":
+        return [{"role": "system", "content": RSCOVLM_SYSTEM[box_format]},
+                {"role": "user", "content": RSCOVLM_FIND.format(expression.strip())}]
+    return GROUND_PROMPT.format(expression=expression.strip(), fmt=GROUND_FORMAT[box_format])
+
+
+def vqa_prompt(question, suffix=True, preset="default"):
+    _check_preset(preset)
+    if preset == "rscovlm":
+        return "<image>" + question.strip() + (" " + RSCOVLM_VQA_SUFFIX if suffix else "")
+    return "<image>\n" + question.strip() + (" " + VQA_SUFFIX if suffix else "")
+
+
+def cls_prompt(classes, preset="default"):
+    """rscovlm: give the class folder names as they are (RSCoVLM lists and scores those)."""
+    _check_preset(preset)
+    if preset == "rscovlm":
+        return RSCOVLM_CLS_PROMPT.format(classes=",".join(classes))
+    return CLS_PROMPT.format(classes=", ".join(classes))
+
+
+def caption_prompt(preset="default"):
+    _check_preset(preset)
+    return RSCOVLM_CAPTION_PROMPT if preset == "rscovlm" else CAPTION_PROMPT
+
+
+def answer_style(preset):
+    """meta.answer_style of det/ground records under a preset (the default preset leaves it out: plain)."""
+    return {"answer_style": "rscovlm"} if preset == "rscovlm" else {}
+
+
+# MME-RealWorld, RSCoVLM's multiple-choice wording
+MME_CHOICES = " The choices are listed below: \n"
+MME_SUFFIX = ("Select the best answer to the above multiple-choice question based on the image. Respond with only "
+              "the letter (A, B, C, D, or E) of the correct option.\nThe best answer is:")
+
+
+def mme_prompt(text, choices):
+    """RSCoVLM's MME-RealWorld question: text, the choices one per line, the letter instruction."""
+    return text + MME_CHOICES + "".join(c + "\n" for c in choices) + MME_SUFFIX
+
+
+# The zoom-in chain's tool (RSCoVLM's wording, checked character by character; see "Zoom-in chain" below)
+ZOOM_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "image_zoom_in", "description": "Zoom in to the region of interest '
+    "on the given image. Input the bounding box of the region of interest and return the zoomed-in image to help to "
+    'focus and view more clearly.", "parameters": {"name": "bbox", "type": "list[int]", "description": "The bounding '
+    "box of the region of interest as an array [x1, y1, x2, y2], where (x1, y1) and (x2, y2) indicate the positions' "
+    'absolute coordinates of the left top and right down corners, respectively.", "required": true}}}\n</tools>\n\n'
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    'XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+ZOOM_ASK = "\nZoom in to the region of interest and answer the question."  # appended to the question
+ZOOM_REPLY = "Here's the zoomed-in image. You can complete your task now."  # after the crop's <image>
+
+
+# -----------------------------------------------------------------------------
 # Chat formatting, image tokens and label masking
 
 
@@ -518,13 +508,6 @@ def _render(processor, messages, add_generation_prompt):
     return processor.tokenizer.apply_chat_template(
         _to_template_messages(messages), chat_template=processor.chat_template, tokenize=False,
         add_generation_prompt=add_generation_prompt)
-
-
-def record_where(record):
-    """How messages name a record: "file.jsonl:17 (record 'P0001__1024__0___0')", or the id alone for a record
-    that was not read from a file."""
-    rid = f"record '{record.get('id')}'"
-    return f"{record['_where']} ({rid})" if record.get("_where") else rid
 
 
 def target_messages(record, processor, images_hw=None):
@@ -972,34 +955,6 @@ def generate_vllm(ckpt, processor, records, max_new_tokens=512, tensor_parallel_
     return results
 
 
-def max_new_tokens_arg(text):
-    """argparse type of the eval scripts' --max-new-tokens: 'auto' or a whole number >= 1."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"give 'auto' or a number of tokens >= 1, not {text!r}")
-    return value
-
-
-def add_generation_flags(parser, max_new_tokens_default, max_new_tokens_help):
-    """The eval scripts' generation flags: --batch-size, --max-new-tokens (a number or auto), --backend,
-    --tensor-parallel."""
-    parser.add_argument("--batch-size", type=int, default=8, help="generation batch size per process (default %(default)s)")
-    parser.add_argument("--max-new-tokens", type=max_new_tokens_arg, default=max_new_tokens_default,
-                        help=f"generation limit per answer: a number, or auto = the longest reference answer (rendered "
-                             f"for the checkpoint) x 1.25 + 32, within the model's context (default %(default)s; "
-                             f"{max_new_tokens_help})")
-    parser.add_argument("--backend", choices=["fast", "hf", "vllm"], default="fast",
-                        help="generation loop: fast = model.py's greedy loop, finished answers leave the batch; hf = "
-                             "transformers' generate (the same tokens, slower on mixed lengths); vllm = vLLM when "
-                             "installed (one process; the same prompts and pixels) (default %(default)s)")
-    parser.add_argument("--tensor-parallel", type=int, default=1, help="with --backend vllm: GPUs vLLM spreads the model over")
-
-
 def context_length(ckpt_or_model):
     """The language model's max_position_embeddings (of a loaded model or a checkpoint directory)."""
     if isinstance(ckpt_or_model, (str, Path)):
@@ -1034,15 +989,6 @@ def resolve_max_new_tokens(spec, records, processor, context, margin=1.25, extra
                + (f", capped by the model's context of {context} positions minus the longest prompt" if capped else ""))
 
 
-def generation_settings(pred_path):
-    """{"max_new_tokens": N} from the .settings.json predict writes next to a predictions file, or None (a file of
-    another model)."""
-    try:
-        return {"max_new_tokens": json.loads(Path(f"{pred_path}.settings.json").read_text())["max_new_tokens"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def reference_lengths(records, processor):
     """(the longest reference answer among the records in tokens, with <|im_end|>, as this model family would
     write it: det/ground answers rendered from meta at this processor's pixel budget; the longest prompt,
@@ -1067,63 +1013,6 @@ def auto_max_new_tokens(records, processor, context=32768, margin=1.25, extra=32
     if not longest:
         return 2048
     return max(16, min(int(longest * margin) + extra, context - prompt))
-
-
-def read_predictions(path, repair=False):
-    """{id (str): line dict} from a predictions JSONL: ours (model.predict) or any file whose lines carry "id"
-    and "text", so answers of other models and APIs are read the same way. "text": null (what APIs return for
-    a refusal) is read as "". A missing file is {} (nothing predicted yet). A last line cut off by an
-    interrupted run (no newline at the end, not JSON) is ignored; repair=True removes it from the file, so
-    appending can go on. Any other bad line, and an id seen twice, raises UserError naming the file and line."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    preds, first_line = {}, {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if lineno == len(lines):  # no newline after it: the partial write of an interrupted run
-                if repair:
-                    with open(path, "r+b") as f:
-                        f.truncate(len(data) - len(line))
-                break
-            raise UserError(f"bad JSON at {where}: {e}") from None
-        if not isinstance(rec, dict) or "id" not in rec or "text" not in rec:
-            raise UserError(f"bad prediction line {where}: needs 'id' and 'text' (a JSON object)")
-        if rec["text"] is None:
-            rec["text"] = ""
-        if not isinstance(rec["text"], str):
-            raise UserError(f"bad prediction line {where}: 'text' must be a string, got {type(rec['text']).__name__}")
-        rec["id"] = str(rec["id"])
-        if rec["id"] in preds:
-            raise UserError(f"bad prediction line {where}: duplicate id '{rec['id']}' (first on line {first_line[rec['id']]})")
-        preds[rec["id"]], first_line[rec["id"]] = rec, lineno
-    return preds
-
-
-def check_images(records):
-    """Every image of the records about to be generated for exists: a missing one stops the run before the
-    model loads, not hours into generation, naming the record's file:line and id."""
-    for r in records:
-        for path in r["images"]:
-            if not Path(path).is_file():
-                raise UserError(f"{record_where(r)}: image {path} not found")
-
-
-def not_predicted(records, out_path):
-    """The records without an answer in out_path yet, nor in the per-rank part files an interrupted torchrun
-    run leaves next to it: what predict will generate."""
-    out_path = Path(out_path)
-    done = set(read_predictions(out_path))
-    for part in sorted(out_path.parent.glob(out_path.name + ".rank*")):
-        done |= set(read_predictions(part))
-    return [r for r in records if r["id"] not in done]
 
 
 def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=512, postprocess=None, backend="fast",
@@ -1220,18 +1109,6 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
 # so a later sample of a mixed batch can be handed an earlier sample's image).
 
 ZOOM_TOOL = "image_zoom_in"
-ZOOM_SYSTEM = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-    '{"type": "function", "function": {"name": "image_zoom_in", "description": "Zoom in to the region of interest '
-    "on the given image. Input the bounding box of the region of interest and return the zoomed-in image to help to "
-    'focus and view more clearly.", "parameters": {"name": "bbox", "type": "list[int]", "description": "The bounding '
-    "box of the region of interest as an array [x1, y1, x2, y2], where (x1, y1) and (x2, y2) indicate the positions' "
-    'absolute coordinates of the left top and right down corners, respectively.", "required": true}}}\n</tools>\n\n'
-    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
-    'XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
-ZOOM_ASK = "\nZoom in to the region of interest and answer the question."  # appended to the question
-ZOOM_REPLY = "Here's the zoomed-in image. You can complete your task now."  # after the crop's <image>
 ZOOM_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -1557,178 +1434,3 @@ def plot_metrics_by_step(lines, png_path, title=""):
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
-# A tiny random-init checkpoint (tests, the CPU demo): real Qwen-VL architecture, toy sizes, offline.
-
-# Qwen's special tokens; each must map to exactly one id.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-# Qwen2's pre-tokenizer split: digits one by one (so coordinates tokenize digit by digit, as in real Qwen).
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")
-# The official templates' behaviour, trimmed to text + images: Qwen2.5-VL adds a default system prompt,
-# Qwen3-VL does not.
-CHAT_TEMPLATE = (  # no whitespace control: the only newlines are the ones Qwen writes
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' and DEFAULT_SYSTEM %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-TINY_CORPUS = (
-    "You are a helpful assistant. Detect all objects of the following categories in the image and output "
-    "one object per line as the corner points followed by the category. There are none. plane ship "
-    "storage tank vehicle large small harbor bridge helicopter roundabout swimming pool tennis court "
-    "basketball baseball diamond ground track field soccer ball airport golffield windmill dam chimney "
-    "Where is the red plane in the top left corner? Is there a ship in the image? How many vehicles are "
-    "there? Are there more ships than planes? Answer the question using a single word or phrase. yes no "
-    "Describe the image. Classify the image from the following classes: forest farmland residential "
-    "industrial desert river beach parking lot. A satellite image with several buildings near a road. "
-    "bbox_2d label 0123456789 , . : ; ( ) [ ] { } \" ' - _ / \n"
-)
-
-
-def make_tiny(out_dir, family="qwen2.5", seed=0, hidden=64, layers=2, vision_hidden=64, vision_depth=2, head_dim=16,
-              rope_theta=None, vision_head_dim=16, vision_pos_std=None):
-    """Write a tiny random-init Qwen2.5-VL or Qwen3-VL checkpoint (config, safetensors, tokenizer trained here
-    with `tokenizers`, chat template, image processor config) loadable by `load` and by
-    transformers.AutoModelForImageTextToText offline. Returns the directory as a string.
-
-    hidden / layers: width and depth of the language model; vision_hidden / vision_depth: the same for the
-    vision tower. The defaults (64-wide, 2 layers each) are what the tests use: seconds per step on a CPU.
-    head_dim: width of the language model's heads (a multiple of 16 dividing `hidden`; M-RoPE's sections are
-    in Qwen's proportions, see below; vLLM's CPU kernels need >= 32). rope_theta: the text
-    RoPE base (default Qwen's: 1e6 for Qwen2.5-VL, 5e6 for Qwen3-VL). vision_head_dim: width of the vision heads.
-    What localises on a CPU in minutes (demo.sh, BENCHMARKS.md): Qwen3-VL, 128 x 4 with 32-wide heads and
-    rope_theta 1e4, a 128 x 2 vision tower with 32-wide heads. With 16-wide heads and Qwen's theta, M-RoPE's
-    width section gets no usable frequencies and the model cannot tell columns apart. vision_pos_std (Qwen3-VL):
-    the std of the vision tower's learned absolute position embeddings at init (transformers': 0.02, ~1/20 of the
-    patch features, so where a patch is reaches the language model only faintly until training grows it)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
-
-    if family not in COORDS:
-        raise UserError(f"family must be one of {sorted(COORDS)}, got '{family}'")
-    for name, v in (("hidden", hidden), ("vision_hidden", vision_hidden)):
-        if v < 32 or v % 16:
-            raise UserError(f"--{name.replace('_', '-')} must be a multiple of 16 and >= 32, got {v}")
-    if head_dim < 16 or head_dim % 16 or hidden % head_dim:
-        raise UserError(f"--head-dim must be a multiple of 16 that divides --hidden {hidden}, got {head_dim}")
-    if vision_head_dim < 16 or vision_head_dim % 16 or vision_hidden % vision_head_dim:
-        raise UserError(f"--vision-head-dim must be a multiple of 16 that divides --vision-hidden {vision_hidden}, "
-                        f"got {vision_head_dim}")
-    for name, v in (("layers", layers), ("vision_depth", vision_depth)):
-        if v < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    # Tokenizer: byte-level BPE over a small corpus; the byte alphabet makes any text encodable.
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TINY_CORPUS] * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=32768)
-    template = CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", "true" if family == "qwen2.5" else "false")
-    tokenizer.chat_template = template
-    vocab = len(tokenizer)
-    special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-
-    # Model: the real architecture at toy width/depth (REFERENCE.md section 8).
-    torch.manual_seed(seed)
-    ids = dict(image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
-               vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"])
-    # head_dim-wide text heads, 2 query heads per KV head; M-RoPE splits head_dim / 2 frequencies 2:3:3
-    heads, vision_heads = hidden // head_dim, vision_hidden // vision_head_dim
-    # M-RoPE sections (temporal, height, width frequencies) in Qwen's proportions: [16, 24, 24] of 64 for
-    # Qwen2.5-VL, [24, 20, 20] for Qwen3-VL (where head_dim is a multiple of 32; else Qwen2.5-VL's)
-    sections = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
-    if family == "qwen3" and head_dim % 32 == 0:
-        sections = [3 * head_dim // 16, 5 * head_dim // 32, 5 * head_dim // 32]
-    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
-                bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
-                pad_token_id=special["<|endoftext|>"], tie_word_embeddings=True)
-    if family == "qwen2.5":
-        from transformers import Qwen2_5_VLConfig as Config
-
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta or 1e6, "mrope_section": sections}
-        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                      num_heads=vision_heads, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1])
-    else:
-        from transformers import Qwen3VLConfig as Config
-
-        text.update(head_dim=head_dim)
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta or 5e6, "mrope_section": sections,
-                                   "mrope_interleaved": True}
-        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                      num_heads=vision_heads, out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
-                      temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
-    config = Config(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-    model = AutoModelForImageTextToText.from_config(config)
-    if vision_pos_std is not None:
-        if family != "qwen3":
-            raise UserError("--vision-pos-std: only Qwen3-VL's vision tower has absolute position embeddings")
-        with torch.no_grad():
-            model.model.visual.pos_embed.weight.normal_(0.0, vision_pos_std)
-    model.generation_config.eos_token_id = [special["<|im_end|>"], special["<|endoftext|>"]]
-    model.generation_config.pad_token_id = special["<|endoftext|>"]
-    model.save_pretrained(out_dir)
-
-    # Processor: the PIL image processor with a small pixel budget so CPU steps stay fast.
-    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as ipm
-
-    patch = vision["patch_size"]
-    factor = patch * 2
-    image_processor = ipm.Qwen2VLImageProcessorPil(
-        patch_size=patch, merge_size=2, temporal_patch_size=2,
-        size={"shortest_edge": 4 * factor * factor, "longest_edge": 100 * factor * factor})
-    if family == "qwen3":  # Qwen3-VL normalises to [-1, 1]
-        image_processor.image_mean, image_processor.image_std = [0.5] * 3, [0.5] * 3
-    Processor(tokenizer, image_processor, template, family).save_pretrained(out_dir)
-    # Name the tokenizer class the real checkpoints use (it reads the same tokenizer.json), for other loaders.
-    tc_path = out_dir / "tokenizer_config.json"
-    tc_path.write_text(json.dumps({**json.loads(tc_path.read_text()), "tokenizer_class": "Qwen2Tokenizer"}, indent=2))
-    return str(out_dir)
-
-
-# -----------------------------------------------------------------------------
-
-def main():
-    parser = argparse.ArgumentParser(description="rscovlm model utilities")
-    parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a tiny random-init checkpoint to DIR")
-    parser.add_argument("--family", default="qwen2.5", choices=sorted(COORDS), help="model family of the tiny checkpoint")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--hidden", type=int, default=64, help="language model width (multiple of 16; the tests use 64)")
-    parser.add_argument("--layers", type=int, default=2, help="language model decoder layers")
-    parser.add_argument("--vision-hidden", type=int, default=64, help="vision tower width (multiple of 16)")
-    parser.add_argument("--vision-depth", type=int, default=2, help="vision tower blocks")
-    parser.add_argument("--head-dim", type=int, default=16, help="language model head width (multiple of 16 dividing --hidden; vLLM's CPU kernels need >= 32)")
-    parser.add_argument("--rope-theta", type=float, default=None, help="text RoPE base (default: 1e6 for qwen2.5, 5e6 for qwen3)")
-    parser.add_argument("--vision-head-dim", type=int, default=16, help="vision tower head width (multiple of 16 dividing --vision-hidden)")
-    parser.add_argument("--vision-pos-std", type=float, default=None, help="Qwen3-VL: init std of the vision tower's absolute position embeddings (default: transformers', 0.02)")
-    add_debug_flag(parser)
-    args = parser.parse_args()
-    print(make_tiny(args.make_tiny, args.family, args.seed, hidden=args.hidden, layers=args.layers,
-                    vision_hidden=args.vision_hidden, vision_depth=args.vision_depth, head_dim=args.head_dim,
-                    rope_theta=args.rope_theta, vision_head_dim=args.vision_head_dim,
-                    vision_pos_std=args.vision_pos_std))
-
-
-if __name__ == "__main__":
-    run_cli(main)

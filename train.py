@@ -13,7 +13,7 @@ shard -> load) -> optimizer and schedule -> checkpoints and export -> main() wit
     # the same without launch.sh
     torchrun --standalone --nproc-per-node 8 train.py --model ... --data ... --out ...
     # tiny CPU demo, one process
-    python model.py --make-tiny ckpt/tiny && python data_prep.py synth --out data/synth --train 200 --val 50
+    python synth.py model ckpt/tiny && python synth.py data --out data/synth --train 200 --val 50
     python train.py --model ckpt/tiny --data data/synth/synth_all_train.jsonl --out runs/tiny --max-steps 100 \
         --batch-size 8 --lr 1e-3      # ~25 s on 2 cores; loss 5.9 -> 3.1
 
@@ -56,11 +56,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from PIL import Image
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import model as M
+from common import UserError, add_debug_flag, print0, read_records, record_where, run_cli
+
 
 # The model's output carries the image features split per image (views); we never modify outputs in place,
 # which is what FSDP2's warning is about.
@@ -161,7 +163,7 @@ def get_args(argv=None):
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb with TensorBoard (when installed)")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (when installed)")
     p.add_argument("--run-name", default=None, help="run name for W&B (default: the name of --out)")
-    M.add_debug_flag(p)
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if not re.fullmatch(r"none|full|vision|every-[1-9]\d*", args.ac):
         p.error(f"argument --ac: expected none, full, vision or every-K (K >= 1), got '{args.ac}'")
@@ -176,24 +178,24 @@ def check_lora_args(args):
     """Fill in the LoRA defaults (only with --lora, so that a LoRA flag given without it is an error, not a
     silently full fine-tune) and refuse combinations that contradict each other."""
     if args.lora < 0:
-        raise M.UserError(f"--lora {args.lora}: give the adapter rank (>= 1), or 0 for no LoRA")
+        raise UserError(f"--lora {args.lora}: give the adapter rank (>= 1), or 0 for no LoRA")
     given = [f"--{k.replace('_', '-')}" for k in LORA_DEFAULTS if getattr(args, k) is not None] + (["--dora"] if args.dora else [])
     if not args.lora:
         if given:
-            raise M.UserError(f"{', '.join(given)} without --lora R: add --lora R (e.g. --lora 64) or drop {given[0]}")
+            raise UserError(f"{', '.join(given)} without --lora R: add --lora R (e.g. --lora 64) or drop {given[0]}")
         return
     for k, v in LORA_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if not 0 <= args.lora_dropout < 1:
-        raise M.UserError(f"--lora-dropout {args.lora_dropout}: must be in [0, 1)")
+        raise UserError(f"--lora-dropout {args.lora_dropout}: must be in [0, 1)")
     if args.lora_alpha <= 0:
-        raise M.UserError(f"--lora-alpha {args.lora_alpha}: must be > 0")
+        raise UserError(f"--lora-alpha {args.lora_alpha}: must be > 0")
     if args.freeze_llm:
-        raise M.UserError("--freeze-llm with --lora: the language model's adapters are what --lora trains (its own "
+        raise UserError("--freeze-llm with --lora: the language model's adapters are what --lora trains (its own "
                           "weights are frozen already); drop --freeze-llm")
     if args.freeze_vision and args.lora_targets == "llm+vision":
-        raise M.UserError("--freeze-vision with --lora-targets llm+vision: adapters on the vision tower train it; drop "
+        raise UserError("--freeze-vision with --lora-targets llm+vision: adapters on the vision tower train it; drop "
                           "--freeze-vision (the tower's own weights stay frozen) or use --lora-targets llm")
 
 
@@ -211,24 +213,24 @@ def parse_mixture(spec):
             continue
         m = re.fullmatch(r"([^*%]+)((?:[*%][^*%]*)*)", item)
         if not m:
-            raise M.UserError(f"bad --data entry '{item}': expected PATH, PATH*N or PATH%P")
+            raise UserError(f"bad --data entry '{item}': expected PATH, PATH*N or PATH%P")
         path, repeat, percent = m.group(1).strip(), 1, 100.0
         for op, num in re.findall(r"([*%])([^*%]*)", m.group(2)):
             try:
                 value = float(num)
             except ValueError:
-                raise M.UserError(f"bad --data entry '{item}': '{op}{num}' is not a number") from None
+                raise UserError(f"bad --data entry '{item}': '{op}{num}' is not a number") from None
             if op == "*":
                 if value != int(value) or value < 1:
-                    raise M.UserError(f"bad --data entry '{item}': repeat *{num} must be a whole number >= 1 (use %P to subsample)")
+                    raise UserError(f"bad --data entry '{item}': repeat *{num} must be a whole number >= 1 (use %P to subsample)")
                 repeat = int(value)
             else:
                 if not 0 < value <= 100:
-                    raise M.UserError(f"bad --data entry '{item}': percent %{num} must be in (0, 100]")
+                    raise UserError(f"bad --data entry '{item}': percent %{num} must be in (0, 100]")
                 percent = value
         out.append((path, repeat, percent))
     if not out:
-        raise M.UserError(f"--data '{spec}' names no file")
+        raise UserError(f"--data '{spec}' names no file")
     return out
 
 
@@ -238,8 +240,8 @@ def build_mixture(spec, seed):
     files, entries = [], []
     for i, (path, repeat, percent) in enumerate(parse_mixture(spec)):
         if not Path(path).exists():
-            raise M.UserError(f"--data file '{path}' not found")
-        records = M.read_records(path)  # a folder or an empty file: a UserError naming it
+            raise UserError(f"--data file '{path}' not found")
+        records = read_records(path)  # a folder or an empty file: a UserError naming it
         idx = np.arange(len(records))
         if percent < 100:
             # seeded per entry position, so adding a file later in the list does not change this subset
@@ -249,7 +251,7 @@ def build_mixture(spec, seed):
         entries += [np.stack([np.full(len(idx), i), idx], 1)] * repeat
     entries = np.concatenate(entries) if entries else np.zeros((0, 2), np.int64)
     if len(entries) == 0:
-        raise M.UserError(f"--data '{spec}' has no records")
+        raise UserError(f"--data '{spec}' has no records")
     return files, entries.astype(np.int64)
 
 
@@ -289,9 +291,9 @@ def load_sample(files, entry, processor, max_length, overlong):
             if overlong == "skip":
                 return None
             if overlong == "error":
-                raise M.UserError(f"{M.record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)")
+                raise UserError(f"{record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)")
             sample = M.tokenize(rec, processor, max_length=max_length, truncate=True)
-    except M.UserError as e:
+    except UserError as e:
         return {"error": str(e)}
     except Exception as e:  # a bug: keep the traceback, but name the record
         raise RuntimeError(f"cannot tokenize record '{rec['id']}' of {path}: {e}") from e
@@ -354,7 +356,7 @@ class MicroBatches:
             k, sample = self.pending
             assert k == self.cursor, f"stream out of order: got position {k}, expected {self.cursor}"
             if sample is not None and "error" in sample:
-                raise M.UserError(sample["error"])
+                raise UserError(sample["error"])
             if sample is None:
                 self.pending, self.cursor, self.skipped = None, k + 1, self.skipped + 1
                 self.skipped_in_a_row += 1
@@ -397,19 +399,19 @@ def record_lengths(files, processor, max_length, overlong, device):
             if j % world == rank and not error:
                 try:
                     n = M.sample_length(rec, processor)
-                except M.UserError as e:
+                except UserError as e:
                     error = str(e)
                     n = 0
                 if n > max_length:
                     if overlong == "error":
-                        error = f"{M.record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)"
+                        error = f"{record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)"
                     n = -1 if overlong == "skip" else max_length
                 flat[j] = n + 1  # each record on one rank only: the sum over ranks is its value
             j += 1
     errors = [None] * world
     dist.all_gather_object(errors, error)
     if any(errors):
-        raise M.UserError(next(e for e in errors if e))
+        raise UserError(next(e for e in errors if e))
     dist.all_reduce(flat)
     return np.split(flat.cpu().numpy() - 1, np.cumsum(sizes)[:-1])
 
@@ -491,7 +493,7 @@ class PackedBatches:
         assert g == self.step, f"packed steps out of order: got {g}, expected {self.step}"
         for sample in (s for row in rows for s in row):
             if sample is not None and "error" in sample:
-                raise M.UserError(sample["error"])
+                raise UserError(sample["error"])
         self.step += 1
         self.skipped += skipped if self.rank == 0 else 0
         return rows
@@ -549,7 +551,7 @@ def checkpoint_dtype(path):
 
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
-        raise M.UserError(f"--model {path}: no *.safetensors weights")
+        raise UserError(f"--model {path}: no *.safetensors weights")
     names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
     with safe_open(files[0], "pt") as f:
         for key in f.keys():
@@ -659,11 +661,11 @@ def build_model(args, device, param_dtype, rank):
     if args.hsdp == "on" or (args.hsdp == "auto" and nodes > 1 and per_node > 1):
         replicas = args.hsdp_replicas or nodes
         if replicas < 1 or world % replicas:
-            raise M.UserError(f"--hsdp-replicas {replicas}: must divide the {world} ranks")
+            raise UserError(f"--hsdp-replicas {replicas}: must divide the {world} ranks")
         mesh = init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    M.print0(f"  {'HSDP' if mesh.ndim == 2 else 'FSDP'} mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))}, "
+    print0(f"  {'HSDP' if mesh.ndim == 2 else 'FSDP'} mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))}, "
              f"vision units: {args.vision_shard}, activation checkpointing: {args.ac}")
     apply_fsdp(model, param_dtype, mesh, args.vision_shard)
     model.to_empty(device=device)
@@ -794,7 +796,7 @@ def check_trained_flags(args, resume_from):
     changed = [f"--{k.replace('_', '-')} {saved.get(k, before_lora.get(k))} -> {getattr(args, k)}" for k in TRAINED_FLAGS
                if saved.get(k, before_lora.get(k)) != getattr(args, k)]
     if changed:
-        raise M.UserError(f"the checkpoint {resume_from} trained other parameters ({'; '.join(changed)}): resume with "
+        raise UserError(f"the checkpoint {resume_from} trained other parameters ({'; '.join(changed)}): resume with "
                           "the flags it was started with (OUT/args.json), or start a new --out from an export")
 
 
@@ -806,12 +808,12 @@ def resumed_schedule(args, loop, schedule):
     changed = [f"--{k.replace('_', '-')} {saved_args.get(k)} -> {getattr(args, k)}" for k in SCHEDULE_FLAGS
                if k in saved_args and saved_args[k] != getattr(args, k) and ("schedule" in loop or k != "max_steps")]
     if changed:
-        raise M.UserError(f"the checkpoint was trained with another schedule ({'; '.join(changed)}): resume with the "
+        raise UserError(f"the checkpoint was trained with another schedule ({'; '.join(changed)}): resume with the "
                           "flags it was started with (OUT/args.json), or start a new --out from an export")
     saved = loop.get("schedule") or {"max_steps": saved_args["max_steps"],  # checkpoints before schedules were saved
                                      "warmup_steps": round(saved_args["warmup_ratio"] * saved_args["max_steps"])}
     if saved != schedule:
-        M.print0(f"  keeping the checkpoint's schedule: {saved['max_steps']} steps, warmup {saved['warmup_steps']} "
+        print0(f"  keeping the checkpoint's schedule: {saved['max_steps']} steps, warmup {saved['warmup_steps']} "
                  f"(this run's {dist.get_world_size()} ranks would make it {schedule['max_steps']} steps)")
     return saved
 
@@ -887,13 +889,13 @@ def choose_resume(args, ckpt_dir):
     dist.broadcast_object_list(choice, src=0)
     status, value = choice[0]
     if status == "error":
-        raise M.UserError(value)
+        raise UserError(value)
     if value is None:
         return None
     path, t0 = Path(value), time.time()
     while not (path / "loop.pt").is_file():  # a shared filesystem can show another node's files late
         if time.time() - t0 > 120:
-            raise M.UserError(f"rank {dist.get_rank()} cannot see {path / 'loop.pt'}, which rank 0 resumes from: "
+            raise UserError(f"rank {dist.get_rank()} cannot see {path / 'loop.pt'}, which rank 0 resumes from: "
                               "is --out on a filesystem every node shares?")
         time.sleep(1)
     return path
@@ -1117,7 +1119,7 @@ def setup(args):
     torch.manual_seed(args.seed + rank)
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    M.print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {param_dtype}, attention: language model "
+    print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {param_dtype}, attention: language model "
              f"{'varlen' if args.text_varlen else args.attn}, vision {'varlen' if args.vision_varlen else args.attn}"
              + (f" ({M.varlen_kernel(device)} kernel)" if args.text_varlen or args.vision_varlen else ""))
     return rank, world, device, param_dtype
@@ -1130,11 +1132,11 @@ def choose_attention(args, device):
     builtin = M.default_attn(device)  # flash_attention_2 when installed on GPU, else sdpa
     text = args.attn or ("varlen" if args.pack and gpu_varlen and builtin == "sdpa" else builtin)
     if text == "varlen" and not args.pack:
-        raise M.UserError("--attn varlen needs --pack (it runs packed rows without padding)")
+        raise UserError("--attn varlen needs --pack (it runs packed rows without padding)")
     args.attn = "sdpa" if text == "varlen" else text
     vision = args.vision_attn or ("varlen" if gpu_varlen else args.attn)
     if vision not in ("varlen", args.attn):
-        raise M.UserError(f"--vision-attn {vision}: give varlen or the language model's ({args.attn})")
+        raise UserError(f"--vision-attn {vision}: give varlen or the language model's ({args.attn})")
     args.text_varlen, args.vision_varlen = text == "varlen", vision == "varlen"
     if device.type == "cuda" and not args.vision_varlen and "flash" not in args.attn:
         warnings.warn("no varlen attention kernel (flash_attn, or torch >= 2.10's varlen_attn on sm80+): the vision "
@@ -1268,7 +1270,7 @@ def main(argv=None):
     files, entries = build_mixture(args.data, args.seed)
     per_file = np.bincount(entries[:, 0], minlength=len(files))
     for (path, repeat, percent), n in zip(parse_mixture(args.data), per_file):
-        M.print0(f"  {path}: x{repeat} {percent:g}% -> {n} samples per pass ({100 * n / len(entries):.1f}%)")
+        print0(f"  {path}: x{repeat} {percent:g}% -> {n} samples per pass ({100 * n / len(entries):.1f}%)")
     max_tokens = args.max_tokens or args.batch_size * args.max_length
     schedule = make_schedule(args, len(entries), world)
     if args.pack:  # token lengths of every record, to plan the packed rows (errors surface here, before loading)
@@ -1276,7 +1278,7 @@ def main(argv=None):
         lengths = record_lengths(files, processor, args.max_length, args.overlong, device)
         kept = np.concatenate(lengths)
         kept = kept[kept >= 0]
-        M.print0(f"  --pack: {len(kept)} records measured in {time.time() - t0:.1f} s, {kept.mean():.0f} tokens on "
+        print0(f"  --pack: {len(kept)} records measured in {time.time() - t0:.1f} s, {kept.mean():.0f} tokens on "
                  f"average (max {kept.max()}), rows of <= {max_tokens} tokens")
 
     # --- model, optimizer
@@ -1286,13 +1288,13 @@ def main(argv=None):
     optimizer = build_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters())
-    M.print0(f"  {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in trainable) / 1e6:.1f}M trained; "
+    print0(f"  {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in trainable) / 1e6:.1f}M trained; "
              + ", ".join(f"{g['name']} lr {g['base_lr']:g}" for g in optimizer.param_groups))
     if args.lora:
         n_layers = sum(hasattr(m, "lora_A") for m in model.modules())
         n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         full_parts = sorted({param_kind(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n})
-        M.print0(f"  LoRA r {args.lora}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g}{', DoRA' if args.dora else ''} "
+        print0(f"  LoRA r {args.lora}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g}{', DoRA' if args.dora else ''} "
                  f"on {n_layers} linears ({args.lora_targets}): {n_adapter:,} adapter parameters; also trained in full: "
                  f"{', '.join(full_parts) or 'nothing'}")
 
@@ -1306,13 +1308,13 @@ def main(argv=None):
             set_rng_state(loop["ranks"][rank]["rng"])
         else:  # the data each rank saw cannot be continued exactly; continue at the same global position
             cursor = sum(r["cursor"] for r in loop["ranks"]) // world
-            M.print0(f"  warning: checkpoint has {loop['world_size']} ranks, this run {world}: data order "
+            print0(f"  warning: checkpoint has {loop['world_size']} ranks, this run {world}: data order "
                      "continues approximately (a few samples may repeat or be skipped)")
-        M.print0(f"  resuming from {resume_from} at step {step}")
+        print0(f"  resuming from {resume_from} at step {step}")
     max_steps, warmup_steps = schedule["max_steps"], schedule["warmup_steps"]
     if rank == 0:  # once the resume checks passed: a refused command leaves the flags of the run it would continue
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-    M.print0(f"  {len(entries)} samples per pass; {max_steps} steps of {world} ranks x {args.grad_accum} "
+    print0(f"  {len(entries)} samples per pass; {max_steps} steps of {world} ranks x {args.grad_accum} "
              f"micro-batches x <= {args.batch_size} samples / {max_tokens} tokens; warmup {warmup_steps} steps")
 
     # --- data loader (after resume: it starts at this rank's cursor, or with --pack at this step)
@@ -1383,7 +1385,7 @@ def main(argv=None):
         if step % args.log_every == 0:
             logger.log(metrics)
             if not tty:
-                M.print0(f"step {step}/{max_steps} loss {loss:.4f} lr {args.lr * mult:.2e} grad_norm {grad_norm:.3f} "
+                print0(f"step {step}/{max_steps} loss {loss:.4f} lr {args.lr * mult:.2e} grad_norm {grad_norm:.3f} "
                          f"tokens/s {tok_s:.0f} {dt:.2f} s")
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{args.lr * mult:.2e}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
@@ -1393,9 +1395,9 @@ def main(argv=None):
         if step % args.save_every == 0 or step == max_steps or stop:
             saved, seconds, gb = save_checkpoint(ckpt_dir, step, model, optimizer,
                                                  {"cursor": batches.cursor, "rng": rng_state()}, args, schedule)
-            M.print0(("\n" if tty else "") + f"  saved {saved} ({gb:.2f} GB) in {seconds:.1f} s")
+            print0(("\n" if tty else "") + f"  saved {saved} ({gb:.2f} GB) in {seconds:.1f} s")
         if stop:
-            M.print0(f"stopping on a signal after step {step}: saved {saved}; run the same command to resume")
+            print0(f"stopping on a signal after step {step}: saved {saved}; run the same command to resume")
             bar.close()
             logger.close()
             dist.destroy_process_group()
@@ -1409,7 +1411,7 @@ def main(argv=None):
     if rank == 0 and (out / "metrics.jsonl").exists():
         plot_loss(out / "metrics.jsonl", out / "loss.png")
     logger.close()
-    M.print0(f"done: {step} steps; Hugging Face export in {out / 'final'}")
+    print0(f"done: {step} steps; Hugging Face export in {out / 'final'}")
     stop_workers(loader_iter)
     dist.destroy_process_group()
 
@@ -1423,4 +1425,4 @@ def export_dtype(args):
 
 
 if __name__ == "__main__":
-    M.run_cli(main)
+    run_cli(main)

@@ -1,5 +1,5 @@
 """Running a stage script as a user does, for the tests of its input errors: as a subprocess, or through the same
-entry point (model.run_cli(main)) in the test process, which saves ~2 s of imports per case."""
+entry point (run_cli(main)) in the test process, which saves ~2 s of imports per case."""
 import os
 import subprocess
 import sys
@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 import model
+from common import run_cli
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,14 +22,14 @@ def run_script(script, argv):
 
 
 def run_main(script, main, argv, monkeypatch, capsys):
-    """What `python SCRIPT ARGV` runs, in this process: model.run_cli(main) with sys.argv set as the shell sets
+    """What `python SCRIPT ARGV` runs, in this process: run_cli(main) with sys.argv set as the shell sets
     it. Returns (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
     monkeypatch.delenv("RSCOVLM_DEBUG", raising=False)
     monkeypatch.delenv("RSCOVLM_STATUS_DIR", raising=False)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        model.run_cli(main)
+        run_cli(main)
     out, err = capsys.readouterr()
     return exit_.value.code, out, err
 

@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+import synth
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -14,14 +17,14 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def tiny_qwen25(tmp_path_factory):
     import model
 
-    return model.make_tiny(tmp_path_factory.mktemp("tiny") / "qwen2.5", "qwen2.5")
+    return synth.make_tiny(tmp_path_factory.mktemp("tiny") / "qwen2.5", "qwen2.5")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory):
     import model
 
-    return model.make_tiny(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3")
+    return synth.make_tiny(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3")
 
 
 @pytest.fixture(scope="session")

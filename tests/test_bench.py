@@ -1,4 +1,4 @@
-"""bench.py on CPU (the tiny model): `python bench.py --steps 2 --json-out F` runs every variant, ends with one
+"""bench/bench_train.py on CPU (the tiny model): `python bench/bench_train.py --steps 2 --json-out F` runs every variant, ends with one
 ratio line per variant, counts attention calls the way the variants really make them (varlen: one call per vision
 block per tower forward; transformers' loop: one per window), packs without padding, starts every variant from the
 same weights (same first loss), and writes the numbers it prints to the JSON file. Plus the pieces the GPU run
@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    out = tmp_path_factory.mktemp("bench") / "bench_train.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": ""}  # the CPU comparison, on any machine
-    proc = subprocess.run([sys.executable, "bench.py", "--steps", "2", "--json-out", str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "bench/bench_train.py", "--steps", "2", "--json-out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout, json.loads(out.read_text())
@@ -104,22 +105,22 @@ def test_the_table_prints_the_json_numbers(bench_run):
 
 
 def test_window_plan_matches_transformers():
-    """The windows bench.py counts FLOPs and expected calls with are the ones transformers' Qwen2.5-VL tower uses."""
+    """The windows bench_train.py counts FLOPs and expected calls with are the ones transformers' Qwen2.5-VL tower uses."""
     vision_utils = pytest.importorskip("transformers.vision_utils")
     if not hasattr(vision_utils, "get_vision_window_index"):
         pytest.skip("this transformers has no vision_utils.get_vision_window_index")
-    import bench
+    import bench_train
 
-    config = bench.real_config("qwen2.5-3b")
+    config = bench_train.real_config("qwen2.5-3b")
     vc = config.vision_config
     for grid in [(1, 72, 72), (1, 58, 58), (1, 36, 36), (1, 72, 48), (1, 40, 26), (1, 8, 8)]:
         _, cu = vision_utils.get_vision_window_index(torch.tensor([grid]), vc.spatial_merge_size, vc.window_size,
                                                      vc.patch_size)
-        windows, full = bench.vision_segments(config, torch.tensor(grid))
+        windows, full = bench_train.vision_segments(config, torch.tensor(grid))
         assert sorted(windows) == sorted((cu[1:] - cu[:-1]).tolist()) and full == [grid[1] * grid[2]], grid
     # a 1008x1008 image: 81 windows in 28 windowed blocks + 4 full-attention blocks (model.py's note)
     one = [{"image_grid_thw": torch.tensor([[1, 72, 72]])}]
-    assert bench.per_segment_calls(config, one) == 81 * 28 + 4
+    assert bench_train.per_segment_calls(config, one) == 81 * 28 + 4
 
 
 @pytest.mark.parametrize("name,billions,vision", [("qwen2.5-3b", 3.755, 0.669), ("qwen2.5-7b", 8.292, 0.677),
@@ -130,32 +131,33 @@ def test_real_configs_have_the_published_parameter_counts(name, billions, vision
     import numpy as np
     from transformers import AutoModelForImageTextToText
 
-    import bench
+    import bench_train
 
-    config = bench.real_config(name)
+    config = bench_train.real_config(name)
     with torch.device("meta"):
         net = AutoModelForImageTextToText.from_config(config)
     assert sum(p.numel() for p in net.parameters()) / 1e9 == pytest.approx(billions, abs=5e-4)
     assert sum(p.numel() for p in net.model.visual.parameters()) / 1e9 == pytest.approx(vision, abs=5e-4)
-    assert (net.lm_head.weight is net.model.language_model.embed_tokens.weight) == bench.CONFIGS[name]["tie"]
-    ordinary = bench.ordinary_token_ids(config)
+    assert (net.lm_head.weight is net.model.language_model.embed_tokens.weight) == bench_train.CONFIGS[name]["tie"]
+    ordinary = bench_train.ordinary_token_ids(config)
     assert ordinary.max() < config.text_config.bos_token_id  # no special token among the text tokens
     # 1024x1024 into the RSCoVLM budget: 1008x1008 (36x36 tokens) at patch 14, 992x992 (31x31) at patch 16
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from types import SimpleNamespace
+
     from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     vc = config.vision_config
     ip = Qwen2VLImageProcessorPil(patch_size=vc.patch_size, merge_size=2, temporal_patch_size=2,
-                                  size={"shortest_edge": bench.RSCOVLM_PIXELS[0], "longest_edge": bench.RSCOVLM_PIXELS[1]})
+                                  size={"shortest_edge": bench_train.RSCOVLM_PIXELS[0], "longest_edge": bench_train.RSCOVLM_PIXELS[1]})
     grid = ip(images=[Image.new("RGB", (1024, 1024))], return_tensors="pt")["image_grid_thw"][0].tolist()
     assert grid == ([1, 72, 72] if vc.patch_size == 14 else [1, 62, 62])
     proc = SimpleNamespace(image_processor=ip, patch_size=vc.patch_size, merge_size=2, image_token_id=config.image_token_id)
-    for s in bench.synthetic_samples(4, config, proc, np.random.default_rng(0)):
+    for s in bench_train.synthetic_samples(4, config, proc, np.random.default_rng(0)):
         n_image = int(s["image_grid_thw"].prod()) // 4
         assert int((s["input_ids"] == config.image_token_id).sum()) == n_image == int(s["mm_token_type_ids"].sum())
         answer = int((s["labels"] != -100).sum()) - 1  # the answer tokens and their <|im_end|>
-        assert bench.ANSWER_TOKENS[0] <= answer <= bench.ANSWER_TOKENS[1]
+        assert bench_train.ANSWER_TOKENS[0] <= answer <= bench_train.ANSWER_TOKENS[1]
         assert s["labels"][s["labels"] != -100][-1] == config.text_config.eos_token_id
 
 
@@ -163,28 +165,28 @@ def test_real_configs_have_the_published_parameter_counts(name, billions, vision
 def test_step_flops_match_torch_flop_counter(fam, tiny_qwen25, tiny_qwen3):
     """The MFU numerator against torch's FLOP counter on a real forward + backward (tiny widths, a 1008-px image so
     Qwen2.5-VL's tower has many windows): the vision tower exactly; the language model exactly once its attention
-    is counted the way sdpa's math kernel runs it (the whole T x T square, where bench.py counts the causal half)."""
+    is counted the way sdpa's math kernel runs it (the whole T x T square, where bench_train.py counts the causal half)."""
     import copy
+    from types import SimpleNamespace
 
     import numpy as np
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from types import SimpleNamespace
 
-    import bench
+    import bench_train
 
     config = AutoConfig.from_pretrained(tiny_qwen25 if fam == "qwen2.5" else tiny_qwen3)
     vc, tc = config.vision_config, config.text_config
     ip = Qwen2VLImageProcessorPil(patch_size=vc.patch_size, merge_size=2, temporal_patch_size=2,
-                                  size={"shortest_edge": bench.RSCOVLM_PIXELS[0], "longest_edge": bench.RSCOVLM_PIXELS[1]})
+                                  size={"shortest_edge": bench_train.RSCOVLM_PIXELS[0], "longest_edge": bench_train.RSCOVLM_PIXELS[1]})
     proc = SimpleNamespace(image_processor=ip, patch_size=vc.patch_size, merge_size=2, image_token_id=config.image_token_id)
-    sample = next(s for s in bench.synthetic_samples(8, config, proc, np.random.default_rng(0))
+    sample = next(s for s in bench_train.synthetic_samples(8, config, proc, np.random.default_rng(0))
                   if int(s["image_grid_thw"][0, 1]) % (2 * 4))  # an image whose edge windows are partial
     torch.manual_seed(0)
     net = AutoModelForImageTextToText.from_config(copy.deepcopy(config), attn_implementation="sdpa").train()
-    flops = bench.step_flops(net, config, [sample])
+    flops = bench_train.step_flops(net, config, [sample])
 
     pixels = sample["pixel_values"].clone().requires_grad_(True)  # so the patch embedding's input gradient counts
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):

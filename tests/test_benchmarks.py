@@ -1,4 +1,4 @@
-"""The benchmarks RSCoVLM reports on (data_prep.py refgeo / vrsbench / geochat / vhm) and their metrics: each
+"""The benchmarks RSCoVLM reports on (bench_prep.py refgeo / vrsbench / geochat / vhm) and their metrics: each
 converter on small samples written to the published formats, one-line errors for a wrong folder or a bad line,
 and each metric against hand-computed values (eval_det.py GIoU greedy matching and grouped Acc@0.5,
 eval_vqa.py VHM measures and the contain headline)."""
@@ -12,15 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data_prep
+import bench_prep
 import eval_det
 import eval_vqa
+import model
+from common import UserError
+
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*argv):
-    return data_prep.main([str(a) for a in argv] + ["--workers", "1"])
+    return bench_prep.main([str(a) for a in argv] + ["--workers", "1"])
 
 
 def image(path, w, h):
@@ -83,33 +86,33 @@ def test_refgeo_lines_become_ground_records_per_set(tmp_path):
     r = dior[0]
     assert r["task"] == "ground" and r["dataset"] == "refgeo_dior_rsvg_test" and r["images"][0].endswith("00001.jpg")
     assert r["meta"]["objects"][0]["poly"] == sq(5, 5, 50, 40) and r["meta"]["box_format"] == "hbox"
-    assert r["messages"][0]["content"] == data_prep.ground_prompt("dam on the left", "hbox")
+    assert r["messages"][0]["content"] == model.ground_prompt("dam on the left", "hbox")
     assert r["messages"][-1]["content"] == "5,5,50,40"
     assert avvg["meta"]["objects"][0]["poly"] == sq(1, 2, 9, 12) and avvg["meta"]["width"] == 32
     # --box-format poly takes the line's polygon (its vertices as given; scoring uses the shape)
     run("refgeo", "--root", root, "--sets", "dior_rsvg_test", "--box-format", "poly", "--out", tmp_path / "p")
     (p0, _) = read(tmp_path / "p" / "refgeo_dior_rsvg_test.jsonl")
     assert p0["meta"]["objects"][0]["poly"] == [5, 5, 5, 40, 50, 40, 50, 5] and p0["meta"]["box_format"] == "poly"
-    assert p0["messages"][0]["content"] == data_prep.ground_prompt("dam on the left", "poly")
+    assert p0["messages"][0]["content"] == model.ground_prompt("dam on the left", "poly")
 
 
 def test_refgeo_wrong_folder_and_bad_lines_are_one_line_errors(tmp_path):
     root = _refgeo(tmp_path)
-    with pytest.raises(data_prep.BadInput, match=r"has no metainfo/ folder .*; did you mean .*refGeo\?"):
+    with pytest.raises(UserError, match=r"has no metainfo/ folder .*; did you mean .*refGeo\?"):
         run("refgeo", "--root", tmp_path, "--out", tmp_path / "o")
-    with pytest.raises(data_prep.BadInput, match=r"no .*metainfo/rsvg_test\.jsonl \(sets there: avvg_test, dior_rsvg_test\)"):
+    with pytest.raises(UserError, match=r"no .*metainfo/rsvg_test\.jsonl \(sets there: avvg_test, dior_rsvg_test\)"):
         run("refgeo", "--root", root, "--sets", "rsvg_test", "--out", tmp_path / "o")
     lines = (root / "metainfo" / "dior_rsvg_test.jsonl").read_text().splitlines()
     bad = json.loads(lines[1])
     bad["bbox"] = [30, 10, 40]
     (root / "metainfo" / "dior_rsvg_test.jsonl").write_text(lines[0] + "\n" + json.dumps(bad) + "\n")
-    with pytest.raises(data_prep.BadInput, match=r"dior_rsvg_test\.jsonl:2: bbox must be 4 numbers, got \[30, 10, 40\]"):
+    with pytest.raises(UserError, match=r"dior_rsvg_test\.jsonl:2: bbox must be 4 numbers, got \[30, 10, 40\]"):
         run("refgeo", "--root", root, "--out", tmp_path / "o")
     s = run("refgeo", "--root", root, "--out", tmp_path / "o", "--skip-bad")
     assert s["counts"]["skipped"] == 1 and s["counts"]["records refgeo_dior_rsvg_test"] == 1
     jsonl(root / "metainfo" / "avvg_test.jsonl", [{"image_id": "a7.png", "question": "roof", "bbox": [1, 2, 9, 12],
                                                    "image_width": 64, "image_height": 64}])
-    with pytest.raises(data_prep.BadInput, match=r"avvg_test\.jsonl:1: line says 64x64 but .*a7\.png is 32x32"):
+    with pytest.raises(UserError, match=r"avvg_test\.jsonl:1: line says 64x64 but .*a7\.png is 32x32"):
         run("refgeo", "--root", root, "--sets", "avvg_test", "--out", tmp_path / "o2")
 
 
@@ -150,15 +153,15 @@ def test_vrsbench_files_and_their_scores(tmp_path):
     cap, vqa, ref = (read(tmp_path / "o" / f"vrsbench_{k}.jsonl") for k in ("caption", "vqa", "referring"))
     assert [r["meta"]["references"] for r in cap] == [["A harbor with two white ships."],
                                                        ["A large airport with three planes."]]
-    assert cap[0]["messages"][0]["content"] == data_prep.vqa_prompt("Describe the image in detail", suffix=False)
+    assert cap[0]["messages"][0]["content"] == model.vqa_prompt("Describe the image in detail", suffix=False)
     assert [(r["meta"]["answer"], r["meta"]["type"], r["meta"]["headline_rule"]) for r in vqa] == [
         ("white", "object color", "contain"), ("yes", "object existence", "contain")]
-    assert vqa[0]["messages"][0]["content"] == data_prep.vqa_prompt("What color is the ship?")
+    assert vqa[0]["messages"][0]["content"] == model.vqa_prompt("What color is the ship?")
     # boxes in pixels of the 100x50 image: obj_corner (normalised) when given, else the 0..100 string
     assert [r["meta"]["objects"][0]["poly"] for r in ref] == [sq(10, 10, 50, 30), sq(60, 10, 90, 40), sq(20, 20, 60, 40)]
     assert [r["meta"]["groups"] for r in ref] == [{"unique": "unique", "size": "small"},
                                                  {"unique": "non-unique", "size": "large"}, {"unique": "unique", "size": "small"}]
-    assert ref[0]["messages"][0]["content"] == data_prep.ground_prompt("The white ship at the top left.", "hbox")
+    assert ref[0]["messages"][0]["content"] == model.ground_prompt("The white ship at the top left.", "hbox")
     # referring: Acc@0.5 on the first box, overall and per group; 1 hit, 1 IoU 0.25, 1 without prediction
     m = det_scores(tmp_path, ref, {"vrsbench_referring_0": "10,10,50,30", "vrsbench_referring_1": "60,10,90,20"})
     g = m["ground"]["vrsbench_referring"]
@@ -176,12 +179,12 @@ def test_vrsbench_files_and_their_scores(tmp_path):
 
 def test_vrsbench_bad_entry_and_wrong_images_folder(tmp_path):
     files = _vrsbench(tmp_path)
-    with pytest.raises(data_prep.BadInput, match=r"none of the 2 images .* under --images .*; did you mean .*Images_val\?"):
+    with pytest.raises(UserError, match=r"none of the 2 images .* under --images .*; did you mean .*Images_val\?"):
         run("vrsbench", "--json", files["VRSBench_EVAL_vqa.json"], "--images", tmp_path, "--out", tmp_path / "o")
     rows = json.loads(files["VRSBench_EVAL_referring.json"].read_text())
     del rows[2]["ground_truth"]
     files["VRSBench_EVAL_referring.json"].write_text(json.dumps(rows))
-    with pytest.raises(data_prep.BadInput, match=r"VRSBench_EVAL_referring\.json entry 2: not a VRSBench entry"):
+    with pytest.raises(UserError, match=r"VRSBench_EVAL_referring\.json entry 2: not a VRSBench entry"):
         run("vrsbench", "--json", files["VRSBench_EVAL_referring.json"], "--images", tmp_path / "Images_val",
             "--out", tmp_path / "o")
 
@@ -205,12 +208,12 @@ def test_geochat_scene_classification_fixes_aid_labels_and_extensions(tmp_path):
     assert [(r["meta"]["label"], r["images"][0].endswith(".jpg")) for r in recs] == [("medium residential", True),
                                                                                       ("airport", True)]
     assert recs[0]["meta"]["classes"] == ["airport", "bare land", "medium residential"]
-    assert recs[0]["messages"][0]["content"] == data_prep.cls_prompt(["airport", "bare land", "medium residential"])
+    assert recs[0]["messages"][0]["content"] == model.cls_prompt(["airport", "bare land", "medium residential"])
     m = vqa_scores(tmp_path, recs, {recs[0]["id"]: "Medium residential area.", recs[1]["id"]: "bare land"})
     assert m["cls"]["geochat_aid"]["exact"] == 0.0
     assert m["headline"] == {"cls/geochat_aid: accuracy (contain)": 50.0}
     jsonl(aid, [{"question_id": "x", "image": "airport_3.png", "text": text, "ground_truth": "Forestgt"}])
-    with pytest.raises(data_prep.BadInput, match=r"aid\.jsonl:1: ground_truth 'Forestgt' is not one of the classes"):
+    with pytest.raises(UserError, match=r"aid\.jsonl:1: ground_truth 'Forestgt' is not one of the classes"):
         run("geochat", "--json", aid, "--images", tmp_path / "AID", "--out", tmp_path / "o2")
 
 
@@ -223,12 +226,12 @@ def test_geochat_lrben_needs_the_rsvqa_answers(tmp_path):
     answers = tmp_path / "LR_split_test_answers.json"
     answers.write_text(json.dumps({"answers": [{"id": 10, "question_id": 10, "answer": "yes", "active": True},
                                                {"id": 11, "question_id": 11, "answer": "rural", "active": True}]}))
-    with pytest.raises(data_prep.BadInput, match=r"lrben/hrben: give --answers"):
+    with pytest.raises(UserError, match=r"lrben/hrben: give --answers"):
         run("geochat", "--json", lrben, "--images", tmp_path / "Images_LR", "--out", tmp_path / "o")
     run("geochat", "--json", lrben, "--images", tmp_path / "Images_LR", "--answers", answers, "--out", tmp_path / "o")
     recs = read(tmp_path / "o" / "geochat_lrben.jsonl")
     assert [(r["meta"]["answer"], r["meta"]["type"]) for r in recs] == [("yes", "presence"), ("rural", "rural_urban")]
-    assert recs[0]["messages"][0]["content"] == data_prep.vqa_prompt("Is there a road?")  # GeoChat's suffix
+    assert recs[0]["messages"][0]["content"] == model.vqa_prompt("Is there a road?")  # GeoChat's suffix
     m = vqa_scores(tmp_path, recs, {recs[0]["id"]: "Yes, there is.", recs[1]["id"]: "urban"})
     assert m["headline"] == {"vqa/geochat_lrben: OA (contain)": 50.0}
 
@@ -254,7 +257,7 @@ def test_geochat_referring_records_and_precision(tmp_path):
     assert [r["meta"]["groups"] for r in recs] == [{"size": "small", "type": "ref", "count": "multiple"},
                                                   {"size": "large", "type": "ref", "count": "single"},
                                                   {"size": "small", "type": "grounding", "count": "single"}]
-    assert recs[0]["messages"][0]["content"] == data_prep.ground_prompt("two planes on the left", "poly")
+    assert recs[0]["messages"][0]["content"] == model.ground_prompt("two planes on the left", "poly")
     # both planes found, in the other order -> correct; the ship found plus an extra box -> wrong (F1 < 1);
     # the tank without any box -> wrong
     m = det_scores(tmp_path, recs, {
@@ -269,7 +272,7 @@ def test_geochat_referring_records_and_precision(tmp_path):
     rows = [json.loads(line) for line in ref.read_text().splitlines()]
     rows[1]["ground_truth"] = [[[50, 20], [190, 20], [190, 80], [50, 80]]]  # not this 100x100 image's pixels
     jsonl(ref, rows)
-    with pytest.raises(data_prep.BadInput, match=r"referring\.jsonl:2: box .* is outside the 100x100 image"):
+    with pytest.raises(UserError, match=r"referring\.jsonl:2: box .* is outside the 100x100 image"):
         run("geochat", "--json", ref, "--images", tmp_path / "GeoChat_Instruct", "--out", tmp_path / "o2")
 
 
@@ -280,9 +283,9 @@ def test_geochat_region_captioning_keeps_geochat_question(tmp_path):
     run("geochat", "--json", rc, "--images", tmp_path / "GeoChat_Instruct", "--out", tmp_path / "o")
     (r,) = read(tmp_path / "o" / "geochat_region_captioning.jsonl")
     assert r["task"] == "caption" and r["meta"]["references"] == ["a white plane"]
-    assert r["messages"][0]["content"] == data_prep.vqa_prompt(
+    assert r["messages"][0]["content"] == model.vqa_prompt(
         "[identify] What is the object present at {<10><20><50><60>|0}", suffix=False)
-    with pytest.raises(data_prep.BadInput, match=r"cannot tell the GeoChat-Bench part .*give --part"):
+    with pytest.raises(UserError, match=r"cannot tell the GeoChat-Bench part .*give --part"):
         run("geochat", "--json", jsonl(tmp_path / "mine.jsonl", []), "--images", tmp_path, "--out", tmp_path / "o")
 
 
@@ -332,13 +335,13 @@ def test_referring_precision_by_hand():
 def _vhm(tmp_path, parts):
     base = tmp_path / "VHM_eval_dataset" / "datasets_eval"
     for part, qa in parts.items():
-        folder = data_prep.VHM_FILES[part][:-len(".json")]
+        folder = bench_prep.VHM_FILES[part][:-len(".json")]
         rows = []
         for k, (q, a) in enumerate(qa):
             image(base / folder / f"{k}.png", 16, 16)
             rows.append({"id": k, "image": f"{k}.png", "image_path": folder,
                          "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
-        (base / data_prep.VHM_FILES[part]).write_text(json.dumps(rows))
+        (base / bench_prep.VHM_FILES[part]).write_text(json.dumps(rows))
     return tmp_path / "VHM_eval_dataset"
 
 
@@ -352,7 +355,7 @@ def test_vhm_parts_and_their_measures(tmp_path):
     run("vhm", "--root", root, "--parts", "counting,imgtype,presence,color", "--out", tmp_path / "o")
     counting = read(tmp_path / "o" / "vhm_counting.jsonl")
     assert [r["meta"]["answer"] for r in counting] == ["4", "10", "0", "5"]
-    assert counting[0]["messages"][0]["content"] == data_prep.vqa_prompt("How many planes are there?", suffix=False)
+    assert counting[0]["messages"][0]["content"] == model.vqa_prompt("How many planes are there?", suffix=False)
     recs = [r for p in ("counting", "imgtype", "presence", "color") for r in read(tmp_path / "o" / f"vhm_{p}.jsonl")]
     preds = {"vhm_counting_0": "There are 6 planes.", "vhm_counting_1": "ten", "vhm_counting_2": "2",
              "vhm_counting_3": "many",
@@ -373,9 +376,9 @@ def test_vhm_parts_and_their_measures(tmp_path):
     assert h["vqa/vhm_imgtype: accuracy"] == 50.0 and not any(k.endswith(": OA") for k in h)
     assert eval_vqa.vhm_count("twenty-one cars") == 21 and eval_vqa.vhm_count("seven") == 7
     assert eval_vqa.vhm_count("none") is None
-    with pytest.raises(data_prep.BadInput, match=r"no .*presence_mo_dota\.json .*; did you mean .*VHM_eval_dataset\?"):
+    with pytest.raises(UserError, match=r"no .*presence_mo_dota\.json .*; did you mean .*VHM_eval_dataset\?"):
         run("vhm", "--root", tmp_path, "--parts", "presence", "--out", tmp_path / "o2")
-    with pytest.raises(data_prep.BadInput, match=r"--parts sizes: choose from counting,"):
+    with pytest.raises(UserError, match=r"--parts sizes: choose from counting,"):
         run("vhm", "--root", root, "--parts", "sizes", "--out", tmp_path / "o2")
 
 
@@ -387,7 +390,7 @@ def test_rscovlm_preset_applies_to_benchmark_records(tmp_path):
     run("refgeo", "--root", _refgeo(tmp_path), "--sets", "dior_rsvg_test", "--prompts", "rscovlm", "--out", tmp_path / "o")
     r = read(tmp_path / "o" / "refgeo_dior_rsvg_test.jsonl")[0]
     assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
-    assert r["messages"][0]["content"] == data_prep.RSCOVLM_SYSTEM["hbox"]  # geoground.py's plain form
+    assert r["messages"][0]["content"] == model.RSCOVLM_SYSTEM["hbox"]  # geoground.py's plain form
     assert r["messages"][1]["content"] == "<image>find the dam on the left" and r["meta"]["answer_style"] == "rscovlm"
     files = _vrsbench(tmp_path)
     run("vrsbench", "--json", *files.values(), "--images", tmp_path / "Images_val", "--prompts", "rscovlm",
@@ -407,7 +410,7 @@ def test_rscovlm_preset_applies_to_benchmark_records(tmp_path):
 def test_cli_missing_file_is_one_line_exit_2(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RSCOVLM_DEBUG", None)
-    p = subprocess.run([sys.executable, "data_prep.py", "vrsbench", "--json", str(tmp_path / "VRSBench_EVAL_vqa.json"),
+    p = subprocess.run([sys.executable, "bench_prep.py", "vrsbench", "--json", str(tmp_path / "VRSBench_EVAL_vqa.json"),
                         "--images", str(tmp_path), "--out", str(tmp_path / "o")], cwd=REPO, env=env, text=True,
                        capture_output=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0

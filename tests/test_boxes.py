@@ -10,6 +10,7 @@ from shapely.geometry import Polygon, box
 
 import boxes
 
+
 # -----------------------------------------------------------------------------
 # helpers
 

@@ -17,9 +17,16 @@ from shapely.geometry import Polygon, box
 
 import boxes
 import data_prep
+import model
+import synth
+from common import UserError, read_records
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_synth(*argv):
+    return synth.main(["data"] + [str(a) for a in argv])
 
 
 def run(*argv):
@@ -169,7 +176,7 @@ def test_dota_512_train_drops_empty_patches_and_resume_skips_written(shared_data
     assert {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
     assert read_jsonl(out / "dota_train_512.jsonl") == recs
     # other settings into the same output are refused (the old patches would be trusted)
-    with pytest.raises(data_prep.BadInput, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         run("dota", "--root", root, "--split", "train", "--patch", "512", "--gap", "100", "--out", out)
 
     # an empty window: a label file with one object far from the first window, 1024/200 on P0706
@@ -225,7 +232,7 @@ def test_bad_label_line_names_file_and_line_or_is_skipped(tmp_path, line, why):
     root = _bad_root(tmp_path)
     write_png(root / "images" / "B.png", 100, 80)
     (root / "labelTxt" / "B.txt").write_text("10 10 30 10 30 20 10 20 plane 0\n" + line + "\n")
-    with pytest.raises(data_prep.BadInput, match=rf"line 2 in .*B\.txt: .*{why}"):
+    with pytest.raises(UserError, match=rf"line 2 in .*B\.txt: .*{why}"):
         run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o", "--workers", "1")
     s = run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o2", "--workers", "1", "--skip-bad")
     assert s["counts"]["skipped"] == 1 and "B.txt" in s["skipped"][0]["reason"]
@@ -237,7 +244,7 @@ def test_corrupt_or_missing_image_is_an_error_or_counted_skip(tmp_path):
     good = (root / "images" / "A.png").read_bytes()
     (root / "images" / "C.png").write_bytes(good[: len(good) // 2])  # truncated file
     (root / "labelTxt" / "C.txt").write_text("10 10 30 10 30 20 10 20 plane 0\n")
-    with pytest.raises(data_prep.BadInput, match=r"cannot read image .*C\.png"):
+    with pytest.raises(UserError, match=r"cannot read image .*C\.png"):
         run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o", "--workers", "1")
     s = run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o2", "--workers", "2", "--skip-bad")
     assert s["counts"]["skipped"] == 1 and "C.png" in s["skipped"][0]["reason"]
@@ -245,7 +252,7 @@ def test_corrupt_or_missing_image_is_an_error_or_counted_skip(tmp_path):
     # no label file for an image of a labelled split
     (root / "images" / "C.png").write_bytes(good)
     (root / "labelTxt" / "C.txt").unlink()
-    with pytest.raises(data_prep.BadInput, match=r"no label file .*C\.txt"):
+    with pytest.raises(UserError, match=r"no label file .*C\.txt"):
         run("dota", "--root", root, "--split", "train", "--out", tmp_path / "o3", "--workers", "1")
 
 
@@ -291,7 +298,7 @@ def test_dior_split_list_and_unknown_class(tmp_path):
     (r,) = read_jsonl(tmp_path / "o" / "dior_train.jsonl")
     assert r["meta"]["objects"][0]["label"] == "expressway-service-area"
     (ann / "00002.xml").write_text(f"<annotation>{DIOR_OBJ.format('volcano')}</annotation>")
-    with pytest.raises(data_prep.BadInput, match=r"object 1 in .*00002\.xml: unknown class 'volcano'"):
+    with pytest.raises(UserError, match=r"object 1 in .*00002\.xml: unknown class 'volcano'"):
         run("dior", "--root", root, "--split", "train", "--out", tmp_path / "o", "--workers", "1")
 
 
@@ -380,7 +387,7 @@ def test_rsvqa_types_buckets_and_suffix(tmp_path):
                                                    "yes", "rural"]
     assert [r["meta"]["type"] for r in recs] == ["count"] * 4 + ["presence", "rural_urban"]
     assert s["counts"]["inactive questions"] == 1 and s["counts"]["inactive images"] == 1
-    assert recs[4]["messages"][0]["content"] == "<image>\nIs there a road? " + data_prep.VQA_SUFFIX
+    assert recs[4]["messages"][0]["content"] == "<image>\nIs there a road? " + model.VQA_SUFFIX
     assert recs[1]["messages"][-1]["content"] == "between 0 and 10"
     run("rsvqa", "--root", root, "--variant", "LR", "--split", "test", "--out", tmp_path / "o2", "--no-bucket",
         "--no-suffix", "--types", "count", "--workers", "1")
@@ -410,7 +417,7 @@ def test_captions_one_record_per_image_with_all_references(tmp_path):
         {"filename": "c.tif", "imgid": 2, "split": "test", "sentences": []}]}
     (tmp_path / "dataset_rsicd.json").write_text(json.dumps(data))
     args = ["captions", "--json", tmp_path / "dataset_rsicd.json", "--images", tmp_path / "imgs", "--workers", "1"]
-    with pytest.raises(data_prep.BadInput, match="c.tif.*no reference"):
+    with pytest.raises(UserError, match="c.tif.*no reference"):
         run(*args, "--split", "test", "--out", tmp_path / "o")
     run(*args, "--split", "test", "--out", tmp_path / "o", "--skip-bad")
     (r,) = read_jsonl(tmp_path / "o" / "rsicd_test.jsonl")
@@ -464,7 +471,7 @@ def test_dior_trainval_is_train_plus_val_when_there_is_no_trainval_list(tmp_path
     # neither: the error says where it looked and which lists there are
     (lists / "trainval.txt").unlink()
     (lists / "val.txt").unlink()
-    with pytest.raises(data_prep.BadInput, match=r"trainval split list .*ImageSets/Main.*lists there: test, train\)"):
+    with pytest.raises(UserError, match=r"trainval split list .*ImageSets/Main.*lists there: test, train\)"):
         run("dior", "--root", root, "--split", "trainval", "--out", tmp_path / "o3", "--workers", "1")
 
 
@@ -490,11 +497,11 @@ def test_fair1m_closing_point_is_compared_as_numbers(tmp_path, first, last):
         xml = tmp_path / "1.xml"
         xml.write_text("<annotation><objects><object><possibleresult><name>Bus</name></possibleresult><points>"
                        + "".join(f"<point>{p}</point>" for p in points) + "</points></object></objects></annotation>")
-        return data_prep.parse_fair1m_xml(xml, data_prep.FAIR1M_CLASSES)
+        return data_prep.parse_fair1m_xml(xml, boxes.FAIR1M_CLASSES)
 
     (o,) = parse([first, "60,20", "60,40", "10,40", last])
     assert o["poly"] == [float(v) for v in first.split(",")] + [60, 20, 60, 40, 10, 40] and o["label"] == "bus"
-    with pytest.raises(data_prep.BadInput, match=r"object 1 in .*1\.xml: polygon has 5 points"):
+    with pytest.raises(UserError, match=r"object 1 in .*1\.xml: polygon has 5 points"):
         parse([first, "60,20", "60,40", "10,40", "11,20"])  # a fifth corner, not the first again
 
 
@@ -556,7 +563,7 @@ def test_budget_report_exact_with_a_processor(shared_data, tmp_path, tiny_qwen25
     s = run("dota", "--root", root, "--split", "val", "--patch", "512", "--out", tmp_path / "o", "--workers", "2",
             "--processor", tiny_qwen25, "--answer-budget", 3000)
     processor = model.load_processor(tiny_qwen25)
-    records = model.read_records(tmp_path / "o" / "dota_val_512.jsonl")
+    records = read_records(tmp_path / "o" / "dota_val_512.jsonl")
     need = {r["id"]: int((model.tokenize(r, processor)["labels"] != -100).sum()) for r in records}
     got = s["answer_tokens"]
     assert got["method"].startswith(f"exact: {tiny_qwen25}'s tokenizer")
@@ -568,7 +575,7 @@ def test_budget_report_exact_with_a_processor(shared_data, tmp_path, tiny_qwen25
 
 
 def test_budget_report_on_synth_and_rsvg_fixtures(tmp_path):
-    s = run("synth", "--out", tmp_path / "s", "--train", 6, "--val", 3, "--answer-budget", 40)
+    s = run_synth("--out", tmp_path / "s", "--train", 6, "--val", 3, "--answer-budget", 40)
     for split in ("train", "val"):
         recs = read_jsonl(tmp_path / "s" / f"synth_det_{split}.jsonl") + read_jsonl(tmp_path / "s" / f"synth_ground_{split}.jsonl")
         assert s["answer_tokens"]["splits"][split] == ref_report(recs, 40)
@@ -577,9 +584,9 @@ def test_budget_report_on_synth_and_rsvg_fixtures(tmp_path):
     (root / "test.txt").write_text("0\n1\n2\n")
     s = run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "r", "--workers", "1")
     assert s["answer_tokens"]["splits"] == {"test": ref_report(read_jsonl(tmp_path / "r" / "rsvg_test.jsonl"), 2048)}
-    with pytest.raises(data_prep.BadInput, match="--answer-budget 0"):
+    with pytest.raises(UserError, match="--answer-budget 0"):
         run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "r", "--answer-budget", 0)
-    with pytest.raises(data_prep.BadInput, match=rf"--processor {tmp_path / 'nope'}: no such folder"):
+    with pytest.raises(UserError, match=rf"--processor {tmp_path / 'nope'}: no such folder"):
         run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "r2", "--processor", tmp_path / "nope")
     assert not (tmp_path / "r2").exists()
 
@@ -587,7 +594,7 @@ def test_budget_report_on_synth_and_rsvg_fixtures(tmp_path):
 # -----------------------------------------------------------------------------
 # Bad input through the real CLI: one line `error: ...` on stderr, exit code 2, nothing written.
 # The cases start together (each process imports torch through model.py: ~2 s of CPU); the other wrong
-# layouts are checked in-process below (same BadInput, same message).
+# layouts are checked in-process below (same UserError, same message).
 
 
 CLI_CASES = ["dota_empty_root", "dota_no_labeltxt", "dota_train_all_patches_empty", "cls_ucmerced_unzipped_folder",
@@ -667,27 +674,27 @@ def test_cli_bad_input_is_one_line_naming_it_exit_2_nothing_written(cli_errors, 
 
 def test_cli_debug_flag_shows_the_traceback(cli_errors):
     code, err, _, _, _ = cli_errors["debug"]
-    assert code == 1 and any(line.startswith("Traceback") for line in err) and err[-1].startswith("BadInput: ")
+    assert code == 1 and any(line.startswith("Traceback") for line in err) and err[-1].startswith("common.UserError: ")
     assert "did you mean" in err[-1]
 
 
 def test_wrong_folders_are_named_with_a_suggestion(tmp_path):
     # DOTA/ given where DOTA/train is meant
     write_png(tmp_path / "DOTA" / "train" / "images" / "A.png", 32, 32)
-    with pytest.raises(data_prep.BadInput, match=rf"{tmp_path / 'DOTA' / 'images'} is not a folder.*"
+    with pytest.raises(UserError, match=rf"{tmp_path / 'DOTA' / 'images'} is not a folder.*"
                                                  rf"did you mean {tmp_path / 'DOTA' / 'train'}\?"):
         run("dota", "--root", tmp_path / "DOTA", "--split", "test", "--out", tmp_path / "o")
     (tmp_path / "fair1m" / "images").mkdir(parents=True)
-    with pytest.raises(data_prep.BadInput, match=rf"{tmp_path / 'fair1m' / 'images'} has no images"):
+    with pytest.raises(UserError, match=rf"{tmp_path / 'fair1m' / 'images'} has no images"):
         run("fair1m", "--root", tmp_path / "fair1m", "--split", "train", "--out", tmp_path / "o")
     # RSVQA files one level down
     rsvqa = _rsvqa_root(tmp_path / "parent")
-    with pytest.raises(data_prep.BadInput, match=rf"no {tmp_path / 'parent' / 'LR_split_test_questions.json'} .*"
+    with pytest.raises(UserError, match=rf"no {tmp_path / 'parent' / 'LR_split_test_questions.json'} .*"
                                                  rf"did you mean {rsvqa}\?"):
         run("rsvqa", "--root", tmp_path / "parent", "--variant", "LR", "--split", "test", "--out", tmp_path / "o")
     # a --split the caption JSON does not have
     js = _caption_set(tmp_path / "RSICD", "dataset_rsicd.json")
-    with pytest.raises(data_prep.BadInput, match=r"no records for rsicd_val.*dataset_rsicd\.json has split 'val' "
+    with pytest.raises(UserError, match=r"no records for rsicd_val.*dataset_rsicd\.json has split 'val' "
                                                  r"\(splits there: test \(1\), train \(1\)\)"):
         run("captions", "--json", js, "--images", js.parent / "imgs", "--split", "val", "--out", tmp_path / "o")
     assert not list((tmp_path / "o").glob("*.jsonl"))
@@ -705,14 +712,14 @@ def test_rsvg_index_past_the_last_object_is_a_counted_skip_with_skip_bad(tmp_pat
 def test_zero_record_runs_say_why(tmp_path):
     # rsvqa: --types that no question has
     root = _rsvqa_root(tmp_path)
-    with pytest.raises(data_prep.BadInput, match=r"no question of --types presense \(types in .*: count, presence"):
+    with pytest.raises(UserError, match=r"no question of --types presense \(types in .*: count, presence"):
         run("rsvqa", "--root", root, "--variant", "LR", "--split", "test", "--types", "presense",
             "--out", tmp_path / "o", "--workers", "1")
     assert not (tmp_path / "o" / "rsvqa_lr_test.jsonl").exists()
     # cls: a class folder given as --root; a folder without images is not a class (and is said so)
     for c in ("Airport", "Beach"):
         write_png(tmp_path / "AID" / c / f"{c}_1.jpg", 8, 8)
-    with pytest.raises(data_prep.BadInput, match=r"Airport holds images itself: .*\(.*AID\?\)"):
+    with pytest.raises(UserError, match=r"Airport holds images itself: .*\(.*AID\?\)"):
         run("cls", "--root", tmp_path / "AID" / "Airport", "--out", tmp_path / "c", "--workers", "1")
     (tmp_path / "AID" / "__MACOSX").mkdir()
     (tmp_path / "AID" / "empty_folder").mkdir()
@@ -722,7 +729,7 @@ def test_zero_record_runs_say_why(tmp_path):
     # cls: every image unreadable and skipped -> an error, not two empty files
     for c in ("Airport", "Beach"):
         (tmp_path / "AID" / c / f"{c}_1.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(data_prep.BadInput, match=r"no records for aid2.*2 skipped as bad input"):
+    with pytest.raises(UserError, match=r"no records for aid2.*2 skipped as bad input"):
         run("cls", "--root", tmp_path / "AID", "--name", "aid2", "--out", tmp_path / "c", "--workers", "1", "--skip-bad")
     assert not (tmp_path / "c" / "aid2_train.jsonl").exists()
 
@@ -736,7 +743,7 @@ def test_synth_is_deterministic_per_seed(tmp_path):
     def files(d):
         return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.suffix != ".json"}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        run("synth", "--out", tmp_path / name, "--train", 6, "--val", 2, "--seed", seed)
+        run_synth("--out", tmp_path / name, "--train", 6, "--val", 2, "--seed", seed)
     a, b, c = (files(tmp_path / n) for n in "abc")
     assert a == b
     assert a.keys() == c.keys() and a != c
@@ -744,7 +751,7 @@ def test_synth_is_deterministic_per_seed(tmp_path):
     for t in ("det", "ground", "vqa", "caption", "cls", "all"):
         assert {f"synth_{t}_train.jsonl", f"synth_{t}_val.jsonl"} <= names
     # val images do not depend on how many training images were asked for
-    run("synth", "--out", tmp_path / "d", "--train", 3, "--val", 2, "--seed", 0)
+    run_synth("--out", tmp_path / "d", "--train", 3, "--val", 2, "--seed", 0)
     assert (tmp_path / "d" / "images" / "val_00001.png").read_bytes() == a[Path("images/val_00001.png")]
 
 
@@ -754,8 +761,8 @@ def test_synth_round_trips_through_model_tokenize(tmp_path, family, request):
 
     tiny = request.getfixturevalue("tiny_qwen25" if family == "qwen2.5" else "tiny_qwen3")
     processor = model.load_processor(tiny)
-    run("synth", "--out", tmp_path, "--train", 4, "--val", 2, "--seed", 3)
-    records = model.read_records(tmp_path / "synth_all_train.jsonl")  # also checks ids are unique
+    run_synth("--out", tmp_path, "--train", 4, "--val", 2, "--seed", 3)
+    records = read_records(tmp_path / "synth_all_train.jsonl")  # also checks ids are unique
     assert {r["task"] for r in records} == {"det", "ground", "vqa", "caption", "cls"}
     tok = processor.tokenizer
     for r in records:
@@ -775,7 +782,7 @@ def test_synth_round_trips_through_model_tokenize(tmp_path, family, request):
             fmt = meta["box_format"]
             assert text == boxes.render_answer(meta["objects"], w, h, **kw, box_format=fmt, with_label=r["task"] == "det")
             objs, stats = boxes.parse_answer(text, w, h, **kw, box_format=fmt,
-                                             classes=data_prep.SYNTH_CLASSES if r["task"] == "det" else None)
+                                             classes=synth.SYNTH_CLASSES if r["task"] == "det" else None)
             assert len(objs) == len(meta["objects"]) and stats["junk_lines"] == 0
             want = sorted(boxes.poly_to_hbox(o["poly"]) for o in meta["objects"])
             got = sorted(boxes.poly_to_hbox(o["poly"]) for o in objs)

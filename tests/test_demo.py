@@ -16,7 +16,9 @@ import data_prep
 import eval_det
 import eval_vqa
 import model
+import synth
 from cli_helpers import REPO, one_error_line, run_main
+from common import UserError, read_records
 
 
 # -----------------------------------------------------------------------------
@@ -24,10 +26,10 @@ from cli_helpers import REPO, one_error_line, run_main
 
 
 def test_synth_localisation_level(tmp_path):
-    data_prep.main(["synth", "--out", str(tmp_path / "loc"), "--train", "30", "--val", "0", "--objects", "1,1",
+    synth.main(["data", "--out", str(tmp_path / "loc"), "--train", "30", "--val", "0", "--objects", "1,1",
                     "--object-size", "64,96", "--ground-expr", "class"])
-    det = model.read_records(tmp_path / "loc" / "synth_det_train.jsonl")
-    ground = {r["images"][0]: r for r in model.read_records(tmp_path / "loc" / "synth_ground_train.jsonl")}
+    det = read_records(tmp_path / "loc" / "synth_det_train.jsonl")
+    ground = {r["images"][0]: r for r in read_records(tmp_path / "loc" / "synth_ground_train.jsonl")}
     assert len(det) == len(ground) == 30  # one object per image: always alone of its class, always grounded
     for r in det:
         (obj,) = r["meta"]["objects"]
@@ -43,16 +45,16 @@ def test_synth_localisation_level(tmp_path):
         assert g["meta"]["objects"][0]["poly"] == pytest.approx([min(xs), min(ys), max(xs), min(ys), max(xs), max(ys),
                                                                  min(xs), max(ys)], abs=0.02)
     # the default level is unchanged: 1-4 objects, colour + class + region expressions
-    data_prep.main(["synth", "--out", str(tmp_path / "rich"), "--train", "30", "--val", "0"])
-    counts = [len(r["meta"]["objects"]) for r in model.read_records(tmp_path / "rich" / "synth_det_train.jsonl")]
+    synth.main(["data", "--out", str(tmp_path / "rich"), "--train", "30", "--val", "0"])
+    counts = [len(r["meta"]["objects"]) for r in read_records(tmp_path / "rich" / "synth_det_train.jsonl")]
     assert max(counts) > 1 and min(counts) >= 1
-    exprs = [r["meta"]["objects"][0]["expression"] for r in model.read_records(tmp_path / "rich" / "synth_ground_train.jsonl")]
+    exprs = [r["meta"]["objects"][0]["expression"] for r in read_records(tmp_path / "rich" / "synth_ground_train.jsonl")]
     assert all(len(e.split()) >= 4 for e in exprs)
 
 
 def test_synth_level_flags_refuse_bad_ranges(tmp_path, monkeypatch, capsys):
     for flag, value in (("--objects", "0,2"), ("--objects", "3,2"), ("--object-size", "64,200"), ("--objects", "a")):
-        code, _, err = run_main("data_prep.py", data_prep.main, ["synth", "--out", tmp_path, flag, value],
+        code, _, err = run_main("synth.py", synth.main, ["data", "--out", tmp_path, flag, value],
                                 monkeypatch, capsys)
         assert code == 2 and flag in err and value in err, (flag, value, err)
 
@@ -62,7 +64,7 @@ def test_synth_level_flags_refuse_bad_ranges(tmp_path, monkeypatch, capsys):
 
 
 def test_make_tiny_head_widths_and_rope(tmp_path):
-    ckpt = model.make_tiny(tmp_path / "q3", "qwen3", hidden=64, layers=1, vision_hidden=64, vision_depth=1,
+    ckpt = synth.make_tiny(tmp_path / "q3", "qwen3", hidden=64, layers=1, vision_hidden=64, vision_depth=1,
                            head_dim=32, vision_head_dim=32, rope_theta=1e4, vision_pos_std=0.5)
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     assert cfg["vision_config"]["num_heads"] == 2 and cfg["text_config"]["num_attention_heads"] == 2
@@ -72,12 +74,12 @@ def test_make_tiny_head_widths_and_rope(tmp_path):
     assert net.config.vision_config.num_heads == 2
     pos = net.model.visual.pos_embed.weight  # (64, 64): re-drawn at std 0.5, saved and loaded back
     assert 0.45 < pos.std().item() < 0.55
-    with pytest.raises(model.UserError, match="only Qwen3-VL"):
-        model.make_tiny(tmp_path / "q25pos", "qwen2.5", vision_pos_std=0.5)
-    cfg25 = json.loads((Path(model.make_tiny(tmp_path / "q25", "qwen2.5", head_dim=32)) / "config.json").read_text())
+    with pytest.raises(UserError, match="only Qwen3-VL"):
+        synth.make_tiny(tmp_path / "q25pos", "qwen2.5", vision_pos_std=0.5)
+    cfg25 = json.loads((Path(synth.make_tiny(tmp_path / "q25", "qwen2.5", head_dim=32)) / "config.json").read_text())
     assert cfg25["text_config"]["rope_parameters"]["mrope_section"] == [4, 6, 6]  # Qwen2.5-VL's [16, 24, 24]
-    with pytest.raises(model.UserError, match="--vision-head-dim"):
-        model.make_tiny(tmp_path / "bad", "qwen3", vision_hidden=64, vision_head_dim=48)
+    with pytest.raises(UserError, match="--vision-head-dim"):
+        synth.make_tiny(tmp_path / "bad", "qwen3", vision_hidden=64, vision_head_dim=48)
 
 
 # -----------------------------------------------------------------------------
@@ -165,17 +167,17 @@ def test_watch_scores_exports_as_they_appear_in_step_order_and_resumes(tmp_path)
 
 def test_watch_gives_up_on_a_dead_run_and_names_wrong_folders(tmp_path):
     run = fake_run(tmp_path)
-    with pytest.raises(model.UserError, match=r"no new export .* scored steps \[0\]"):
+    with pytest.raises(UserError, match=r"no new export .* scored steps \[0\]"):
         model.watch_run(run, tmp_path / "out", lambda c, o: {"headline": {}}, poll_s=0.05, idle_minutes=0.005)
     export(run / "final")
-    with pytest.raises(model.UserError, match=f"one export of a run: give the run folder {run}$"):
+    with pytest.raises(UserError, match=f"one export of a run: give the run folder {run}$"):
         model.run_checkpoints(run / "final")
-    with pytest.raises(model.UserError, match=f"runs below it: {run}"):
+    with pytest.raises(UserError, match=f"runs below it: {run}"):
         model.run_checkpoints(tmp_path)  # the folder above the run
 
 
 def test_watch_cli_scores_each_checkpoint_with_both_eval_scripts(tmp_path, tiny_qwen3, monkeypatch, capsys):
-    data_prep.main(["synth", "--out", str(tmp_path / "data"), "--train", "0", "--val", "2"])
+    synth.main(["data", "--out", str(tmp_path / "data"), "--train", "0", "--val", "2"])
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     (run / "args.json").write_text(json.dumps({"model": tiny_qwen3}))

@@ -12,10 +12,12 @@ import pytest
 import shapely
 
 import boxes
-import eval_det
 import cli_helpers
+import eval_det
 import model
-from eval_det import DOTA_CLASSES, score_det
+from common import UserError, read_predictions, read_records, run_cli
+from eval_det import score_det
+
 
 # -----------------------------------------------------------------------------
 # Reference: dota_evaluation_task1.py / task2.py written plainly (own file parsing, loop per detection)
@@ -122,11 +124,11 @@ def ref_voc_eval(detfile, annodir, names, classname, task, use_07, ovthresh=0.5)
 def random_task_files(label_dir, out_dir, seed=0):
     rng = np.random.default_rng(seed)
     names = sorted(p.stem for p in label_dir.glob("*.txt"))
-    classes = DOTA_CLASSES["dota1.0"]
+    classes = boxes.DOTA_CLASSES["1.0"]
     lines = {c: [] for c in classes}
     n_bowtie = 0
     for name in names:
-        gts = [o for o in eval_det.read_dota_label(label_dir / f"{name}.txt")]
+        gts = [o for o in boxes.read_dota_labels(label_dir / f"{name}.txt")]
         for o in gts:
             poly = np.array(o["poly"]).reshape(4, 2)
             size = np.ptp(poly, 0).max()
@@ -160,7 +162,7 @@ def write_hbb_labels(label_dir, out_dir):
     out_dir.mkdir()
     for p in label_dir.glob("*.txt"):
         rows = []
-        for o in eval_det.read_dota_label(p):
+        for o in boxes.read_dota_labels(p):
             x0, y0, x1, y1 = min(o["poly"][0::2]), min(o["poly"][1::2]), max(o["poly"][0::2]), max(o["poly"][1::2])
             rows.append(f"{x0} {y0} {x1} {y0} {x1} {y1} {x0} {y1} {o['label']} {o['difficult']}\n")
         (out_dir / p.name).write_text("".join(rows))
@@ -183,7 +185,7 @@ def test_dota_task_files_match_reference(shared_data, tmp_path, task):
                              "--ap", rule, "--json-out", str(out)])
         assert json.loads(out.read_text())["AP"] == pytest.approx(res["AP"], abs=0)
         aps = []
-        for c in DOTA_CLASSES["dota1.0"]:
+        for c in boxes.DOTA_CLASSES["1.0"]:
             ref = ref_voc_eval(det_dir / f"Task{task}_{c}.txt", ref_labels, names, c, task, rule == "voc07")
             assert abs(res["AP"][c] - ref) < 1e-9, (task, rule, c, res["AP"][c], ref)
             aps.append(ref)
@@ -287,14 +289,14 @@ def test_bad_lines_name_file_and_line(tmp_path):
     (tmp_path / "dets").mkdir()
     (tmp_path / "gt" / "P1.txt").write_text("imagesource:x\ngsd:0.1\n0 0 10 0 10 10 0 10 plane 0\n0 0 10 0 10 10 0 10 plane 0 7\n")
     (tmp_path / "dets" / "Task1_plane.txt").write_text("P1 0.9 0 0 10 0 10 10 0 10\n")
-    with pytest.raises(model.UserError, match=r"bad label line 4 in .*P1.txt: expected 9 or 10 fields"):
+    with pytest.raises(UserError, match=r"bad label line 4 in .*P1.txt: expected 9 or 10 fields"):
         eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
     (tmp_path / "gt" / "P1.txt").write_text("0 0 10 0 10 10 0 10 plane\n")  # missing difficult = 0
     (tmp_path / "dets" / "Task1_ship.txt").write_text("P1 0.9 0 0 10 0 10 10\n")
-    with pytest.raises(model.UserError, match=r"bad detection line 1 in .*Task1_ship.txt: expected 10 fields"):
+    with pytest.raises(UserError, match=r"bad detection line 1 in .*Task1_ship.txt: expected 10 fields"):
         eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
     (tmp_path / "dets" / "Task1_ship.txt").write_text("P2 0.9 0 0 10 0 10 10 0 10\n")
-    with pytest.raises(model.UserError, match=r"line 1 in .*Task1_ship.txt: image 'P2' has no label file"):
+    with pytest.raises(UserError, match=r"line 1 in .*Task1_ship.txt: image 'P2' has no label file"):
         eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
     (tmp_path / "dets" / "Task1_ship.txt").unlink()
     res = eval_det.main(["--dota-task1", str(tmp_path / "dets"), "--gt", str(tmp_path / "gt")])
@@ -321,7 +323,7 @@ def test_records_scoring_and_parse_report(tmp_path, capsys):
              {"id": "d", "text": "There are none."}]          # c has no prediction at all
     write_jsonl(tmp_path / "val.jsonl", recs)
     write_jsonl(tmp_path / "preds.jsonl", preds)
-    with pytest.raises(model.UserError, match=r"preds\.jsonl holds answer text only .*--coords"):
+    with pytest.raises(UserError, match=r"preds\.jsonl holds answer text only .*--coords"):
         eval_det.main(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "val.jsonl")])
     m = eval_det.main(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "val.jsonl"),
                        "--coords", "abs", "--json-out", str(tmp_path / "m.json")])
@@ -349,18 +351,18 @@ def test_records_scoring_and_parse_report(tmp_path, capsys):
 
 
 def test_bad_records_and_predictions_name_the_input(tmp_path):
-    """Files are read by model.read_records / read_predictions (test_model.py); here: what eval_det adds."""
+    """Files are read by read_records / read_predictions (test_model.py); here: what eval_det adds."""
     write_jsonl(tmp_path / "val.jsonl", [det_record("a", []), {**det_record("b", []), "meta": {"objects": []}}])
     write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "There are none."}])
     argv = ["--preds", str(tmp_path / "p.jsonl"), "--data", str(tmp_path / "val.jsonl"), "--coords", "abs"]
-    with pytest.raises(model.UserError, match=r"val\.jsonl:2 \(record 'b'\): det record needs meta\['width'\]"):
+    with pytest.raises(UserError, match=r"val\.jsonl:2 \(record 'b'\): det record needs meta\['width'\]"):
         eval_det.main(argv)
     write_jsonl(tmp_path / "val.jsonl", [det_record("a", []), det_record(2, [])])
     assert eval_det.main(argv)["parse"]["det/toy"]["missing_predictions"] == 1
     write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "x"}, {"id": 2, "text": None}, {"id": "a", "text": "y"}])
     with pytest.raises(ValueError, match=r"p\.jsonl:3: duplicate id 'a' \(first on line 1\)"):
         eval_det.main(argv)
-    with pytest.raises(model.UserError, match=r"--preds .*nope\.jsonl: no such file"):
+    with pytest.raises(UserError, match=r"--preds .*nope\.jsonl: no such file"):
         eval_det.main(["--preds", str(tmp_path / "nope.jsonl"), "--data", str(tmp_path / "val.jsonl")])
 
 
@@ -507,7 +509,7 @@ def test_bad_input_is_one_line_exit_2(case, bad_inputs, monkeypatch, capsys):
 
 
 def test_cli_script(bad_inputs):
-    """The script itself (its __main__ uses model.run_cli): the good inputs of BAD_INPUTS score, bad ones end in
+    """The script itself (its __main__ uses run_cli): the good inputs of BAD_INPUTS score, bad ones end in
     one line with exit 2 and no traceback, --debug brings the traceback back."""
     d = bad_inputs
     argvs = [fill(GOOD["rescore"], d).split(), fill(GOOD["task1"], d).split()]
@@ -613,7 +615,7 @@ def test_data_prep_patches_scored_and_merged_back_to_whole_images(shared_data, t
 
     out = tmp_path / "val"
     data_prep.main(["dota", "--root", str(shared_data / "dota"), "--split", "val", "--out", str(out), "--workers", "1"])
-    recs = model.read_records(out / "dota_val.jsonl")
+    recs = read_records(out / "dota_val.jsonl")
     assert len({r["meta"]["source"] for r in recs}) == 2 and len(recs) > 2
     # A model that finds every whole object of its patch (truncated ones, difficult 2, are left out: their
     # rendered box would be clipped to the patch), writing original patch pixels.
@@ -666,7 +668,7 @@ def dense_sparse_records(tmp_path, n_dense=12):
                  "messages": [{"role": "user", "content": "<image>Where is the plane?"}],
                  "meta": {"width": 170, "height": 170, "objects": one}})
     write_jsonl(tmp_path / "val.jsonl", recs)
-    return model.read_records(tmp_path / "val.jsonl")
+    return read_records(tmp_path / "val.jsonl")
 
 
 def model_answers(recs, processor):

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import eval_vqa as ev
 import cli_helpers
+import eval_vqa as ev
 import model
+from common import UserError, read_predictions, run_cli
 
 
 def rec(rid, task, dataset, meta, question="<image>Question?", answer="x"):
@@ -140,7 +141,7 @@ def test_vqa_ground_truth_from_assistant_turn_when_meta_lacks_it():
     r = rec("q", "vqa", "d", {"type": "presence"}, answer="Yes")
     assert ev.score_vqa([r], {"q": "yes"})["d"]["exact"]["OA"] == 100.0
     bare = {"id": "q", "task": "vqa", "dataset": "d", "messages": [{"role": "user", "content": "?"}], "meta": {}}
-    with pytest.raises(model.UserError, match=r"^record 'q': vqa record has no ground truth: needs meta\['answer'\]"):
+    with pytest.raises(UserError, match=r"^record 'q': vqa record has no ground truth: needs meta\['answer'\]"):
         ev.score_vqa([bare], {})
 
 
@@ -264,7 +265,7 @@ def test_meteor_equals_pycocoevalcap_or_says_skipped(monkeypatch):
 
 
 def test_cli_prediction_file_problems(tmp_path):
-    """Predictions are read by model.read_predictions (tested in test_model.py); here: what the CLI makes of it."""
+    """Predictions are read by read_predictions (tested in test_model.py); here: what the CLI makes of it."""
     data = write_jsonl(tmp_path / "d.jsonl", [rec("q1", "vqa", "d", {"type": "presence", "answer": "yes"}),
                                               rec(2, "vqa", "d", {"type": "presence", "answer": "no"})])
     argv = ["--data", str(data), "--no-meteor", "--preds"]
@@ -274,9 +275,9 @@ def test_cli_prediction_file_problems(tmp_path):
     assert m["vqa"]["d"]["exact"]["OA"] == 50.0 and m["counts"]["missing"] == 0 and m["counts"]["unknown_ids"] == 0
     # a repeated id is an error naming the file and line, not a silent choice between two answers
     write_jsonl(pred, [{"id": "q1", "text": "yes"}, {"id": 2, "text": "no"}, {"id": "q1", "text": "no"}])
-    with pytest.raises(model.UserError, match=r"p\.jsonl:3: duplicate id 'q1'"):
+    with pytest.raises(UserError, match=r"p\.jsonl:3: duplicate id 'q1'"):
         ev.main(argv + [str(pred)])
-    with pytest.raises(model.UserError, match=r"--preds .*nope\.jsonl: no such file"):  # not "every answer missing"
+    with pytest.raises(UserError, match=r"--preds .*nope\.jsonl: no such file"):  # not "every answer missing"
         ev.main(argv + [str(tmp_path / "nope.jsonl")])
 
 
@@ -389,7 +390,7 @@ def test_bad_input_is_one_line_exit_2(case, bad_inputs, monkeypatch, capsys):
 
 
 def test_cli_script(bad_inputs):
-    """The script itself (its __main__ uses model.run_cli): GOOD scores, bad inputs end in one line with exit 2
+    """The script itself (its __main__ uses run_cli): GOOD scores, bad inputs end in one line with exit 2
     and no traceback, --debug brings the traceback back."""
     d = bad_inputs
     cases = ("data_det_only", "preds_other_ids")
@@ -469,8 +470,9 @@ def test_ckpt_run_resumes_to_the_same_metrics(tmp_path, tiny_qwen25, capsys):
 def test_resume_with_scripted_answers(tmp_path, tiny_qwen25, monkeypatch, capsys):
     """The tiny random model answers only whitespace, so script the answers (model.generate replaced) to
     check that a resumed run generates only what is missing and scores non-trivial answers identically."""
-    import model
     from PIL import Image
+
+    import model
 
     Image.new("RGB", (56, 56), (40, 120, 60)).save(tmp_path / "img.png")
     records = [rec("v1", "vqa", "rsvqa_hr", {"type": "presence", "answer": "yes"}),

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import train
 from test_train import ENV, REPO, common, data, free_port, metrics, mixture, run, weights  # noqa: F401 (data: fixture)
 
+
 # Runs train.main() with two test-only changes: --old-layout puts back the FSDP layout train.py had before
 # per-block vision units and separate embedding / head units (the reference), and rank 0 writes OUT/layout.json:
 # the FSDP units (module names that share one unit) and how often each block's MLP started a forward (a child

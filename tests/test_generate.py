@@ -9,6 +9,7 @@ from PIL import Image
 import bench_generate
 import model
 
+
 FAMILIES = ["qwen2.5", "qwen3"]
 
 
@@ -122,7 +123,7 @@ def test_bench_generate_runs_on_cpu_and_prints_its_ratios(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "gen.json"
-    p = subprocess.run([sys.executable, "bench_generate.py", "--batches", "1,4", "--prompts", "8", "--max-new-tokens",
+    p = subprocess.run([sys.executable, "bench/bench_generate.py", "--batches", "1,4", "--prompts", "8", "--max-new-tokens",
                         "16", "--json-out", str(out)], cwd=repo, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

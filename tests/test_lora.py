@@ -21,10 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 import model
+import test_train
 import train
 from cli_helpers import one_error_line
-import test_train
+from common import UserError, read_records, run_cli
 from test_train import ENV, REPO, WRAPPER, metrics, mixture, run
+
 
 data = test_train.data  # fixture: the record files of test_train (images, text-only)
 
@@ -44,7 +46,7 @@ def torchrun(args):
 
 
 def in_process(argv):
-    """`python train.py ARGV` in this process: model.run_cli(train.main) with sys.argv set, on one thread like the
+    """`python train.py ARGV` in this process: run_cli(train.main) with sys.argv set, on one thread like the
     subprocess runs (so that their bits compare). Returns (exit code, stdout, stderr); puts back what train.py
     changes in a process: signal handlers, process group, thread count, sys.argv."""
     handlers = {sig: signal.getsignal(sig) for sig in train.STOP_SIGNALS}
@@ -54,7 +56,7 @@ def in_process(argv):
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
-            model.run_cli(train.main)
+            run_cli(train.main)
     finally:
         sys.argv = saved_argv
         torch.set_num_threads(threads)
@@ -167,7 +169,7 @@ def test_lora_flag_mistakes_are_one_line_errors():
             (["--lora", "8", "--freeze-llm"], "--freeze-llm with --lora"),
             (["--lora", "8", "--lora-targets", "llm+vision", "--freeze-vision"],
              "--freeze-vision with --lora-targets llm+vision")):
-        with pytest.raises(model.UserError) as e:
+        with pytest.raises(UserError) as e:
             train.get_args(base + extra)
         assert expected in str(e.value), (extra, str(e.value))
     # the defaults fill in only with --lora (RSCoVLM's alpha 16 and dropout 0.05)
@@ -203,7 +205,7 @@ def test_base_weights_stay_and_the_merged_export_is_the_peft_model(lora_run, dat
     # the adapted weights moved, and by exactly the adapters: PEFT's own merge of --model + OUT/final_adapter
     # (a base weight that had trained too would be off by about the learning rate, 1e-2)
     assert all(not torch.equal(start[k], end[k]) for k in adapted)
-    records = model.read_records(data / "img.jsonl")[:3] + model.read_records(data / "text.jsonl")[:1]
+    records = read_records(data / "img.jsonl")[:3] + read_records(data / "text.jsonl")[:1]
     peft = assert_export_is_the_peft_model(out, tiny_qwen25, records)
     merged = peft.merge_and_unload().state_dict()
     assert max((merged[k] - end[k]).abs().max().item() for k in adapted) < 1e-6
@@ -280,7 +282,7 @@ def test_two_ranks_match_one_process_with_pack_and_grad_ckpt(data, tiny_qwen25, 
     # merger (trained in full) differs by up to ~5e-5, the adapters by ~3e-6; 1e-4 is 1% of one step
     assert max((a2[k] - a1[k]).abs().max().item() for k in a2) < 1e-4
     assert max(a2[k].abs().max().item() for k in a2 if "lora_B" in k) > 1e-3  # the adapters did train
-    assert_export_is_the_peft_model(two, tiny_qwen25, model.read_records(data / "img.jsonl")[:2])
+    assert_export_is_the_peft_model(two, tiny_qwen25, read_records(data / "img.jsonl")[:2])
 
 
 def test_resume_with_another_lora_flag_is_refused(lora_run, data, tiny_qwen25, tmp_path):

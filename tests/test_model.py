@@ -9,6 +9,9 @@ from PIL import Image
 
 import boxes
 import model
+import synth
+from common import UserError, read_predictions, read_records
+
 
 FAMILIES = ["qwen2.5", "qwen3"]
 
@@ -53,8 +56,8 @@ def test_family_and_offline_reload(fam, loaded, tiny_qwen25, tiny_qwen3, monkeyp
     for (k, v), (k2, v2) in zip(m.state_dict().items(), hf.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     # Qwen's special tokens each map to one id, distinct from each other.
-    ids = [proc.tokenizer.convert_tokens_to_ids(t) for t in model.SPECIAL_TOKENS]
-    assert len(set(ids)) == len(ids) and all(len(proc.tokenizer.encode(t, add_special_tokens=False)) == 1 for t in model.SPECIAL_TOKENS)
+    ids = [proc.tokenizer.convert_tokens_to_ids(t) for t in synth.SPECIAL_TOKENS]
+    assert len(set(ids)) == len(ids) and all(len(proc.tokenizer.encode(t, add_special_tokens=False)) == 1 for t in synth.SPECIAL_TOKENS)
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -123,7 +126,7 @@ def test_smart_resize_sweep_equals_the_image_processor(fam, loaded):
     for h in sides:
         for w in sides:
             if max(h, w) / min(h, w) > 200:
-                with pytest.raises(model.UserError, match="aspect ratio"):
+                with pytest.raises(UserError, match="aspect ratio"):
                     model.smart_resize(h, w, factor, proc.min_pixels, proc.max_pixels)
                 with pytest.raises(ValueError):
                     ip(images=[Image.new("RGB", (w, h))], return_tensors="pt")
@@ -165,7 +168,7 @@ def test_load_image_as_transformers_and_the_processor_read_it(tmp_path):
         ref = convert_to_rgb(Image.open(path), return_numpy=True)
         assert ours.dtype == np.uint8 and np.array_equal(ours, ref), name
         assert not np.array_equal(ours, np.asarray(Image.open(path).convert("RGB"))), name
-    with pytest.raises(model.UserError, match="cannot read image .*nothing.png"):
+    with pytest.raises(UserError, match="cannot read image .*nothing.png"):
         model.load_image(tmp_path / "nothing.png")
 
 
@@ -239,38 +242,38 @@ def test_read_records_errors(tmp_path, images):
     good = {"id": "a", "task": "vqa", "images": ["img.png"], "meta": {}, "messages": [{"role": "user", "content": "<image>q"}]}
     p = tmp_path / "recs.jsonl"
     p.write_text(json.dumps(good) + "\n")
-    assert model.read_records(p)[0]["images"] == [str(tmp_path / "img.png")]
+    assert read_records(p)[0]["images"] == [str(tmp_path / "img.png")]
     p.write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"recs.jsonl:2"):
-        model.read_records(p)
+        read_records(p)
     p.write_text(json.dumps({**good, "images": []}) + "\n")
     with pytest.raises(ValueError, match=r"recs.jsonl:1: 1 '<image>' tags but 0 images"):
-        model.read_records(p)
+        read_records(p)
     p.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
     with pytest.raises(ValueError, match="duplicate id 'a'"):
-        model.read_records(p)
+        read_records(p)
     p.write_text("\n")
-    with pytest.raises(model.UserError, match=r"recs.jsonl has no records \(an empty file\)"):
-        model.read_records(p)
-    with pytest.raises(model.UserError, match=rf"{tmp_path} is a folder: give a record file \(.jsonl\), e.g. .*recs.jsonl"):
-        model.read_records(tmp_path)
-    with pytest.raises(model.UserError, match="record file .*nope.jsonl not found"):
-        model.read_records(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match=r"recs.jsonl has no records \(an empty file\)"):
+        read_records(p)
+    with pytest.raises(UserError, match=rf"{tmp_path} is a folder: give a record file \(.jsonl\), e.g. .*recs.jsonl"):
+        read_records(tmp_path)
+    with pytest.raises(UserError, match="record file .*nope.jsonl not found"):
+        read_records(tmp_path / "nope.jsonl")
 
 
 def test_read_predictions(tmp_path):
     p = tmp_path / "preds.jsonl"
-    assert model.read_predictions(p) == {}  # nothing predicted yet
+    assert read_predictions(p) == {}  # nothing predicted yet
     # ids are strings; null text (an API's refusal) is ""; extra keys are kept; a blank line is skipped
     p.write_text('{"id": 7, "text": "a", "score": 1}\n\n{"id": "8", "text": null}\n')
-    assert model.read_predictions(p) == {"7": {"id": "7", "text": "a", "score": 1}, "8": {"id": "8", "text": ""}}
+    assert read_predictions(p) == {"7": {"id": "7", "text": "a", "score": 1}, "8": {"id": "8", "text": ""}}
     # a complete last line without newline is a line like any other (files written by hand often end so)
     p.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}')
-    assert set(model.read_predictions(p)) == {"a", "b"}
+    assert set(read_predictions(p)) == {"a", "b"}
     # a cut-off last line is ignored; repair=True removes it from the file
     p.write_text('{"id": "a", "text": "x"}\n{"id": "b", "te')
-    assert set(model.read_predictions(p)) == {"a"} and p.read_text().endswith("te")
-    assert set(model.read_predictions(p, repair=True)) == {"a"} and p.read_text() == '{"id": "a", "text": "x"}\n'
+    assert set(read_predictions(p)) == {"a"} and p.read_text().endswith("te")
+    assert set(read_predictions(p, repair=True)) == {"a"} and p.read_text() == '{"id": "a", "text": "x"}\n'
     # every other problem names the file and line
     for text, error in [('{"id": "a", "text": "x"}\n{"id": "b", "te\n', r"bad JSON at .*preds\.jsonl:2"),
                         ('{"id": "a", "text": "x"}\n{"id": "b"}\n', r"preds\.jsonl:2: needs 'id' and 'text'"),
@@ -281,7 +284,7 @@ def test_read_predictions(tmp_path):
                          r"preds\.jsonl:3: duplicate id '1' \(first on line 1\)")]:
         p.write_text(text)
         with pytest.raises(ValueError, match=error):
-            model.read_predictions(p, repair=True)
+            read_predictions(p, repair=True)
 
 
 def test_predict_resumes_after_interruption(loaded, images, tmp_path):
@@ -308,4 +311,4 @@ def test_predict_resumes_after_interruption(loaded, images, tmp_path):
     # A bad line that is not a cut-off last line is an error naming the file and line.
     (tmp_path / "c.jsonl").write_text(lines[0] + "garbage\n" + lines[2])
     with pytest.raises(ValueError, match=r"c.jsonl:2"):
-        model.read_predictions(tmp_path / "c.jsonl")
+        read_predictions(tmp_path / "c.jsonl")

@@ -19,6 +19,7 @@ import model
 import train
 from test_train import ENV, REPO, WRAPPER, common, data, metrics, mixture, run  # noqa: F401 (data: a fixture)
 
+
 FAMILIES = ["qwen2.5", "qwen3"]
 
 

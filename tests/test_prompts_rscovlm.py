@@ -1,4 +1,4 @@
-"""--prompts rscovlm: RSCoVLM's own wording and answer conventions (README "Prompt presets").
+"""--prompts rscovlm: RSCoVLM's own wording and answer conventions (docs/prompts.md#prompt-presets).
 
 Every expected string is written out by hand from VisionXLab/RSCoVLM's code (rscovlm/training/data/
 dense_det_dataset.py, refgeo_dataset.py, rscovlm/eval/data/dense_det.py, geoground.py, geochat_bench.py,
@@ -15,7 +15,9 @@ import boxes
 import data_prep
 import eval_det
 import model
-from test_data_prep import _caption_set, _dior_root, _rsvg_root, _rsvqa_root, read_jsonl, run, write_png
+from common import UserError, read_records
+from test_data_prep import _caption_set, _dior_root, _rsvg_root, _rsvqa_root, read_jsonl, run, run_synth, write_png
+
 
 SYS_HBOX = ("As an AI assistant, you specialize in accurate image object detection, delivering coordinates in plain "
             "text format 'x1,y1,x2,y2 object'.")
@@ -90,26 +92,26 @@ def test_grounding_truncates_first_writes_the_expression_and_goes_counter_clockw
 
 def test_prompt_helpers_write_rscovlm_wording_and_keep_the_default():
     classes = ["small-vehicle", "plane", "baseball-diamond"]
-    assert data_prep.det_prompt(classes, "poly", preset="rscovlm") == [
+    assert model.det_prompt(classes, "poly", preset="rscovlm") == [
         {"role": "system", "content": SYS_POLY},
         {"role": "user", "content": "<image>find the baseball diamond, plane, small vehicle"}]
-    assert data_prep.det_prompt(classes, "hbox", preset="rscovlm", train=False)[1]["content"] == \
+    assert model.det_prompt(classes, "hbox", preset="rscovlm", train=False)[1]["content"] == \
         "<image>find the baseball diamond, plane, small vehicle."
-    assert data_prep.det_prompt(classes, "rbox", preset="rscovlm")[0]["content"] == SYS_RBOX
-    assert data_prep.ground_prompt(" the dam on the left ", "hbox", preset="rscovlm") == [
+    assert model.det_prompt(classes, "rbox", preset="rscovlm")[0]["content"] == SYS_RBOX
+    assert model.ground_prompt(" the dam on the left ", "hbox", preset="rscovlm") == [
         {"role": "system", "content": SYS_HBOX}, {"role": "user", "content": "<image>find the the dam on the left"}]
-    assert data_prep.vqa_prompt("Is there a road?", preset="rscovlm") == \
+    assert model.vqa_prompt("Is there a road?", preset="rscovlm") == \
         "<image>Is there a road? Answer the question using a single word or a short phrase."
-    assert data_prep.cls_prompt(["BareLand", "Beach"], "rscovlm") == \
+    assert model.cls_prompt(["BareLand", "Beach"], "rscovlm") == \
         "<image>Classify the image within one of the given classes:BareLand,Beach."
-    assert data_prep.caption_prompt("rscovlm") == "<image>Describe the image"
+    assert model.caption_prompt("rscovlm") == "<image>Describe the image"
     # the default preset and the old signatures are unchanged
-    assert data_prep.det_prompt(classes) == data_prep.det_prompt(classes, "poly", preset="default")
-    assert data_prep.det_prompt(classes).startswith("<image>\nDetect all objects of the following categories")
-    assert data_prep.vqa_prompt("Is there a road?") == "<image>\nIs there a road? " + data_prep.VQA_SUFFIX
-    assert data_prep.caption_prompt() == data_prep.CAPTION_PROMPT
+    assert model.det_prompt(classes) == model.det_prompt(classes, "poly", preset="default")
+    assert model.det_prompt(classes).startswith("<image>\nDetect all objects of the following categories")
+    assert model.vqa_prompt("Is there a road?") == "<image>\nIs there a road? " + model.VQA_SUFFIX
+    assert model.caption_prompt() == model.CAPTION_PROMPT
     with pytest.raises(ValueError, match="unknown prompt preset 'geochat'"):
-        data_prep.vqa_prompt("q", preset="geochat")
+        model.vqa_prompt("q", preset="geochat")
 
 
 # -----------------------------------------------------------------------------
@@ -200,7 +202,7 @@ def test_rsvg_vqa_captions_cls_converters(tmp_path):
 def test_bad_box_forms_name_the_flag(tmp_path):
     root = _rsvg_root(tmp_path)
     (root / "test.txt").write_text("2\n")
-    with pytest.raises(data_prep.BadInput, match=r"--box-forms 'hbox,obb'"):
+    with pytest.raises(UserError, match=r"--box-forms 'hbox,obb'"):
         run("rsvg", "--root", root, "--split", "test", "--out", tmp_path / "g", "--box-forms", "hbox,obb")
 
 
@@ -215,9 +217,9 @@ def _record(tmp_path, task, form):
         Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(img)
     o = obj([10, 20, 50, 20, 50, 40, 10, 40], "ship", expression="the ship")
     if task == "det":
-        prompt = data_prep.det_prompt(["ship", "plane"], form, preset="rscovlm")
+        prompt = model.det_prompt(["ship", "plane"], form, preset="rscovlm")
     else:
-        prompt = data_prep.ground_prompt("the ship", form, preset="rscovlm")
+        prompt = model.ground_prompt("the ship", form, preset="rscovlm")
     return data_prep.make_record("r", task, "toy", [str(img)], prompt, "stale text, re-rendered from meta",
                                  {"width": 300, "height": 200, "objects": [o], "classes": ["ship", "plane"],
                                   "box_format": form, "answer_style": "rscovlm"})
@@ -244,11 +246,11 @@ def test_tokenize_renders_rscovlm_answers_for_both_families(tmp_path, request, f
 
 
 def test_synth_rscovlm_records_read_tokenize_and_parse_back(tmp_path, tiny_qwen25):
-    """Every synth task under --prompts rscovlm: model.read_records accepts the system turns, the supervised
+    """Every synth task under --prompts rscovlm: read_records accepts the system turns, the supervised
     text is the rscovlm rendering, and it parses back to within a pixel of the ground truth."""
-    run("synth", "--out", tmp_path, "--train", 2, "--val", 1, "--prompts", "rscovlm")
+    run_synth("--out", tmp_path, "--train", 2, "--val", 1, "--prompts", "rscovlm")
     processor = model.load_processor(tiny_qwen25)
-    records = model.read_records(tmp_path / "synth_all_train.jsonl")
+    records = read_records(tmp_path / "synth_all_train.jsonl")
     assert {r["task"] for r in records} == {"det", "ground", "vqa", "caption", "cls"}
     for r in records:
         t = model.tokenize(r, processor)

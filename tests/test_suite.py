@@ -1,4 +1,4 @@
-"""eval_suite.py: two small synthetic benchmarks (det and vqa, data_prep.py synth) scored by the tiny models through
+"""eval_suite.py: two small synthetic benchmarks (det and vqa, synth.py data) scored by the tiny models through
 eval_det.py / eval_vqa.py, interrupted and resumed, side by side for two checkpoints, under torchrun, and its input
 errors."""
 import json
@@ -13,7 +13,10 @@ import boxes
 import data_prep
 import eval_suite
 import model
+import synth
 from cli_helpers import REPO, one_error_line, run_main
+from common import read_records, run_cli
+
 
 # The tiny random models answer "" to everything; so that the table holds numbers other than 0, generate gives
 # (after the real model has run) the ground truth for some records: det_val_00000 and det_val_00001 get their
@@ -46,16 +49,16 @@ def install_fake_answers(log=None, stop_after_vqa=None):
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
+def synth_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    data_prep.main(["synth", "--out", str(root), "--train", "0", "--val", "3"])
+    synth.main(["data", "--out", str(root), "--train", "0", "--val", "3"])
     return root
 
 
 @pytest.fixture(scope="module")
-def bench(synth, tmp_path_factory):
+def bench(synth_data, tmp_path_factory):
     """A folder of two benchmarks: synth_det_val (3 det records) and synth_vqa_val (9 vqa records)."""
-    root = synth
+    root = synth_data
     bench = tmp_path_factory.mktemp("bench")
     shutil.copytree(root / "images", bench / "images")
     for name in ("synth_det_val.jsonl", "synth_vqa_val.jsonl"):
@@ -113,11 +116,11 @@ def test_suite_json_equals_each_benchmarks_metrics_json(full_run):
     assert not (out / "suite.md").exists()  # one checkpoint: no side-by-side table
 
 
-def test_benchmarks_names_splits_and_scorers(synth, tmp_path):
+def test_benchmarks_names_splits_and_scorers(synth_data, tmp_path):
     (tmp_path / "a").mkdir()
-    shutil.copy(synth / "synth_all_val.jsonl", tmp_path / "a")  # every task: both scorers
+    shutil.copy(synth_data / "synth_all_val.jsonl", tmp_path / "a")  # every task: both scorers
     (tmp_path / "b").mkdir()
-    shutil.copy(synth / "synth_ground_val.jsonl", tmp_path / "b" / "rsvg_x.jsonl")
+    shutil.copy(synth_data / "synth_ground_val.jsonl", tmp_path / "b" / "rsvg_x.jsonl")
     (tmp_path / "b" / "rsvg_x.info.json").write_text(json.dumps({"args": {"split": "test"}}))  # data_prep's --split
     (tmp_path / "out" / "m" / "b").mkdir(parents=True)  # the suite's own output inside --bench is not a benchmark
     (tmp_path / "out" / "m" / "b" / "predictions.jsonl").write_text('{"id": "x", "text": ""}\n')
@@ -129,15 +132,15 @@ def test_benchmarks_names_splits_and_scorers(synth, tmp_path):
     assert eval_suite.split_of(Path("x/aid.jsonl")) == "-"
 
 
-def test_rows_of_every_task_are_the_scripts_numbers(synth, tmp_path, monkeypatch):
+def test_rows_of_every_task_are_the_scripts_numbers(synth_data, tmp_path, monkeypatch):
     """Each task's rows (headline, then SECONDARY) read from metrics the eval scripts compute (--preds, no model)."""
     import eval_det
     import eval_vqa
 
     monkeypatch.setattr(eval_vqa, "load_wordnet", lambda: (None, "not loaded in this test"))  # LRS-VQA: exact rule
-    data = synth / "synth_all_val.jsonl"
+    data = synth_data / "synth_all_val.jsonl"
     preds = []
-    for r in model.read_records(data):
+    for r in read_records(data):
         m, right = r["meta"], r["id"].endswith(("0", "0_presence", "0_count", "1_presence"))
         text = {"det": lambda: boxes.render_answer(m["objects"], m["width"], m["height"]),
                 "ground": lambda: boxes.render_answer(m["objects"], m["width"], m["height"], box_format="hbox", with_label=False),
@@ -203,7 +206,7 @@ def test_interrupted_suite_resumes_to_the_same_table(full_run, tiny_qwen3, bench
     finally:
         model.generate = real
     # only the 5 vqa questions left were generated; the finished det benchmark was read back, not run again
-    assert sorted(log) == sorted(r["id"] for r in model.read_records(bench / "synth_vqa_val.jsonl") if r["id"] not in answered)
+    assert sorted(log) == sorted(r["id"] for r in read_records(bench / "synth_vqa_val.jsonl") if r["id"] not in answered)
     assert ((det_dir / "metrics.json").stat().st_mtime_ns, (det_dir / "predictions.jsonl").stat().st_mtime_ns) == det_stamp
     assert read(out / "qwen3" / "suite.json")["rows"] == read(full_out / "qwen3" / "suite.json")["rows"]
     assert (out / "qwen3" / "suite.md").read_text() == (full_out / "qwen3" / "suite.md").read_text()
@@ -243,7 +246,7 @@ def test_torchrun_two_ranks_equal_one_process(full_run, tiny_qwen3, bench, tmp_p
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(f"import sys\nsys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
                        "import test_suite, eval_suite, model\ntest_suite.install_fake_answers()\n"
-                       "model.run_cli(eval_suite.main)\n")
+                       "import common\ncommon.run_cli(eval_suite.main)\n")
     out = tmp_path / "out"
     p = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(wrapper), *suite_args([tiny_qwen3], bench, out)],
                        cwd=REPO, capture_output=True, text=True, timeout=240,

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 
 import model
 import train
+from common import UserError, read_records, run_cli
+
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -171,9 +173,9 @@ def test_mixture_repeats_subsets_and_stream(tmp_path):
     # the subset is seeded: same seed same subset, another seed another subset
     assert np.array_equal(train.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", 0)[1], entries)
     assert not np.array_equal(train.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", 1)[1], entries)
-    with pytest.raises(model.UserError, match="nope.jsonl"):
+    with pytest.raises(UserError, match="nope.jsonl"):
         train.build_mixture(f"{tmp_path}/nope.jsonl", 0)
-    with pytest.raises(model.UserError, match=f"{tmp_path} is a folder: give a record file .*a.jsonl"):
+    with pytest.raises(UserError, match=f"{tmp_path} is a folder: give a record file .*a.jsonl"):
         train.build_mixture(f"{tmp_path}", 0)
     # two ranks deal every entry of a pass exactly once; the next pass is another permutation
     n = len(entries)
@@ -208,7 +210,7 @@ def test_stream_workers_and_token_budget_batches_resume(data, tiny_qwen25):
     assert first == ref[:3] and batches(mid, 2, 3)[0] == ref[3:]
     # overlong: skip counts, error names the record, truncate cuts to max_length
     long = train.MixtureStream(files, entries, proc, 0, 1, 0, 0, 40, "error")
-    with pytest.raises(model.UserError, match=r"\.jsonl:\d+ \(record '\w+'\): \d+ tokens > --max-length 40"):
+    with pytest.raises(UserError, match=r"\.jsonl:\d+ \(record '\w+'\): \d+ tokens > --max-length 40"):
         train.MicroBatches(iter(long), 0, 1, 10**6, len(entries)).next()
     lengths = [len(train.MixtureStream(files, entries, proc, 0, 1, 0, 0, 512, "skip").load(k)["input_ids"])
                for k in range(len(entries))]
@@ -269,7 +271,7 @@ def test_two_node_launch_trains_exports_and_reloads(baseline, data, tiny_qwen25)
     assert [d.name for d in train.complete_checkpoints(out / "ckpt")] == ["step_00000004", "step_00000006"]
     # the export reloads with model.load (processor included) and with transformers, and generates
     net, proc = model.load(out / "final")
-    recs = model.read_records(data / "img.jsonl")[:2] + model.read_records(data / "text.jsonl")[:1]
+    recs = read_records(data / "img.jsonl")[:2] + read_records(data / "text.jsonl")[:1]
     texts = model.generate(net, proc, recs, max_new_tokens=4)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     hf = AutoModelForImageTextToText.from_pretrained(out / "final")
@@ -497,7 +499,7 @@ def test_input_errors_are_one_line_exit_2(data, tiny_qwen25, tmp_path, capfd, mo
                                                     f"directory; checkpoints below it: {export}"),
              (good + ["--resume", str(tmp_path)], f"--resume {tmp_path}: not a complete checkpoint")]
     # the first case as the script runs (a process of its own), the others through the same entry point
-    # (model.run_cli(train.main)) in this process: 5 s of imports each saved
+    # (run_cli(train.main)) in this process: 5 s of imports each saved
     p = run([sys.executable, "train.py", *cases[0][0]])
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: " + cases[0][1]), p.stderr
@@ -507,7 +509,7 @@ def test_input_errors_are_one_line_exit_2(data, tiny_qwen25, tmp_path, capfd, mo
             capfd.readouterr()
             with pytest.raises(SystemExit) as e, monkeypatch.context() as m:
                 m.setattr(sys, "argv", ["train.py", *argv])
-                model.run_cli(train.main)
+                run_cli(train.main)
             lines = capfd.readouterr().err.strip().splitlines()
             assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
             assert expected in lines[0], (expected, lines[0])
@@ -598,4 +600,4 @@ def test_qwen3_two_ranks_text_only_rank_frozen_vision(data, tiny_qwen3, tmp_path
     assert any(moved[k] for k in start if kind[k] == "merger") and any(moved[k] for k in start if kind[k] == "llm")
     assert (out / "export" / "step_2" / "model.safetensors").is_file()
     net, proc = model.load(out / "final")
-    assert len(model.generate(net, proc, model.read_records(data / "img.jsonl")[:1], max_new_tokens=3)) == 1
+    assert len(model.generate(net, proc, read_records(data / "img.jsonl")[:1], max_new_tokens=3)) == 1

@@ -8,7 +8,7 @@ SKIPPED unless a Python with vLLM is found: $RSCOVLM_VLLM_PYTHON, else this inte
 else /tmp/vllm-venv/bin/python. vLLM runs in a subprocess of that Python (its own torch/transformers); the HF
 side runs here. It never fails for want of vLLM.
 
-The checkpoint is model.make_tiny's with the language model re-shaped to head_dim 32 (vLLM's CPU attention
+The checkpoint is synth.make_tiny's with the language model re-shaped to head_dim 32 (vLLM's CPU attention
 supports head sizes >= 32; make_tiny's heads are 16 wide) and its matrices re-drawn at unit gain (the stock
 init answers one token over and over, which any two decoders agree on)."""
 import importlib.util
@@ -23,7 +23,10 @@ import torch
 
 import bench_generate
 import model
+import synth
+from common import read_records
 from test_generate import mixed_records
+
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 12
@@ -36,7 +39,7 @@ def main():
     import model
     job = json.load(open(sys.argv[2]))
     proc = model.load_processor(job["ckpt"])
-    records = model.read_records(job["records"])
+    records = read_records(job["records"])
     kw = dict(dtype="float32", max_model_len=2048, enforce_eager=True)
     details = model.generate_vllm(job["ckpt"], proc, records, job["max_new_tokens"], **kw)
     via_generate = model.generate(job["ckpt"], proc, records, max_new_tokens=job["max_new_tokens"], backend="vllm",
@@ -97,7 +100,7 @@ def _head_dim_32(tmp_path):
     matrices."""
     from transformers import AutoModelForImageTextToText
 
-    ckpt = model.make_tiny(tmp_path / "hd32", "qwen2.5", head_dim=32)
+    ckpt = synth.make_tiny(tmp_path / "hd32", "qwen2.5", head_dim=32)
     net = AutoModelForImageTextToText.from_pretrained(ckpt)
     bench_generate.lively(net, seed=0)
     net.save_pretrained(ckpt)

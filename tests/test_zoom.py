@@ -1,4 +1,4 @@
-"""The zoom-in chain (model.py "Zoom-in chain", data_prep.py lrs-vqa / mme-realworld, eval_vqa.py's large-image
+"""The zoom-in chain (model.py "Zoom-in chain", bench_prep.py lrs-vqa / mme-realworld, eval_vqa.py's large-image
 scorers): tokenization of the tool turns for both families, the inference loop with a scripted generator (exact
 crops of the original image, malformed calls, the round cap, mixed batches), data_prep on real-format entries,
 the metric rules on hand-computed cases, and the tiny model trained on zoom records generating through the loop."""
@@ -14,9 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+import bench_prep
 import data_prep
 import eval_vqa
 import model
+from common import UserError, read_records
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +31,7 @@ def save_image(path, w, h, seed):
 
 def chain_record(rid, image, bbox, question="Is the ship moored?", answer="yes"):
     """A training record of the chain as data_prep writes it."""
-    return data_prep.zoom_vqa_record(rid, "lrs_vqa", image, question, answer, {"answer": answer, "type": "status"},
+    return bench_prep.zoom_vqa_record(rid, "lrs_vqa", image, question, answer, {"answer": answer, "type": "status"},
                                      True, bbox)
 
 
@@ -80,7 +83,7 @@ def test_bad_crop_box_in_a_record_is_a_user_error(tiny_qwen25, tmp_path):
     for box, why in (([130, 10, 200, 50], "outside"), ([30, 30, 30, 60], "empty")):
         rec = chain_record("r", img, [0, 0, 10, 10])
         rec["meta"]["zoom"]["bbox"] = box
-        with pytest.raises(model.UserError, match=f"record 'r'.*{why}"):
+        with pytest.raises(UserError, match=f"record 'r'.*{why}"):
             model.tokenize(rec, processor)
 
 
@@ -100,7 +103,7 @@ def scripted(tiny_qwen25, tmp_path):
     recs = []
     for k, (w, h) in sizes.items():
         path = save_image(tmp_path / f"{k}.png", w, h, ord(k))
-        recs.append(data_prep.zoom_vqa_record(k, "lrs_vqa", path, f"question {k}", None, {"answer": "x"}, True))
+        recs.append(bench_prep.zoom_vqa_record(k, "lrs_vqa", path, f"question {k}", None, {"answer": "x"}, True))
     script = {("a", 0): call(56, 28, 112, 84), ("a", 1): "yes",
               ("b", 0): "no",  # answers at once
               ("c", 0): call(0, 112, 336, 224), ("c", 1): "two",
@@ -250,9 +253,9 @@ def lrs_root(tmp_path_factory):
 
 def test_lrs_vqa_benchmark_and_training_entries(lrs_root, tmp_path, capsys):
     out = tmp_path / "out"
-    summary = data_prep.main(["lrs-vqa", "--json", str(lrs_root / "LRS_VQA_merged.jsonl"), "--images", str(lrs_root),
+    summary = bench_prep.main(["lrs-vqa", "--json", str(lrs_root / "LRS_VQA_merged.jsonl"), "--images", str(lrs_root),
                               "--split", "test", "--out", str(out), "--workers", "1"])
-    recs = model.read_records(out / "lrs_vqa_test.jsonl")
+    recs = read_records(out / "lrs_vqa_test.jsonl")
     fair, star = recs
     assert fair["messages"] == [{"role": "system", "content": model.ZOOM_SYSTEM},
                                 {"role": "user", "content": "<image>" + LRS_BENCH[0]["text"] + model.ZOOM_ASK}]
@@ -261,9 +264,9 @@ def test_lrs_vqa_benchmark_and_training_entries(lrs_root, tmp_path, capsys):
     assert star["messages"] == [{"role": "user", "content": "<image>" + LRS_BENCH[1]["text"]},  # count: no zoom
                                 {"role": "assistant", "content": "3"}]
     assert "zoom" not in star["meta"] and summary["counts"]["zoom prompts"] == 1
-    summary = data_prep.main(["lrs-vqa", "--json", str(lrs_root / "train_part_0.json"), "--images", str(lrs_root),
+    summary = bench_prep.main(["lrs-vqa", "--json", str(lrs_root / "train_part_0.json"), "--images", str(lrs_root),
                               "--split", "train", "--out", str(out), "--workers", "1"])
-    one, several, old = model.read_records(out / "lrs_vqa_train.jsonl")
+    one, several, old = read_records(out / "lrs_vqa_train.jsonl")
     assert one["meta"]["zoom"] == {"bbox": [1038, 629, 1519, 1213]} and one["images"][0] == one["images"][1]
     assert [m["role"] for m in one["messages"]] == ["system", "user", "assistant", "user", "assistant"]
     assert one["messages"][2]["content"] == call(1038, 629, 1519, 1213) and one["messages"][4]["content"] == "yes"
@@ -279,27 +282,27 @@ def test_lrs_vqa_input_errors_are_one_line(lrs_root, tmp_path, monkeypatch, caps
 
     bad = dict(LRS_TRAIN[0], bbox_info={"crop_hbox": [[1700, 10, 1800, 40]]})
     (tmp_path / "bad.json").write_text(json.dumps([LRS_TRAIN[1], bad]))
-    r = run_main("data_prep.py", data_prep.main, ["lrs-vqa", "--json", tmp_path / "bad.json", "--images", lrs_root,
+    r = run_main("bench_prep.py", bench_prep.main, ["lrs-vqa", "--json", tmp_path / "bad.json", "--images", lrs_root,
                                                  "--out", tmp_path / "o", "--workers", "1"], monkeypatch, capsys)
     one_error_line(r, [f"{tmp_path / 'bad.json'} entry 1", "outside", "1600x1400"])
     # the folder one level up: every image missing, the line suggests the folder that holds them
-    r = run_main("data_prep.py", data_prep.main, ["lrs-vqa", "--json", lrs_root / "LRS_VQA_merged.jsonl", "--images",
+    r = run_main("bench_prep.py", bench_prep.main, ["lrs-vqa", "--json", lrs_root / "LRS_VQA_merged.jsonl", "--images",
                                                  lrs_root.parent, "--out", tmp_path / "o2", "--workers", "1"],
                  monkeypatch, capsys)
     one_error_line(r, ["none of the 2 images", f"did you mean {lrs_root}"])
     # a size that disagrees with the image would cut the crop from the wrong place: skipped with --skip-bad
     wrong = dict(LRS_TRAIN[0], image_ori_width=4000)
     (tmp_path / "wrong.json").write_text(json.dumps([wrong, LRS_TRAIN[1]]))
-    s = data_prep.main(["lrs-vqa", "--json", str(tmp_path / "wrong.json"), "--images", str(lrs_root), "--out",
+    s = bench_prep.main(["lrs-vqa", "--json", str(tmp_path / "wrong.json"), "--images", str(lrs_root), "--out",
                         str(tmp_path / "o3"), "--workers", "1", "--skip-bad"])
     assert s["counts"]["skipped"] == 1 and "4000x1400" in s["skipped"][0]["reason"] and s["counts"]["records"] == 1
 
 
 def test_mme_realworld(lrs_root, tmp_path):
     out = tmp_path / "mme"
-    summary = data_prep.main(["mme-realworld", "--json", str(lrs_root / "MME_RealWorld.json"), "--out", str(out),
+    summary = bench_prep.main(["mme-realworld", "--json", str(lrs_root / "MME_RealWorld.json"), "--out", str(out),
                               "--workers", "1"])
-    color, position = model.read_records(out / "mme_realworld_rs.jsonl")
+    color, position = read_records(out / "mme_realworld_rs.jsonl")
     want_q = ("What color is the roof of the square building in the lower right area of the picture? The choices are "
               "listed below: \n(A) Yellow\n(B) Blue\n(C) Gray\n(D) White\n(E) The image does not feature the color.\n"
               "Select the best answer to the above multiple-choice question based on the image. Respond with only the "
@@ -400,7 +403,7 @@ def test_tiny_model_trains_on_zoom_records_and_generates_through_the_loop(tiny_q
     out.write_text(out.read_text().splitlines()[0] + "\n")
     again = model.predict(net, processor, ev, out, batch_size=2, max_new_tokens=128)
     assert again.keys() == {"e0", "e1"} and again["e1"]["text"] == "yes"
-    with pytest.raises(model.UserError, match="max_zoom_rounds"):
+    with pytest.raises(UserError, match="max_zoom_rounds"):
         model.predict(net, processor, ev, out, batch_size=2, max_new_tokens=128, max_zoom_rounds=2)
     # scored by eval_vqa from the predictions file: LRS-VQA accuracy and the zoom statistics
     (d / "ev.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n" for r in ev))

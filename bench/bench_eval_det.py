@@ -9,13 +9,14 @@ false positives, 2% bow-ties, scores rounded to 0.01 so ties occur). Times, for 
   * a straightforward per-detection, per-pair loop (the devkit's voc_eval with shapely per pair)
 and checks that both give the same per-class AP to 1e-9. Also times Task2 (horizontal boxes).
 
-    python bench_eval_det.py                        # full size (the baseline loop takes a while)
-    python bench_eval_det.py --baseline-frac 0.2    # time the loop on 20% of the images, extrapolate
+    python bench/bench_eval_det.py                        # full size (the baseline loop takes a while)
+    python bench/bench_eval_det.py --baseline-frac 0.2    # time the loop on 20% of the images, extrapolate
 """
 
 import argparse
 import contextlib
 import io
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,11 @@ from pathlib import Path
 import numpy as np
 import shapely
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: model, train, ...
+
 import eval_det
+
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 ap.add_argument("--images", type=int, default=450, help="number of images")

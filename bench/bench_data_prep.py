@@ -5,8 +5,8 @@ times under new names so that the worker pool has enough images to share. Every 
 folder (no patch is reused), so the time covers label parsing, window/object assignment, decoding, cropping,
 padding and PNG writing.
 
-    python bench_data_prep.py
-    python bench_data_prep.py --copies 8 --workers 1,2,4 --patch 512 --json bench_tiling.json
+    python bench/bench_data_prep.py
+    python bench/bench_data_prep.py --copies 8 --workers 1,2,4 --patch 512 --json bench_tiling.json
 """
 import argparse
 import contextlib
@@ -14,14 +14,19 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: model, train, ...
+
 import data_prep
 
+
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" / "dota"),
+parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "dota"),
                     help="folder with images/ and labelTxt/ (the real samples)")
 parser.add_argument("--copies", type=int, default=4, help="times each sample image is repeated")
 parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to time")

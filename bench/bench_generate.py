@@ -4,10 +4,10 @@ against model.py's built-in decode loop (`model.decode_greedy`, what `generate(b
 scripts use), with the tokens checked identical. Prints new tokens/s per batch size and the time a
 DOTA-val-sized evaluation would take, with the ratio lines last.
 
-    python bench_generate.py                                        # CPU: the tiny model, batches 1, 8, 32
-    python bench_generate.py --config qwen2.5-3b --batches 1,32,128 --max-new-tokens 256 --json-out $OUT/gen.json
+    python bench/bench_generate.py                                        # CPU: the tiny model, batches 1, 8, 32
+    python bench/bench_generate.py --config qwen2.5-3b --batches 1,32,128 --max-new-tokens 256 --json-out $OUT/gen.json
 
-Prompts are detection-like (bench.py's synthetic samples cut at the answer: a system/user header, one image of
+Prompts are detection-like (bench_train.py's synthetic samples cut at the answer: a system/user header, one image of
 DOTA-like size in the pixel budget, a prompt of 40-90 tokens), so no tokenizer or download is needed. Weights are
 random, re-drawn at unit gain so that answers change token by token (the stock 0.02 init repeats one token,
 which would flatter any decoder). Random weights never say <|im_end|>: the end token here is the token the model
@@ -18,14 +18,21 @@ first emits at the most varied steps across a probe batch, so answers end at mix
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-import bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: model, train, ...
+
+import bench_train
 import model as M
+from common import add_debug_flag, run_cli
+
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -34,7 +41,7 @@ import model as M
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="greedy decoding: transformers' generate vs the built-in loop",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=None, choices=["tiny", *bench.CONFIGS],
+    p.add_argument("--config", default=None, choices=["tiny", *bench_train.CONFIGS],
                    help="model: the tiny checkpoint, or a real-size config with random weights (default: qwen2.5-3b on GPU, tiny on CPU)")
     p.add_argument("--family", default="qwen2.5", choices=["qwen2.5", "qwen3"], help="family of the tiny model")
     p.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,32,128 on GPU, 1,8,32 on CPU)")
@@ -45,7 +52,7 @@ def get_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="weights and compute (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="weights and prompts")
     p.add_argument("--json-out", default=None, help="also write the numbers here")
-    M.add_debug_flag(p)
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -63,7 +70,7 @@ def lively(net, seed):
 
 
 def prompts_from_samples(samples):
-    """bench.synthetic_samples' training samples cut where the answer starts: what generation is given."""
+    """bench_train.synthetic_samples' training samples cut where the answer starts: what generation is given."""
     out = []
     for s in samples:
         start = int((s["labels"] != -100).nonzero()[0])
@@ -140,19 +147,19 @@ def main():
     print(f"bench_generate.py: torch {versions['torch']}, transformers {versions['transformers']}, "
           f"{versions['gpu'] or 'CPU'}, varlen kernel {versions['varlen_kernel']}, {dtype}")
 
-    # --- model: bench.py's configs and image processor setup, random weights at unit gain, eval mode
+    # --- model: bench_train.py's configs and image processor setup, random weights at unit gain, eval mode
     config_name = args.config or ("qwen2.5-3b" if cuda else "tiny")
-    config, image_processor = bench.config_and_image_processor(config_name, args.family)
+    config, image_processor = bench_train.config_and_image_processor(config_name, args.family)
     vc, tc = config.vision_config, config.text_config
     proc = SimpleNamespace(image_processor=image_processor, patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
                            image_token_id=config.image_token_id, pad_token_id=tc.bos_token_id)
-    net = bench.build_model(config, device, M.default_attn(device)).to(dtype).eval()
+    net = bench_train.build_model(config, device, M.default_attn(device)).to(dtype).eval()
     net.config.use_cache = True
     if cuda and M.varlen_kernel(device) != "reference":
         M.use_varlen_attention(net, vision=True)  # prefill: one attention call per vision layer
     lively(net, args.seed)
     rng = np.random.default_rng(args.seed)
-    prompts = prompts_from_samples(bench.synthetic_samples(n_prompts, config, proc, rng))
+    prompts = prompts_from_samples(bench_train.synthetic_samples(n_prompts, config, proc, rng))
     eos = choose_end_token(net, proc, prompts[:8], max_new, device, dtype)
     lengths = [len(p["input_ids"]) for p in prompts]
     print(f"  model {config_name}, {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters; {n_prompts} prompts of "
@@ -198,4 +205,4 @@ def main():
 
 
 if __name__ == "__main__":
-    M.run_cli(main)
+    run_cli(main)

@@ -1,5 +1,5 @@
 """
-bench.py — training throughput of the project's step (train.py) against the plain transformers path, side by
+bench_train.py — training throughput of the project's step (train.py) against the plain transformers path, side by
 side: the same samples, the same initial weights, one process, one device.
 
 Variants, each measured in the same run:
@@ -18,10 +18,10 @@ language model, counted by wrapping transformers' attention functions), MFU (mod
 and attention, against a bf16 matmul peak measured in this run), peak memory, the first step's loss (the same
 for every variant: same weights, same samples) and the speed-up over `hf`. The summary comes last.
 
-    python bench.py                                   # CPU: the tiny random-init model, every variant in under a minute
-    python bench.py --config qwen2.5-3b --json-out bench.json          # GPU: real-size random-init model
-    python bench.py --config qwen3-vl-4b --variants hf,project,project+varlen+pack+fused
-    python bench.py --config qwen2.5-7b --text-layers 14   # a 7B-wide model cut to fit one GPU with AdamW states
+    python bench_train.py                                   # CPU: the tiny random-init model, every variant in under a minute
+    python bench_train.py --config qwen2.5-3b --json-out bench_train.json          # GPU: real-size random-init model
+    python bench_train.py --config qwen3-vl-4b --variants hf,project,project+varlen+pack+fused
+    python bench_train.py --config qwen2.5-7b --text-layers 14   # a 7B-wide model cut to fit one GPU with AdamW states
 
 Data: synthetic detection-like samples (no tokenizer, no download): one image each (DOTA/FAIR1M 1024-px patches,
 DIOR-R 800-px images, DOTA 512-px patches, border crops; resized into the pixel budget by the Qwen-VL image
@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -53,8 +54,14 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: model, train, ...
+
 import model as M
+import synth
 import train
+from common import UserError, add_debug_flag, run_cli
+
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -65,7 +72,7 @@ def get_args(argv=None):
                                 formatter_class=train.HelpFormatter)  # defaults shown once
     p.add_argument("--config", default=None, choices=["tiny", *CONFIGS],
                    help="model: a real-size random-init config (published hyperparameters) or the tiny checkpoint of "
-                        "model.make_tiny; default qwen2.5-3b on a GPU, tiny on CPU")
+                        "synth.make_tiny; default qwen2.5-3b on a GPU, tiny on CPU")
     p.add_argument("--family", default="qwen2.5", choices=sorted(M.COORDS), help="family of the tiny model (--config tiny)")
     p.add_argument("--text-layers", type=int, default=0,
                    help="keep only this many decoder layers (0 = the config's); lets a 7B/8B-wide model fit one GPU "
@@ -90,7 +97,7 @@ def get_args(argv=None):
                    help="compute dtype (master weights stay fp32, as in train.py); default bf16 on GPU, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of the random weights")
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write every number printed to this JSON file")
-    M.add_debug_flag(p)
+    add_debug_flag(p)
     args = p.parse_args(argv)
     for flag, least in (("steps", 1), ("warmup", 0), ("batch_size", 1), ("grad_accum", 1), ("max_length", 1)):
         if getattr(args, flag) < least:
@@ -141,7 +148,7 @@ FAMILY_VISION = {
     "qwen2.5": dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", tokens_per_second=2),
     "qwen3": dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, hidden_act="gelu_pytorch_tanh"),
 }
-RSCOVLM_PIXELS = (50176, 1016064)  # 64*28*28 .. 1296*28*28 (README: the RSCoVLM recipe)
+RSCOVLM_PIXELS = (50176, 1016064)  # 64*28*28 .. 1296*28*28 (README: the 7B cluster recipe)
 
 
 def real_config(name):
@@ -161,7 +168,7 @@ def config_and_image_processor(name, family="qwen2.5", seed=0, text_layers=None,
     budget) or a real-size config (RSCoVLM's budget); text_layers cuts the language model's depth."""
     if name == "tiny":
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = M.make_tiny(Path(tmp) / "tiny", family, seed=seed)
+            ckpt = synth.make_tiny(Path(tmp) / "tiny", family, seed=seed)
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(ckpt)
@@ -172,7 +179,7 @@ def config_and_image_processor(name, family="qwen2.5", seed=0, text_layers=None,
     if text_layers:
         deepstack = len(getattr(config.vision_config, "deepstack_visual_indexes", []))
         if text_layers < max(1, deepstack):
-            raise M.UserError(f"--text-layers {text_layers}: this model adds vision features to its first "
+            raise UserError(f"--text-layers {text_layers}: this model adds vision features to its first "
                               f"{deepstack} decoder layers; keep at least {max(1, deepstack)}")
         config.text_config.num_hidden_layers = text_layers
     budget = (min_pixels or budget[0], max_pixels or budget[1])
@@ -618,7 +625,7 @@ def main():
     # --- setup: one process (a 1-rank group: FSDP2 needs one), device, dtype
     device = M.init_dist(single_process_group=True)
     if dist.get_world_size() != 1:
-        raise M.UserError("bench.py measures one process on one device: run it with python, not torchrun")
+        raise UserError("bench_train.py measures one process on one device: run it with python, not torchrun")
     cuda = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     if cuda:
@@ -633,7 +640,7 @@ def main():
         wanted = [n.strip() for n in args.variants.split(",") if n.strip()]
         unknown = [n for n in wanted if n not in [v.name for v in variants]]
         if unknown:
-            raise M.UserError(f"--variants: unknown {', '.join(unknown)}; on this device: {', '.join(v.name for v in variants)}")
+            raise UserError(f"--variants: unknown {', '.join(unknown)}; on this device: {', '.join(v.name for v in variants)}")
         variants = [v for v in variants if v.name in wanted]
 
     # --- versions
@@ -648,7 +655,7 @@ def main():
     versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                 "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(device) if cuda else None,
                 "flash_attn": flash, "varlen_kernel": M.varlen_kernel(device), "cpu_threads": torch.get_num_threads()}
-    print(f"bench.py: torch {versions['torch']}, transformers {versions['transformers']}, python {versions['python']}")
+    print(f"bench_train.py: torch {versions['torch']}, transformers {versions['transformers']}, python {versions['python']}")
     what = versions["gpu"] if cuda else f"CPU, {versions['cpu_threads']} threads"
     print(f"  device {device} ({what}), CUDA {versions['cuda'] or '-'}, flash_attn: {flash}, varlen kernel: "
           f"{versions['varlen_kernel']}, compute {dtype}")
@@ -667,7 +674,7 @@ def main():
     samples = synthetic_samples(args.batch_size * args.grad_accum, config, proc, rng)
     lengths = [len(s["input_ids"]) for s in samples]
     if max(lengths) > args.max_length:
-        raise M.UserError(f"a sample has {max(lengths)} tokens > --max-length {args.max_length}: raise it")
+        raise UserError(f"a sample has {max(lengths)} tokens > --max-length {args.max_length}: raise it")
     tokens = sum(lengths)
     from transformers import AutoModelForImageTextToText
 
@@ -799,4 +806,4 @@ def main():
 
 
 if __name__ == "__main__":
-    M.run_cli(main)
+    run_cli(main)
