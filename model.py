@@ -19,6 +19,7 @@ and ground records that target is rendered from meta by boxes.py in this model f
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -809,8 +810,12 @@ def decode_greedy(model, inputs, max_new_tokens, eos_ids):
                                                   image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
     else:
         mrope, delta = text_pos[None].expand(3, -1, -1), torch.zeros(B, 1, dtype=torch.long, device=mask.device)
+    # The forward's name for the KV cache: `past_key_values` up to transformers 5.23, `cache` from 5.24 (the old
+    # name warns there and goes in 5.40). A name the forward lacks vanishes into its **kwargs and every step
+    # silently builds a fresh cache, so the name is read from this version's signature.
     cache = DynamicCache(config=model.config)
-    logits = model(**inputs, position_ids=torch.cat([text_pos[None], mrope]), cache=cache, use_cache=True,
+    kv = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    logits = model(**inputs, position_ids=torch.cat([text_pos[None], mrope]), **kv, use_cache=True,
                    logits_to_keep=1).logits[:, -1]  # (B, V)
     eos = torch.tensor(eos_ids, device=mask.device)
     rows = torch.arange(B, device=mask.device)  # which original row each batch row is
@@ -829,7 +834,7 @@ def decode_greedy(model, inputs, max_new_tokens, eos_ids):
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         pos = mask.sum(-1, keepdim=True) - 1  # (B', 1) the new token's text position
         position_ids = torch.cat([pos[None], (pos + delta)[None].expand(3, -1, -1)])  # (4, B', 1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, cache=cache,
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, **kv,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
     return out
 
