@@ -132,12 +132,16 @@ def init_dist(single_process_group=False, timeout_minutes=60):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=timeout_minutes)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # device_id binds the group to this rank's GPU: NCCL builds its communicator now, on that device, and
+        # barrier() uses it instead of guessing one
+        kw = {"timeout": datetime.timedelta(minutes=timeout_minutes),
+              "device_id": device if device.type == "cuda" else None}
         if "WORLD_SIZE" in os.environ and (world > 1 or single_process_group):
-            torch.distributed.init_process_group(backend, timeout=timeout)
+            torch.distributed.init_process_group(backend, **kw)
         elif single_process_group:
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
-                                                 timeout=timeout)
+                                                 **kw)
     return device
 
 
@@ -974,13 +978,29 @@ def decode_batches(model, processor, order, prompt, batch_size, max_new_tokens, 
 _VLLM_ENGINES = {}  # one engine per (checkpoint, budget, parallel size, images per prompt, kwargs), kept between calls
 
 
+def _close_vllm_engines():
+    """Shut the kept vLLM engine down and free its GPU memory. Dropping the LLM object frees neither: its engine
+    core (a process of its own) keeps the weights and the KV cache, and its model-parallel groups stay. vLLM's
+    recipe (vllm-project/vllm issues 1908 and 23793; vllm 0.32's LLMEngine.engine_core, parallel_state): shut
+    the engine core down, drop the object, then cleanup_dist_env_and_memory (groups, gc, empty_cache)."""
+    if not _VLLM_ENGINES:
+        return
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    while _VLLM_ENGINES:
+        _, llm = _VLLM_ENGINES.popitem()
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    cleanup_dist_env_and_memory()
+
+
 def _vllm_engine(ckpt, processor, max_images, tensor_parallel_size, llm_kwargs):
     from vllm import LLM
 
     key = (str(ckpt), processor.min_pixels, processor.max_pixels, tensor_parallel_size, max_images,
            tuple(sorted(llm_kwargs.items())))
     if key not in _VLLM_ENGINES:
-        _VLLM_ENGINES.clear()  # one engine at a time: each holds the weights and a KV cache
+        _close_vllm_engines()  # one engine at a time: each holds the weights and a KV cache
         _VLLM_ENGINES[key] = LLM(model=str(ckpt), tensor_parallel_size=tensor_parallel_size, seed=0,
                                  limit_mm_per_prompt={"image": max_images, "video": 0},
                                  mm_processor_kwargs={"size": {"shortest_edge": processor.min_pixels,

@@ -235,6 +235,26 @@ def test_generate_batched_equals_one_by_one(fam, loaded, images):
     assert batched == single and all(isinstance(t, str) for t in batched)
 
 
+def test_init_dist_binds_the_process_group_to_the_gpu(monkeypatch):
+    """On a GPU, init_process_group gets device_id = this rank's GPU (torchrun and the one-process group alike);
+    on CPU (gloo) none. CUDA and the process group are simulated."""
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for key, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(key, value)
+    assert model.init_dist() == torch.device("cuda:1")
+    assert calls[-1][0] == "nccl" and calls[-1][1]["device_id"] == torch.device("cuda:1")
+    monkeypatch.delenv("WORLD_SIZE")
+    model.init_dist(single_process_group=True)
+    assert calls[-1][1]["world_size"] == 1 and calls[-1][1]["device_id"] == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model.init_dist(single_process_group=True) == torch.device("cpu")
+    assert calls[-1][0] == "gloo" and calls[-1][1]["device_id"] is None
+
+
 def test_read_records_errors(tmp_path, images):
     good = {"id": "a", "task": "vqa", "images": ["img.png"], "meta": {}, "messages": [{"role": "user", "content": "<image>q"}]}
     p = tmp_path / "recs.jsonl"
