@@ -63,9 +63,11 @@ def test_fast_path_equals_hf_generate(fam, nets, records):
                                                                          model.generate(net, proc, records[:2], max_new_tokens=5, details=True)]
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_rows_that_end_early_leave_the_batch_with_the_same_tokens(fam, nets, records):
-    """The random model never says <|im_end|>, so the end token is one it does produce: the token each row first
+    """(Marked `versions`: decode == generate under the floor too; test_fast_path_equals_hf_generate adds batch
+    sizes 1 and 3 and the text of the answers, in the main run.) The random model never says <|im_end|>, so the end token is one it does produce: the token each row first
     emits at different steps. decode_greedy drops rows as they end (the cache rows too) and must still give
     transformers' tokens for every row."""
     net, proc = nets[fam]

@@ -41,6 +41,7 @@ def supervised_text(sample, processor):
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_family_and_offline_reload(fam, loaded, tiny_qwen25, tiny_qwen3, monkeypatch):
     from transformers import AutoModelForImageTextToText
@@ -57,6 +58,7 @@ def test_family_and_offline_reload(fam, loaded, tiny_qwen25, tiny_qwen3, monkeyp
     assert len(set(ids)) == len(ids) and all(len(proc.tokenizer.encode(t, add_special_tokens=False)) == 1 for t in model.SPECIAL_TOKENS)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_labels_cover_exactly_assistant_turns(fam, loaded, images):
     _, proc = loaded[fam]
@@ -79,6 +81,7 @@ def test_labels_cover_exactly_assistant_turns(fam, loaded, images):
     assert "How many planes?" in text and "Be brief." in text and "How many" not in supervised_text(s, proc)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_image_tokens_match_grid(fam, loaded, images):
     _, proc = loaded[fam]
@@ -98,6 +101,7 @@ def test_image_tokens_match_grid(fam, loaded, images):
     assert s["pixel_values"].shape[0] == int(grid.prod(-1).sum())
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_smart_resize_matches_processor(fam, loaded, tmp_path):
     _, proc = loaded[fam]
@@ -110,6 +114,7 @@ def test_smart_resize_matches_processor(fam, loaded, tmp_path):
             int(grid[0, 1]) * proc.patch_size, int(grid[0, 2]) * proc.patch_size)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_smart_resize_sweep_equals_the_image_processor(fam, loaded):
     """Every side from 1 px up through the factor boundaries (where the old formula clamped a side to one factor
@@ -209,6 +214,7 @@ def test_text_only_and_max_length(loaded, images):
         model.tokenize(vqa(images), proc, max_length=first_pad + 3, truncate=True)
 
 
+@pytest.mark.versions
 def test_collate_and_loss_masks_padding(loaded, images):
     m, proc = loaded["qwen2.5"]
     a = model.tokenize(vqa(images), proc)
@@ -224,6 +230,7 @@ def test_collate_and_loss_masks_padding(loaded, images):
     assert torch.allclose(loss_batch, (la * na + lb * nb) / (na + nb), atol=1e-5)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_generate_batched_equals_one_by_one(fam, loaded, images):
     m, proc = loaded[fam]
