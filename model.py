@@ -20,6 +20,9 @@ and ground records that target is rendered from meta by boxes.py in this model f
 """
 
 import argparse
+import functools
+import importlib
+import inspect
 import json
 import math
 import os
@@ -60,19 +63,23 @@ def init_dist(single_process_group=False, timeout_minutes=60):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=timeout_minutes)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # device_id binds the group to this rank's GPU: NCCL builds its communicator now, on that device, and
+        # barrier() uses it instead of guessing one
+        kw = {"timeout": datetime.timedelta(minutes=timeout_minutes),
+              "device_id": device if device.type == "cuda" else None}
         if "WORLD_SIZE" in os.environ and (world > 1 or single_process_group):
-            torch.distributed.init_process_group(backend, timeout=timeout)
+            torch.distributed.init_process_group(backend, **kw)
         elif single_process_group:
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
-                                                 timeout=timeout)
+                                                 **kw)
     return device
 
 
-def default_attn(device):
-    """The attention implementation used when none is asked for: flash_attention_2 when importable on CUDA,
-    else sdpa."""
-    if torch.device(device).type == "cuda":
+def default_attn(device, dtype=torch.bfloat16):
+    """The attention implementation used when none is asked for: flash_attention_2 when importable on CUDA for
+    fp16/bf16 (the flash kernels refuse fp32), else sdpa."""
+    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         try:
             import flash_attn  # noqa: F401
 
@@ -89,81 +96,124 @@ def default_attn(device):
 # `lengths.tolist()`: ~81 calls x 32 blocks per 1008-px image), unless the implementation's name contains
 # "flash", in which case it makes ONE call with the sequence boundaries (cu_seqlens). Measured on an H100
 # (BENCHMARKS.md): a 7B training step 5.6 s with the loop, 1.9 s with one varlen call per layer. The same
-# function serves packed language-model rows (train.py --pack): one row holds several samples, the boundaries
-# come from the text positions restarting at 0, and attention is causal within each sample only.
+# function serves packed language-model rows (train.py --pack): one row holds several samples, their boundaries
+# come with the row from pack(), and attention is causal within each sample only.
 
 VARLEN_ATTENTION = "flash_varlen_rscovlm"  # "flash" in the name selects the cu_seqlens path (see above)
 
+# The variable-length kernels, most preferred first: (name, module, function, the GPUs it runs on). Their
+# signatures differ across packages and versions (recorded, with sources, in tests/test_kernels.py); the call
+# is adapted to the signature found, once per (device, dtype).
+VARLEN_KERNELS = (
+    ("flash_attn_3", "flash_attn_interface", "flash_attn_varlen_func", lambda cc: cc == (9, 0)),  # Hopper only
+    ("flash_attn", "flash_attn", "flash_attn_varlen_func", lambda cc: cc >= (8, 0)),
+    ("torch", "torch.nn.attention.varlen", "varlen_attn", lambda cc: cc >= (8, 0)),  # torch >= 2.10
+)
 
-def varlen_kernel(device):
-    """Which kernel varlen_attention runs on `device`: 'flash_attn' (the package, when installed), 'torch'
-    (torch.nn.attention.varlen.varlen_attn, flash kernels in torch >= 2.10 on sm80+), or 'reference' (one sdpa
-    call with an exact block-diagonal mask: CPUs and the tests; memory grows with T^2)."""
-    if torch.device(device).type != "cuda":
-        return "reference"
+
+@dataclass(frozen=True)
+class VarlenKernel:
+    """A variable-length attention kernel and how its signature spells our call."""
+    name: str  # 'flash_attn_3', 'flash_attn', 'torch' or 'reference'
+    fn: object = None  # the kernel function; None for the reference path
+    scale: str | None = None  # keyword of the softmax scale; None: it has none (its default is 1/sqrt(D))
+    causal: str = "causal"  # 'causal' / 'is_causal' take a bool; 'window_size' takes (-1, 0) or (-1, -1)
+    gqa: str = "native"  # fewer K/V heads: 'native' as they are, 'enable_gqa' with that flag, 'repeat' copied
+
+
+def _import_kernel(module, function):
+    """`module.function`, or None when it is not installed (flash_attn missing, torch < 2.10 for varlen)."""
     try:
-        import flash_attn  # noqa: F401
-
-        return "flash_attn"
-    except ImportError:
-        pass
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return "reference"
-    return "torch" if torch.cuda.get_device_capability(device)[0] >= 8 else "reference"
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError):
+        return None
 
 
-def _segments(cu_seqlens, T, device):
-    """(T,) index of the sequence each position belongs to."""
-    return torch.searchsorted(cu_seqlens[1:].to(device), torch.arange(T, device=device), right=True)
+def _adapt(name, fn):
+    """The VarlenKernel for `fn`, read from its signature."""
+    params = inspect.signature(fn).parameters
+    scale = next((p for p in ("softmax_scale", "scale") if p in params), None)
+    causal = next((p for p in ("causal", "is_causal", "window_size") if p in params), None)
+    if causal is None:
+        raise RuntimeError(f"{name} varlen kernel {fn.__module__}.{fn.__name__}: no causal or window_size argument")
+    gqa = "native" if name != "torch" else "enable_gqa" if "enable_gqa" in params else "repeat"
+    return VarlenKernel(name, fn, scale, causal, gqa)
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_call(device, dtype):
+    """The VarlenKernel for `dtype` tensors on `device`, decided once per pair (an import attempt costs ~0.6 ms)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return VarlenKernel("reference")  # CPUs; and fp32, which every flash kernel refuses
+    capability = torch.cuda.get_device_capability(device)
+    for name, module, function, runs_on in VARLEN_KERNELS:
+        fn = _import_kernel(module, function) if runs_on(capability) else None
+        if fn is not None:
+            return _adapt(name, fn)
+    return VarlenKernel("reference")
+
+
+def varlen_kernel(device, dtype=torch.bfloat16):
+    """Which kernel varlen_attention runs for `dtype` tensors on `device`: 'flash_attn_3' (FlashAttention-3,
+    Hopper, when installed), 'flash_attn' (FlashAttention-2), 'torch' (torch >= 2.10's varlen_attn, sm80+), or
+    'reference' (one sdpa call with an exact block-diagonal mask: CPUs, GPUs without a kernel, fp32; memory grows
+    with T^2). Decided once per (device, dtype)."""
+    return _varlen_call(torch.device(device), dtype).name
+
+
+def _run_kernel(kernel, q, k, v, cu_seqlens, max_len, scaling, causal):
+    """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D) through a flash kernel, called the way its signature reads."""
+    kw = {}
+    if kernel.scale:
+        kw[kernel.scale] = scaling
+    elif scaling is not None and abs(scaling * q.shape[-1] ** 0.5 - 1) > 1e-6:  # fold the scale into q
+        q = q * (scaling * q.shape[-1] ** 0.5)
+    if kernel.causal == "window_size":  # a tuple: torch 2.11 tests `window_size == (-1, 0)`
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kw[kernel.causal] = causal
+    if k.shape[1] != q.shape[1] and kernel.gqa == "enable_gqa":
+        kw["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1] and kernel.gqa == "repeat":  # torch 2.10/2.11: every query head its own copy
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    cu = cu_seqlens.to(torch.int32)
+    out = kernel.fn(q, k, v, cu, cu, max_len, max_len, **kw)
+    return out[0] if isinstance(out, tuple) else out  # FlashAttention-3 of Jan-Jul 2025 returns (out, lse)
+
+
+def _reference_attention(query, key, value, cu_seqlens, scaling, causal):
+    """The exact result in one sdpa call: query (1, Hq, T, D), key/value (1, Hkv, T, D) -> (T, Hq, D)."""
+    T = query.shape[2]
+    seg = torch.searchsorted(cu_seqlens[1:].to(query.device), torch.arange(T, device=query.device), right=True)
+    mask = seg[:, None] == seg[None, :]  # (T, T): the same sequence
+    if causal:
+        mask &= torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=key.shape[1] != query.shape[1])
+    return out[0].transpose(0, 1)
 
 
 def varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
-                     max_length_q=None, position_ids=None, **kwargs):
+                     max_length_q=None, **kwargs):
     """transformers attention interface: query (1, Hq, T, D), key/value (1, Hkv, T, D) hold several sequences
-    end to end. Their boundaries: cu_seq_lens_q (N+1,) from the vision tower (images or windows, non-causal), or
-    the text positions restarting at 0 (packed rows, causal). Returns ((1, T, Hq, D), None)."""
+    end to end, their boundaries in cu_seq_lens_q (N+1,): the vision tower's images or windows (non-causal), or
+    the samples of a packed text row (causal), computed once by pack() so that no layer waits for the device to
+    find them. Returns ((1, T, Hq, D), None).
+    max_length_q: the longest sequence, an int (the vision tower's). A packed row's is bounded by its length T
+    instead: reading a maximum off the device would wait for it, and the kernels skip the blocks they launch
+    past each sequence's end."""
     if query.shape[0] != 1 or attention_mask is not None:
         raise RuntimeError("varlen_attention takes one packed row without padding (train.py --pack)")
-    T, causal = query.shape[2], bool(getattr(module, "is_causal", False))
-    if cu_seq_lens_q is None:  # packed text row: a new sample wherever the position does not step by 1
-        pos = position_ids.reshape(-1)
-        breaks = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
-        cu_seq_lens_q = torch.cat([pos.new_zeros(1), breaks, pos.new_tensor([T])])
-        max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
-    elif max_length_q is None:
-        max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    if cu_seq_lens_q is None:
+        raise RuntimeError("varlen_attention needs the row's sequence boundaries cu_seq_lens_q: make packed rows "
+                           "with model.pack")
+    causal = bool(getattr(module, "is_causal", False))
+    kernel = _varlen_call(query.device, query.dtype)
+    if kernel.fn is None:
+        return _reference_attention(query, key, value, cu_seq_lens_q, scaling, causal).unsqueeze(0), None
+    max_len = max_length_q if isinstance(max_length_q, int) else query.shape[2]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
-    kernel = varlen_kernel(query.device)
-    if kernel == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-
-        cu = cu_seq_lens_q.to(torch.int32)
-        out = flash_attn_varlen_func(q, k, v, cu, cu, max_length_q, max_length_q, softmax_scale=scaling, causal=causal)
-    elif kernel == "torch":
-        import inspect
-
-        from torch.nn.attention.varlen import varlen_attn
-
-        cu = cu_seq_lens_q.to(torch.int32)
-        params = inspect.signature(varlen_attn).parameters
-        extra = {"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in params else {"is_causal": causal}
-        if k.shape[1] != q.shape[1]:
-            if "enable_gqa" in params:
-                extra["enable_gqa"] = True
-            else:  # older torch: repeat the key/value heads
-                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        out = varlen_attn(q, k, v, cu, cu, max_length_q, max_length_q, scale=scaling, **extra)
-    else:  # reference: the exact mask, one sdpa call (B=1, H, T, D)
-        seg = _segments(cu_seq_lens_q, T, query.device)
-        mask = seg[:, None] == seg[None, :]  # (T, T)
-        if causal:
-            mask &= torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-        out = out[0].transpose(0, 1)  # (T, H, D)
-    return out.unsqueeze(0), None
+    return _run_kernel(kernel, q, k, v, cu_seq_lens_q, max_len, scaling, causal).unsqueeze(0), None
 
 
 def use_varlen_attention(model, vision=True, text=False):
@@ -279,7 +329,7 @@ def load(path, dtype=None, device=None, attn=None, min_pixels=None, max_pixels=N
     """Load any local Qwen2.5-VL / Qwen3-VL checkpoint directory (offline, no trust_remote_code).
 
     dtype: torch dtype or name ('bfloat16'); default bf16 on CUDA, fp32 on CPU.
-    attn: attention implementation; default flash_attention_2 when importable on CUDA, else sdpa.
+    attn: attention implementation; default default_attn's (flash_attention_2 when importable on CUDA, else sdpa).
     Returns (model in eval mode on device, Processor)."""
     from transformers import AutoModelForImageTextToText
 
@@ -287,14 +337,14 @@ def load(path, dtype=None, device=None, attn=None, min_pixels=None, max_pixels=N
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    attn = attn or default_attn(device)
+    attn = attn or default_attn(device, dtype)
     processor = load_processor(path, min_pixels, max_pixels)
     if not sys.stderr.isatty():  # a log file or pipe: stderr is for warnings and errors, not progress bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    if device.type == "cuda" and varlen_kernel(device) != "reference":  # prefill: one attention call per vision layer
+    if varlen_kernel(device, dtype) != "reference":  # prefill: one attention call per vision layer
         use_varlen_attention(model, vision=True)
     return model.to(device).eval(), processor
 
@@ -708,17 +758,22 @@ def rope_positions(model, sample):
 def pack(samples, model):
     """Tokenized samples -> ONE packed row (batch of 1, no padding): tokens end to end, each sample's rotary
     positions as if it were alone (rope_positions), images concatenated in order. Attention stays within each
-    sample: transformers builds a block-diagonal causal mask from the text positions (sdpa) or
-    varlen_attention cuts the row at them. The first label of every sample is -100, so no sample is trained to
-    predict the next one's first token: the supervised targets are exactly those of the unpacked samples."""
+    sample: transformers builds a block-diagonal causal mask from the text positions (sdpa), varlen_attention
+    cuts the row at cu_seq_lens_q / cu_seq_lens_k ((N+1,) int32, the samples' boundaries, known here on the host:
+    transformers >= 5.19 hands them to the language model's attention, and no layer has to find them on the
+    device). The first label of every sample is -100, so no sample is trained to predict the next one's first
+    token: the supervised targets are exactly those of the unpacked samples."""
     labels = [s["labels"].clone() for s in samples]
     for lab in labels:
         lab[0] = -100
     grids = [s["image_grid_thw"] for s in samples if s["pixel_values"] is not None]
+    lengths = torch.tensor([0] + [len(s["input_ids"]) for s in samples], dtype=torch.int32)
+    cu_seqlens = lengths.cumsum(0, dtype=torch.int32)  # (N+1,)
     return {"input_ids": torch.cat([s["input_ids"] for s in samples])[None],
             "labels": torch.cat(labels)[None],
             "mm_token_type_ids": torch.cat([s["mm_token_type_ids"] for s in samples])[None],
             "position_ids": torch.cat([rope_positions(model, s) for s in samples], dim=2),
+            "cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens,
             "pixel_values": torch.cat([s["pixel_values"] for s in samples if s["pixel_values"] is not None]) if grids else None,
             "image_grid_thw": torch.cat(grids) if grids else None}
 
@@ -792,8 +847,12 @@ def decode_greedy(model, inputs, max_new_tokens, eos_ids):
                                                   image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
     else:
         mrope, delta = text_pos[None].expand(3, -1, -1), torch.zeros(B, 1, dtype=torch.long, device=mask.device)
+    # The forward's name for the KV cache: `past_key_values` up to transformers 5.23, `cache` from 5.24 (the old
+    # name warns there and goes in 5.40). A name the forward lacks vanishes into its **kwargs and every step
+    # silently builds a fresh cache, so the name is read from this version's signature.
     cache = DynamicCache(config=model.config)
-    logits = model(**inputs, position_ids=torch.cat([text_pos[None], mrope]), cache=cache, use_cache=True,
+    kv = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    logits = model(**inputs, position_ids=torch.cat([text_pos[None], mrope]), **kv, use_cache=True,
                    logits_to_keep=1).logits[:, -1]  # (B, V)
     eos = torch.tensor(eos_ids, device=mask.device)
     rows = torch.arange(B, device=mask.device)  # which original row each batch row is
@@ -812,7 +871,7 @@ def decode_greedy(model, inputs, max_new_tokens, eos_ids):
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         pos = mask.sum(-1, keepdim=True) - 1  # (B', 1) the new token's text position
         position_ids = torch.cat([pos[None], (pos + delta)[None].expand(3, -1, -1)])  # (4, B', 1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, cache=cache,
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, **kv,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
     return out
 
@@ -902,13 +961,29 @@ def decode_batches(model, processor, order, prompt, batch_size, max_new_tokens, 
 _VLLM_ENGINES = {}  # one engine per (checkpoint, budget, parallel size, images per prompt, kwargs), kept between calls
 
 
+def _close_vllm_engines():
+    """Shut the kept vLLM engine down and free its GPU memory. Dropping the LLM object frees neither: its engine
+    core (a process of its own) keeps the weights and the KV cache, and its model-parallel groups stay. vLLM's
+    recipe (vllm-project/vllm issues 1908 and 23793; vllm 0.32's LLMEngine.engine_core, parallel_state): shut
+    the engine core down, drop the object, then cleanup_dist_env_and_memory (groups, gc, empty_cache)."""
+    if not _VLLM_ENGINES:
+        return
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    while _VLLM_ENGINES:
+        _, llm = _VLLM_ENGINES.popitem()
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    cleanup_dist_env_and_memory()
+
+
 def _vllm_engine(ckpt, processor, max_images, tensor_parallel_size, llm_kwargs):
     from vllm import LLM
 
     key = (str(ckpt), processor.min_pixels, processor.max_pixels, tensor_parallel_size, max_images,
            tuple(sorted(llm_kwargs.items())))
     if key not in _VLLM_ENGINES:
-        _VLLM_ENGINES.clear()  # one engine at a time: each holds the weights and a KV cache
+        _close_vllm_engines()  # one engine at a time: each holds the weights and a KV cache
         _VLLM_ENGINES[key] = LLM(model=str(ckpt), tensor_parallel_size=tensor_parallel_size, seed=0,
                                  limit_mm_per_prompt={"image": max_images, "video": 0},
                                  mm_processor_kwargs={"size": {"shortest_edge": processor.min_pixels,

@@ -64,9 +64,11 @@ def test_fast_path_equals_hf_generate(fam, nets, records):
                                                                          model.generate(net, proc, records[:2], max_new_tokens=5, details=True)]
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_rows_that_end_early_leave_the_batch_with_the_same_tokens(fam, nets, records):
-    """The random model never says <|im_end|>, so the end token is one it does produce: the token each row first
+    """(Marked `versions`: decode == generate under the floor too; test_fast_path_equals_hf_generate adds batch
+    sizes 1 and 3 and the text of the answers, in the main run.) The random model never says <|im_end|>, so the end token is one it does produce: the token each row first
     emits at different steps. decode_greedy drops rows as they end (the cache rows too) and must still give
     transformers' tokens for every row."""
     net, proc = nets[fam]
@@ -133,3 +135,32 @@ def test_bench_generate_runs_on_cpu_and_prints_its_ratios(tmp_path):
     summary = json.loads(out.read_text())
     assert [r["batch"] for r in summary["rows"]] == [1, 4] and all(r["identical"] for r in summary["rows"])
     assert all(r["new_tokens"] > 0 and r["answers_at_limit"] < 8 for r in summary["rows"])  # some answers ended early
+
+
+def test_a_replaced_vllm_engine_is_shut_down(tiny_qwen25, monkeypatch):
+    """One vLLM engine is kept between calls; the engine of another checkpoint replaces it only after the old
+    one's engine core has been shut down and vLLM's memory cleanup has run (dropped from the dict alone, it
+    keeps its GPU memory). vLLM itself stands in as a fake recording those calls."""
+    import sys
+    import types
+
+    events = []
+
+    class LLM:
+        def __init__(self, model, **kwargs):
+            shutdown = lambda: events.append(("shutdown", model))  # noqa: E731
+            self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=shutdown))
+            events.append(("start", model))
+
+    vllm, distributed, state = (types.ModuleType(n) for n in ("vllm", "vllm.distributed", "vllm.distributed.parallel_state"))
+    vllm.LLM, vllm.distributed, distributed.parallel_state = LLM, distributed, state
+    state.cleanup_dist_env_and_memory = lambda: events.append(("cleanup",))
+    for mod in (vllm, distributed, state):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(model, "_VLLM_ENGINES", {})
+    proc = model.load_processor(tiny_qwen25)
+    first = model._vllm_engine("ckpt_a", proc, 1, 1, {})
+    assert model._vllm_engine("ckpt_a", proc, 1, 1, {}) is first and events == [("start", "ckpt_a")]
+    model._vllm_engine("ckpt_b", proc, 1, 1, {})
+    assert events == [("start", "ckpt_a"), ("shutdown", "ckpt_a"), ("cleanup",), ("start", "ckpt_b")]
+    assert len(model._VLLM_ENGINES) == 1

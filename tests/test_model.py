@@ -44,6 +44,7 @@ def supervised_text(sample, processor):
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_family_and_offline_reload(fam, loaded, tiny_qwen25, tiny_qwen3, monkeypatch):
     from transformers import AutoModelForImageTextToText
@@ -60,6 +61,7 @@ def test_family_and_offline_reload(fam, loaded, tiny_qwen25, tiny_qwen3, monkeyp
     assert len(set(ids)) == len(ids) and all(len(proc.tokenizer.encode(t, add_special_tokens=False)) == 1 for t in synth.SPECIAL_TOKENS)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_labels_cover_exactly_assistant_turns(fam, loaded, images):
     _, proc = loaded[fam]
@@ -82,6 +84,7 @@ def test_labels_cover_exactly_assistant_turns(fam, loaded, images):
     assert "How many planes?" in text and "Be brief." in text and "How many" not in supervised_text(s, proc)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_image_tokens_match_grid(fam, loaded, images):
     _, proc = loaded[fam]
@@ -101,6 +104,7 @@ def test_image_tokens_match_grid(fam, loaded, images):
     assert s["pixel_values"].shape[0] == int(grid.prod(-1).sum())
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_smart_resize_matches_processor(fam, loaded, tmp_path):
     _, proc = loaded[fam]
@@ -113,6 +117,7 @@ def test_smart_resize_matches_processor(fam, loaded, tmp_path):
             int(grid[0, 1]) * proc.patch_size, int(grid[0, 2]) * proc.patch_size)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_smart_resize_sweep_equals_the_image_processor(fam, loaded):
     """Every side from 1 px up through the factor boundaries (where the old formula clamped a side to one factor
@@ -212,6 +217,7 @@ def test_text_only_and_max_length(loaded, images):
         model.tokenize(vqa(images), proc, max_length=first_pad + 3, truncate=True)
 
 
+@pytest.mark.versions
 def test_collate_and_loss_masks_padding(loaded, images):
     m, proc = loaded["qwen2.5"]
     a = model.tokenize(vqa(images), proc)
@@ -227,6 +233,7 @@ def test_collate_and_loss_masks_padding(loaded, images):
     assert torch.allclose(loss_batch, (la * na + lb * nb) / (na + nb), atol=1e-5)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_generate_batched_equals_one_by_one(fam, loaded, images):
     m, proc = loaded[fam]
@@ -236,6 +243,26 @@ def test_generate_batched_equals_one_by_one(fam, loaded, images):
     batched = model.generate(m, proc, recs, batch_size=3, max_new_tokens=6)
     single = [model.generate(m, proc, [r], batch_size=1, max_new_tokens=6)[0] for r in recs]
     assert batched == single and all(isinstance(t, str) for t in batched)
+
+
+def test_init_dist_binds_the_process_group_to_the_gpu(monkeypatch):
+    """On a GPU, init_process_group gets device_id = this rank's GPU (torchrun and the one-process group alike);
+    on CPU (gloo) none. CUDA and the process group are simulated."""
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for key, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(key, value)
+    assert model.init_dist() == torch.device("cuda:1")
+    assert calls[-1][0] == "nccl" and calls[-1][1]["device_id"] == torch.device("cuda:1")
+    monkeypatch.delenv("WORLD_SIZE")
+    model.init_dist(single_process_group=True)
+    assert calls[-1][1]["world_size"] == 1 and calls[-1][1]["device_id"] == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model.init_dist(single_process_group=True) == torch.device("cpu")
+    assert calls[-1][0] == "gloo" and calls[-1][1]["device_id"] is None
 
 
 def test_read_records_errors(tmp_path, images):

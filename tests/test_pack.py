@@ -63,6 +63,7 @@ def forward(net, batch):
 # Vision tower: one varlen call per layer == transformers' per-window loop
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_vision_varlen_equals_the_per_window_loop(fam, nets, samples):
     net, proc = nets[fam]
@@ -105,6 +106,7 @@ def test_vision_varlen_equals_the_per_window_loop(fam, nets, samples):
 # Packed rows == the samples alone
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_rope_positions_equal_the_sample_alone(fam, nets, samples):
     net, proc = nets[fam]
@@ -120,6 +122,7 @@ def test_rope_positions_equal_the_sample_alone(fam, nets, samples):
     assert not torch.equal(model.rope_positions(net, toks[0])[1], torch.arange(len(toks[0]["input_ids"])))
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("fam", FAMILIES)
 @pytest.mark.parametrize("text_attn", ["sdpa", "varlen"])
 def test_packed_row_equals_unpacked_samples(fam, text_attn, nets, samples):
@@ -159,6 +162,7 @@ def test_packed_row_equals_unpacked_samples(fam, text_attn, nets, samples):
         assert torch.allclose(got, g, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("text_attn", ["sdpa", "varlen"])
 def test_a_packed_sample_cannot_see_another(text_attn, nets, samples):
     """Changing the first sample's tokens and image leaves the others' logits unchanged. The same check on a row
@@ -179,8 +183,10 @@ def test_a_packed_sample_cannot_see_another(text_attn, nets, samples):
             b = forward(net, model.pack([changed] + toks[1:], net))[0][0, n0:]
             assert torch.equal(a, b)
             leaky = [model.pack(t, net) for t in (toks, [changed] + toks[1:])]
-            for row in leaky:  # positions 0..T-1 over the whole row: no sample boundaries
-                row["position_ids"] = torch.arange(row["input_ids"].shape[1]).view(1, 1, -1).expand(4, 1, -1)
+            for row in leaky:  # positions 0..T-1 over the whole row, boundaries [0, T]: no sample boundaries
+                T = row["input_ids"].shape[1]
+                row["position_ids"] = torch.arange(T).view(1, 1, -1).expand(4, 1, -1)
+                row["cu_seq_lens_q"] = row["cu_seq_lens_k"] = torch.tensor([0, T], dtype=torch.int32)
             c, d = (forward(net, row)[0][0, n0:] for row in leaky)
             assert (c - d).abs().max() > 1e-3
     finally:
