@@ -221,7 +221,7 @@ def match_label(text, classes):
 
 
 # -----------------------------------------------------------------------------
-# Class lists and label files: DOTA labelTxt, FAIR1M and DIOR-R XML, each read to [{"poly", "label",
+# Class lists and label files: DOTA labelTxt, FAIR1M, DIOR-R and DIOR-RSVG XML, each read to [{"poly", "label",
 # "difficult"}] (canonical class names: lower case, hyphenated)
 
 DOTA_CLASSES = {
@@ -281,9 +281,12 @@ def read_text(path):
 def read_dota_labels(path, classes=None):
     """One DOTA labelTxt file -> [{"poly", "label", "difficult"}], the reader of data_prep.py and eval_det.py.
     `imagesource:` / `gsd:` headers and blank lines are skipped; every other line must be `x1 y1 ... x4 y4
-    class [difficult]` with 8 finite numbers and an integer difficult flag (missing = 0), else UserError
-    naming the file and line. classes: when given, a label outside it is an error too (eval_det counts
-    unknown labels itself, with a hint about the class list)."""
+    class [difficult]` with 8 finite numbers and an integer difficult flag (missing = 0; kept as written, 2 =
+    cut by a patch border), else UserError naming the file and line. The DOTA devkit's parse_gt reads valid
+    files the same; it differs where it would go wrong quietly or crash: it splits on single spaces, takes any
+    line of fewer than 9 tokens for a header (an object line cut short is lost) and accepts NaN corners.
+    classes: when given, a label outside it is an error too (eval_det counts unknown labels itself, with a
+    hint about the class list)."""
     objects = []
     for lineno, line in enumerate(read_text(path).splitlines(), 1):
         parts = line.split()

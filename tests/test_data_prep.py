@@ -682,13 +682,15 @@ def test_budget_report_on_synth_and_rsvg_fixtures(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Bad input through the real CLI: one line `error: ...` on stderr, exit code 2, nothing written.
-# The cases start together (each process imports torch through model.py: ~2 s of CPU); the other wrong
-# layouts are checked in-process below (same UserError, same message).
+# Bad input as a user meets it: one line `error: ...` on stderr, exit code 2, nothing written. What `python
+# data_prep.py ...` runs (run_cli(main)) runs here in this process; two cases run as real processes, started
+# together (each imports torch through model.py: ~2 s of CPU): --debug, and docs/data.md's DIOR command on the
+# bundled sample.
 
 
 CLI_CASES = ["dota_empty_root", "dota_no_labeltxt", "dota_train_all_patches_empty", "cls_ucmerced_unzipped_folder",
              "rsvg_index_past_the_last_object", "captions_second_dataset_json_same_name"]
+SHARED_DIOR = REPO.parent / "shared" / "data" / "dior"
 
 
 def _files(folder):
@@ -696,9 +698,8 @@ def _files(folder):
 
 
 @pytest.fixture(scope="module")
-def cli_errors(tmp_path_factory):
-    """{case: (exit code, non-empty stderr lines, strings the line must name, files in OUT before, after)};
-    "debug": the UCMerced case again with --debug after the subcommand."""
+def cli_cases(tmp_path_factory):
+    """(folder, {case: (argv without --out, strings the error line must name)}); OUT is folder/out/CASE."""
     tmp = tmp_path_factory.mktemp("cli").resolve()
     cases = {}
     # dota on an empty root: images/ and labelTxt/ with nothing in them
@@ -735,42 +736,57 @@ def cli_errors(tmp_path_factory):
         ["captions", "--json", second, "--images", second.parent / "imgs", "--split", "test"],
         ["captions_test.* was made from " + str(first), f"this run reads {second}", "--name"])
     assert sorted(cases) == sorted(CLI_CASES)
-    if (REPO.parent / "shared" / "data" / "dior").is_dir():  # docs/data.md's DIOR command on the bundled sample
-        cases["dior_sample_default_split"] = (["dior", "--root", REPO.parent / "shared" / "data" / "dior"], [])
-    cases["debug"] = (cases["cls_ucmerced_unzipped_folder"][0] + ["--debug"], [])
-
-    procs = {}
-    for case, (argv, names) in cases.items():
-        out = tmp / "out" / case
-        before = _files(out) if out.exists() else {}
-        procs[case] = (start_cli(*argv, "--out", out, "--workers", "1"), names, out, before)
-    results = {}
-    for case, (proc, names, out, before) in procs.items():
-        _, err = proc.communicate(timeout=300)
-        after = _files(out) if out.exists() else {}
-        results[case] = (proc.returncode, [line for line in err.splitlines() if line.strip()], names, before, after)
-    return results
+    return tmp, cases
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
-def test_cli_bad_input_is_one_line_naming_it_exit_2_nothing_written(cli_errors, case):
-    code, err, names, before, after = cli_errors[case]
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for name in names:
-        assert name in err[0]
+def test_cli_bad_input_is_one_line_naming_it_exit_2_nothing_written(cli_cases, case, monkeypatch, capsys):
+    tmp, cases = cli_cases
+    argv, names = cases[case]
+    out = tmp / "out" / case
+    before = _files(out) if out.exists() else {}
+    one_error_line(run_main("data_prep.py", data_prep.main, [*argv, "--out", out, "--workers", 1], monkeypatch, capsys),
+                   names)
+    after = _files(out) if out.exists() else {}
     # no JSONL written and an earlier output (captions_second_...) untouched; tiling leaves only its info.json
     assert {p: b for p, b in after.items() if p.suffix == ".jsonl"} == {p: b for p, b in before.items() if p.suffix == ".jsonl"}
     assert all(after.get(p) == b for p, b in before.items())
 
 
-def test_cli_debug_flag_shows_the_traceback(cli_errors):
-    code, err, _, _, _ = cli_errors["debug"]
+@pytest.fixture(scope="module")
+def cli_processes(cli_cases):
+    """{case: (exit code, non-empty stderr lines, OUT)} of data_prep.py run as a process: "debug" (the UCMerced case
+    with --debug after the subcommand) and, where the bundled samples are, "dior_sample_default_split"."""
+    tmp, cases = cli_cases
+    argv = {"debug": cases["cls_ucmerced_unzipped_folder"][0] + ["--debug"]}
+    if SHARED_DIOR.is_dir():
+        argv["dior_sample_default_split"] = ["dior", "--root", SHARED_DIOR]
+    procs = {case: start_cli(*a, "--out", tmp / "out" / case, "--workers", "1") for case, a in argv.items()}
+    results = {}
+    for case, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        results[case] = (proc.returncode, [line for line in err.splitlines() if line.strip()], tmp / "out" / case)
+    return results
+
+
+def test_cli_debug_flag_shows_the_traceback(cli_processes):
+    code, err, _ = cli_processes["debug"]
     assert code == 1 and any(line.startswith("Traceback") for line in err) and err[-1].startswith("common.UserError: ")
     assert "did you mean" in err[-1]
 
 
-def _wrong_folder_cases(tmp, shared_data):
+def test_dior_sample_default_split_is_one_line_suggesting_split_all(cli_processes, shared_data):
+    """The command of docs/data.md on the bundled sample (no split lists), as a process."""
+    code, err, out = cli_processes["dior_sample_default_split"]
+    assert code == 2 and err == [
+        f"error: --split trainval: {shared_data / 'dior'} has no split lists (ImageSets/Main/*.txt): --split all converts "
+        f"every annotated image (1 in {shared_data / 'dior' / 'Annotations'}, test images too), or give --split-file FILE"]
+    assert not out.exists()
+    run("dior", "--root", shared_data / "dior", "--split", "all", "--out", out, "--workers", 1)  # what it suggests
+    assert [r["id"] for r in read_jsonl(out / "dior_all.jsonl")] == ["00001"]
+
+
+def _wrong_folder_cases(tmp):
     """{case: (argv without --out, strings the one error line must name)}: the folders people give by mistake."""
     dota = tmp / "DOTA"
     for split in ("train", "val"):
@@ -810,9 +826,6 @@ def _wrong_folder_cases(tmp, shared_data):
         "dior_root_at_annotations": (["dior", "--root", dior / "Annotations" / "Oriented Bounding Boxes"],
                                      [f"did you mean --root {dior}?"]),
         "dior_missing_root": (["dior", "--root", tmp / "DIOR"], [f"--root {tmp / 'DIOR'}: no such folder"]),
-        "dior_sample_default_split": (["dior", "--root", shared_data / "dior"],
-                                      [f"--split trainval: {shared_data / 'dior'} has no split lists",
-                                       "--split all converts every annotated image (1 in "]),
         "rsvqa_root_at_images": (["rsvqa", "--root", rsvqa / "Images_LR", "--variant", "LR", "--split", "test"],
                                  [f"did you mean --root {rsvqa}?"]),
         "rsvqa_wrong_variant_or_split": (["rsvqa", "--root", hr, "--variant", "HR", "--split", "test"],
@@ -827,23 +840,14 @@ def _wrong_folder_cases(tmp, shared_data):
     }
 
 
-def test_wrong_folders_are_one_line_naming_the_right_one(shared_data, tmp_path, monkeypatch, capsys):
+def test_wrong_folders_are_one_line_naming_the_right_one(tmp_path, monkeypatch, capsys):
     """What `python data_prep.py ...` runs (run_cli(main)), in this process: exit 2, one line naming the flag and
     the folder that looks right, no traceback, nothing written."""
-    for case, (argv, names) in _wrong_folder_cases(tmp_path, shared_data).items():
+    for case, (argv, names) in _wrong_folder_cases(tmp_path).items():
         out = tmp_path / "out" / case
         result = run_main("data_prep.py", data_prep.main, [*argv, "--out", out, "--workers", 1], monkeypatch, capsys)
         one_error_line(result, names)
         assert not out.exists(), case
-
-
-def test_dior_sample_default_split_through_the_cli(cli_errors, shared_data):
-    """The documented slip: docs/data.md's DIOR command on the bundled sample without --split all."""
-    code, err, _, _, _ = cli_errors["dior_sample_default_split"]
-    assert code == 2 and len(err) == 1, err
-    assert err[0] == (f"error: --split trainval: {shared_data / 'dior'} has no split lists (ImageSets/Main/*.txt): "
-                      f"--split all converts every annotated image (1 in {shared_data / 'dior' / 'Annotations'}, test "
-                      "images too), or give --split-file FILE")
 
 
 def test_wrong_folders_in_process(tmp_path):
