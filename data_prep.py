@@ -1,6 +1,7 @@
-"""Convert remote-sensing training sets to rscovlm records (JSONL, one sample per line): one subcommand per source,
-each writing OUT/NAME.jsonl (+ OUT/images/ for the tiled dota and fair1m) and OUT/NAME.info.json (its arguments and
-summary). Expected layouts, tiling rules, record format: docs/data.md. Benchmarks: bench_prep.py; toy data: synth.py.
+"""Convert remote-sensing training sets to rscovlm records (JSONL, one sample per line).
+
+Each subcommand writes OUT/NAME.jsonl (+ OUT/images/ for the tiled dota and fair1m) and OUT/NAME.info.json (its
+arguments and summary). Layouts, tiling rules, record format: docs/data.md; benchmarks: bench_prep.py.
 
     python data_prep.py dota --root DOTA/train DOTA/val --split train --patch 512 --out data/dota
     python data_prep.py dota --root DOTA/val --split val --out data/dota          # every patch + ground truth
@@ -301,10 +302,9 @@ def rel(path, out):
 
 
 # -----------------------------------------------------------------------------
-# Answer length in tokens (det/ground). A dense patch's answer can outgrow what generation allows
-# (eval_det.py --max-new-tokens) and what training keeps (train.py --max-length skips longer samples): one
-# DOTA 1024-px patch of the P0706 harbour holds ~500 ships, over 15k tokens, because Qwen writes one token
-# per digit. Every det/ground subcommand reports, per split, how many answers need more than --answer-budget.
+# Answer length in tokens (det/ground). Qwen writes one token per digit, so a dense patch's answer (a 1024-px DOTA
+# patch of the P0706 harbour: ~500 ships, over 15k tokens) can outgrow what generation allows and what training keeps
+# (train.py --max-length): every det/ground subcommand reports, per split, how many pass --answer-budget.
 
 _QWEN_PIECES = []  # Qwen2's pre-tokenizer split (model.QWEN_SPLIT), compiled on first use
 
@@ -404,8 +404,7 @@ def patch_name(name, patch, rate, x, y):
 
 
 def tile_image(job, cfg):
-    """One source image -> patch records (+ patch PNGs not written yet). Runs in a worker process.
-    Returns {"records", "counts", "skipped"}."""
+    """One source image -> {"records", "counts", "skipped"} (+ its patch images not written yet), in a worker."""
     counts, skipped = Counter(), []
     try:
         width, height = read_image_size(job["image"], full=False)
@@ -542,7 +541,7 @@ def list_tiling_jobs(args, source, classes, summary):
         if args.split != "test":
             label_files = {p.stem for p in (root / label_dir).glob(f"*{ext}")}
             if not label_files:
-                raise UserError(f"{root / label_dir} has no {ext} label files: " + needs_labels(root, args.split, label_dir, ext))
+                raise UserError(f"{root / label_dir} has no {ext} files: " + needs_labels(root, args.split, label_dir, ext))
             summary["counts"]["label files without an image"] += len(label_files - {p.stem for p in image_files})
         for img in track(image_files, f"labels {root}", unit="file"):
             objects = None
@@ -596,12 +595,10 @@ def run_tiling(args, source):
         report_answer_tokens(summary, args.split, records, counter, args.answer_budget,
                              hint=f"; patches smaller than --patch {args.patch} hold fewer objects, shorter answers")
     roots = " ".join(args.root)
-    if summary["counts"]["empty patches dropped"]:
-        why = (f"every patch of the images in {roots} is empty (no {cfg['dataset']} object kept) and --split train "
-               f"drops empty patches: check {TILED[source][0]}/" + (" and --version" if source == "dota" else "")
-               + ", or keep empty patches with --keep-empty")
-    else:
-        why = f"no image in {roots} gave a patch"
+    why = (f"every patch of the images in {roots} is empty (no {cfg['dataset']} object kept) and --split train drops "
+           f"empty patches: check {TILED[source][0]}/" + (" and --version" if source == "dota" else "")
+           + ", or keep empty patches with --keep-empty") if summary["counts"]["empty patches dropped"] else (
+        f"no image in {roots} gave a patch")
     write_outputs(out, name, args, summary, records,
                   f"{source} {args.split}: {len(records)} records from {len(jobs)} images", why)
     return summary
@@ -661,7 +658,8 @@ def dior_split_ids(root, ann_dir, args, summary):
             return read_id_list(folder / "train.txt") + read_id_list(folder / "val.txt")
     lists = sorted({p.relative_to(root) for f in folders if f.is_dir() for p in f.glob("*.txt")})
     found = (f"no {args.split}.txt among the split lists of {root} ({', '.join(map(str, lists))}): give "
-             + " or ".join(f"--split {p.stem}" for p in lists) + "; " if lists else f"{root} has no split lists (ImageSets/Main/*.txt): ")
+             + " or ".join(f"--split {p.stem}" for p in lists) + "; ") if lists else (
+        f"{root} has no split lists (ImageSets/Main/*.txt): ")
     raise UserError(f"--split {args.split}: {found}--split all converts every annotated image "
                     f"({sum(1 for _ in ann_dir.glob('*.xml'))} in {ann_dir}, test images too), or give --split-file FILE")
 
@@ -941,8 +939,8 @@ def run_captions(args):
     out = Path(args.out)
     entries = read_caption_json(args.json)
     splits = set(args.split.split("+"))  # e.g. train+val
-    images = check_image_folder("--images", args.images, [e["filename"] for e in entries if isinstance(e, dict)
-                                                          and isinstance(e.get("filename"), str) and e.get("split") in splits])
+    images = check_image_folder("--images", args.images, [e["filename"] for e in entries if isinstance(e, dict) and
+                                                          isinstance(e.get("filename"), str) and e.get("split") in splits])
     dataset = args.dataset or caption_dataset_name(args.json)
     name = args.name or f"{dataset}_{args.split}"
     claim_output(out, name, args)
@@ -1105,7 +1103,7 @@ def add_box_forms_flag(sp, det=True):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     add_debug_flag(p)
     one_line = partial(argparse.HelpFormatter, max_help_position=30)  # --help: each flag and its help on one line
     sub = p.add_subparsers(dest="source", required=True,
