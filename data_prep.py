@@ -241,8 +241,9 @@ def check_folder(flag, path, what, looks_right, otherwise=None):
 
 def check_image_folder(flag, folder, names):
     """A folder that holds some of the image files the annotations name (the rest are per-image errors)."""
+    sample = names[::max(1, len(names) // 100)]  # 100 names spread over the list: a few stat calls per folder
     return check_folder(flag, folder, f"the images the annotations name (e.g. {names[0] if names else '-'})",
-                        lambda d: d.is_dir() and (not names or any((d / n).is_file() for n in names)))
+                        lambda d: d.is_dir() and (not names or any((d / n).is_file() for n in sample)))
 
 
 def pool_map(fn, items, workers, desc, unit="it"):
@@ -919,13 +920,14 @@ def caption_dataset_name(json_path):
 
 
 def read_caption_json(path):
-    """The "images" entries of a Karpathy-style JSON (a missing file named with the JSON nearby)."""
+    """The "images" entries of a Karpathy-style JSON (a wrong --json named with the JSON nearby)."""
     path = Path(path)
-    if not path.is_file():
-        inside = sorted(path.glob("*.json")) if path.is_dir() else []
-        raise UserError(f"--json {path}: " + (f"a folder; did you mean {inside[0]}?" if inside else "a folder, not a file"
-                                              if path.is_dir() else "no such file"
-                                              + did_you_mean(path.parent, lambda d: (d / path.name).is_file())))
+    if not path.is_file():  # a folder, a misspelt name, or the file one folder down
+        near = sorted(path.glob("*.json")) if path.is_dir() else [path.parent / n for n in difflib.get_close_matches(
+            path.name, [p.name for p in path.parent.glob("*.json")] if path.parent.is_dir() else [], n=1)] + [
+            d / path.name for d in near_folders(path.parent, lambda d: (d / path.name).is_file())]
+        raise UserError(f"--json {path}: " + ("a folder" if path.is_dir() else "no such file")
+                        + (f"; did you mean {near[0]}?" if near else ""))
     try:
         entries = json.loads(path.read_text())["images"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:

@@ -834,8 +834,10 @@ def _wrong_folder_cases(tmp):
         "captions_images_one_level_up": (["captions", "--json", captions, "--images", captions.parent],
                                          [f"--images {captions.parent} does not hold the images the annotations "
                                           "name (e.g. 1.tif)", f"did you mean --images {captions.parent / 'imgs'}?"]),
-        "captions_json_misspelt": (["captions", "--json", tmp / "dataset.jsn", "--images", captions.parent],
-                                   [f"--json {tmp / 'dataset.jsn'}: no such file"]),
+        "captions_json_misspelt": (["captions", "--json", captions.parent / "datset.json", "--images", captions.parent],
+                                   [f"--json {captions.parent / 'datset.json'}: no such file; did you mean {captions}?"]),
+        "captions_json_a_folder": (["captions", "--json", captions.parent, "--images", captions.parent / "imgs"],
+                                   [f"--json {captions.parent}: a folder; did you mean {captions}?"]),
         "rsvg_root_at_jpegimages": (["rsvg", "--root", rsvg / "JPEGImages"], [f"did you mean --root {rsvg}?"]),
     }
 
