@@ -1,6 +1,7 @@
 """data_prep.py: tiling rules on the real DOTA samples, the DIOR sample, small fixtures for every other format,
-real layouts (DIOR-R without trainval.txt, two dataset.json caption sets, FAIR1M's closing point), bad-input
-handling (in-process, and through the CLI: one line, exit code 2, nothing written), and synth (deterministic,
+real layouts (DIOR-R without trainval.txt, two dataset.json caption sets, FAIR1M's closing point), the DOTA label
+reader against the devkit's rules, progress lines in a log file, bad input and wrong folders (through run_cli and
+as a process: one line naming the right folder, exit code 2, nothing written), and synth (deterministic,
 round-trips through model.tokenize)."""
 import argparse
 import json
