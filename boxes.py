@@ -30,11 +30,12 @@ import difflib
 import json
 import math
 import re
+import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from shapely.geometry import MultiPoint, Polygon
+from shapely.geometry import MultiPoint, Polygon, box as shapely_box
 
 from common import UserError
 
@@ -220,7 +221,8 @@ def match_label(text, classes):
 
 
 # -----------------------------------------------------------------------------
-# Class lists and DOTA label files (canonical class names: lower case, hyphenated)
+# Class lists and label files: DOTA labelTxt, FAIR1M, DIOR-R and DIOR-RSVG XML, each read to [{"poly", "label",
+# "difficult"}] (canonical class names: lower case, hyphenated)
 
 DOTA_CLASSES = {
     "1.0": ["plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
@@ -279,9 +281,12 @@ def read_text(path):
 def read_dota_labels(path, classes=None):
     """One DOTA labelTxt file -> [{"poly", "label", "difficult"}], the reader of data_prep.py and eval_det.py.
     `imagesource:` / `gsd:` headers and blank lines are skipped; every other line must be `x1 y1 ... x4 y4
-    class [difficult]` with 8 finite numbers and an integer difficult flag (missing = 0), else UserError
-    naming the file and line. classes: when given, a label outside it is an error too (eval_det counts
-    unknown labels itself, with a hint about the class list)."""
+    class [difficult]` with 8 finite numbers and an integer difficult flag (missing = 0; kept as written, 2 =
+    cut by a patch border), else UserError naming the file and line. The DOTA devkit's parse_gt reads valid
+    files the same; it differs where it would go wrong quietly or crash: it splits on single spaces, takes any
+    line of fewer than 9 tokens for a header (an object line cut short is lost) and accepts NaN corners.
+    classes: when given, a label outside it is an error too (eval_det counts unknown labels itself, with a
+    hint about the class list)."""
     objects = []
     for lineno, line in enumerate(read_text(path).splitlines(), 1):
         parts = line.split()
@@ -303,6 +308,136 @@ def read_dota_labels(path, classes=None):
             raise UserError(f"{where}: difficult flag {parts[9]!r} is not an integer") from None
         objects.append({"poly": poly, "label": label, "difficult": difficult})
     return objects
+
+
+def read_xml(path):
+    """The root element of an XML file; a file that is not XML raises UserError naming it."""
+    try:
+        return ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise UserError(f"cannot parse {path}: {e}") from None
+
+
+def read_fair1m_xml(path, classes):
+    """FAIR1M: <object><possibleresult><name>Liquid Cargo Ship</name></possibleresult>
+    <points><point>x,y</point> x5</points> (the fifth point repeats the first)."""
+    objects = []
+    for k, obj in enumerate(read_xml(path).iter("object"), 1):
+        where = f"bad object {k} in {path}"
+        name = obj.findtext("possibleresult/name")
+        if not name or not name.strip():
+            raise UserError(f"{where}: no possibleresult/name")
+        label = "-".join(name.strip().lower().split())
+        if label not in classes:
+            raise UserError(f"{where}: unknown class {name!r}")
+        pts = [p.text.split(",") for p in obj.findall("points/point") if p.text]
+        if any(len(p) != 2 for p in pts):
+            raise UserError(f"{where}: a point is not 'x,y'")
+        xy = check_numbers([v for p in pts for v in p], where, n=2 * len(pts))
+        # the closing point repeats the first, written as "1.0,2.0" or "1.000000,2" alike: compare numbers
+        if len(pts) == 5 and math.dist(xy[:2], xy[8:]) <= 1e-3:
+            xy = xy[:8]
+        if len(xy) != 8:
+            raise UserError(f"{where}: polygon has {len(pts)} points, expected 4 (+ the first repeated)")
+        objects.append({"poly": xy, "label": label, "difficult": 0})
+    return objects
+
+
+DIOR_CORNERS = ["x_left_top", "y_left_top", "x_right_top", "y_right_top", "x_right_bottom", "y_right_bottom",
+                "x_left_bottom", "y_left_bottom"]
+
+
+def read_dior_xml(path, classes):
+    """DIOR-R: VOC XML, <object><name>, <difficult>, <robndbox> with the four corners. Also returns the size."""
+    root = read_xml(path)
+    objects = []
+    for k, obj in enumerate(root.iter("object"), 1):
+        where = f"bad object {k} in {path}"
+        label = (obj.findtext("name") or "").strip().lower()
+        if label not in classes:
+            raise UserError(f"{where}: unknown class {obj.findtext('name')!r}")
+        rb = obj.find("robndbox")
+        if rb is None:
+            raise UserError(f"{where}: no <robndbox>")
+        poly = check_numbers([rb.findtext(t) for t in DIOR_CORNERS if rb.findtext(t) is not None], where)
+        diff = (obj.findtext("difficult") or "0").strip()
+        objects.append({"poly": poly, "label": label, "difficult": int(diff) if diff.isdigit() else 0})
+    size = (int(root.findtext("size/width") or 0), int(root.findtext("size/height") or 0))
+    return objects, size
+
+
+def read_rsvg_object(obj, where):
+    """One DIOR-RSVG <object> (an XML element): {"poly" (its <bndbox>), "label", "difficult": 0, "expression"
+    (its <description>)}, else UserError starting with `where`."""
+    b = obj.find("bndbox")
+    if b is None:
+        raise UserError(f"{where}: no <bndbox>")
+    x0, y0, x1, y1 = check_numbers([b.findtext(t) for t in ("xmin", "ymin", "xmax", "ymax")], where, n=4)
+    if not (x1 > x0 and y1 > y0):
+        raise UserError(f"{where}: empty box {x0},{y0},{x1},{y1}")
+    text = (obj.findtext("description") or "").strip()
+    if not text:
+        raise UserError(f"{where}: no <description>")
+    label = (obj.findtext("name") or "").strip().lower()
+    return {"poly": hbox_to_poly([x0, y0, x1, y1]), "label": label, "difficult": 0, "expression": text}
+
+
+# -----------------------------------------------------------------------------
+# Windows of a large image (DOTA tiling: MMRotate's img_split rule, docs/data.md "Tiling"; data_prep.py cuts
+# the patches)
+
+def window_starts(length, patch, step):
+    """Window starts along one side: every `step` px, the last one shifted to end at the border."""
+    if length <= patch:
+        return [0]
+    n = math.ceil((length - patch) / step + 1)
+    starts = [step * i for i in range(n)]
+    if starts[-1] + patch > length:
+        starts[-1] = length - patch  # last window ends at the border
+    return starts
+
+
+def sliding_windows(width, height, patch, gap, img_rate_thr=0.6):
+    """[(x0, y0, x1, y1)], x-major order like MMRotate."""
+    assert patch > gap, f"--patch {patch} must be larger than --gap {gap}"
+    step = patch - gap
+    wins = [(x, y, x + patch, y + patch) for x in window_starts(width, patch, step)
+            for y in window_starts(height, patch, step)]
+    rates = [(min(x1, width) - x0) * (min(y1, height) - y0) / (patch * patch) for x0, y0, x1, y1 in wins]
+    if not any(r > img_rate_thr for r in rates):
+        rates = [1.0 if abs(r - max(rates)) < 0.01 else r for r in rates]
+    return [w for w, r in zip(wins, rates) if r > img_rate_thr]
+
+
+def object_shapes(objects):
+    """(hbox, shapely polygon, area) per object; a self-intersecting label polygon is measured by its hull."""
+    out = []
+    for o in objects:
+        pts = list(zip(o["poly"][0::2], o["poly"][1::2]))
+        poly = Polygon(pts)
+        if not poly.is_valid:
+            poly = MultiPoint(pts).convex_hull
+        xs, ys = o["poly"][0::2], o["poly"][1::2]
+        out.append(((min(xs), min(ys), max(xs), max(ys)), poly, poly.area))
+    return out
+
+
+def objects_in_window(objects, shapes, win, iof_thr):
+    """Objects kept in window (x0, y0, x1, y1), shifted into it; truncated ones (iof < 1) get difficult 2."""
+    x0, y0, x1, y1 = win
+    wbox, kept = None, []
+    for o, ((bx0, by0, bx1, by1), poly, area) in zip(objects, shapes):
+        if bx1 < x0 or bx0 > x1 or by1 < y0 or by0 > y1 or area <= 0:
+            continue
+        inside = bx0 >= x0 and by0 >= y0 and bx1 <= x1 and by1 <= y1
+        if not inside:
+            wbox = wbox or shapely_box(x0, y0, x1, y1)
+            if poly.intersection(wbox).area / area < iof_thr:
+                continue
+        shifted = [v - (x0 if i % 2 == 0 else y0) for i, v in enumerate(o["poly"])]
+        kept.append({"poly": [round(v, 3) for v in shifted], "label": o["label"],
+                     "difficult": o["difficult"] if inside else 2})
+    return kept
 
 
 # -----------------------------------------------------------------------------

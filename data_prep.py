@@ -1,78 +1,39 @@
-"""Convert remote-sensing datasets to rscovlm records (JSONL, one sample per line; docs/data.md "Record format").
+"""Convert remote-sensing training sets to rscovlm records (JSONL, one sample per line).
 
-One subcommand per training source (the benchmarks are bench_prep.py's, the synthetic data synth.py's).
-Each writes `OUT/{name}.jsonl` (+ `OUT/images/` for tiled sources) and
-`OUT/{name}.info.json` (the arguments and the summary printed at the end: records, objects, empty patches,
-skipped items and why).
+Each subcommand writes OUT/NAME.jsonl (+ OUT/images/ for the tiled dota and fair1m) and OUT/NAME.info.json (its
+arguments and summary). Layouts, tiling rules, record format: docs/data.md; benchmarks: bench_prep.py.
 
-    python data_prep.py dota --root DOTA/train DOTA/val --split train --name dota_trainval --out data/dota
-    python data_prep.py dota --root DOTA/train DOTA/val --split train --patch 512 --out data/dota   # RSCoVLM's 512
-    python data_prep.py dota --root DOTA/val --split val --out data/dota          # keeps empty patches + ground truth
-    python data_prep.py dota --root DOTA/test --split test --out data/dota        # no labels, every patch
+    python data_prep.py dota --root DOTA/train DOTA/val --split train --patch 512 --out data/dota
+    python data_prep.py dota --root DOTA/val --split val --out data/dota          # every patch + ground truth
+    python data_prep.py dota --root DOTA/test --split test --out data/dota        # no labels: prompts only
     python data_prep.py dota --root DOTA/train --split train --rates 0.5,1.0,1.5 --gap 500 --out data/dota_ms
     python data_prep.py fair1m --root FAIR1M/train/part1 --split train --out data/fair1m
-    python data_prep.py dior --root DIOR-R --split trainval --out data/dior
+    python data_prep.py dior --root DIOR-R --split trainval --out data/dior     # --split all: every annotated image
     python data_prep.py rsvg --root DIOR-RSVG --split test --out data/rsvg
     python data_prep.py rsvqa --root RSVQA_LR --variant LR --split test --out data/rsvqa
     python data_prep.py captions --json RSICD/dataset_rsicd.json --images RSICD/RSICD_images --split test --out data/cap
     python data_prep.py cls --root AID --train-ratio 0.2 --out data/aid
-    python data_prep.py dota --root DOTA/train --split train --patch 512 --prompts rscovlm --box-forms hbox,rbox,poly --out data/rs
 
-Tiling (dota, fair1m) follows MMRotate's tools/data/dota/split/img_split.py:
-  * windows of --patch px with step patch - gap; the last window of a row/column is shifted to end at the
-    border; an image smaller than the window gets one window, padded with --pad-value (0 = MMRotate's CLI
-    default; its split configs use the BGR mean 104,116,124, i.e. --pad-value 124,116,104 in RGB);
-    windows with <= img-rate-thr of their area on the image are dropped unless none is above it.
-  * an object goes to a window when (area inside the window) / (object area) >= --iof-thr (0.7), computed on
-    the polygon (its convex hull if the label is self-intersecting); objects not wholly inside get difficult 2
-    and keep their original, unclipped corners shifted into the patch (as MMRotate does).
-  * multi-scale (--rates): the whole image is resized by the rate first and tiled with the same --patch and
-    --gap (the DOTA devkit's way, so every patch is --patch px); MMRotate instead crops windows of patch/rate
-    px and resizes them at training time; the patches differ only by rounding.
-  * patch names: rate 1 -> `{name}__{patch}__{x}___{y}` (MMRotate); other rates -> `{name}__{rate}__{x}___{y}`
-    (the devkit's, e.g. P0001__0.5__0___824). Never parse names: meta carries "source", "offset" [x, y]
-    (patch origin in the image resized by the rate), "rate" and "source_size" [W, H]; a polygon in patch
-    pixels maps back to the original image as (patch_xy + offset) / rate.
-  * --split train drops patches with no object (keep them with --keep-empty); val keeps every patch with its
-    ground truth (difficult included, for patch-level scoring); test needs no labels, keeps every patch and
-    writes prompt-only records (no assistant turn, no meta.objects).
-Re-running skips patch images that already exist; every file is written to a temporary name and renamed,
-so an interrupted run leaves no half-written patch or JSONL that a later run would trust.
-
-Bad input (unreadable image, malformed label line, NaN or missing corners, unknown class, a split index
-past the last object) stops with one line `error: ...` naming the file and line (exit code 2; --debug shows
-the traceback); with --skip-bad the image (never just one of its objects, which would teach the model to
-miss it) is skipped and listed in the summary. A run that would write no record stops the same way, saying
-what it looked at (and, when the data sits one folder down, which folder to give), and a run never
-overwrites the output of another input: OUT/NAME.info.json remembers which --root / --json it was made from.
-
-Answers in det/ground records are rendered with boxes.render_answer in the record's own pixels, for people
-to read; model.tokenize re-renders them from meta in the model's coordinate convention. The det/ground
-subcommands (dota, fair1m, dior, rsvg) report per split how many answers need more than
---answer-budget tokens (Qwen writes one token per digit: a dense 1024-px DOTA patch takes over 15k), estimated
-(one token per digit, punctuation run, word and line break) or, with --processor DIR, counted exactly.
-
+Bad input: one line `error: ...` naming the file, line or flag (exit 2); --skip-bad skips the image and lists it.
 """
 import argparse
+import difflib
 import json
 import math
 import os
 import random
 import re
-import xml.etree.ElementTree as ET
 from collections import Counter
 from functools import partial
-from multiprocessing import Pool
+from multiprocessing import Pool, TimeoutError as PoolTimeout
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
-from shapely.geometry import MultiPoint, Polygon, box as shapely_box
-from tqdm import tqdm
+from PIL import Image
 
 import boxes
 import model
-from common import UserError, add_debug_flag, run_cli
+from common import Progress, UserError, add_debug_flag, run_cli, track
 
 
 Image.MAX_IMAGE_PIXELS = None  # DOTA-v2 has 20000 x 20000 images
@@ -117,11 +78,6 @@ def det_answer(objects, width, height, box_format="poly", preset="default"):
 
 # -----------------------------------------------------------------------------
 # Files, errors, summaries
-
-
-def progress(items, **kwargs):
-    """tqdm bars on a terminal only (disable=None): logs and pipes get the summary, not bar redraws."""
-    return tqdm(items, **{"disable": None, **kwargs})
 
 
 def did_you_mean(folder, looks_right):
@@ -250,10 +206,106 @@ def write_info(out, name, args, summary=None):
 
 
 # -----------------------------------------------------------------------------
-# Answer length in tokens (det/ground). A dense patch's answer can outgrow what generation allows
-# (eval_det.py --max-new-tokens) and what training keeps (train.py --max-length skips longer samples): one
-# DOTA 1024-px patch of the P0706 harbour holds ~500 ships, over 15k tokens, because Qwen writes one token
-# per digit. Every det/ground subcommand reports, per split, how many answers need more than --answer-budget.
+# Input folders and images. A folder given one level too deep (at images/, JPEGImages/), too high (the folder an
+# archive unzips into) or misspelt: one line naming the flag and the folder that looks right. Images are decoded
+# in --workers processes with progress counted in the parent (common.Progress: a bar on a terminal, in a log file
+# a plain "done/total, rate, ETA" line every ~30 s).
+
+
+def near_folders(path, looks_right):
+    """Folders near `path` that pass looks_right: its parent or grandparent (given too deep), else its sub-folders."""
+    path = Path(path)
+    base = path if path.name not in ("", ".", "..") else Path(os.path.abspath(path))
+    for up in (base.parent, base.parent.parent):
+        if up != base and looks_right(up):
+            return [up]
+    return [d for d in sorted(path.iterdir()) if d.is_dir() and looks_right(d)] if path.is_dir() else []
+
+
+def check_folder(flag, path, what, looks_right, otherwise=None):
+    """`path` as a Path when looks_right(path); else UserError: a missing folder (and a sibling of a similar name),
+    or one that does not hold `what` (and the folder nearby that does, or `otherwise` when none does)."""
+    path = Path(path)
+    if looks_right(path):
+        return path
+    if not path.is_dir():
+        names = [d.name for d in path.parent.iterdir() if d.is_dir()] if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, names, n=1)
+        raise UserError(f"{flag} {path}: no such folder" + (f"; did you mean {path.parent / close[0]}?" if close else ""))
+    hits = near_folders(path, looks_right)
+    if not hits and otherwise:
+        raise UserError(otherwise)
+    hint = f"; did you mean {flag} {' or '.join(map(str, hits[:4]))}?" if hits else ""
+    raise UserError(f"{flag} {path} does not hold {what}{hint}")
+
+
+def check_image_folder(flag, folder, names):
+    """A folder that holds some of the image files the annotations name (the rest are per-image errors)."""
+    sample = names[::max(1, len(names) // 100)]  # 100 names spread over the list: a few stat calls per folder
+    return check_folder(flag, folder, f"the images the annotations name (e.g. {names[0] if names else '-'})",
+                        lambda d: d.is_dir() and (not names or any((d / n).is_file() for n in sample)))
+
+
+def pool_map(fn, items, workers, desc, unit="it"):
+    """fn(item) for each item, in order, in `workers` processes (this one when 1), with a Progress that also
+    speaks while nothing finishes (one 20,000-px DOTA-v2 image can take minutes)."""
+    with Progress(len(items), desc, unit) as bar:
+        if workers <= 1:
+            for item in items:
+                yield fn(item)
+                bar.update()
+            return
+        with Pool(workers) as pool:
+            results = pool.imap(fn, items)
+            for _ in range(len(items)):
+                while True:
+                    try:
+                        result = results.next(timeout=bar.every or None)
+                        break
+                    except PoolTimeout:
+                        bar.update(0)  # nothing finished: a line when one is due
+                bar.update()
+                yield result
+
+
+def read_image_size(path, full=True):
+    """(width, height). full=True decodes the whole image, so truncated or corrupt files are caught."""
+    try:
+        with Image.open(path) as im:
+            if full:
+                im.load()
+            return im.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def _check_one(path):
+    try:
+        return path, read_image_size(path), None
+    except UserError as e:
+        return path, None, str(e)
+
+
+def check_images(paths, workers, desc):
+    """{path: (w, h) or error message}, decoding every image (several processes)."""
+    paths = sorted(set(paths))
+    return {path: size if err is None else err
+            for path, size, err in pool_map(_check_one, paths, workers, desc, unit="img")}
+
+
+def rel(path, out):
+    """Image path as written in records: relative to the JSONL's folder when inside it, else absolute."""
+    path, out = Path(path).resolve(), Path(out).resolve()
+    try:
+        return str(path.relative_to(out))
+    except ValueError:
+        return str(path)
+
+
+# -----------------------------------------------------------------------------
+# Answer length in tokens (det/ground). Qwen writes one token per digit, so a dense patch's answer (a 1024-px DOTA
+# patch of the P0706 harbour: ~500 ships, over 15k tokens) can outgrow what generation allows and what training keeps
+# (train.py --max-length): every det/ground subcommand reports, per split, how many pass --answer-budget.
 
 _QWEN_PIECES = []  # Qwen2's pre-tokenizer split (model.QWEN_SPLIT), compiled on first use
 
@@ -343,170 +395,8 @@ def format_answer_tokens(report):
     return "\n".join(lines)
 
 
-def read_image_size(path, full=True):
-    """(width, height). full=True decodes the whole image, so truncated or corrupt files are caught."""
-    try:
-        with Image.open(path) as im:
-            if full:
-                im.load()
-            return im.size
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
-
-
-def _check_one(path):
-    try:
-        return path, read_image_size(path), None
-    except UserError as e:
-        return path, None, str(e)
-
-
-def check_images(paths, workers, desc):
-    """{path: (w, h) or error message}, decoding every image (several processes)."""
-    paths = sorted(set(paths))
-    out = {}
-    with Pool(workers) if workers > 1 else _NoPool() as pool:
-        for path, size, err in progress(pool.imap(_check_one, paths, chunksize=8), total=len(paths), desc=desc):
-            out[path] = size if err is None else err
-    return out
-
-
-class _NoPool:
-    """Stand-in for multiprocessing.Pool when --workers 1 (easier to debug, no fork)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, fn, items, chunksize=1):
-        return map(fn, items)
-
-
-def rel(path, out):
-    """Image path as written in records: relative to the JSONL's folder when inside it, else absolute."""
-    path, out = Path(path).resolve(), Path(out).resolve()
-    try:
-        return str(path.relative_to(out))
-    except ValueError:
-        return str(path)
-
-
 # -----------------------------------------------------------------------------
-# Label parsing: DOTA labelTxt, FAIR1M XML, DIOR-R XML. Each returns [{"poly", "label", "difficult"}].
-
-
-def _xml_root(path):
-    try:
-        return ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as e:
-        raise UserError(f"cannot parse {path}: {e}") from None
-
-
-def parse_fair1m_xml(path, classes):
-    """FAIR1M: <object><possibleresult><name>Liquid Cargo Ship</name></possibleresult>
-    <points><point>x,y</point> x5</points> (the fifth point repeats the first)."""
-    objects = []
-    for k, obj in enumerate(_xml_root(path).iter("object"), 1):
-        where = f"bad object {k} in {path}"
-        name = obj.findtext("possibleresult/name")
-        if not name or not name.strip():
-            raise UserError(f"{where}: no possibleresult/name")
-        label = "-".join(name.strip().lower().split())
-        if label not in classes:
-            raise UserError(f"{where}: unknown class {name!r}")
-        pts = [p.text.split(",") for p in obj.findall("points/point") if p.text]
-        if any(len(p) != 2 for p in pts):
-            raise UserError(f"{where}: a point is not 'x,y'")
-        xy = boxes.check_numbers([v for p in pts for v in p], where, n=2 * len(pts))
-        # the closing point repeats the first, written as "1.0,2.0" or "1.000000,2" alike: compare numbers
-        if len(pts) == 5 and math.dist(xy[:2], xy[8:]) <= 1e-3:
-            xy = xy[:8]
-        if len(xy) != 8:
-            raise UserError(f"{where}: polygon has {len(pts)} points, expected 4 (+ the first repeated)")
-        objects.append({"poly": xy, "label": label, "difficult": 0})
-    return objects
-
-
-DIOR_CORNERS = ["x_left_top", "y_left_top", "x_right_top", "y_right_top", "x_right_bottom", "y_right_bottom",
-                "x_left_bottom", "y_left_bottom"]
-
-
-def parse_dior_xml(path, classes):
-    """DIOR-R: VOC XML, <object><name>, <difficult>, <robndbox> with the four corners. Also returns the size."""
-    root = _xml_root(path)
-    objects = []
-    for k, obj in enumerate(root.iter("object"), 1):
-        where = f"bad object {k} in {path}"
-        label = (obj.findtext("name") or "").strip().lower()
-        if label not in classes:
-            raise UserError(f"{where}: unknown class {obj.findtext('name')!r}")
-        rb = obj.find("robndbox")
-        if rb is None:
-            raise UserError(f"{where}: no <robndbox>")
-        poly = boxes.check_numbers([rb.findtext(t) for t in DIOR_CORNERS if rb.findtext(t) is not None], where)
-        diff = (obj.findtext("difficult") or "0").strip()
-        objects.append({"poly": poly, "label": label, "difficult": int(diff) if diff.isdigit() else 0})
-    size = (int(root.findtext("size/width") or 0), int(root.findtext("size/height") or 0))
-    return objects, size
-
-
-# -----------------------------------------------------------------------------
-# Tiling (MMRotate img_split rules; see the module docstring)
-
-
-def window_starts(length, patch, step):
-    if length <= patch:
-        return [0]
-    n = math.ceil((length - patch) / step + 1)
-    starts = [step * i for i in range(n)]
-    if starts[-1] + patch > length:
-        starts[-1] = length - patch  # last window ends at the border
-    return starts
-
-
-def sliding_windows(width, height, patch, gap, img_rate_thr=0.6):
-    """[(x0, y0, x1, y1)], x-major order like MMRotate."""
-    assert patch > gap, f"--patch {patch} must be larger than --gap {gap}"
-    step = patch - gap
-    wins = [(x, y, x + patch, y + patch) for x in window_starts(width, patch, step)
-            for y in window_starts(height, patch, step)]
-    rates = [(min(x1, width) - x0) * (min(y1, height) - y0) / (patch * patch) for x0, y0, x1, y1 in wins]
-    if not any(r > img_rate_thr for r in rates):
-        rates = [1.0 if abs(r - max(rates)) < 0.01 else r for r in rates]
-    return [w for w, r in zip(wins, rates) if r > img_rate_thr]
-
-
-def object_shapes(objects):
-    """(hbox, shapely polygon, area) per object; a self-intersecting label polygon is measured by its hull."""
-    out = []
-    for o in objects:
-        pts = list(zip(o["poly"][0::2], o["poly"][1::2]))
-        poly = Polygon(pts)
-        if not poly.is_valid:
-            poly = MultiPoint(pts).convex_hull
-        xs, ys = o["poly"][0::2], o["poly"][1::2]
-        out.append(((min(xs), min(ys), max(xs), max(ys)), poly, poly.area))
-    return out
-
-
-def objects_in_window(objects, shapes, win, iof_thr):
-    """Objects kept in window (x0, y0, x1, y1), shifted into it; truncated ones (iof < 1) get difficult 2."""
-    x0, y0, x1, y1 = win
-    wbox, kept = None, []
-    for o, ((bx0, by0, bx1, by1), poly, area) in zip(objects, shapes):
-        if bx1 < x0 or bx0 > x1 or by1 < y0 or by0 > y1 or area <= 0:
-            continue
-        inside = bx0 >= x0 and by0 >= y0 and bx1 <= x1 and by1 <= y1
-        if not inside:
-            wbox = wbox or shapely_box(x0, y0, x1, y1)
-            if poly.intersection(wbox).area / area < iof_thr:
-                continue
-        shifted = [v - (x0 if i % 2 == 0 else y0) for i, v in enumerate(o["poly"])]
-        kept.append({"poly": [round(v, 3) for v in shifted], "label": o["label"],
-                     "difficult": o["difficult"] if inside else 2})
-    return kept
+# Tiling (MMRotate img_split rules, docs/data.md "Tiling"; the window geometry is boxes.py's)
 
 
 def patch_name(name, patch, rate, x, y):
@@ -515,8 +405,7 @@ def patch_name(name, patch, rate, x, y):
 
 
 def tile_image(job, cfg):
-    """One source image -> patch records (+ patch PNGs not written yet). Runs in a worker process.
-    Returns {"records", "counts", "skipped"}."""
+    """One source image -> {"records", "counts", "skipped"} (+ its patch images not written yet), in a worker."""
     counts, skipped = Counter(), []
     try:
         width, height = read_image_size(job["image"], full=False)
@@ -531,11 +420,11 @@ def tile_image(job, cfg):
         scaled = None
         if objects is not None:
             scaled = objects if rate == 1 else [dict(o, poly=[v * rate for v in o["poly"]]) for o in objects]
-            shapes = object_shapes(scaled)
+            shapes = boxes.object_shapes(scaled)
             if rate == cfg["rates"][0]:
                 counts["zero-area objects dropped"] += sum(1 for s in shapes if s[2] <= 0)
-        for win in sliding_windows(sw, sh, cfg["patch"], cfg["gap"], cfg["img_rate_thr"]):
-            objs = None if scaled is None else objects_in_window(scaled, shapes, win, cfg["iof_thr"])
+        for win in boxes.sliding_windows(sw, sh, cfg["patch"], cfg["gap"], cfg["img_rate_thr"]):
+            objs = None if scaled is None else boxes.objects_in_window(scaled, shapes, win, cfg["iof_thr"])
             if objs is not None and not objs:
                 counts["empty patches"] += 1
                 if cfg["split"] == "train" and not cfg["keep_empty"]:
@@ -591,20 +480,17 @@ def tile_image(job, cfg):
     return {"records": records, "counts": counts, "skipped": skipped}
 
 
-def run_tiling(args, source):
-    """Shared driver of `dota` and `fair1m`: list images + labels, tile in --workers processes, write JSONL."""
-    if source == "dota":
-        classes, label_dir, label_ext, parse = boxes.DOTA_CLASSES[args.version], "labelTxt", ".txt", boxes.read_dota_labels
-        dataset = f"dota{args.version}"
-    else:
-        classes, label_dir, label_ext, parse = boxes.FAIR1M_CLASSES, "labelXml", ".xml", parse_fair1m_xml
-        dataset = "fair1m"
+TILED = {"dota": ("labelTxt", ".txt"), "fair1m": ("labelXml", ".xml")}  # label folder and file type per source
+
+
+def tiling_config(args, source):
+    """The settings of a tiling run, checked before anything is read: (output name, cfg for tile_image)."""
     try:
         rates = [float(r) for r in args.rates.split(",")]
         pad = [int(v) for v in args.pad_value.split(",")]
     except ValueError:
         raise UserError(f"--rates {args.rates!r} / --pad-value {args.pad_value!r}: give comma-separated numbers, "
-                       "e.g. --rates 0.5,1.0 --pad-value 0 (or R,G,B integers)") from None
+                        "e.g. --rates 0.5,1.0 --pad-value 0 (or R,G,B integers)") from None
     if len(pad) not in (1, 3) or not all(0 <= v <= 255 for v in pad):
         raise UserError(f"--pad-value {args.pad_value!r}: give 1 or 3 integers in 0..255")
     if not all(r > 0 and math.isfinite(r) for r in rates):
@@ -613,34 +499,55 @@ def run_tiling(args, source):
         raise UserError(f"--gap {args.gap} must be at least 0 and smaller than --patch {args.patch}")
     name = args.name or f"{source}_{args.split}" + ("" if args.patch == 1024 else f"_{args.patch}") + (
         "_ms" if rates != [1.0] else "")
-    forms = box_forms(args, args.box_format)
-    counter = answer_token_counter(args)  # a bad --processor stops here, before anything is written
+    dota = source == "dota"
+    cfg = {"classes": boxes.DOTA_CLASSES[args.version] if dota else boxes.FAIR1M_CLASSES,
+           "dataset": f"dota{args.version}" if dota else "fair1m", "rates": rates, "patch": args.patch,
+           "gap": args.gap, "img_rate_thr": args.img_rate_thr, "iof_thr": args.iof_thr,
+           "pad_value": pad if len(pad) == 3 else pad[0], "images_dir": str(Path(args.out) / "images"),
+           "ext": "." + args.ext, "split": args.split, "keep_empty": args.keep_empty, "skip_bad": args.skip_bad,
+           "box_forms": box_forms(args, args.box_format), "prompts": args.prompts}
+    return name, cfg
 
-    # list the images (and labels) first: a wrong --root stops before anything is written
-    summary = new_summary()
+
+def tiling_root(root, source, split):
+    """A --root that holds images/ (and the labels, for train/val), else one line naming the folder that does."""
+    label_dir, ext = TILED[source]
+    root, labelled = Path(root), split != "test"
+    otherwise = (f"{root / label_dir} is not a folder: " + needs_labels(root, split, label_dir, ext)
+                 if labelled and (root / "images").is_dir() else None)  # images without their labels
+    return check_folder("--root", root, "images/" + (f" and {label_dir}/" if labelled else ""),
+                        lambda d: (d / "images").is_dir() and (not labelled or (d / label_dir).is_dir()), otherwise)
+
+
+def needs_labels(root, split, label_dir, ext):
+    """What to do without labels; DOTA's download unzips them two levels down (train/labelTxt-v1.0/labelTxt/)."""
+    subs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name != "images"]
+    subs += [e for d in subs for e in sorted(d.iterdir()) if e.is_dir()]
+    found = sorted((d for d in subs if next(d.glob(f"*{ext}"), None)), key=lambda d: d.name != label_dir)
+    return (f"--split {split} needs the labels (for images without labels use --split test)"
+            + (f"; label files are in {found[0]}: move or link that folder to {root / label_dir}" if found else ""))
+
+
+def list_tiling_jobs(args, source, classes, summary):
+    """[{"name", "image", "objects" (None for the test split)}] of every --root; a wrong --root stops here,
+    before anything is written. Bad label files: UserError, or a counted skip with --skip-bad."""
+    label_dir, ext = TILED[source]
+    parse = boxes.read_dota_labels if source == "dota" else boxes.read_fair1m_xml
     jobs = []
     for root in args.root:
-        root = Path(root)
-        img_dir, lbl_dir = root / "images", root / label_dir
-        if not img_dir.is_dir():
-            raise UserError(f"{img_dir} is not a folder (--root must hold images/ and {label_dir}/)"
-                           + did_you_mean(root, lambda d: (d / "images").is_dir()))
-        image_files = list_images(img_dir)
+        root = tiling_root(root, source, args.split)
+        image_files = list_images(root / "images")
         if not image_files:
-            raise UserError(f"{img_dir} has no images ({', '.join(IMAGE_EXTS)})")
+            raise UserError(f"{root / 'images'} has no images ({', '.join(IMAGE_EXTS)})")
         if args.split != "test":
-            if not lbl_dir.is_dir():
-                raise UserError(f"{lbl_dir} is not a folder: --split {args.split} needs the labels "
-                               f"(for images without labels use --split test)")
-            label_files = {p.stem for p in lbl_dir.glob(f"*{label_ext}")}
+            label_files = {p.stem for p in (root / label_dir).glob(f"*{ext}")}
             if not label_files:
-                raise UserError(f"{lbl_dir} has no {label_ext} label files: --split {args.split} needs the labels "
-                               f"(for images without labels use --split test)")
+                raise UserError(f"{root / label_dir} has no {ext} files: " + needs_labels(root, args.split, label_dir, ext))
             summary["counts"]["label files without an image"] += len(label_files - {p.stem for p in image_files})
-        for img in progress(image_files, desc=f"labels {root}", disable=True if len(image_files) < 50 else None):
+        for img in track(image_files, f"labels {root}", unit="file"):
             objects = None
             if args.split != "test":
-                label = root / label_dir / (img.stem + label_ext)
+                label = root / label_dir / (img.stem + ext)
                 try:
                     if not label.is_file():
                         raise UserError(f"no label file {label} for image {img}")
@@ -649,55 +556,53 @@ def run_tiling(args, source):
                     skip_or_raise(summary, args.skip_bad, img, str(e))
                     continue
             jobs.append({"name": img.stem, "image": str(img), "objects": objects})
-    names = Counter(j["name"] for j in jobs)
-    dup = [n for n, k in names.items() if k > 1]
+    dup = [n for n, k in Counter(j["name"] for j in jobs).items() if k > 1]
     if dup:
         raise UserError(f"image names occur in more than one --root: {dup[:5]}")
+    return jobs
 
-    out = Path(args.out)
-    images_dir = out / "images"
+
+def prepare_output(out, name, args):
+    """OUT/images/ ready for the patches: refuse another input's output and patches cut with other settings
+    (they would be trusted as they are), clear the temporary files of an interrupted run, record the arguments."""
     claim_output(out, name, args)
-    check_resume(out, name, args, ["patch", "gap", "rates", "pad_value", "iof_thr", "img_rate_thr", "ext",
-                                   "version", "split", "keep_empty", "box_format", "box_forms", "prompts"])
-    images_dir.mkdir(parents=True, exist_ok=True)
-    for stale in images_dir.glob(".*.tmp"):  # leftovers of an interrupted run (never renamed, never trusted)
+    info = out / f"{name}.info.json"
+    old = json.loads(info.read_text()).get("args", {}) if info.exists() else {}
+    keys = ("patch", "gap", "rates", "pad_value", "iof_thr", "img_rate_thr", "ext", "version", "split", "keep_empty",
+            "box_format", "box_forms", "prompts")
+    diff = {k: (old[k], getattr(args, k)) for k in keys if k in old and old[k] != getattr(args, k)}
+    if diff:
+        raise UserError(f"{out} holds a run of {name} with other settings {diff}; use another --out or --name")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "images").glob(".*.tmp"):
         stale.unlink(missing_ok=True)
     write_info(out, name, args)
 
-    cfg = {"classes": classes, "dataset": dataset, "rates": rates, "patch": args.patch, "gap": args.gap,
-           "img_rate_thr": args.img_rate_thr, "iof_thr": args.iof_thr, "pad_value": pad if len(pad) == 3 else pad[0],
-           "images_dir": str(images_dir), "ext": "." + args.ext, "split": args.split, "keep_empty": args.keep_empty,
-           "skip_bad": args.skip_bad, "box_forms": forms, "prompts": args.prompts}
+
+def run_tiling(args, source):
+    """`dota` and `fair1m`: list images + labels, tile them in --workers processes, write the records."""
+    name, cfg = tiling_config(args, source)
+    counter = answer_token_counter(args)  # a bad --processor stops here, before anything is written
+    summary = new_summary()
+    jobs = list_tiling_jobs(args, source, cfg["classes"], summary)
+    out = Path(args.out)
+    prepare_output(out, name, args)
     records = []
-    with Pool(args.workers) if args.workers > 1 else _NoPool() as pool:
-        for res in progress(pool.imap(partial(tile_image, cfg=cfg), jobs), total=len(jobs), desc=f"tiling {name}"):
-            records += res["records"]
-            summary["counts"].update(res["counts"])
-            summary["skipped"] += res["skipped"]
+    for res in pool_map(partial(tile_image, cfg=cfg), jobs, args.workers, f"tiling {name}", unit="img"):
+        records += res["records"]
+        summary["counts"].update(res["counts"])
+        summary["skipped"] += res["skipped"]
     if records:
         report_answer_tokens(summary, args.split, records, counter, args.answer_budget,
                              hint=f"; patches smaller than --patch {args.patch} hold fewer objects, shorter answers")
     roots = " ".join(args.root)
-    if summary["counts"]["empty patches dropped"]:
-        why = (f"every patch of the images in {roots} is empty (no {dataset} object kept) and --split train drops "
-               f"empty patches: check {label_dir}/" + (" and --version" if source == "dota" else "")
-               + ", or keep empty patches with --keep-empty")
-    else:
-        why = f"no image in {roots} gave a patch"
+    why = (f"every patch of the images in {roots} is empty (no {cfg['dataset']} object kept) and --split train drops "
+           f"empty patches: check {TILED[source][0]}/" + (" and --version" if source == "dota" else "")
+           + ", or keep empty patches with --keep-empty") if summary["counts"]["empty patches dropped"] else (
+        f"no image in {roots} gave a patch")
     write_outputs(out, name, args, summary, records,
                   f"{source} {args.split}: {len(records)} records from {len(jobs)} images", why)
     return summary
-
-
-def check_resume(out, name, args, keys):
-    """Refuse to reuse patches cut with other settings (they would be trusted as they are)."""
-    info = Path(out) / f"{name}.info.json"
-    if not info.exists():
-        return
-    old = json.loads(info.read_text()).get("args", {})
-    diff = {k: (old.get(k), getattr(args, k)) for k in keys if k in old and old.get(k) != getattr(args, k)}
-    if diff:
-        raise UserError(f"{out} holds a run of {name} with other settings {diff}; use another --out or --name")
 
 
 # -----------------------------------------------------------------------------
@@ -722,9 +627,26 @@ def read_id_list(path):
     return ids
 
 
-def dior_split_ids(root, args, summary):
+def dior_folders(root):
+    """(root, annotation folder, image folders) of a DIOR-R --root (one holding Annotations/)."""
+    root = check_folder("--root", root, "Annotations/ (a DIOR-R folder holds Annotations/, JPEGImages-*/, ImageSets/)",
+                        lambda d: (d / "Annotations").is_dir())
+    ann_dir = next(d for d in (root / "Annotations" / "Oriented Bounding Boxes", root / "Annotations") if d.is_dir())
+    if not next(ann_dir.glob("*.xml"), None):
+        subs = ", ".join(d.name for d in sorted(ann_dir.iterdir()) if d.is_dir())
+        raise UserError(f"{ann_dir} has no .xml annotations" + (f" (sub-folders: {subs}); DIOR-R's oriented boxes are in "
+                                                                "Annotations/Oriented Bounding Boxes/" if subs else ""))
+    img_dirs = [d for d in (root / "JPEGImages-trainval", root / "JPEGImages-test", root / "JPEGImages") if d.is_dir()]
+    if not img_dirs:
+        raise UserError(f"--root {root} has no JPEGImages-trainval/, JPEGImages-test/ or JPEGImages/ folder")
+    return root, ann_dir, img_dirs
+
+
+def dior_split_ids(root, ann_dir, args, summary):
     """Image ids of --split (or --split-file). DIOR-R ships ImageSets/Main/{train,val,test}.txt and no
     trainval.txt: --split trainval then reads train.txt + val.txt, as MMRotate and LMMRotate train on."""
+    if args.split == "all":
+        return sorted(p.stem for p in ann_dir.glob("*.xml"))
     if args.split_file:
         return read_id_list(args.split_file)
     folders = [root / "ImageSets" / "Main", root / "ImageSets", root / "Main"]
@@ -735,26 +657,19 @@ def dior_split_ids(root, args, summary):
         if args.split == "trainval" and (folder / "train.txt").is_file() and (folder / "val.txt").is_file():
             summary["notes"].append(f"no trainval.txt: trainval = {folder / 'train.txt'} + {folder / 'val.txt'}")
             return read_id_list(folder / "train.txt") + read_id_list(folder / "val.txt")
-    lists = sorted(p.stem for f in folders if f.is_dir() for p in f.glob("*.txt"))
-    raise UserError(f"cannot find the {args.split} split list {args.split}.txt; looked in "
-                   + ", ".join(str(f) for f in folders)
-                   + (f" (lists there: {', '.join(lists)})" if lists else "")
-                   + "; give --split with one of those, --split all, or --split-file")
+    lists = sorted({p.relative_to(root) for f in folders if f.is_dir() for p in f.glob("*.txt")})
+    found = (f"no {args.split}.txt among the split lists of {root} ({', '.join(map(str, lists))}): give "
+             + " or ".join(f"--split {p.stem}" for p in lists) + "; ") if lists else (
+        f"{root} has no split lists (ImageSets/Main/*.txt): ")
+    raise UserError(f"--split {args.split}: {found}--split all converts every annotated image "
+                    f"({sum(1 for _ in ann_dir.glob('*.xml'))} in {ann_dir}, test images too), or give --split-file FILE")
 
 
 def run_dior(args):
-    root, out = Path(args.root), Path(args.out)
-    ann_dir = find_first([root / "Annotations" / "Oriented Bounding Boxes", root / "Annotations"], "DIOR-R annotations")
-    img_dirs = [d for d in (root / "JPEGImages-trainval", root / "JPEGImages-test", root / "JPEGImages") if d.is_dir()]
-    if not img_dirs:
-        raise UserError(f"{root} has no JPEGImages-trainval/, JPEGImages-test/ or JPEGImages/ folder")
+    out = Path(args.out)
+    root, ann_dir, img_dirs = dior_folders(args.root)
     summary, records, items = new_summary(), [], []
-    if args.split == "all":
-        ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
-        if not ids:
-            raise UserError(f"{ann_dir} has no .xml annotations")
-    else:
-        ids = dior_split_ids(root, args, summary)
+    ids = dior_split_ids(root, ann_dir, args, summary)
     if len(set(ids)) != len(ids):  # one record per image: an id listed twice would give two records of it
         summary["counts"]["repeated ids in the split list(s), kept once"] = len(ids) - len(set(ids))
         ids = list(dict.fromkeys(ids))
@@ -767,7 +682,7 @@ def run_dior(args):
             xml = ann_dir / f"{i}.xml"
             if not xml.is_file():
                 raise UserError(f"no annotation {xml} for image id {i}")
-            objects, size = parse_dior_xml(xml, boxes.DIOR_CLASSES)
+            objects, size = boxes.read_dior_xml(xml, boxes.DIOR_CLASSES)
             image = next((d / f"{i}.jpg" for d in img_dirs if (d / f"{i}.jpg").is_file()), None)
             if image is None:
                 raise UserError(f"no image {i}.jpg in " + ", ".join(str(d) for d in img_dirs))
@@ -808,16 +723,8 @@ def run_dior(args):
 # as RSVG-pytorch's data_loader does.
 
 
-def run_rsvg(args):
-    root, out = Path(args.root), Path(args.out)
-    ann_dir = find_first([root / "Annotations"], "DIOR-RSVG Annotations/")
-    img_dir = find_first([root / "JPEGImages"], "DIOR-RSVG JPEGImages/")
-    split_file = Path(args.split_file) if args.split_file else find_first(
-        [root / f"{args.split}.txt", root / "DIOR_RSVG" / f"{args.split}.txt"], f"the {args.split} index file")
-    xmls = sorted(ann_dir.glob("*.xml"))
-    if not xmls:
-        raise UserError(f"{ann_dir} has no .xml annotations")
-    summary = new_summary()
+def read_rsvg_index(split_file, args, summary):
+    """{object index: line} of an index file (one index per line); a repeated index is counted and kept once."""
     try:
         lines = split_file.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -835,6 +742,21 @@ def run_rsvg(args):
             wanted[int(line)] = lineno
     if not wanted and not summary["skipped"]:
         raise UserError(f"index file {split_file} lists no object index")
+    return wanted
+
+
+def run_rsvg(args):
+    out = Path(args.out)
+    root = check_folder("--root", args.root, "Annotations/ and JPEGImages/ (DIOR-RSVG's folders)",
+                        lambda d: (d / "Annotations").is_dir() and (d / "JPEGImages").is_dir())
+    ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
+    split_file = Path(args.split_file) if args.split_file else find_first(
+        [root / f"{args.split}.txt", root / "DIOR_RSVG" / f"{args.split}.txt"], f"the {args.split} index file")
+    xmls = sorted(ann_dir.glob("*.xml"))
+    if not xmls:
+        raise UserError(f"{ann_dir} has no .xml annotations")
+    summary = new_summary()
+    wanted = read_rsvg_index(split_file, args, summary)
     name = args.name or f"rsvg_{args.split}"
     forms = box_forms(args, "hbox")
     claim_output(out, name, args)
@@ -842,26 +764,14 @@ def run_rsvg(args):
     out.mkdir(parents=True, exist_ok=True)
     items, index = [], 0
     for xml in xmls:
-        root_el = _xml_root(xml)
+        root_el = boxes.read_xml(xml)
         filename = root_el.findtext("filename") or f"{xml.stem}.jpg"
         for k, obj in enumerate(root_el.iter("object"), 1):
             idx, index = index, index + 1
             if idx not in wanted:
                 continue
-            where = f"bad object {k} in {xml}"
             try:
-                b = obj.find("bndbox")
-                if b is None:
-                    raise UserError(f"{where}: no <bndbox>")
-                x0, y0, x1, y1 = boxes.check_numbers([b.findtext(t) for t in ("xmin", "ymin", "xmax", "ymax")], where, n=4)
-                if not (x1 > x0 and y1 > y0):
-                    raise UserError(f"{where}: empty box {x0},{y0},{x1},{y1}")
-                text = (obj.findtext("description") or "").strip()
-                if not text:
-                    raise UserError(f"{where}: no <description>")
-                label = (obj.findtext("name") or "").strip().lower()
-                items.append((idx, img_dir / filename, {"poly": boxes.hbox_to_poly([x0, y0, x1, y1]), "label": label,
-                                                        "difficult": 0, "expression": text}))
+                items.append((idx, img_dir / filename, boxes.read_rsvg_object(obj, f"bad object {k} in {xml}")))
             except UserError as e:
                 skip_or_raise(summary, args.skip_bad, f"object {idx}", str(e))
     for idx, lineno in sorted(wanted.items(), key=lambda kv: kv[1]):
@@ -901,12 +811,9 @@ def run_rsvg(args):
 def bucket_number(n, unit=""):
     if n == 0:
         return f"0{unit}"
-    if n <= 10:
-        return f"between 0{unit} and 10{unit}"
-    if n <= 100:
-        return f"between 10{unit} and 100{unit}"
-    if n <= 1000:
-        return f"between 100{unit} and 1000{unit}"
+    for lo, hi in ((0, 10), (10, 100), (100, 1000)):
+        if n <= hi:
+            return f"between {lo}{unit} and {hi}{unit}"
     return f"more than 1000{unit}"
 
 
@@ -919,23 +826,30 @@ def rsvqa_answer(answer, qtype, variant, bucket):
     return a
 
 
-def run_rsvqa(args):
-    root, out = Path(args.root), Path(args.out)
+def read_rsvqa(args):
+    """(root, {kind: file}, {kind: {id: entry}}) of the --variant/--split question, answer and image files."""
     prefix = "LR" if args.variant == "LR" else "USGS"
-    files = {k: root / f"{prefix}_split_{args.split}_{k}.json" for k in ("questions", "answers", "images")}
-    data = {}
+    names = {k: f"{prefix}_split_{args.split}_{k}.json" for k in ("questions", "answers", "images")}
+    root = Path(args.root)
+    what = f"{prefix}_split_{args.split}_{{questions,answers,images}}.json"
+    there = ", ".join(sorted(p.name for p in root.glob("*_split_*_questions.json"))) if root.is_dir() else ""
+    root = check_folder("--root", root, what, lambda d: all((d / n).is_file() for n in names.values()), there and (
+        f"--root {root} does not hold {what} (question files there: {there}): check --variant and --split"))
+    files, data = {k: root / n for k, n in names.items()}, {}
     for k, f in files.items():
-        if not f.is_file():
-            raise UserError(f"no {f} (--root holds {prefix}_split_{{split}}_{{questions,answers,images}}.json)"
-                           + did_you_mean(root, lambda d: (d / f.name).is_file()))
         try:
             data[k] = {e["id"]: e for e in json.loads(f.read_text())[k]}
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"cannot read {f}: {e!r}") from None
-    img_dir = Path(args.images) if args.images else find_first(
-        [root / "Images_LR", root / "Data", root / "images"], "RSVQA images (give --images)")
-    if not img_dir.is_dir():
-        raise UserError(f"--images {img_dir} is not a folder")
+    return root, files, data
+
+
+def run_rsvqa(args):
+    out = Path(args.out)
+    root, files, data = read_rsvqa(args)
+    img_dir = check_image_folder("--images", args.images or find_first(
+        [root / "Images_LR", root / "Data", root / "images"], "RSVQA images (give --images)"),
+        [f"{i}.tif" for i, im in sorted(data["images"].items()) if im.get("active", True)])
     types = set(args.types.split(",")) if args.types else None
     name = args.name or f"rsvqa_{args.variant.lower()}_{args.split}"
     claim_output(out, name, args)
@@ -1005,22 +919,34 @@ def caption_dataset_name(json_path):
     return re.sub(r"[^a-z0-9.+-]+", "_", stem).strip("_") or "captions"
 
 
+def read_caption_json(path):
+    """The "images" entries of a Karpathy-style JSON (a wrong --json named with the JSON nearby)."""
+    path = Path(path)
+    if not path.is_file():  # a folder, a misspelt name, or the file one folder down
+        near = sorted(path.glob("*.json")) if path.is_dir() else [path.parent / n for n in difflib.get_close_matches(
+            path.name, [p.name for p in path.parent.glob("*.json")] if path.parent.is_dir() else [], n=1)] + [
+            d / path.name for d in near_folders(path.parent, lambda d: (d / path.name).is_file())]
+        raise UserError(f"--json {path}: " + ("a folder" if path.is_dir() else "no such file")
+                        + (f"; did you mean {near[0]}?" if near else ""))
+    try:
+        entries = json.loads(path.read_text())["images"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read {path}: {e!r} (expected a Karpathy-style JSON with an \"images\" list)") from None
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path} has no image entries (its \"images\" list is empty)")
+    return entries
+
+
 def run_captions(args):
     out = Path(args.out)
-    try:
-        entries = json.loads(Path(args.json).read_text())["images"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read {args.json}: {e!r} (expected a Karpathy-style JSON with an \"images\" list)"
-                       ) from None
-    if not isinstance(entries, list) or not entries:
-        raise UserError(f"{args.json} has no image entries (its \"images\" list is empty)")
-    if not Path(args.images).is_dir():
-        raise UserError(f"--images {args.images} is not a folder")
+    entries = read_caption_json(args.json)
+    splits = set(args.split.split("+"))  # e.g. train+val
+    images = check_image_folder("--images", args.images, [e["filename"] for e in entries if isinstance(e, dict) and
+                                                          isinstance(e.get("filename"), str) and e.get("split") in splits])
     dataset = args.dataset or caption_dataset_name(args.json)
     name = args.name or f"{dataset}_{args.split}"
     claim_output(out, name, args)
     out.mkdir(parents=True, exist_ok=True)
-    splits = set(args.split.split("+"))  # e.g. train+val
     summary, items = new_summary(), []
     for k, e in enumerate(entries):
         where = f"image entry {k} in {args.json}"
@@ -1034,7 +960,7 @@ def run_captions(args):
         if not refs:
             skip_or_raise(summary, args.skip_bad, e["filename"], f"{where} ({e['filename']}): no reference sentences")
             continue
-        items.append((e, refs, Path(args.images) / e["filename"]))
+        items.append((e, refs, images / e["filename"]))
     sizes = check_images([str(it[2]) for it in items], args.workers, "checking images")
     records = []
     for e, refs, image in items:
@@ -1146,107 +1072,101 @@ def run_cls(args):
 def add_output_flags(sp, workers=True):
     """--debug, --out, --name, --skip-bad (and --workers) of every converter."""
     add_debug_flag(sp)  # also after the subcommand, where people type it
-    sp.add_argument("--out", required=True, help="output folder for the JSONL files (and images/)")
-    sp.add_argument("--name", default=None, help="stem of the output JSONL (default: derived from source and split)")
-    sp.add_argument("--skip-bad", action="store_true",
-                    help="skip (and list in the summary) bad images and labels instead of stopping")
+    sp.add_argument("--out", required=True, metavar="DIR", help="output folder (NAME.jsonl, NAME.info.json, images/)")
+    sp.add_argument("--name", default=None, help="output file stem (default: from the source and split)")
+    sp.add_argument("--skip-bad", action="store_true", help="skip bad images and labels (listed in the summary)")
     if workers:
-        sp.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                        help="processes for tiling / image checks")
+        sp.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), metavar="N",
+                        help="processes for tiling and image checks (default: CPUs, at most 8)")
 
 
 def add_answer_budget_flags(sp):
     """det/ground converters: report how many answers are too long to generate or train on."""
-    sp.add_argument("--answer-budget", type=int, default=2048,
-                    help="report, per split, how many answers need more tokens than this (default %(default)s, "
-                    "eval_det.py's former --max-new-tokens; for training: --max-length minus the image and "
-                    "prompt tokens)")
-    sp.add_argument("--processor", default=None,
-                    help="checkpoint folder whose tokenizer, coordinates and pixel budget count answer tokens "
-                    "exactly (default: an estimate, one token per digit, punctuation run, word and line break)")
+    sp.add_argument("--answer-budget", type=int, default=2048, metavar="N",
+                    help="report answers longer than N tokens (default %(default)s)")
+    sp.add_argument("--processor", default=None, metavar="DIR",
+                    help="count answer tokens exactly with this checkpoint (default: estimate)")
 
 
 def add_prompts_flag(sp):
-    """Every converter: whose wording (docs/data.md "Prompt presets")."""
-    sp.add_argument("--prompts", choices=model.PRESETS, default="default",
-                    help="prompt wording and answer conventions: default (this project's) or rscovlm "
-                    "(RSCoVLM's own, to evaluate or reproduce its checkpoints)")
+    """Every converter: whose wording (docs/prompts.md)."""
+    sp.add_argument("--prompts", choices=model.PRESETS, default="default", metavar="P",
+                    help="prompt wording: default (this project's) or rscovlm (RSCoVLM's)")
 
 
-def add_box_forms_flag(sp):
-    """det/ground converters: one record per box form."""
-    sp.add_argument("--box-forms", default=None,
-                    help="one record per box form, e.g. hbox,rbox,poly (RSCoVLM's training: all three; "
-                    "default: --box-format alone, hbox for grounding)")
+def add_box_forms_flag(sp, det=True):
+    """det/ground converters: the box kind in answers, one record per box form."""
+    if det:
+        sp.add_argument("--box-format", choices=list(model.DET_FORMAT), default="poly", metavar="F",
+                        help="box kind in answers: poly, hbox or rbox")
+    sp.add_argument("--box-forms", default=None, metavar="F,..",
+                    help="one record per box form, e.g. hbox,rbox,poly (default: --box-format)")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     add_debug_flag(p)
-    sub = p.add_subparsers(dest="source", required=True)
+    one_line = partial(argparse.HelpFormatter, max_help_position=30)  # --help: each flag and its help on one line
+    sub = p.add_subparsers(dest="source", required=True,
+                           parser_class=partial(argparse.ArgumentParser, formatter_class=one_line))
 
-    for src in ("dota", "fair1m"):
+    for src, labels in (("dota", "labelTxt/"), ("fair1m", "labelXml/")):
         sp = sub.add_parser(src, help=f"{src.upper()} -> det records of tiled patches")
         add_output_flags(sp)
         add_answer_budget_flags(sp)
-        sp.add_argument("--root", nargs="+", required=True,
-                        help="folder(s) with images/ and " + ("labelTxt/" if src == "dota" else "labelXml/"))
-        sp.add_argument("--split", choices=["train", "val", "test"], required=True,
-                        help="train: drop empty patches; val: keep all + ground truth; test: no labels, prompts only")
+        sp.add_argument("--root", nargs="+", required=True, metavar="DIR", help=f"folder(s) holding images/ and {labels}")
+        sp.add_argument("--split", choices=["train", "val", "test"], required=True, metavar="S",
+                        help="train (empty patches dropped), val (every patch) or test (no labels)")
         if src == "dota":
-            sp.add_argument("--version", choices=sorted(boxes.DOTA_CLASSES), default="1.0", help="DOTA class list")
-        sp.add_argument("--patch", type=int, default=1024, help="window (patch) size in px, e.g. 1024 or 512")
-        sp.add_argument("--gap", type=int, default=200, help="overlap between windows in px (500 for multi-scale)")
-        sp.add_argument("--rates", default="1.0", help="comma-separated resize rates, e.g. 0.5,1.0,1.5")
-        sp.add_argument("--iof-thr", type=float, default=0.7, help="min fraction of an object's area inside a window")
-        sp.add_argument("--img-rate-thr", type=float, default=0.6, help="min fraction of a window covered by the image")
-        sp.add_argument("--pad-value", default="0", help="pad colour for images smaller than a window: V or R,G,B")
+            sp.add_argument("--version", choices=sorted(boxes.DOTA_CLASSES), default="1.0", metavar="V",
+                            help="DOTA class list: 1.0, 1.5 or 2.0")
+        sp.add_argument("--patch", type=int, default=1024, metavar="PX", help="window (patch) size, e.g. 1024 or 512")
+        sp.add_argument("--gap", type=int, default=200, metavar="PX", help="overlap between windows (500 for multi-scale)")
+        sp.add_argument("--rates", default="1.0", metavar="R,..", help="comma-separated resize rates, e.g. 0.5,1.0,1.5")
+        sp.add_argument("--iof-thr", type=float, default=0.7, metavar="F", help="min share of an object inside a window")
+        sp.add_argument("--img-rate-thr", type=float, default=0.6, metavar="F", help="min share of a window on the image")
+        sp.add_argument("--pad-value", default="0", metavar="V", help="pad colour of small images: V or R,G,B")
         sp.add_argument("--ext", choices=["png", "jpg"], default="png", help="patch image format")
         sp.add_argument("--keep-empty", action="store_true", help="train: keep patches without objects")
-        sp.add_argument("--box-format", choices=list(model.DET_FORMAT), default="poly", help="box kind asked for in answers")
         add_box_forms_flag(sp)
         add_prompts_flag(sp)
 
     sp = sub.add_parser("dior", help="DIOR-R oriented XML -> det records")
     add_output_flags(sp)
     add_answer_budget_flags(sp)
-    sp.add_argument("--root", required=True, help="DIOR-R folder (Annotations/, JPEGImages-*/, ImageSets/Main/)")
-    sp.add_argument("--split", default="trainval",
-                    help="split list name (train, val, trainval, test) or 'all'; trainval without a trainval.txt "
-                    "reads train.txt + val.txt")
-    sp.add_argument("--split-file", default=None, help="explicit split list (one image id per line)")
-    sp.add_argument("--box-format", choices=list(model.DET_FORMAT), default="poly", help="box kind asked for in answers")
+    sp.add_argument("--root", required=True, metavar="DIR", help="DIOR-R folder (Annotations/, JPEGImages-*/, ImageSets/)")
+    sp.add_argument("--split", default="trainval", metavar="S", help="train, val, trainval, test, or all (every image)")
+    sp.add_argument("--split-file", default=None, metavar="FILE", help="explicit split list (one image id per line)")
     add_box_forms_flag(sp)
     add_prompts_flag(sp)
 
     sp = sub.add_parser("rsvg", help="DIOR-RSVG -> ground records")
     add_output_flags(sp)
     add_answer_budget_flags(sp)
-    sp.add_argument("--root", required=True, help="DIOR-RSVG folder (Annotations/, JPEGImages/, {split}.txt)")
-    sp.add_argument("--split", default="test", help="train, val or test (reads {split}.txt)")
-    sp.add_argument("--split-file", default=None, help="explicit index file (one object index per line)")
-    add_box_forms_flag(sp)
+    sp.add_argument("--root", required=True, metavar="DIR", help="DIOR-RSVG folder (Annotations/, JPEGImages/, {split}.txt)")
+    sp.add_argument("--split", default="test", metavar="S", help="train, val or test (reads {split}.txt)")
+    sp.add_argument("--split-file", default=None, metavar="FILE", help="explicit index file (one object index per line)")
+    add_box_forms_flag(sp, det=False)
     add_prompts_flag(sp)
 
     sp = sub.add_parser("rsvqa", help="RSVQA-LR / -HR -> vqa records")
     add_output_flags(sp)
-    sp.add_argument("--root", required=True, help="folder with {LR|USGS}_split_{split}_*.json")
+    sp.add_argument("--root", required=True, metavar="DIR", help="folder with {LR|USGS}_split_{split}_*.json")
     sp.add_argument("--variant", choices=["LR", "HR"], required=True, help="LR (Sentinel-2) or HR (USGS aerial)")
-    sp.add_argument("--split", default="test", help="train, val, test (HR also test_phili)")
-    sp.add_argument("--images", default=None, help="image folder (default: ROOT/Images_LR or ROOT/Data)")
-    sp.add_argument("--types", default=None, help="keep only these question types, e.g. presence,comp,rural_urban")
-    sp.add_argument("--no-bucket", action="store_true", help="keep raw LR counts / areas instead of the published buckets")
+    sp.add_argument("--split", default="test", metavar="S", help="train, val, test (HR also test_phili)")
+    sp.add_argument("--images", default=None, metavar="DIR", help="image folder (default: ROOT/Images_LR or ROOT/Data)")
+    sp.add_argument("--types", default=None, metavar="T,..", help="only these question types, e.g. presence,comp")
+    sp.add_argument("--no-bucket", action="store_true", help="raw LR counts / HR areas, not the published buckets")
     sp.add_argument("--no-suffix", action="store_true", help="leave out GeoChat's 'Answer ... single word or phrase.'")
     add_prompts_flag(sp)
 
     sp = sub.add_parser("captions", help="Karpathy-style caption JSON -> caption records")
     add_output_flags(sp)
-    sp.add_argument("--json", required=True, help="dataset.json / dataset_rsicd.json")
-    sp.add_argument("--images", required=True, help="image folder")
-    sp.add_argument("--split", default="test", help="train, val, test, or several joined by '+'")
-    sp.add_argument("--dataset", default=None, help="dataset name in records and the output file (default: from the JSON file "
-                    "name, dataset_rsicd.json -> rsicd; for a plain dataset.json its folder, UCM_captions -> ucm_captions)")
+    sp.add_argument("--json", required=True, metavar="FILE", help="dataset.json / dataset_rsicd.json")
+    sp.add_argument("--images", required=True, metavar="DIR", help="image folder")
+    sp.add_argument("--split", default="test", metavar="S", help="train, val, test, or several joined by '+'")
+    sp.add_argument("--dataset", default=None, help="dataset name (default: from the JSON's name or folder)")
     sp.add_argument("--per-reference", action="store_true", help="one record per reference (for training)")
     add_prompts_flag(sp)
 
@@ -1267,8 +1187,7 @@ RUNNERS = {"dota": partial(run_tiling, source="dota"), "fair1m": partial(run_til
 
 
 def main(argv=None):
-    """Returns the run's summary. Bad input raises UserError (a UserError): run_cli prints it as one line
-    `error: ...` and exits 2; any other exception is a bug and keeps its traceback."""
+    """The run's summary. Bad input raises UserError (run_cli: one line, exit 2); anything else is a bug."""
     args = build_parser().parse_args(argv)
     if getattr(args, "answer_budget", 1) < 1:
         raise UserError(f"--answer-budget {args.answer_budget}: give a number of tokens >= 1")

@@ -1,13 +1,17 @@
 """data_prep.py: tiling rules on the real DOTA samples, the DIOR sample, small fixtures for every other format,
-real layouts (DIOR-R without trainval.txt, two dataset.json caption sets, FAIR1M's closing point), bad-input
-handling (in-process, and through the CLI: one line, exit code 2, nothing written), and synth (deterministic,
+real layouts (DIOR-R without trainval.txt, two dataset.json caption sets, FAIR1M's closing point), the DOTA label
+reader against the devkit's rules, progress lines in a log file, bad input and wrong folders (through run_cli and
+as a process: one line naming the right folder, exit code 2, nothing written), and synth (deterministic,
 round-trips through model.tokenize)."""
+import argparse
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +20,11 @@ from PIL import Image
 from shapely.geometry import Polygon, box
 
 import boxes
+import common
 import data_prep
 import model
 import synth
+from cli_helpers import one_error_line, run_main
 from common import UserError, read_records
 
 
@@ -46,12 +52,13 @@ def read_jsonl(path):
 
 
 def dota_labels(path):
-    """Reference reader for the test: (poly, label, difficult) per object line."""
+    """Reference reader, the DOTA devkit's parse_gt rules (docs/reference.md): each line split on single spaces,
+    fewer than 9 tokens is a header, the 10th token an integer difficult (0 when absent). [(poly, label, difficult)]"""
     out = []
     for line in Path(path).read_text().splitlines():
-        p = line.split()
+        p = line.strip().split(" ")
         if len(p) >= 9:
-            out.append(([float(v) for v in p[:8]], p[8], int(p[9]) if len(p) > 9 else 0))
+            out.append(([float(v) for v in p[:8]], p[8], int(p[9]) if len(p) == 10 else 0))
     return out
 
 
@@ -68,13 +75,13 @@ def write_png(path, w, h, seed=0):
 
 def test_sliding_windows_match_hand_computed():
     # P0706 is 1111 x 1182: x = 0, then 824 shifted back to 1111 - 1024 = 87; y = 0, 1182 - 1024 = 158
-    assert data_prep.sliding_windows(1111, 1182, 1024, 200) == [
+    assert boxes.sliding_windows(1111, 1182, 1024, 200) == [
         (0, 0, 1024, 1024), (0, 158, 1024, 1182), (87, 0, 1111, 1024), (87, 158, 1111, 1182)]
     # 512 / 200 (step 312): 0, 312, 624 -> 1111 - 512 = 599
-    assert data_prep.window_starts(1111, 512, 312) == [0, 312, 599]
-    assert data_prep.window_starts(1024, 1024, 824) == [0]  # exactly one window
-    assert data_prep.window_starts(1848, 1024, 824) == [0, 824]  # last window ends exactly at the border
-    assert data_prep.sliding_windows(712, 557, 1024, 200) == [(0, 0, 1024, 1024)]  # small image: one padded window
+    assert boxes.window_starts(1111, 512, 312) == [0, 312, 599]
+    assert boxes.window_starts(1024, 1024, 824) == [0]  # exactly one window
+    assert boxes.window_starts(1848, 1024, 824) == [0, 824]  # last window ends exactly at the border
+    assert boxes.sliding_windows(712, 557, 1024, 200) == [(0, 0, 1024, 1024)]  # small image: one padded window
 
 
 # -----------------------------------------------------------------------------
@@ -254,6 +261,88 @@ def test_corrupt_or_missing_image_is_an_error_or_counted_skip(tmp_path):
     (root / "labelTxt" / "C.txt").unlink()
     with pytest.raises(UserError, match=r"no label file .*C\.txt"):
         run("dota", "--root", root, "--split", "train", "--out", tmp_path / "o3", "--workers", "1")
+
+
+# -----------------------------------------------------------------------------
+# The one DOTA label reader (boxes.read_dota_labels, eval_det's too) and the devkit's parse_gt rules
+
+
+def test_dota_reader_agrees_with_the_devkit_rules_on_every_real_label_file(shared_data):
+    files = sorted(shared_data.glob("dota*/labelTxt/*.txt"))
+    assert len(files) == 8  # headers, CRLF line ends (P1234), difficult 0 and 1, a patch file without headers
+    for f in files:
+        got = [(o["poly"], o["label"], o["difficult"]) for o in boxes.read_dota_labels(f, boxes.DOTA_CLASSES["1.0"])]
+        assert got == dota_labels(f) and got, f
+
+
+@pytest.mark.parametrize("text, want", [
+    # as the devkit: headers skipped, 9 fields -> difficult 0, 10 -> the integer as written (2 = cut by a patch)
+    ("imagesource:GoogleEarth\ngsd:0.146\n1 2 3 2 3 4 1 4 plane 0\n1 2 3 2 3 4 1 4 ship\n1 2 3 2 3 4 1 4 ship 2\n",
+     [("plane", 0), ("ship", 0), ("ship", 2)]),
+    ("\ufeffimagesource:GF\r\ngsd:null\r\n\r\n1 2 3 2 3 4 1 4 plane 1\r\n", [("plane", 1)]),  # BOM, CRLF, blank
+    # where the devkit differs: it splits on single spaces (an empty token: float('') crashes)
+    ("1  2 3 2 3 4 1 4\tplane 0\n", [("plane", 0)]),
+    # it takes a short line for a header: a line cut before its class would lose the object without a word
+    ("1 2 3 2 3 4 1 4\n", "line 1 in .*: expected 9 or 10 fields"),
+    ("1 2 3 2 3 4 1 plane 0\n", "line 1 in .*: polygon has fewer than 4 points"),  # devkit: float('plane')
+    ("1 2 3 2 3 4 1 4 plane 0 x\n", "expected 9 or 10 fields"),  # devkit: no difficult, a KeyError in voc_eval
+    ("1 2 3 2 3 4 1 4 plane 1.0\n", "difficult flag '1.0' is not an integer"),  # devkit: int('1.0') crashes
+    ("1 2 3 2 3 nan 1 4 plane 0\n", "coordinate 'nan' is not finite"),  # devkit: kept, a NaN in its IoU
+])
+def test_dota_reader_where_the_devkit_differs(tmp_path, text, want):
+    path = tmp_path / "P0001.txt"
+    path.write_bytes(text.encode("utf-8"))
+    if isinstance(want, str):
+        with pytest.raises(UserError, match=want):
+            boxes.read_dota_labels(path)
+        return
+    got = boxes.read_dota_labels(path)
+    assert [(o["label"], o["difficult"]) for o in got] == want
+    assert all(o["poly"] == [1, 2, 3, 2, 3, 4, 1, 4] for o in got)
+    # a class outside the list: kept for eval_det (which counts it), an error for data_prep (--version)
+    path.write_text("1 2 3 2 3 4 1 4 container-crane 0\n")
+    assert boxes.read_dota_labels(path)[0]["label"] == "container-crane"
+    with pytest.raises(UserError, match="line 1 in .*unknown class 'container-crane'"):
+        boxes.read_dota_labels(path, boxes.DOTA_CLASSES["1.0"])
+
+
+# -----------------------------------------------------------------------------
+# Progress in a log file (stdout not a terminal): plain lines counted in the parent, also under the worker pool
+
+
+def test_tiling_and_image_checks_print_progress_lines(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data_prep, "Progress", partial(common.Progress, every=0.0))  # a line at every update
+    root = _bad_root(tmp_path)
+    write_png(root / "images" / "B.png", 100, 80)
+    shutil.copy(root / "labelTxt" / "A.txt", root / "labelTxt" / "B.txt")
+    capsys.readouterr()
+    run("dota", "--root", root, "--split", "val", "--out", tmp_path / "o", "--workers", 2)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tiling dota_val: ")]
+    assert [ln.split(",")[0] for ln in lines] == ["tiling dota_val: 1/2 (50%)"] + ["tiling dota_val: 2/2 (100%)"] * 2
+    assert re.fullmatch(r"tiling dota_val: 1/2 \(50%\), [\d.]+ img/s, \d+ s so far, ETA \d+ s", lines[0])
+    run("dior", "--root", _dior_root(tmp_path, ["00001", "00002"]), "--split", "all", "--out", tmp_path / "d",
+        "--workers", 2)
+    assert "checking images: 1/2 (50%)" in capsys.readouterr().out
+
+
+def test_pool_progress_speaks_while_nothing_finishes(monkeypatch, capsys):
+    """One huge image keeps the workers busy for minutes: the parent still prints a line when one is due."""
+    monkeypatch.setattr(data_prep, "Progress", partial(common.Progress, every=0.1))
+    capsys.readouterr()
+    assert list(data_prep.pool_map(time.sleep, [0.8, 0.0], 2, "slow")) == [None, None]
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith("slow: 0/2 (0%), 0.00 it/s") for ln in lines) >= 2, lines
+    assert lines[-1].startswith("slow: 2/2 (100%)")
+
+
+def test_help_is_one_line_per_flag(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    parser = data_prep.build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subcommands) == set(data_prep.RUNNERS)
+    for name, sp in subcommands.items():
+        options = sp.format_help().split("options:\n")[1].splitlines()
+        assert len(options) == len(sp._actions), (name, options)  # no flag's help wraps or starts a line of its own
 
 
 # -----------------------------------------------------------------------------
@@ -471,7 +560,9 @@ def test_dior_trainval_is_train_plus_val_when_there_is_no_trainval_list(tmp_path
     # neither: the error says where it looked and which lists there are
     (lists / "trainval.txt").unlink()
     (lists / "val.txt").unlink()
-    with pytest.raises(UserError, match=r"trainval split list .*ImageSets/Main.*lists there: test, train\)"):
+    with pytest.raises(UserError, match=r"--split trainval: no trainval.txt among the split lists of .*DIOR-R "
+                                         r"\(ImageSets/Main/test.txt, ImageSets/Main/train.txt\): give --split test "
+                                         r"or --split train; --split all converts every annotated image \(4 in "):
         run("dior", "--root", root, "--split", "trainval", "--out", tmp_path / "o3", "--workers", "1")
 
 
@@ -497,7 +588,7 @@ def test_fair1m_closing_point_is_compared_as_numbers(tmp_path, first, last):
         xml = tmp_path / "1.xml"
         xml.write_text("<annotation><objects><object><possibleresult><name>Bus</name></possibleresult><points>"
                        + "".join(f"<point>{p}</point>" for p in points) + "</points></object></objects></annotation>")
-        return data_prep.parse_fair1m_xml(xml, boxes.FAIR1M_CLASSES)
+        return boxes.read_fair1m_xml(xml, boxes.FAIR1M_CLASSES)
 
     (o,) = parse([first, "60,20", "60,40", "10,40", last])
     assert o["poly"] == [float(v) for v in first.split(",")] + [60, 20, 60, 40, 10, 40] and o["label"] == "bus"
@@ -592,13 +683,15 @@ def test_budget_report_on_synth_and_rsvg_fixtures(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Bad input through the real CLI: one line `error: ...` on stderr, exit code 2, nothing written.
-# The cases start together (each process imports torch through model.py: ~2 s of CPU); the other wrong
-# layouts are checked in-process below (same UserError, same message).
+# Bad input as a user meets it: one line `error: ...` on stderr, exit code 2, nothing written. What `python
+# data_prep.py ...` runs (run_cli(main)) runs here in this process; two cases run as real processes, started
+# together (each imports torch through model.py: ~2 s of CPU): --debug, and docs/data.md's DIOR command on the
+# bundled sample.
 
 
 CLI_CASES = ["dota_empty_root", "dota_no_labeltxt", "dota_train_all_patches_empty", "cls_ucmerced_unzipped_folder",
              "rsvg_index_past_the_last_object", "captions_second_dataset_json_same_name"]
+SHARED_DIOR = REPO.parent / "shared" / "data" / "dior"
 
 
 def _files(folder):
@@ -606,9 +699,8 @@ def _files(folder):
 
 
 @pytest.fixture(scope="module")
-def cli_errors(tmp_path_factory):
-    """{case: (exit code, non-empty stderr lines, strings the line must name, files in OUT before, after)};
-    "debug": the UCMerced case again with --debug after the subcommand."""
+def cli_cases(tmp_path_factory):
+    """(folder, {case: (argv without --out, strings the error line must name)}); OUT is folder/out/CASE."""
     tmp = tmp_path_factory.mktemp("cli").resolve()
     cases = {}
     # dota on an empty root: images/ and labelTxt/ with nothing in them
@@ -645,52 +737,135 @@ def cli_errors(tmp_path_factory):
         ["captions", "--json", second, "--images", second.parent / "imgs", "--split", "test"],
         ["captions_test.* was made from " + str(first), f"this run reads {second}", "--name"])
     assert sorted(cases) == sorted(CLI_CASES)
-    cases["debug"] = (cases["cls_ucmerced_unzipped_folder"][0] + ["--debug"], [])
-
-    procs = {}
-    for case, (argv, names) in cases.items():
-        out = tmp / "out" / case
-        before = _files(out) if out.exists() else {}
-        procs[case] = (start_cli(*argv, "--out", out, "--workers", "1"), names, out, before)
-    results = {}
-    for case, (proc, names, out, before) in procs.items():
-        _, err = proc.communicate(timeout=300)
-        after = _files(out) if out.exists() else {}
-        results[case] = (proc.returncode, [line for line in err.splitlines() if line.strip()], names, before, after)
-    return results
+    return tmp, cases
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
-def test_cli_bad_input_is_one_line_naming_it_exit_2_nothing_written(cli_errors, case):
-    code, err, names, before, after = cli_errors[case]
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for name in names:
-        assert name in err[0]
+def test_cli_bad_input_is_one_line_naming_it_exit_2_nothing_written(cli_cases, case, monkeypatch, capsys):
+    tmp, cases = cli_cases
+    argv, names = cases[case]
+    out = tmp / "out" / case
+    before = _files(out) if out.exists() else {}
+    one_error_line(run_main("data_prep.py", data_prep.main, [*argv, "--out", out, "--workers", 1], monkeypatch, capsys),
+                   names)
+    after = _files(out) if out.exists() else {}
     # no JSONL written and an earlier output (captions_second_...) untouched; tiling leaves only its info.json
     assert {p: b for p, b in after.items() if p.suffix == ".jsonl"} == {p: b for p, b in before.items() if p.suffix == ".jsonl"}
     assert all(after.get(p) == b for p, b in before.items())
 
 
-def test_cli_debug_flag_shows_the_traceback(cli_errors):
-    code, err, _, _, _ = cli_errors["debug"]
+@pytest.fixture(scope="module")
+def cli_processes(cli_cases):
+    """{case: (exit code, non-empty stderr lines, OUT)} of data_prep.py run as a process: "debug" (the UCMerced case
+    with --debug after the subcommand) and, where the bundled samples are, "dior_sample_default_split"."""
+    tmp, cases = cli_cases
+    argv = {"debug": cases["cls_ucmerced_unzipped_folder"][0] + ["--debug"]}
+    if SHARED_DIOR.is_dir():
+        argv["dior_sample_default_split"] = ["dior", "--root", SHARED_DIOR]
+    procs = {case: start_cli(*a, "--out", tmp / "out" / case, "--workers", "1") for case, a in argv.items()}
+    results = {}
+    for case, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        results[case] = (proc.returncode, [line for line in err.splitlines() if line.strip()], tmp / "out" / case)
+    return results
+
+
+def test_cli_debug_flag_shows_the_traceback(cli_processes):
+    code, err, _ = cli_processes["debug"]
     assert code == 1 and any(line.startswith("Traceback") for line in err) and err[-1].startswith("common.UserError: ")
     assert "did you mean" in err[-1]
 
 
-def test_wrong_folders_are_named_with_a_suggestion(tmp_path):
-    # DOTA/ given where DOTA/train is meant
+def test_dior_sample_default_split_is_one_line_suggesting_split_all(cli_processes, shared_data):
+    """The command of docs/data.md on the bundled sample (no split lists), as a process."""
+    code, err, out = cli_processes["dior_sample_default_split"]
+    assert code == 2 and err == [
+        f"error: --split trainval: {shared_data / 'dior'} has no split lists (ImageSets/Main/*.txt): --split all converts "
+        f"every annotated image (1 in {shared_data / 'dior' / 'Annotations'}, test images too), or give --split-file FILE"]
+    assert not out.exists()
+    run("dior", "--root", shared_data / "dior", "--split", "all", "--out", out, "--workers", 1)  # what it suggests
+    assert [r["id"] for r in read_jsonl(out / "dior_all.jsonl")] == ["00001"]
+
+
+def _wrong_folder_cases(tmp):
+    """{case: (argv without --out, strings the one error line must name)}: the folders people give by mistake."""
+    dota = tmp / "DOTA"
+    for split in ("train", "val"):
+        write_png(dota / split / "images" / "A.png", 32, 32)
+        (dota / split / "labelTxt").mkdir()
+    # DOTA's download: labels two levels down, beside the horizontal-box ones
+    write_png(tmp / "dl" / "train" / "images" / "A.png", 32, 32)
+    for sub in ("labelTxt", "trainset_reclabelTxt"):
+        (tmp / "dl" / "train" / "labelTxt-v1.0" / sub).mkdir(parents=True)
+        (tmp / "dl" / "train" / "labelTxt-v1.0" / sub / "A.txt").write_text("")
+    dior = _dior_root(tmp / "unzipped", ["00001"])  # JPEGImages-trainval/, Annotations/Oriented Bounding Boxes/
+    (tmp / "fair1m" / "images").mkdir(parents=True)
+    (tmp / "fair1m" / "labelXml").mkdir()
+    rsvqa = _rsvqa_root(tmp)
+    hr = tmp / "RSVQA_HR"
+    hr.mkdir()
+    shutil.copy(rsvqa / "LR_split_test_questions.json", hr / "USGS_split_val_questions.json")
+    captions = _caption_set(tmp / "UCM_captions")
+    rsvg = _rsvg_root(tmp)
+    return {
+        "dota_root_at_images": (["dota", "--root", dota / "train" / "images", "--split", "train"],
+                                [f"--root {dota / 'train' / 'images'} does not hold images/ and labelTxt/",
+                                 f"did you mean --root {dota / 'train'}?"]),
+        "dota_root_one_level_up": (["dota", "--root", dota, "--split", "val"],
+                                   [f"did you mean --root {dota / 'train'} or {dota / 'val'}?"]),
+        "dota_root_misspelt": (["dota", "--root", tmp / "dotaa", "--split", "train"],
+                               [f"--root {tmp / 'dotaa'}: no such folder"]),
+        "dota_labels_as_downloaded": (["dota", "--root", tmp / "dl" / "train", "--split", "train"],
+                                      [f"{tmp / 'dl' / 'train' / 'labelTxt'} is not a folder", "--split test",
+                                       f"label files are in {tmp / 'dl' / 'train' / 'labelTxt-v1.0' / 'labelTxt'}"]),
+        "fair1m_root_at_labelxml": (["fair1m", "--root", tmp / "fair1m" / "labelXml", "--split", "train"],
+                                    [f"did you mean --root {tmp / 'fair1m'}?"]),
+        "dior_root_one_level_up": (["dior", "--root", dior.parent, "--split", "all"],
+                                   [f"--root {dior.parent} does not hold Annotations/", f"did you mean --root {dior}?"]),
+        "dior_root_at_jpegimages": (["dior", "--root", dior / "JPEGImages-trainval", "--split", "all"],
+                                    [f"did you mean --root {dior}?"]),
+        "dior_root_at_annotations": (["dior", "--root", dior / "Annotations" / "Oriented Bounding Boxes"],
+                                     [f"did you mean --root {dior}?"]),
+        "dior_missing_root": (["dior", "--root", tmp / "DIOR"], [f"--root {tmp / 'DIOR'}: no such folder"]),
+        "rsvqa_root_at_images": (["rsvqa", "--root", rsvqa / "Images_LR", "--variant", "LR", "--split", "test"],
+                                 [f"did you mean --root {rsvqa}?"]),
+        "rsvqa_wrong_variant_or_split": (["rsvqa", "--root", hr, "--variant", "HR", "--split", "test"],
+                                         ["USGS_split_test_{questions,answers,images}.json",
+                                          "question files there: USGS_split_val_questions.json"]),
+        "captions_images_one_level_up": (["captions", "--json", captions, "--images", captions.parent],
+                                         [f"--images {captions.parent} does not hold the images the annotations "
+                                          "name (e.g. 1.tif)", f"did you mean --images {captions.parent / 'imgs'}?"]),
+        "captions_json_misspelt": (["captions", "--json", captions.parent / "datset.json", "--images", captions.parent],
+                                   [f"--json {captions.parent / 'datset.json'}: no such file; did you mean {captions}?"]),
+        "captions_json_a_folder": (["captions", "--json", captions.parent, "--images", captions.parent / "imgs"],
+                                   [f"--json {captions.parent}: a folder; did you mean {captions}?"]),
+        "rsvg_root_at_jpegimages": (["rsvg", "--root", rsvg / "JPEGImages"], [f"did you mean --root {rsvg}?"]),
+    }
+
+
+def test_wrong_folders_are_one_line_naming_the_right_one(tmp_path, monkeypatch, capsys):
+    """What `python data_prep.py ...` runs (run_cli(main)), in this process: exit 2, one line naming the flag and
+    the folder that looks right, no traceback, nothing written."""
+    for case, (argv, names) in _wrong_folder_cases(tmp_path).items():
+        out = tmp_path / "out" / case
+        result = run_main("data_prep.py", data_prep.main, [*argv, "--out", out, "--workers", 1], monkeypatch, capsys)
+        one_error_line(result, names)
+        assert not out.exists(), case
+
+
+def test_wrong_folders_in_process(tmp_path):
     write_png(tmp_path / "DOTA" / "train" / "images" / "A.png", 32, 32)
-    with pytest.raises(UserError, match=rf"{tmp_path / 'DOTA' / 'images'} is not a folder.*"
-                                                 rf"did you mean {tmp_path / 'DOTA' / 'train'}\?"):
+    with pytest.raises(UserError, match=rf"--root {tmp_path / 'DOTA'} does not hold images/; "
+                                        rf"did you mean --root {tmp_path / 'DOTA' / 'train'}\?"):
         run("dota", "--root", tmp_path / "DOTA", "--split", "test", "--out", tmp_path / "o")
     (tmp_path / "fair1m" / "images").mkdir(parents=True)
+    (tmp_path / "fair1m" / "labelXml").mkdir()
     with pytest.raises(UserError, match=rf"{tmp_path / 'fair1m' / 'images'} has no images"):
         run("fair1m", "--root", tmp_path / "fair1m", "--split", "train", "--out", tmp_path / "o")
     # RSVQA files one level down
     rsvqa = _rsvqa_root(tmp_path / "parent")
-    with pytest.raises(UserError, match=rf"no {tmp_path / 'parent' / 'LR_split_test_questions.json'} .*"
-                                                 rf"did you mean {rsvqa}\?"):
+    with pytest.raises(UserError, match=rf"--root {tmp_path / 'parent'} does not hold "
+                                        rf"LR_split_test_{{questions,answers,images}}.json; did you mean --root {rsvqa}\?"):
         run("rsvqa", "--root", tmp_path / "parent", "--variant", "LR", "--split", "test", "--out", tmp_path / "o")
     # a --split the caption JSON does not have
     js = _caption_set(tmp_path / "RSICD", "dataset_rsicd.json")
