@@ -831,7 +831,7 @@ VRSBENCH_RULES = {
                "pixels, all samples (RSCoVLM's own VRSBench code compares pixel answers with the 0..100 grid numbers: "
                "not reproduced); a target without area scores 0 (degenerate_targets)",
     "official": "VRSBench's script (eval_fianl/compute_metrics.ipynb, eval_utils.computeIoU): the answer's first box "
-                "on the 0..100 grid, int(x / W * 100), against the entry's {<x1><y1><x2><y2>} integers; IoU with "
+                "on the 0..100 grid, int(x * 100 / W), against the entry's {<x1><y1><x2><y2>} integers; IoU with "
                 "+1-pixel areas (inter = max(0, x2' - x1' + 1) * ...), Acc@t = IoU >= t over all samples (no box = "
                 "wrong), meanIoU over all, cumIoU = sum I / sum U over the answered",
 }
@@ -854,8 +854,8 @@ def score_grid(recs, answers):
             continue
         w, h = r["meta"]["width"], r["meta"]["height"]
         x1, y1, x2, y2 = hboxes([objs[0]["poly"]])[0]
-        iou, i, u = grid_iou([int(x1 / w * 100), int(y1 / h * 100), int(x2 / w * 100), int(y2 / h * 100)],
-                             r["meta"]["grid_box"])
+        grid = [int(x1 * 100 / w), int(y1 * 100 / h), int(x2 * 100 / w), int(y2 * 100 / h)]  # 29*100/100 is 29
+        iou, i, u = grid_iou(grid, r["meta"]["grid_box"])
         ious.append(iou)
         inters, unions = inters + i, unions + u
     n = len(ious)
