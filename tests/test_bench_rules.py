@@ -14,6 +14,7 @@ import bench_prep
 import boxes
 import data_prep
 import eval_det
+import eval_suite
 import eval_vqa
 import model
 from common import UserError
@@ -103,8 +104,14 @@ def test_vhm_choice_and_colour_rules():
     assert eval_vqa.vhm_color("white and red", "white,red.", "rscovlm") == 1.0
     recs = [vqa_rec(f"p{i}", gt, {"vhm_part": "presence", "benchmark": "vhm"}, "vhm_presence")
             for i, gt in enumerate(["no", "no", "yes"])]
-    res = eval_vqa.score_vhm(recs, {"p0": "No.", "p1": "no", "p2": "yes"})["vhm_presence"]
+    preds = {"p0": "No.", "p1": "no", "p2": "yes"}
+    res = eval_vqa.score_vhm(recs, preds)["vhm_presence"]
     assert res["official"] == pytest.approx(200 / 3) and res["rscovlm"] == res["accuracy"] == 100.0
+    m = eval_vqa.evaluate(recs, preds)
+    m["headline"] = eval_vqa.headline(m)
+    rows = [r["metric"] for r in eval_suite.table_rows({"name": "h", "split": "test"}, "eval_vqa", m)]
+    assert rows[:2] == ["vqa/vhm_presence: accuracy (rscovlm)", "vqa/vhm_presence: AA"]
+    assert "vhm/vhm_presence: accuracy (official)" in rows
 
 
 # -----------------------------------------------------------------------------
@@ -135,6 +142,8 @@ def test_vrsbench_grid_rule_and_targets_without_area(tmp_path):
     # continuous (the headline): 0: 1.0; 1: a target without area, 0; 2: 4 / 6 = 0.667; 3: none
     assert (g["Acc@0.5"], g["Acc@0.7"]) == (0.5, 0.25) and g["degenerate_targets"] == 1
     assert m["headline"]["ground/vrsbench_referring: Acc@0.5"] == 0.5
+    rows = {r["metric"]: r["value"] for r in eval_suite.table_rows({"name": "v", "split": "val"}, "eval_det", m)}
+    assert rows["ground/vrsbench_referring: Acc@0.5"] == 50.0 and rows["ground/vrsbench_referring: Acc@0.5 (official)"] == 75.0
     assert eval_det.grid_iou([10, 10, 12, 12], [10, 10, 12, 13])[0] == 0.75
 
 
@@ -240,6 +249,8 @@ def test_xlrs_bench_converter_prompt_and_official_rule(tmp_path):
     assert o["micro"] == 50.0 and o["macro"] == pytest.approx(150 / 13)
     assert m["xlrs_bench"]["xlrs_bench"]["subtasks_present"] == 3
     assert m["headline"] == {"xlrs_bench/xlrs_bench: micro (official)": 50.0}
+    table = [(r["metric"], r["headline"]) for r in eval_suite.table_rows({"name": "x", "split": "test"}, "eval_vqa", m)]
+    assert table == [("xlrs_bench/xlrs_bench: micro (official)", True), ("xlrs_bench/xlrs_bench: macro (official)", False)]
     jsonl(tmp_path / "bad.jsonl", [{**rows[0], "answer": "maybe"}])
     with pytest.raises(UserError, match=r"bad\.jsonl:1: answer 'maybe' is not option letters A-E"):
         run("xlrs-bench", "--json", tmp_path / "bad.jsonl", "--images", tmp_path / "img", "--out", tmp_path / "o2")
@@ -313,3 +324,22 @@ def test_dota_v2_class_list_reaches_the_converter_and_the_scorer(tmp_path):
     assert rec["meta"]["classes"] == boxes.DOTA_CLASSES["2.0"] and len(boxes.DOTA_CLASSES["2.0"]) == 18
     assert [o["label"] for o in rec["meta"]["objects"]] == ["helipad", "container-crane"]
     assert eval_det.read_class_list("dota1.5")[-1] == "container-crane" and len(eval_det.read_class_list("dota1.5")) == 16
+
+
+def test_xlrs_bench_parquet_release_with_embedded_images(tmp_path):
+    """The Hugging Face release: parquet rows whose "image" holds {"bytes", "path"} (read with pyarrow)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(buf, format="PNG")
+    rows = [{"index": 7, "image": [{"bytes": buf.getvalue(), "path": "x.png"}], "question": "Q?",
+             "multi-choice options": ["(A) a", "(B) b"], "answer": "A", "category": "Counting/Overall counting",
+             "l2-category": "c"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-0.parquet")
+    run("xlrs-bench", "--json", tmp_path / "train-0.parquet", "--out", tmp_path / "o")
+    (r,) = read(tmp_path / "o" / "xlrs_bench.jsonl")
+    assert r["images"] == ["images/xlrs/7_0.png"] and (tmp_path / "o" / "images" / "xlrs" / "7_0.png").is_file()

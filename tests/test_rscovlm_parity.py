@@ -243,3 +243,41 @@ def test_vhm_keeps_the_datas_image_tag_as_text(tmp_path):
     parts = model._to_template_messages(rec_msgs := [{"role": "user", "content": "<image><image/>\nIs there a plane?"}])
     assert parts[0]["content"] == [{"type": "image"}, {"type": "text", "text": "<image>\nIs there a plane?"}]
     assert rec_msgs[0]["content"].count("<image>") == 1
+
+
+def test_geochat_bench_parts_as_rscovlm_formats_them(tmp_path):
+    """eval/data/data_prepare/format_geochat.py:52-93 then geochat_bench.py: the class list lower-cased as written
+    after "Classes:", the LRBEN question lower-cased, GeoChat's suffix replaced by RSCoVLM's."""
+    from test_benchmarks import image, jsonl, read, run
+
+    image(tmp_path / "AID" / "airport_3.jpg", 40, 40)
+    text = "Classify the image. Classes: Airport, BareLand, MediumResidential\nAnswer in one word or a short phrase."
+    aid = jsonl(tmp_path / "aid.jsonl", [{"question_id": "a", "image": "airport_3.png", "text": text,
+                                           "ground_truth": "Airportgt"}])
+    run("geochat", "--json", aid, "--images", tmp_path / "AID", "--prompts", "rscovlm", "--out", tmp_path / "o")
+    (r,) = read(tmp_path / "o" / "geochat_aid.jsonl")
+    assert r["messages"][0]["content"] == ("<image>Classify the image within one of the given classes:airport, bareland, "
+                                           "mediumresidential")
+    assert r["meta"]["label"] == "airport" and r["meta"]["classes"] == ["airport", "bare land", "medium residential"]
+    image(tmp_path / "LR" / "0.tif", 32, 32)
+    lrben = jsonl(tmp_path / "lrben.jsonl", [{"question_id": 10, "image": "0.tif", "category": "presence",
+                                              "text": "Is there a Road?\nAnswer the question using a single word or phrase."}])
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps({"answers": [{"question_id": 10, "answer": "yes", "active": True}]}))
+    run("geochat", "--json", lrben, "--images", tmp_path / "LR", "--answers", answers, "--prompts", "rscovlm",
+        "--out", tmp_path / "o")
+    (q,) = read(tmp_path / "o" / "geochat_lrben.jsonl")
+    assert q["messages"][0]["content"] == "<image>is there a road? Answer the question using a single word or a short phrase."
+
+
+def test_refgeo_with_the_json_preset(tmp_path):
+    """bench_prep refgeo --prompts rscovlm-json: geoground.py's JSON wording (no system turn) and
+    refgeo_dataset.py:111's answer, int() of the pixels at the file's own size (no resize here)."""
+    from test_benchmarks import _refgeo, read, run
+
+    run("refgeo", "--root", _refgeo(tmp_path), "--sets", "dior_rsvg_test", "--prompts", "rscovlm-json", "--out", tmp_path / "o")
+    r = read(tmp_path / "o" / "refgeo_dior_rsvg_test.jsonl")[0]
+    assert r["messages"][0] == {"role": "user", "content": "<image>Locate the dam on the left, output the bbox "
+                                                           "coordinates using JSON format"}
+    assert r["messages"][1]["content"] == '```json\n[\n\t{"bbox_2d": [5, 5, 50, 40], "label": "dam on the left"}\n]\n```'
+    assert r["meta"]["answer_style"] == "rscovlm-json"
