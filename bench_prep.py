@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -10,7 +10,6 @@ import zipfile
 import numpy as np
 import pytest
 
-import bench_prep
 import boxes
 import data_prep
 import eval_det

@@ -7,7 +7,6 @@ boxes, recorded from opencv-python-headless 4.10.0.84 (cv2.minAreaRect of the in
 swap / wrap / int() of dense_det_dataset.py:216-232), never with the code under test."""
 import hashlib
 import json
-import math
 import random
 import re
 import xml.etree.ElementTree as ET
