@@ -387,15 +387,23 @@ def _numbers(v, n, where, what):
     return [float(x) for x in flat]
 
 
-def _ground_obj(poly, expression, w, h, where):
-    """A ground-truth object; a polygon outside the image (by more than a pixel) is bad input: its
-    coordinates are not the image's pixels."""
+DEGENERATE = "targets without area (kept and counted: no continuous IoU can match them)"
+
+
+def _ground_obj(poly, expression, w, h, where, summary):
+    """A ground-truth object. A polygon outside the image (by more than a pixel) is bad input: its coordinates
+    are not the image's pixels. One without area (a release's box such as VRSBench's {<92><0><96><0>}) is kept
+    and counted in the summary, never fatal for the file; degenerate(objs) marks its record."""
     xs, ys = poly[0::2], poly[1::2]
     if min(xs) < -1 or min(ys) < -1 or max(xs) > w + 1 or max(ys) > h + 1:
         raise UserError(f"{where}: box {[round(v, 1) for v in poly]} is outside the {w}x{h} image (not in its pixels)")
-    if boxes.fix_poly(poly) is None:
-        raise UserError(f"{where}: empty box {[round(v, 1) for v in poly]}")
+    summary["counts"][DEGENERATE] += boxes.fix_poly(poly) is None
     return {"poly": poly, "label": "", "difficult": 0, "expression": expression}
+
+
+def degenerate(objs):
+    """{"degenerate": True} for a record with a target without area (eval_det counts them), else {}."""
+    return {"degenerate": True} if any(boxes.fix_poly(o["poly"]) is None for o in objs) else {}
 
 
 def _write_bench(out, name, args, summary, files, title, why_empty):
@@ -458,12 +466,12 @@ def run_refgeo(args):
                 size = (e.get("image_width"), e.get("image_height"))
                 if all(size) and tuple(size) != (w, h):
                     raise UserError(f"{where}: line says {size[0]}x{size[1]} but {image} is {w}x{h}")
-                obj = _ground_obj(poly or boxes.hbox_to_poly(box), e["question"].strip(), w, h, where)
+                obj = _ground_obj(poly or boxes.hbox_to_poly(box), e["question"].strip(), w, h, where, summary)
             except UserError as err:
                 skip_or_raise(summary, args.skip_bad, where, str(err))
                 continue
             meta = {"width": w, "height": h, "objects": [obj], "box_format": args.box_format, "source": e["image_id"],
-                    "benchmark": "refgeo", "set": s}
+                    "benchmark": "refgeo", "set": s, **degenerate([obj])}
             answer, style = _ground_answer(args, [obj], w, h, args.box_format)
             meta.update(style)
             recs.append(make_record(f"{s}_{k}", "ground", ds, [rel(image, out)],
@@ -574,22 +582,18 @@ def _vrsbench_grid(e, where):
 
 def _vrsbench_referring(args, e, rid, img, q, size, where, summary):
     """A VRSBench referring entry as a ground record. A target without area (the release's grid boxes such as
-    {<92><0><96><0>}) is kept and counted: VRSBench's +1-pixel grid IoU scores it, the continuous IoU gives 0."""
+    {<92><0><96><0>}) is kept and counted (_ground_obj): VRSBench's +1-pixel grid IoU scores it, the continuous
+    IoU gives 0."""
     (w, h), preset = size, getattr(args, "prompts", "default")
     cap = _vrsbench_caption(q, preset)
-    poly = boxes.hbox_to_poly(_vrsbench_box(e, w, h, where))
-    degenerate = boxes.fix_poly(poly) is None
-    obj = {"poly": poly, "label": "", "difficult": 0, "expression": cap} if degenerate else \
-        _ground_obj(poly, cap, w, h, where)
-    summary["counts"]["referring targets without area (kept; 0 under the continuous IoU)"] += degenerate
+    obj = _ground_obj(boxes.hbox_to_poly(_vrsbench_box(e, w, h, where)), cap, w, h, where, summary)
     groups = {"unique": "unique" if e.get("unique") else "non-unique"}
     if e.get("size_group"):
         groups["size"] = str(e["size_group"])
     answer, style = _ground_answer(args, [obj], w, h, "hbox")
     meta = {"width": w, "height": h, "objects": [obj], "box_format": "hbox", "groups": groups, "benchmark": "vrsbench",
-            "grid_box": _vrsbench_grid(e, where), "category": e.get("obj_cls"), "image_id": e["image_id"], **style}
-    if degenerate:
-        meta["degenerate"] = True
+            "grid_box": _vrsbench_grid(e, where), "category": e.get("obj_cls"), "image_id": e["image_id"], **style,
+            **degenerate([obj])}
     return make_record(rid, "ground", "vrsbench_referring", img, model.referring_prompt("vrsbench", cap, preset),
                        answer, meta)
 
@@ -718,13 +722,13 @@ def run_geochat(args):
                                    "region_captioning" else None})
             else:
                 q = e["question"].strip()
-                objs = [_ground_obj(poly, q, w, h, where) for poly in p["polys"]]
+                objs = [_ground_obj(poly, q, w, h, where, summary) for poly in p["polys"]]
                 groups = {"size": str(e.get("size_group") or "unknown"), "type": str(e.get("type") or "unknown"),
                           "count": "single" if len(e.get("obj_ids") or []) == 1 else "multiple"}
                 answer, style = _ground_answer(args, objs, w, h, "poly")
                 rec = make_record(rid, "ground", ds, img, model.referring_prompt("geochat", q, args.prompts), answer,
                                   {**base, "width": w, "height": h, "objects": objs, "box_format": "poly",
-                                   "groups": groups, "benchmark": "geochat_referring", **style})
+                                   "groups": groups, "benchmark": "geochat_referring", **style, **degenerate(objs)})
         except UserError as err:
             skip_or_raise(summary, args.skip_bad, where, str(err))
             continue

@@ -865,20 +865,24 @@ def score_grid(recs, answers):
 
 def ground_benchmark(recs, answers, ds):
     """What a benchmark's grounding records add to score_ground (printed, and returned for metrics.json):
-    GeoChat-Bench referring precision, or Acc@0.5 per group of meta["groups"], and VRSBench's official grid rule."""
+    GeoChat-Bench referring precision, or Acc@0.5 per group of meta["groups"], VRSBench's official grid rule,
+    and how many targets have no area (bench_prep keeps and counts them; no IoU can match them)."""
     extra = {}
+    n_flat = sum(bool(r["meta"].get("degenerate")) for r in recs)
+    if n_flat:
+        extra["degenerate_targets"] = n_flat
+        print(f"   targets without area: {n_flat} (kept; scored as written)")
     if recs and all("grid_box" in r["meta"] for r in recs):
-        extra = {"official": score_grid(recs, answers), "rules": VRSBENCH_RULES,
-                 "degenerate_targets": sum(bool(r["meta"].get("degenerate")) for r in recs)}
+        extra.update(official=score_grid(recs, answers), rules=VRSBENCH_RULES)
         o = extra["official"]
         print(f"   official (VRSBench grid, +1 IoU, >=): Acc@0.5 {100 * o['Acc@0.5']:.2f}  Acc@0.7 {100 * o['Acc@0.7']:.2f}"
-              f"  meanIoU {100 * o['meanIoU']:.2f}  (targets without area: {extra['degenerate_targets']})")
+              f"  meanIoU {100 * o['meanIoU']:.2f}")
     if any(r["meta"].get("benchmark") == "geochat_referring" for r in recs):
         res = score_referring(recs, answers)
         print(f"   referring (GeoChat-Bench): precision@GIoU0.5 {100 * res['precision']:.2f} (n={res['n']}); "
               + "; ".join(f"{k} " + ", ".join(f"{v} {100 * x['rate']:.2f} (n={x['n']})" for v, x in vs.items())
                           for k, vs in res["groups"].items()))
-        return {"referring": res}
+        return {**extra, "referring": res}
     if not any(r["meta"].get("groups") for r in recs):
         return extra
     groups = group_rates([(r, iou > 0.5) for r, iou in zip(recs, first_box_ious(recs, answers))])

@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
+import bench_prep
 import boxes
 import data_prep
 import eval_det
@@ -129,7 +130,7 @@ def _vrsbench_grid(tmp_path):
 
 def test_vrsbench_grid_rule_and_targets_without_area(tmp_path):
     summary = run("vrsbench", "--json", _vrsbench_grid(tmp_path), "--images", tmp_path / "Images_val", "--out", tmp_path / "o")
-    assert summary["counts"]["referring targets without area (kept; 0 under the continuous IoU)"] == 1  # not fatal
+    assert summary["counts"][bench_prep.DEGENERATE] == 1  # counted, not fatal for the file
     ref = read(tmp_path / "o" / "vrsbench_referring.jsonl")
     assert ref[1]["meta"]["grid_box"] == [92, 0, 96, 0] and ref[1]["meta"]["degenerate"] is True
     m = det_scores(tmp_path, ref, {"vrsbench_referring_0": "10,10,50,50", "vrsbench_referring_1": "92,0,96,1",
@@ -179,13 +180,19 @@ def test_refgeo_release_folders_and_pretty_printed_metainfo(tmp_path):
     s = run("refgeo", "--root", root, "--out", tmp_path / "o")
     assert [r["meta"]["objects"][0]["poly"] for r in read(tmp_path / "o" / "refgeo_dior_rsvg_test.jsonl")] == [
         sq(5, 5, 50, 40), sq(30, 10, 40, 20)]
+    assert s["counts"][bench_prep.DEGENERATE] == 0
+    jsonl(root / "metainfo" / "avvg_test.jsonl", [{"image_id": "v1.png", "question": "a line", "bbox": [5, 5, 5, 9]}])
+    image(root / "images" / "AVVG" / "v1.png", 40, 40)
+    s2 = run("refgeo", "--root", root, "--sets", "avvg_test", "--out", tmp_path / "flat")
+    (flat,) = read(tmp_path / "flat" / "refgeo_avvg_test.jsonl")  # a box without area: kept, counted
+    assert s2["counts"][bench_prep.DEGENERATE] == 1 and flat["meta"]["degenerate"] is True
     assert any(n.endswith("images/DIOR-RSVG") for n in s["notes"]) and any(n.endswith("images/VRSBench") for n in s["notes"])
     (root / "metainfo" / "dior_rsvg_test.jsonl").write_text('{\n  "image_id": "00001.jpg",\n  "question": "x"\n\n{"a": 1}\n')
     with pytest.raises(UserError, match=r"bad JSON at .*dior_rsvg_test\.jsonl:1: "):
         run("refgeo", "--root", root, "--sets", "dior_rsvg_test", "--out", tmp_path / "o2")
     jsonl(root / "metainfo" / "rsvg_test.jsonl", [{"image_id": "r.png", "question": "x", "bbox": [1, 1, 2, 2]}])
     with pytest.raises(UserError, match=r"refGeo set rsvg_test: no image folder .*images/\{rsvg,RSVG\} \(folders there: "
-                                        r"DIOR-RSVG, VRSBench\)"):
+                                        r"AVVG, DIOR-RSVG, VRSBench\)"):
         run("refgeo", "--root", root, "--sets", "rsvg_test", "--out", tmp_path / "o3")
 
 
