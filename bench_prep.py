@@ -9,6 +9,7 @@ the answer-token report) are data_prep.py's; docs/data.md lists where each bench
     python bench_prep.py vrsbench --json VRSBench_EVAL_Cap.json VRSBench_EVAL_vqa.json VRSBench_EVAL_referring.json --images Images_val --out data/bench/vrsbench
     python bench_prep.py geochat --json GeoChat-Bench/referring.jsonl --images GeoChat_Instruct/images --out data/bench/geochat
     python bench_prep.py vhm --root VHM_eval_dataset --out data/bench/vhm
+    python bench_prep.py xlrs-bench --json XLRS-Bench-lite/data/train-*.parquet --out data/bench/xlrs
 
 Each entry is checked as it is read: bad input stops with one line naming FILE:LINE (exit 2), or with
 --skip-bad is counted and listed in the summary. Scored by eval_det.py / eval_vqa.py, or all at once by
@@ -19,16 +20,17 @@ import argparse
 import json
 import math
 import re
-from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 import boxes
 import model
 from common import IMAGE_PLACEHOLDER, UserError, add_debug_flag, run_cli
 from data_prep import (IMAGE_EXTS, add_answer_budget_flags, add_output_flags, add_prompts_flag, answer_token_counter,
-                       check_images, claim_output, class_text, did_you_mean, make_record, new_summary, print_summary,
-                       rel, report_answer_tokens, require_records, skip_or_raise, write_info, write_jsonl,
-                       write_outputs)
+                       atomic_write_bytes, check_images, claim_output, class_text, did_you_mean, make_record,
+                       new_summary, print_summary, rel, report_answer_tokens, require_records, skip_or_raise,
+                       write_info, write_jsonl, write_outputs)
 
 
 # -----------------------------------------------------------------------------
@@ -55,13 +57,18 @@ MME_PLAIN = {"count", "position"}
 
 
 def read_json_entries(path):
-    """[(entry, where)] of a JSON list file or a JSONL file; where = 'FILE:LINE' (JSONL) or 'FILE entry K'."""
+    """[(entry, where)] of a JSON list file, a JSONL file, or a file of JSON values one after another (some
+    releases pretty-print one record over several lines in a .jsonl); where = 'FILE:LINE' (the line an entry
+    starts on) or 'FILE entry K'."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--json {path}: no such file" + did_you_mean(path.parent, lambda d: (d / path.name).is_file()))
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".jsonl":  # line by line: a one-line file whose object has one list-valued key (a
-        return json_lines(path, text)    # refGeo line's bbox) is that entry, not a wrapper of the list
+        try:                             # refGeo line's bbox) is that entry, not a wrapper of the list
+            return json_lines(path, text)
+        except UserError:
+            return json_values(path, text)
     try:
         data = json.loads(text)
         if isinstance(data, dict):  # a single JSONL line, or a wrapper {"...": [entries]}
@@ -71,7 +78,7 @@ def read_json_entries(path):
             raise UserError(f"{path}: expected a JSON list of entries or JSON lines, got {type(data).__name__}")
         return [(e, f"{path} entry {k}") for k, e in enumerate(data)]
     except json.JSONDecodeError:
-        return json_lines(path, text)
+        return json_values(path, text)
 
 
 def json_lines(path, text):
@@ -84,6 +91,24 @@ def json_lines(path, text):
             except json.JSONDecodeError as e:
                 raise UserError(f"bad JSON at {path}:{lineno}: {e}") from None
     return out
+
+
+def json_values(path, text):
+    """[(entry, 'FILE:LINE')] of JSON values written one after another, each over any number of lines (a list
+    value gives its items); a value that does not parse is a UserError naming the line it starts on."""
+    out, pos, decoder = [], 0, json.JSONDecoder()
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            return out
+        line = text.count("\n", 0, pos) + 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise UserError(f"bad JSON at {path}:{line}: {e.msg} (line {e.lineno} column {e.colno})") from None
+        out += [(v, f"{path}:{line} item {k}") for k, v in enumerate(value)] if isinstance(value, list) else \
+            [(value, f"{path}:{line}")]
 
 
 def zoom_vqa_record(rid, dataset, image, question, answer, meta, zoom, crop=None):
@@ -187,12 +212,13 @@ def run_lrs_vqa(args):
                 if problem:
                     raise UserError(f"{where}: crop_hbox {crops[0]} is {problem} for the {got[0]}x{got[1]} image {image}")
                 summary["counts"]["zoom boxes clipped to the image"] += c != [round(v) for v in crops[0]]
-                crop = c
+                # rscovlm: the box as given (RSCoVLM scales and crops crop_hbox itself: model.zoom_box_to_model)
+                crop = list(crops[0]) if model.is_rscovlm(args.prompts) else c
         except UserError as err:
             skip_or_raise(summary, args.skip_bad, where, str(err))
             continue
         seen.add(rid)
-        meta = {"answer": a, "type": cat, "benchmark": "lrs_vqa"}
+        meta = {"answer": a, "type": cat, "benchmark": "lrs_vqa", **model.answer_style(args.prompts)}
         if kind == "bench":  # FAIR / STAR / GLH: the source set, scored apart
             meta.update(source=rid.split("_")[0], question_id=rid)
             if evidence:
@@ -282,6 +308,11 @@ def run_mme_realworld(args):
 
 REFGEO_SETS = {"avvg_test": "avvg", "dior_rsvg_val": "dior_rsvg", "dior_rsvg_test": "dior_rsvg", "rsvg_test": "rsvg",
                "rsvg_val": "rsvg", "geochat_test": "geochat_test", "vrsbench_test": "vrsbench"}
+# The image folder of each set under ROOT/images: RSCoVLM's evaluation names it in lower case (REFGEO_SETS,
+# eval/data/geoground.py), the public release and RSCoVLM's training (images/{line's "dataset"},
+# training/data/refgeo_dataset.py:98) as the dataset is called.
+REFGEO_FOLDERS = {"avvg": "AVVG", "dior_rsvg": "DIOR-RSVG", "rsvg": "RSVG", "geochat_test": "GeoChat",
+                  "vrsbench": "VRSBench"}
 GEOCHAT_PARTS = {"aid": "cls", "ucmerced": "cls", "lrben": "vqa", "hrben": "vqa", "region_captioning": "caption",
                  "grounding_description": "caption", "referring": "ground"}
 GEOCHAT_REGION = "[identify] What is the object present at "  # GeoChat's (and RSCoVLM's) region-caption question
@@ -297,11 +328,12 @@ def _preset(args):
 
 
 def _ground_answer(args, objs, w, h, box_format):
-    """(answer text, meta additions) of a ground record under --prompts (rscovlm: its answer conventions)."""
-    rscovlm = getattr(args, "prompts", None) == "rscovlm"
+    """(answer text, meta additions) of a ground record under --prompts (rscovlm, rscovlm-json: its answer
+    conventions)."""
+    style = model.answer_style(getattr(args, "prompts", None) or "default")
     text = boxes.render_answer(objs, w, h, coords="abs", box_format=box_format, with_label=False,
-                               style="rscovlm" if rscovlm else "plain")
-    return text, model.answer_style(args.prompts) if rscovlm else {}
+                               style=style.get("answer_style", "plain"))
+    return text, style
 
 
 def _bench_image(root, name):
@@ -355,15 +387,23 @@ def _numbers(v, n, where, what):
     return [float(x) for x in flat]
 
 
-def _ground_obj(poly, expression, w, h, where):
-    """A ground-truth object; a polygon outside the image (by more than a pixel) is bad input: its
-    coordinates are not the image's pixels."""
+DEGENERATE = "targets without area (kept and counted: no continuous IoU can match them)"
+
+
+def _ground_obj(poly, expression, w, h, where, summary):
+    """A ground-truth object. A polygon outside the image (by more than a pixel) is bad input: its coordinates
+    are not the image's pixels. One without area (a release's box such as VRSBench's {<92><0><96><0>}) is kept
+    and counted in the summary, never fatal for the file; degenerate(objs) marks its record."""
     xs, ys = poly[0::2], poly[1::2]
     if min(xs) < -1 or min(ys) < -1 or max(xs) > w + 1 or max(ys) > h + 1:
         raise UserError(f"{where}: box {[round(v, 1) for v in poly]} is outside the {w}x{h} image (not in its pixels)")
-    if boxes.fix_poly(poly) is None:
-        raise UserError(f"{where}: empty box {[round(v, 1) for v in poly]}")
+    summary["counts"][DEGENERATE] += boxes.fix_poly(poly) is None
     return {"poly": poly, "label": "", "difficult": 0, "expression": expression}
+
+
+def degenerate(objs):
+    """{"degenerate": True} for a record with a target without area (eval_det counts them), else {}."""
+    return {"degenerate": True} if any(boxes.fix_poly(o["poly"]) is None for o in objs) else {}
 
 
 def _write_bench(out, name, args, summary, files, title, why_empty):
@@ -416,7 +456,8 @@ def run_refgeo(args):
                 items.append((e["image_id"], where, (e, box, poly, k)))
             except UserError as err:
                 skip_or_raise(summary, args.skip_bad, where, str(err))
-        img_dir = root / "images" / REFGEO_SETS.get(s, s.rsplit("_", 1)[0])
+        img_dir = _refgeo_images(root, s, items)
+        summary["notes"].append(f"refgeo_{s}: images from {img_dir}")
         pairs = _image_sizes(_bench_items(items, img_dir, "refGeo images folder", summary, args.skip_bad),
                              args.workers, summary, args.skip_bad)
         recs, ds = [], f"refgeo_{s}"
@@ -425,12 +466,12 @@ def run_refgeo(args):
                 size = (e.get("image_width"), e.get("image_height"))
                 if all(size) and tuple(size) != (w, h):
                     raise UserError(f"{where}: line says {size[0]}x{size[1]} but {image} is {w}x{h}")
-                obj = _ground_obj(poly or boxes.hbox_to_poly(box), e["question"].strip(), w, h, where)
+                obj = _ground_obj(poly or boxes.hbox_to_poly(box), e["question"].strip(), w, h, where, summary)
             except UserError as err:
                 skip_or_raise(summary, args.skip_bad, where, str(err))
                 continue
             meta = {"width": w, "height": h, "objects": [obj], "box_format": args.box_format, "source": e["image_id"],
-                    "benchmark": "refgeo", "set": s}
+                    "benchmark": "refgeo", "set": s, **degenerate([obj])}
             answer, style = _ground_answer(args, [obj], w, h, args.box_format)
             meta.update(style)
             recs.append(make_record(f"{s}_{k}", "ground", ds, [rel(image, out)],
@@ -441,6 +482,20 @@ def run_refgeo(args):
     _write_bench(out, name, args, summary, files, f"refgeo {','.join(sets)}: {sum(map(len, files.values()))} records",
                  f"no line of {meta_dir}/{{{','.join(sets)}}}.jsonl could be used")
     return summary
+
+
+def _refgeo_images(root, s, items):
+    """ROOT/images/<folder> of set s: the first that exists of the lines' own "dataset", the lower-case name
+    RSCoVLM's evaluation reads and the release's name; none: UserError listing what was looked for."""
+    lower = REFGEO_SETS.get(s, s.rsplit("_", 1)[0])
+    named = [e.get("dataset") for _, _, (e, *_) in items[:1] if isinstance(e.get("dataset"), str)]
+    tried = list(dict.fromkeys(named + [lower, REFGEO_FOLDERS.get(lower, lower)]))
+    found = next((root / "images" / t for t in tried if (root / "images" / t).is_dir()), None)
+    if found is None:
+        there = sorted(p.name for p in (root / "images").iterdir() if p.is_dir()) if (root / "images").is_dir() else []
+        raise UserError(f"refGeo set {s}: no image folder {root / 'images'}/{{{','.join(tried)}}} (folders there: "
+                        f"{', '.join(there) or 'none'})")
+    return found
 
 
 def _vrsbench_box(e, w, h, where):
@@ -496,17 +551,7 @@ def run_vrsbench(args):
                                   {"answer": a, "type": str(e.get("type") or "untyped"), "benchmark": "vrsbench",
                                    "headline_rule": "contain", "image_id": e["image_id"]})
             else:
-                if kw.get("preset") == "rscovlm":  # RSCoVLM asks for "find the {caption}" without its "The " and "."
-                    q = re.sub(r"^the\s+", "", q, flags=re.IGNORECASE).rstrip(".")
-                obj = _ground_obj(boxes.hbox_to_poly(_vrsbench_box(e, w, h, where)), q, w, h, where)
-                groups = {"unique": "unique" if e.get("unique") else "non-unique"}
-                if e.get("size_group"):
-                    groups["size"] = str(e["size_group"])
-                answer, style = _ground_answer(args, [obj], w, h, "hbox")
-                rec = make_record(rid, "ground", "vrsbench_referring", img, model.ground_prompt(q, "hbox", **kw), answer,
-                                  {"width": w, "height": h, "objects": [obj], "box_format": "hbox", "groups": groups,
-                                   "benchmark": "vrsbench", "category": e.get("obj_cls"), "image_id": e["image_id"],
-                                   **style})
+                rec = _vrsbench_referring(args, e, rid, img, q, (w, h), where, summary)
         except UserError as err:
             skip_or_raise(summary, args.skip_bad, where, str(err))
             continue
@@ -514,6 +559,43 @@ def run_vrsbench(args):
     _write_bench(out, name, args, summary, files, f"vrsbench: {sum(map(len, files.values()))} records",
                  f"none of the entries of {', '.join(args.json)} could be used")
     return summary
+
+
+def _vrsbench_caption(q, preset):
+    """The expression as asked: RSCoVLM drops a leading "the " (4 characters) and then trailing '.', only when the
+    caption starts with it (eval/data/data_prepare/format_vrsbench.py:128-130)."""
+    if model.is_rscovlm(preset) and q.lower().startswith("the "):
+        return q[4:].rstrip(".")
+    return q
+
+
+def _vrsbench_grid(e, where):
+    """VRSBench's own target: the 4 integers of the ground_truth string {<x1><y1><x2><y2>} (0..100 of the image,
+    int(x * 100) of the object's normalised box, prepare_eval_all.ipynb), else the same made from obj_corner in
+    float32 as that notebook does."""
+    nums = re.findall(r"\d+", str(e.get("ground_truth", "")))
+    if len(nums) >= 4:
+        return [int(v) for v in nums[:4]]
+    c = [np.float32(v) for v in e["obj_corner"]]
+    return [int(v * np.float32(100)) for v in (min(c[0::2]), min(c[1::2]), max(c[0::2]), max(c[1::2]))]
+
+
+def _vrsbench_referring(args, e, rid, img, q, size, where, summary):
+    """A VRSBench referring entry as a ground record. A target without area (the release's grid boxes such as
+    {<92><0><96><0>}) is kept and counted (_ground_obj): VRSBench's +1-pixel grid IoU scores it, the continuous
+    IoU gives 0."""
+    (w, h), preset = size, getattr(args, "prompts", "default")
+    cap = _vrsbench_caption(q, preset)
+    obj = _ground_obj(boxes.hbox_to_poly(_vrsbench_box(e, w, h, where)), cap, w, h, where, summary)
+    groups = {"unique": "unique" if e.get("unique") else "non-unique"}
+    if e.get("size_group"):
+        groups["size"] = str(e["size_group"])
+    answer, style = _ground_answer(args, [obj], w, h, "hbox")
+    meta = {"width": w, "height": h, "objects": [obj], "box_format": "hbox", "groups": groups, "benchmark": "vrsbench",
+            "grid_box": _vrsbench_grid(e, where), "category": e.get("obj_cls"), "image_id": e["image_id"], **style,
+            **degenerate([obj])}
+    return make_record(rid, "ground", "vrsbench_referring", img, model.referring_prompt("vrsbench", cap, preset),
+                       answer, meta)
 
 
 def _geochat_part(args):
@@ -558,8 +640,10 @@ def _geochat_entry(part, e, where, answers):
         text = e.get("text")
         if not (isinstance(text, str) and "Classes:" in text and isinstance(e.get("image"), str)):
             raise UserError(f"{where}: not a GeoChat-Bench {part} line (needs image, text with 'Classes: ...', ground_truth)")
-        classes = [class_text(c) for c in text.split("Classes:", 1)[1].split("\n", 1)[0].split(",") if c.strip()]
-        return e["image"], {"classes": classes, "label": _geochat_label(e.get("ground_truth"), classes, where)}
+        listed = text.split("Classes:", 1)[1].split("\n", 1)[0]
+        classes = [class_text(c) for c in listed.split(",") if c.strip()]
+        return e["image"], {"classes": classes, "label": _geochat_label(e.get("ground_truth"), classes, where),
+                            "listed": listed.strip()}
     if part in ("lrben", "hrben"):
         if not (isinstance(e.get("text"), str) and isinstance(e.get("image"), str) and "question_id" in e):
             raise UserError(f"{where}: not a GeoChat-Bench {part} line (needs question_id, image, text, category)")
@@ -579,6 +663,20 @@ def _geochat_entry(part, e, where, answers):
     if not isinstance(polys, list) or not polys:
         raise UserError(f"{where}: referring ground_truth must be a list of polygons, got {gt!r}")
     return image, {"polys": [_gt_poly(p, where) for p in polys]}
+
+
+def _geochat_cls(rid, ds, img, p, base, preset):
+    """A GeoChat-Bench AID / UCMerced record. rscovlm: RSCoVLM's prompt, the line's class list lower-cased as
+    written after "Classes:" (format_geochat.py:63), and the label lower-cased; the label is the class list's
+    spelling of the line's ground truth either way (so "BareLand" and "Bare Land" give one target)."""
+    label, classes = p["label"], p["classes"]
+    if model.is_rscovlm(preset):
+        label, classes = label.lower(), [c.lower() for c in classes]
+        prompt = model.RSCOVLM_CLS_ASK + p["listed"].lower()
+    else:
+        prompt = model.cls_prompt(classes)
+    return make_record(rid, "cls", ds, img, prompt, label,
+                       {**base, "label": label, "classes": classes, "headline_rule": "contain"})
 
 
 def _gt_poly(p, where):
@@ -611,10 +709,10 @@ def run_geochat(args):
             rid = _unique_id(seen, f"{ds}_{e.get('question_id', where)}", where)
             img, base = [rel(image, out)], {"benchmark": "geochat", "question_id": e.get("question_id")}
             if task == "cls":
-                rec = make_record(rid, "cls", ds, img, model.cls_prompt(p["classes"], **kw), p["label"],
-                                  {**base, "label": p["label"], "classes": p["classes"], "headline_rule": "contain"})
-            elif task == "vqa":
-                rec = make_record(rid, "vqa", ds, img, model.vqa_prompt(p["question"], **kw), p["answer"],
+                rec = _geochat_cls(rid, ds, img, p, base, args.prompts)
+            elif task == "vqa":  # RSCoVLM lower-cases the question (eval/data/data_prepare/format_geochat.py:83)
+                q = p["question"].lower() if model.is_rscovlm(args.prompts) else p["question"]
+                rec = make_record(rid, "vqa", ds, img, model.vqa_prompt(q, **kw), p["answer"],
                                   {**base, "answer": p["answer"], "type": str(e.get("category") or "untyped"),
                                    "headline_rule": "contain"})
             elif task == "caption":
@@ -624,13 +722,13 @@ def run_geochat(args):
                                    "region_captioning" else None})
             else:
                 q = e["question"].strip()
-                objs = [_ground_obj(poly, q, w, h, where) for poly in p["polys"]]
+                objs = [_ground_obj(poly, q, w, h, where, summary) for poly in p["polys"]]
                 groups = {"size": str(e.get("size_group") or "unknown"), "type": str(e.get("type") or "unknown"),
                           "count": "single" if len(e.get("obj_ids") or []) == 1 else "multiple"}
                 answer, style = _ground_answer(args, objs, w, h, "poly")
-                rec = make_record(rid, "ground", ds, img, model.ground_prompt(q, "poly", **kw), answer,
+                rec = make_record(rid, "ground", ds, img, model.referring_prompt("geochat", q, args.prompts), answer,
                                   {**base, "width": w, "height": h, "objects": objs, "box_format": "poly",
-                                   "groups": groups, "benchmark": "geochat_referring", **style})
+                                   "groups": groups, "benchmark": "geochat_referring", **style, **degenerate(objs)})
         except UserError as err:
             skip_or_raise(summary, args.skip_bad, where, str(err))
             continue
@@ -639,6 +737,15 @@ def run_geochat(args):
     _write_bench(out, name, args, summary, {name: recs}, f"geochat {part}: {len(recs)} {task} records",
                  f"none of the lines of {args.json} could be used")
     return summary
+
+
+def _vhm_question(value, preset):
+    """A VHM question. default: the data's "<image>" tag removed. rscovlm: kept as text, as RSCoVLM sends it
+    (its guard `'<image>' not in conversations[0]` tests a dict's keys and never fires, vhm_bench.py:25-30):
+    written model.IMAGE_TAG_TEXT, which the chat rendering turns back into "<image>"."""
+    if model.is_rscovlm(preset):
+        return value.strip().replace(IMAGE_PLACEHOLDER, model.IMAGE_TAG_TEXT)
+    return re.sub(r"\s*<image>\s*", " ", value).strip()
 
 
 def run_vhm(args):
@@ -672,7 +779,7 @@ def run_vhm(args):
                              args.skip_bad)
         recs = []
         for (_, where, (e, k)), image, _size in pairs:
-            q = re.sub(r"\s*<image>\s*", " ", str(e["conversations"][0]["value"])).strip()
+            q = _vhm_question(str(e["conversations"][0]["value"]), args.prompts)
             a = str(e["conversations"][1]["value"]).strip()
             if part == "counting" and not re.fullmatch(r"\d+", a):
                 skip_or_raise(summary, args.skip_bad, where, f"{where}: counting answer {a!r} is not a number")
@@ -683,6 +790,115 @@ def run_vhm(args):
         files[f"vhm_{part}"] = recs
     _write_bench(out, name, args, summary, files, f"vhm {','.join(parts)}: {sum(map(len, files.values()))} records",
                  f"no entry of {base} could be used")
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# xlrs-bench: XLRS-Bench's multiple-choice VQA (CVPR 2025, AI9Stars/XLRS-Bench; images up to 10,000 x 10,000 px),
+# as its Hugging Face release (initiacms/XLRS-Bench-lite) and lmms-eval's task read it: rows {"index", "image": [one
+# or two images], "question", "multi-choice options": ["(A) ...", ...], "answer" ("A", or several letters for
+# overall land use), "category": "Counting/Overall counting", "l2-category"}. Read from the release's parquet files
+# (needs pyarrow: pip install pyarrow; embedded image bytes are written to OUT/images/xlrs/) or from JSON / JSONL
+# exports of the same rows whose "image" holds paths (relative to --images). The prompt is the one the benchmark
+# publishes (lmms_eval/tasks/xlrs/mcq_utils.py xlrs_doc_to_text), word for word; eval_vqa.py scores it with the
+# official extraction (eval_vqa.XLRS_RULE).
+
+XLRS_MULTI = "Land use classification/Overall Land use classification"  # several answers may be right
+XLRS_ASK = ("\nSelect the best answer for the multiple-choice question based on the image. Only respond with the letter "
+            "corresponding to the correct answer (A, B, C, D).\nThe answer is:")
+XLRS_ASK_MULTI = ("\nSelect the best answer(s) for the multiple-choice question based on the image. There may be more "
+                  "than one correct option. Only respond with the letter(s) corresponding to the correct answer(s) "
+                  "(A, B, C, D), with multiple choices separated by spaces.The answer(s) is(are):")
+
+
+def xlrs_prompt(question, options, category, n_images):
+    """The benchmark's prompt after the images: question, "The choices are listed below:", the options one per
+    line, the single- or multiple-answer instruction."""
+    text = question + "The choices are listed below:\n" + "\n".join(options) + "\n"
+    return IMAGE_PLACEHOLDER * n_images + text + (XLRS_ASK_MULTI if category == XLRS_MULTI else XLRS_ASK)
+
+
+def _xlrs_rows(path):
+    """[(row, where)] of a parquet file (pyarrow) or a JSON / JSONL file."""
+    if Path(path).suffix.lower() != ".parquet":
+        return read_json_entries(path)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"--json {path}: reading parquet needs pyarrow (pip install pyarrow), or give the rows as "
+                        "JSON / JSONL with image paths") from None
+    rows = pq.read_table(path).to_pylist()
+    return [(r, f"{path} row {k}") for k, r in enumerate(rows)]
+
+
+def _xlrs_images(row, where, images_root, out):
+    """The row's image files: paths under images_root as given, or the embedded bytes ({"bytes", "path"}) written
+    once to OUT/images/xlrs/{index}_{k}{ext}."""
+    value = row.get("image")
+    items = value if isinstance(value, list) else [value]
+    paths = []
+    for k, im in enumerate(items):
+        if isinstance(im, dict) and im.get("bytes"):
+            ext = Path(str(im.get("path") or "")).suffix.lower()
+            dest = out / "images" / "xlrs" / f"{row['index']}_{k}{ext if ext in IMAGE_EXTS else '.png'}"
+            if not dest.is_file():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(dest, im["bytes"])
+            paths.append(dest)
+        elif isinstance(im, (str, dict)) and (im if isinstance(im, str) else im.get("path")):
+            paths.append(Path(images_root) / (im if isinstance(im, str) else im["path"]))
+        else:
+            raise UserError(f"{where}: image {k} is neither a path nor embedded bytes")
+    if not paths:
+        raise UserError(f"{where}: the row has no image")
+    return paths
+
+
+def _xlrs_item(row, where):
+    """The checked fields of one XLRS-Bench row."""
+    need = ("index", "image", "question", "multi-choice options", "answer", "category")
+    if not isinstance(row, dict) or any(k not in row for k in need):
+        raise UserError(f"{where}: not an XLRS-Bench row (needs {', '.join(need)})")
+    options = row["multi-choice options"]
+    if not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
+        raise UserError(f"{where}: 'multi-choice options' must be a list of strings, got {options!r}")
+    answer = str(row["answer"]).strip()
+    if not re.fullmatch(r"[A-E](?:[\s,]*[A-E])*", answer):
+        raise UserError(f"{where}: answer {row['answer']!r} is not option letters A-E")
+    if str(row["category"]).count("/") < 1:
+        raise UserError(f"{where}: category {row['category']!r} is not 'Task/Subtask'")
+    return options, answer
+
+
+def run_xlrs_bench(args):
+    out = Path(args.out)
+    name = args.name or "xlrs_bench"
+    claim_output(out, name, args)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, items, seen = new_summary(), [], set()
+    for row, where in [x for j in args.json for x in _xlrs_rows(j)]:
+        try:
+            options, answer = _xlrs_item(row, where)
+            rid = _unique_id(seen, f"xlrs_{row['index']}", where)
+            items.append((rid, row, options, answer, _xlrs_images(row, where, args.images or ".", out), where))
+        except UserError as err:
+            skip_or_raise(summary, args.skip_bad, where, str(err))
+    sizes = check_images([str(p) for it in items for p in it[4]], args.workers, "checking images")
+    records = []
+    for rid, row, options, answer, paths, where in items:
+        bad = next((f"{p}: {sizes[str(p)]}" for p in paths if isinstance(sizes[str(p)], str)), None)
+        if bad:
+            skip_or_raise(summary, args.skip_bad, where, f"{where}: {bad}")
+            continue
+        task, subtask = str(row["category"]).split("/")[:2]
+        meta = {"answer": answer, "type": subtask, "task": task, "l2": str(row.get("l2-category") or ""),
+                "choices": options, "benchmark": "xlrs_bench", "question_id": str(row["index"])}
+        prompt = xlrs_prompt(str(row["question"]), options, str(row["category"]), len(paths))
+        records.append(make_record(rid, "vqa", "xlrs_bench", [rel(p, out) for p in paths], prompt, answer, meta))
+        summary["counts"][f"subtask {subtask}"] += 1
+    summary["counts"]["records"] = len(records)
+    write_outputs(out, name, args, summary, records, f"xlrs-bench: {len(records)} records",
+                  f"no row of {', '.join(args.json)} could be used")
     return summary
 
 
@@ -702,6 +918,7 @@ def build_parser():
     sp.add_argument("--images", required=True, help="folder the entries' 'image' paths are relative to")
     sp.add_argument("--split", default="test", help="split name in the output file: lrs_vqa_{split}.jsonl (default %(default)s)")
     sp.add_argument("--no-zoom", action="store_true", help="plain single-turn VQA for every question (no tool turns)")
+    add_prompts_flag(sp)
 
     sp = sub.add_parser("mme-realworld", help="MME-RealWorld remote-sensing multiple choice -> vqa / zoom prompts")
     add_output_flags(sp)
@@ -734,6 +951,10 @@ def build_parser():
     sp.add_argument("--part", choices=list(GEOCHAT_PARTS), default=None, help="the part (default: from the file name)")
     sp.add_argument("--answers", default=None, help="lrben/hrben: the RSVQA answers JSON of the split "
                     "(LR_split_test_answers.json, USGS_split_test_phili_answers.json)")
+    sp = sub.add_parser("xlrs-bench", help="XLRS-Bench multiple-choice VQA (parquet or JSON/JSONL rows) -> vqa records")
+    add_output_flags(sp)
+    sp.add_argument("--json", nargs="+", required=True, help="the release's parquet files, or JSON / JSONL exports of its rows")
+    sp.add_argument("--images", default=None, help="folder the rows' image paths are relative to (rows with embedded images: not needed)")
     sp = sub.add_parser("vhm", help="VHM evaluation set parts -> vqa records")
     add_output_flags(sp)
     add_prompts_flag(sp)
@@ -744,7 +965,7 @@ def build_parser():
 
 
 RUNNERS = {"lrs-vqa": run_lrs_vqa, "mme-realworld": run_mme_realworld, "refgeo": run_refgeo,
-           "vrsbench": run_vrsbench, "geochat": run_geochat, "vhm": run_vhm}
+           "vrsbench": run_vrsbench, "geochat": run_geochat, "vhm": run_vhm, "xlrs-bench": run_xlrs_bench}
 
 
 def main(argv=None):

@@ -236,13 +236,15 @@ DIOR_CLASSES = ["airplane", "airport", "baseballfield", "basketballcourt", "brid
                 "expressway-service-area", "expressway-toll-station", "dam", "golffield", "groundtrackfield",
                 "harbor", "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation", "vehicle",
                 "windmill"]
-# FAIR1M-1.0 names ("Liquid Cargo Ship") lower-cased with spaces -> hyphens
-FAIR1M_CLASSES = ["boeing737", "boeing747", "boeing777", "boeing787", "c919", "a220", "a321", "a330", "a350",
-                  "arj21", "other-airplane", "passenger-ship", "motorboat", "fishing-boat", "tugboat",
-                  "engineering-ship", "liquid-cargo-ship", "dry-cargo-ship", "warship", "other-ship", "small-car",
-                  "bus", "cargo-truck", "dump-truck", "van", "trailer", "tractor", "excavator", "truck-tractor",
-                  "other-vehicle", "basketball-court", "tennis-court", "football-field", "baseball-field",
-                  "intersection", "roundabout", "bridge"]
+# FAIR1M-1.0's 37 class names as its XML files and its benchmark's submission spell them; the canonical names
+# (FAIR1M_CLASSES) are these lower-cased with spaces -> hyphens ("Liquid Cargo Ship" -> "liquid-cargo-ship").
+FAIR1M_NAMES = ["Boeing737", "Boeing747", "Boeing777", "Boeing787", "C919", "A220", "A321", "A330", "A350", "ARJ21",
+                "other-airplane", "Passenger Ship", "Motorboat", "Fishing Boat", "Tugboat", "Engineering Ship",
+                "Liquid Cargo Ship", "Dry Cargo Ship", "Warship", "other-ship", "Small Car", "Bus", "Cargo Truck",
+                "Dump Truck", "Van", "Trailer", "Tractor", "Excavator", "Truck Tractor", "other-vehicle",
+                "Basketball Court", "Tennis Court", "Football Field", "Baseball Field", "Intersection", "Roundabout",
+                "Bridge"]
+FAIR1M_CLASSES = [n.lower().replace(" ", "-") for n in FAIR1M_NAMES]
 
 
 def check_numbers(tokens, where, n=8):
@@ -492,15 +494,15 @@ def render_answer(objects, width, height, *, coords="abs", resized_hw=None, box_
     with_label=False (grounding) writes only the numbers and sorts by position. Identical lines
     are written once. No object -> "There are none." (plain) or an empty list (json).
 
-    style "rscovlm": RSCoVLM's own text (render_rscovlm); with_label=False there means grounding, whose
-    lines end with the object's expression, as RSCoVLM's are.
+    style "rscovlm" / "rscovlm-json": RSCoVLM's own text, plain or JSON form (render_rscovlm); with_label=False
+    there means grounding, whose lines end with the object's expression, as RSCoVLM's are.
 
     >>> render_answer([{"poly": [0, 0, 4, 0, 4, 2, 0, 2], "label": "ship"}], 10, 10, box_format="rbox")
     '2,1,4,2,0 ship'
     """
-    if style == "rscovlm" and box_format in BOX_FORMATS:
+    if style in ("rscovlm", "rscovlm-json") and box_format in BOX_FORMATS:
         return render_rscovlm(objects, width, height, coords=coords, resized_hw=resized_hw, box_format=box_format,
-                              task="det" if with_label else "ground")
+                              task="det" if with_label else "ground", form="json" if style == "rscovlm-json" else "plain")
     if box_format not in BOX_FORMATS or style not in ("plain", "json"):
         raise ValueError(f"bad box_format {box_format!r} or style {style!r}")
     sx, sy, fw, fh = _frame(width, height, coords, resized_hw)
@@ -541,13 +543,164 @@ def render_answer(objects, width, height, *, coords="abs", resized_hw=None, box_
 #   * poly: the 4 truncated corners ordered by their angle around the corners' mean, from the top-most (then
 #     left-most): clockwise on screen for detection, counter-clockwise for grounding.
 #   * rbox: cv2.minAreaRect of the truncated corners; w < h swapped (angle + 90); angle wrapped into [-90, 90);
-#     then int() of cx, cy, w, h, angle. A square keeps OpenCV 4.x's angle in (0, 90], so 90 becomes -90.
+#     then int() of cx, cy, w, h, angle (cv_min_area_rect below: OpenCV's float32 arithmetic, no OpenCV).
 #   * det label: the class name with '-' as ' ', lower case; grounding: the expression as written.
 #   * det lines sorted by class (its alphabetical rank), then the hbox's truncated y1, x1; ties keep the input
 #     order; no de-duplication; every line ends with a line break; no object: "There are none.".
+#   * JSON form (meta.answer_style "rscovlm-json", RSCoVLM's other half of its training text): the same numbers
+#     and order in '```json\n[\n\t' + ',\n\t'.join(items) + '\n]\n```', items {"bbox_2d" | "oriented bbox" |
+#     "quadrant bbox": [...], "label": ...}: json.dumps for detection, the expression pasted unescaped for
+#     grounding (refgeo_dataset.py builds that string by hand); no object: "There are none.".
 # RSCoVLM has no Qwen3-VL code: for Qwen3-VL the same rules run in 0..1000 (resized = 1000).
-# Deviation: the rbox is computed in float64 here, OpenCV in float32; a value that is whole in exact
-# arithmetic can come out just under it there and truncate one lower (and a near-square's w/h order flip).
+
+# OpenCV's minimum-area rectangle, re-derived: RSCoVLM writes cv2.minAreaRect results, which OpenCV computes in
+# float32 over its own convex-hull order, so a float64 fit truncates differently on ~15% of boxes (a 107-px side
+# measures 106.99998 there). These functions repeat OpenCV 4.5.4-4.12's steps (imgproc convhull.cpp: Sklansky
+# scans of the x-sorted points, convexHull(clockwise=False) as minAreaRect calls it; rotcalipers.cpp: rotating
+# calipers choosing the next edge by the sign of a dot product, the last smallest area wins, the corner from two
+# line equations) with numpy float32 scalars in the same operation order, for the integer points RSCoVLM passes.
+# Checked against opencv-python-headless 4.10 and 4.12: equal on 40,000 random point sets (the raw tuple) and on
+# every box of the shared DOTA/DIOR samples (tests/test_rscovlm_parity.py; the live comparison runs when cv2 is
+# installed). OpenCV 4.13 changed ~0.5% of tiny or near-square boxes; x86-64 builds (no fused multiply-add).
+
+_F = np.float32
+
+
+def _sign(v):
+    return (v > 0) - (v < 0)
+
+
+def _half_scan(p, start, end, nsign, sign2):
+    """One Sklansky scan over the x-sorted points p[start..end] (inclusive, either direction): the kept indices,
+    integer arithmetic. nsign: the sign of dy that needs no turn test; sign2: the turn sign that keeps a point."""
+    step = 1 if end > start else -1
+    if start == end or p[start] == p[end]:
+        return [start]
+    prev, cur, nxt = start, start + step, start + 2 * step
+    stack = [prev, cur, nxt]
+    while nxt != end + step:
+        dy = p[nxt][1] - p[cur][1]
+        if _sign(dy) == nsign:
+            nxt += step
+            stack[-1] = nxt
+            continue
+        ax, ay = p[cur][0] - p[prev][0], p[cur][1] - p[prev][1]
+        turn = ay * (p[nxt][0] - p[cur][0]) - ax * dy
+        if _sign(turn) == sign2 and (ax or ay):  # convex: advance
+            prev, cur, nxt = cur, nxt, nxt + step
+            stack.append(nxt)
+        elif prev == start:  # the first point stays, the middle one goes
+            cur, nxt = nxt, nxt + step
+            stack[1:3] = [cur, nxt]
+        else:  # back up one point
+            stack[-2] = nxt
+            cur, prev = prev, stack[-4]
+            stack.pop()
+    return stack[:-1]
+
+
+def cv_hull(points):
+    """Indices of the convex hull of integer points in OpenCV's order for convexHull(clockwise=False) (4.5-4.12):
+    Sklansky scans of the x-sorted points, then a cyclic shift that makes the indices monotone when it can."""
+    n = len(points)
+    order = sorted(range(n), key=lambda i: (points[i][0], points[i][1], i))
+    p = [tuple(points[i]) for i in order]
+    ymin = ymax = 0
+    for i in range(1, n):
+        ymin = i if p[ymin][1] > p[i][1] else ymin
+        ymax = i if p[ymax][1] < p[i][1] else ymax
+    if p[0] == p[-1]:
+        return [order[0]]
+    tr, tl = _half_scan(p, 0, ymax, -1, 1), _half_scan(p, n - 1, ymax, -1, -1)  # swapped: counter-clockwise
+    out = [order[i] for i in tl[:-1]] + [order[i] for i in tr[:0:-1]]
+    stop = tr[1] if len(tr) > 2 else tl[-2] if len(tl) > 2 else -1
+    bl, br = _half_scan(p, 0, ymin, 1, -1), _half_scan(p, n - 1, ymin, 1, 1)
+    if stop >= 0:
+        check = bl[1] if len(bl) > 2 else br[2 - len(bl)] if len(bl) + len(br) > 2 else -1
+        if check >= 0 and p[check] == p[stop]:  # all points on one line: the lower half mirrors the upper
+            bl, br = bl[:2], br[:2]
+    out += [order[i] for i in bl[:-1]] + [order[i] for i in br[:0:-1]]
+    return _monotone_shift(out)
+
+
+def _monotone_shift(h):
+    """OpenCV's last step: rotate the hull indices to an ascending (or descending) run when one exists."""
+    m = len(h)
+    if m < 3:
+        return h
+    lo = hi = rises = 0
+    for i in range(1, m):
+        rises += h[i - 1] < h[i]
+        if 1 < rises <= i - 2:
+            break
+        lo, hi = (i if h[i] < h[lo] else lo), (i if h[i] > h[hi] else hi)
+    if abs(hi - lo) not in (1, m - 1) or 1 < rises < m - 2:
+        return h
+    asc = (hi + 1) % m == lo
+    i0 = lo if asc else hi
+    seq = h[i0:] + h[:i0]
+    return seq if i0 > 0 and all((a < b) == asc for a, b in zip(seq, seq[1:])) else h
+
+
+def _calipers(H):
+    """OpenCV's rotating calipers over hull points H (float32 pairs): (corner index, base a, width, base b, height,
+    bottom index) of the smallest area seen last (area <= best)."""
+    n = len(H)
+    vx = [_F(float(H[(i + 1) % n][0] - H[i][0])) for i in range(n)]
+    vy = [_F(float(H[(i + 1) % n][1] - H[i][1])) for i in range(n)]
+    inv = [_F(1.0 / math.sqrt(float(x) * float(x) + float(y) * float(y))) for x, y in zip(vx, vy)]
+    ext = [0, 0, 0, 0]  # bottom, right, top, left: first index of the extreme y / x
+    for i in range(1, n):
+        for k, (axis, better) in enumerate(((1, -1), (0, 1), (1, 1), (0, -1))):
+            if (H[i][axis] - H[ext[k]][axis]) * better > 0:
+                ext[k] = i
+    turn = next((c for c in (float(vx[i - 1]) * float(vy[i]) - float(vy[i - 1]) * float(vx[i]) for i in range(n)) if c), 0)
+    if not turn:
+        raise ValueError("degenerate hull")
+    a, b, seq, best, area_min = _F(1 if turn > 0 else -1), _F(0), ext, None, _F(np.finfo(np.float32).max)
+    for _ in range(n):
+        rv = [(vx[seq[0]], vy[seq[0]]), (vy[seq[1]], -vx[seq[1]]), (-vx[seq[2]], -vy[seq[2]]), (-vy[seq[3]], vx[seq[3]])]
+        main = 0
+        for j in (1, 2, 3):  # the caliper whose edge turns least: rv[j] to the right of rv[main]
+            if rv[j][1] * rv[main][0] + (-rv[j][0]) * rv[main][1] < 0:
+                main = j
+        k = seq[main]
+        lx, ly = vx[k] * inv[k], vy[k] * inv[k]
+        a, b = ((lx, ly), (ly, -lx), (-lx, -ly), (-ly, lx))[main]
+        seq[main] = (k + 1) % n
+        width = (H[seq[1]][0] - H[seq[3]][0]) * a + (H[seq[1]][1] - H[seq[3]][1]) * b
+        height = -(H[seq[2]][0] - H[seq[0]][0]) * b + (H[seq[2]][1] - H[seq[0]][1]) * a
+        if width * height <= area_min:
+            area_min, best = width * height, (seq[3], a, width, b, height, seq[0])
+    return best
+
+
+def cv_min_area_rect(points):
+    """cv2.minAreaRect(int points) as OpenCV 4.5.4-4.12 computes it in float32: ((cx, cy), (w, h), angle deg)."""
+    idx = cv_hull(points)
+    H = [(_F(points[i][0]), _F(points[i][1])) for i in idx]
+    if len(H) == 1:
+        return (float(H[0][0]), float(H[0][1])), (0.0, 0.0), 0.0
+    if len(H) == 2:
+        dx, dy = float(H[1][0] - H[0][0]), float(H[1][1] - H[0][1])
+        c = ((H[0][0] + H[1][0]) * _F(0.5), (H[0][1] + H[1][1]) * _F(0.5))
+        return (float(c[0]), float(c[1])), (float(_F(math.sqrt(dx * dx + dy * dy))), 0.0), _degrees(math.atan2(dy, dx))
+    left, a1, w, b1, h, bottom = _calipers(H)
+    a2, b2 = -b1, a1
+    c1 = a1 * H[left][0] + H[left][1] * b1
+    c2 = a2 * H[bottom][0] + H[bottom][1] * b2
+    idet = _F(1) / (a1 * b2 - a2 * b1)
+    px, py = (c1 * b2 - c2 * b1) * idet, (a1 * c2 - a2 * c1) * idet
+    o1, o2 = (a1 * w, b1 * w), (a2 * h, b2 * h)
+    cx, cy = px + (o1[0] + o2[0]) * _F(0.5), py + (o1[1] + o2[1]) * _F(0.5)
+    size = [float(_F(math.sqrt(float(x) * float(x) + float(y) * float(y)))) for x, y in (o1, o2)]
+    return (float(cx), float(cy)), tuple(size), _degrees(math.atan2(float(o1[1]), float(o1[0])))
+
+
+def _degrees(rad):
+    """OpenCV's (float)((float)angle * 180 / CV_PI): a float32 product, then a double division."""
+    return float(_F(float(_F(rad) * _F(180)) / math.pi))
+
 
 def rscovlm_label(name):
     """A class name as RSCoVLM writes it (prompts and answers): only '-' becomes ' ', then lower case.
@@ -556,12 +709,6 @@ def rscovlm_label(name):
     'expressway service area'
     """
     return str(name).replace("-", " ").lower()
-
-
-def _trunc(v):
-    """int() of a float64 result, nudged 1e-6 away from zero so a whole number that the arithmetic lands just
-    under (44.99999999999) truncates to itself."""
-    return int(v + math.copysign(1e-6, v))
 
 
 def rscovlm_order(points, clockwise=True):
@@ -581,29 +728,37 @@ def rscovlm_order(points, clockwise=True):
 
 
 def rscovlm_rbox(points):
-    """[cx, cy, w, h, angle] integers, as RSCoVLM derives them from (integer) corners: the minimum-area
-    rectangle, w >= h, angle in [-90, 90), each value truncated toward zero; a square's angle as OpenCV 4.x
-    reports it, in (0, 90], with 90 wrapped to -90.
+    """[cx, cy, w, h, angle] integers, as RSCoVLM derives them from integer corners: cv2.minAreaRect (here
+    cv_min_area_rect, the same float32 arithmetic), w < h swapped with angle + 90, the angle wrapped into
+    [-90, 90), then int() of each value.
 
-    >>> rscovlm_rbox([(0, 0), (5, 0), (5, 3), (0, 3)]), rscovlm_rbox([(0, 0), (4, 0), (4, 4), (0, 4)])
-    ([2, 1, 5, 3, 0], [2, 2, 4, 4, -90])
+    >>> rscovlm_rbox([(0, 0), (5, 0), (5, 3), (0, 3)]), rscovlm_rbox([(10, 10), (117, 10), (117, 50), (10, 50)])
+    ([2, 1, 5, 3, 0], [63, 29, 106, 39, 0])
     """
-    cx, cy, w, h, a = poly_to_rbox([v for p in points for v in p])  # le90; squares in [-45, 45)
-    if abs(w - h) <= 1e-9 * max(w, 1.0):
-        a = round(a % 90, 6) % 90 or -90.0
-    return [_trunc(cx), _trunc(cy), _trunc(w), _trunc(h), _trunc(a)]
+    (cx, cy), (w, h), a = cv_min_area_rect(points)
+    if w < h:
+        w, h, a = h, w, a + 90
+    while not 90 > a >= -90:
+        a += -180 if a >= 90 else 180
+    return [int(cx), int(cy), int(w), int(h), int(a)]
 
 
-def render_rscovlm(objects, width, height, *, coords="abs", resized_hw=None, box_format="poly", task="det"):
-    """RSCoVLM's plain answer for objects [{"poly": 8 numbers (pixels), "label", ground: "expression"}] (rules
-    in the comment above). task "det" or "ground".
+RSCOVLM_JSON_KEYS = {"hbox": "bbox_2d", "rbox": "oriented bbox", "poly": "quadrant bbox"}
+
+
+def render_rscovlm(objects, width, height, *, coords="abs", resized_hw=None, box_format="poly", task="det",
+                   form="plain"):
+    """RSCoVLM's answer for objects [{"poly": 8 numbers (pixels), "label", ground: "expression"}] (rules in the
+    comment above). task "det" or "ground"; form "plain" or "json".
 
     >>> objs = [{"poly": [10, 10, 51, 10, 51, 31, 10, 31], "label": "small-vehicle"}]
     >>> render_rscovlm(objs, 100, 100, resized_hw=(50, 50), box_format="hbox")
     '5,5,25,15 small vehicle\\n'
+    >>> render_rscovlm(objs, 100, 100, resized_hw=(50, 50), box_format="hbox", form="json")
+    '```json\\n[\\n\\t{"bbox_2d": [5, 5, 25, 15], "label": "small vehicle"}\\n]\\n```'
     """
-    if box_format not in BOX_FORMATS or task not in ("det", "ground"):
-        raise ValueError(f"bad box_format {box_format!r} or task {task!r}")
+    if box_format not in BOX_FORMATS or task not in ("det", "ground") or form not in ("plain", "json"):
+        raise ValueError(f"bad box_format {box_format!r}, task {task!r} or form {form!r}")
     _, _, fw, fh = _frame(width, height, coords, resized_hw)
     ground = task == "ground"
     rows = []
@@ -622,9 +777,24 @@ def render_rscovlm(objects, width, height, *, coords="abs", resized_hw=None, box
         else:
             nums = rscovlm_rbox(list(zip(xs, ys)))
         label = (obj.get("expression") or obj.get("label", "")) if ground else rscovlm_label(obj["label"])
-        rows.append((() if ground else (label, y1, x1), ",".join(map(str, nums)) + f" {label}"))
+        rows.append((() if ground else (label, y1, x1), _rscovlm_item(nums, label, box_format, form, ground)))
     rows.sort(key=lambda r: r[0])  # stable: equal keys keep the input order, as Python's sort in RSCoVLM does
-    return "".join(line + "\n" for _, line in rows) if rows else NONE_ANSWER
+    if not rows:
+        return NONE_ANSWER
+    if form == "json":
+        return "```json\n[\n\t" + ",\n\t".join(item for _, item in rows) + "\n]\n```"
+    return "".join(line + "\n" for _, line in rows)
+
+
+def _rscovlm_item(nums, label, box_format, form, ground):
+    """One object of RSCoVLM's answer: 'n1,n2,... label' (plain); a JSON object (json): json.dumps for detection,
+    the expression pasted in without escaping for grounding, as RSCoVLM builds each."""
+    if form == "plain":
+        return ",".join(map(str, nums)) + f" {label}"
+    key = RSCOVLM_JSON_KEYS[box_format]
+    if ground:
+        return f'{{"{key}": [{", ".join(map(str, nums))}], "label": "{label}"}}'
+    return json.dumps({key: nums, "label": label})
 
 
 # -----------------------------------------------------------------------------

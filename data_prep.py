@@ -73,7 +73,7 @@ def make_record(rid, task, dataset, images, prompt, answer, meta):
 def det_answer(objects, width, height, box_format="poly", preset="default"):
     """Human-readable rendering in the record's own pixels (model.tokenize re-renders from meta)."""
     return boxes.render_answer(objects, width, height, coords="abs", box_format=box_format,
-                               style="rscovlm" if preset == "rscovlm" else "plain")
+                               style=model.answer_style(preset).get("answer_style", "plain"))
 
 
 # -----------------------------------------------------------------------------
@@ -791,7 +791,7 @@ def run_rsvg(args):
             meta = {"width": w, "height": h, "objects": [obj], "box_format": form, "source": image.stem,
                     **model.answer_style(args.prompts)}
             answer = boxes.render_answer([obj], w, h, coords="abs", box_format=form, with_label=False,
-                                         style="rscovlm" if args.prompts == "rscovlm" else "plain")
+                                         style=model.answer_style(args.prompts).get("answer_style", "plain"))
             records.append(make_record(form_id(f"rsvg_{idx}", form, forms), "ground", "dior-rsvg", [rel(image, out)],
                                        model.ground_prompt(obj["expression"], form, args.prompts), answer, meta))
     summary["counts"]["records"] = len(records)
@@ -1018,9 +1018,11 @@ def run_cls(args):
         if not hint and list_images(root):
             hint = f"; {root} holds images itself: give the folder whose sub-folders are the classes ({root.parent}?)"
         raise UserError(f"{root} has no class folders with images ({', '.join(IMAGE_EXTS)}){hint}")
-    folders = list(by_class)
-    # rscovlm: the folder names as they are (RSCoVLM's prompt lists them and its ground truth is the folder name)
-    classes = [d.name if args.prompts == "rscovlm" else class_text(d.name) for d in folders]
+    # Releases spell some class folders CamelCase ("BareLand", AID's own) and some spaced ("Bare Land"): ordered and
+    # named without the spaces, both give the same classes, prompt and split. rscovlm: the folder names (RSCoVLM's
+    # prompt lists them and its ground truth is the folder name, format_scene_cls.py), spaces removed as in AID.
+    folders = sorted(by_class, key=lambda d: (re.sub(r"\s+", "", d.name), d.name))
+    classes = [re.sub(r"\s+", "", d.name) if model.is_rscovlm(args.prompts) else class_text(d.name) for d in folders]
     if len(set(classes)) != len(classes):
         raise UserError(f"class folders in {root} collide after normalisation: {classes}")
     dataset = args.dataset or root.name.lower()
@@ -1091,7 +1093,7 @@ def add_answer_budget_flags(sp):
 def add_prompts_flag(sp):
     """Every converter: whose wording (docs/prompts.md)."""
     sp.add_argument("--prompts", choices=model.PRESETS, default="default", metavar="P",
-                    help="prompt wording: default (this project's) or rscovlm (RSCoVLM's)")
+                    help="prompt wording: default (this project's), rscovlm or rscovlm-json (RSCoVLM's, plain or JSON)")
 
 
 def add_box_forms_flag(sp, det=True):

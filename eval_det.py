@@ -303,19 +303,21 @@ def read_class_list(spec):
 
 
 def gt_from_labels(label_dir, classes, names=None):
-    """Ground-truth arrays for score_det from a labelTxt folder (all *.txt, or the given image names)."""
+    """Ground-truth arrays for score_det from a DOTA labelTxt folder (all *.txt, or the given image names), or a
+    FAIR1M labelXml folder (*.xml, when it holds no .txt)."""
     label_dir = Path(label_dir)
+    ext = ".txt" if any(label_dir.glob("*.txt")) or not any(label_dir.glob("*.xml")) else ".xml"
     if names is None:
-        names = sorted(p.stem for p in label_dir.glob("*.txt"))
+        names = sorted(p.stem for p in label_dir.glob(f"*{ext}"))
         if not names:
-            raise UserError(f"--gt {label_dir}: no label files (*.txt) in it")
+            raise UserError(f"--gt {label_dir}: no label files (*.txt, or FAIR1M's *.xml) in it")
     cls_idx = {c: i for i, c in enumerate(classes)}
     img, lab, poly, diff, unknown = [], [], [], [], Counter()
     for i, name in enumerate(names):
-        path = label_dir / f"{name}.txt"
+        path = label_dir / f"{name}{ext}"
         if not path.is_file():
             raise UserError(f"--gt {label_dir}: no label file {path.name} for image '{name}'")
-        for o in boxes.read_dota_labels(path):
+        for o in boxes.read_dota_labels(path) if ext == ".txt" else read_fair1m_xml(path):
             img.append(i)
             lab.append(cls_idx.get(o["label"], -1))
             unknown[o["label"]] += o["label"] not in cls_idx
@@ -344,8 +346,11 @@ def check_classes_match(unknown, n_objects, classes, source):
 
 def read_task_files(det_dir, task, classes, image_index):
     """Task1_{class}.txt (`img score x1 y1 ... x4 y4`) or Task2_{class}.txt (`img score xmin ymin xmax ymax`)
-    -> detection arrays, rows in file order. A missing class file means no detections for that class."""
+    -> detection arrays, rows in file order. A missing class file means no detections for that class. A folder
+    of FAIR1M submission XMLs (no Task files) is read by read_fair1m_submission."""
     det_dir = Path(det_dir)
+    if task == 1 and not any(det_dir.glob("Task*_*.txt")) and any(det_dir.glob("*.xml")):
+        return read_fair1m_submission(det_dir, classes, image_index)
     found = sorted(p.name for p in det_dir.glob(f"Task{task}_*.txt"))
     if not found:
         other = sorted(p.name for p in det_dir.glob(f"Task{3 - task}_*.txt"))[:1]
@@ -405,6 +410,100 @@ def write_task1(out_dir, classes, image_names, dets, zip_path=None):
             for p in paths:
                 z.write(p, p.name)
     return paths
+
+
+# -----------------------------------------------------------------------------
+# FAIR1M: the benchmark's submission, one XML per image in the schema of its own label files (the one every public
+# FAIR1M / Gaofen submission writer produces): annotation / source (filename NAME.tif, origin GF2/GF3) / research /
+# objects / object (coordinate pixel, type rectangle, description None, possibleresult (name as FAIR1M spells it,
+# probability), points: 5 "x,y", the fifth repeating the first). Scored locally like DOTA Task1 (polygon IoU > 0.5,
+# VOC AP over the 37 classes: what FAIR1M toolchains such as MMRotate's FAIR1M dataset compute); no official
+# scorer is public.
+
+FAIR1M_XML_HEAD = ('<?xml version="1.0" encoding="utf-8"?>\n<annotation>\n    <source>\n        <filename>{name}.tif'
+                   '</filename>\n        <origin>GF2/GF3</origin>\n    </source>\n    <research>\n        <version>1.0'
+                   '</version>\n        <provider>rscovlm</provider>\n        <author>rscovlm</author>\n        '
+                   '<pluginname>FAIR1M</pluginname>\n        <pluginclass>object detection</pluginclass>\n        '
+                   '<time>2021-03</time>\n    </research>\n    <objects>\n')
+FAIR1M_XML_OBJECT = ('        <object>\n            <coordinate>pixel</coordinate>\n            <type>rectangle</type>\n'
+                     '            <description>None</description>\n            <possibleresult>\n                '
+                     '<name>{label}</name>\n                <probability>{score}</probability>\n            '
+                     '</possibleresult>\n            <points>\n{points}            </points>\n        </object>\n')
+
+
+def fair1m_xml(name, objects):
+    """One image's submission XML for objects [(FAIR1M class name, score, poly 8)]."""
+    body = ""
+    for label, score, poly in objects:
+        pts = list(zip(poly[0::2], poly[1::2]))
+        points = "".join(f"                <point>{x:.6f},{y:.6f}</point>\n" for x, y in pts + pts[:1])
+        body += FAIR1M_XML_OBJECT.format(label=label, score=f"{score:.6g}", points=points)
+    return FAIR1M_XML_HEAD.format(name=name) + body + "    </objects>\n</annotation>\n"
+
+
+def write_fair1m(out_dir, classes, image_names, dets, zip_path=None):
+    """The FAIR1M submission of whole-image detections (merge_patches): OUT/{image}.xml for every image (no
+    detection: no object), zipped when zip_path is given. classes: boxes.FAIR1M_CLASSES' names."""
+    names = dict(zip(boxes.FAIR1M_CLASSES, boxes.FAIR1M_NAMES))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_image = defaultdict(list)
+    for i, c, s, p in zip(dets["image"].tolist(), dets["label"].tolist(), dets["score"].tolist(), dets["poly"].tolist()):
+        per_image[i].append((names[classes[c]], s, p))
+    paths = []
+    for i, name in enumerate(image_names):
+        paths.append(out_dir / f"{name}.xml")
+        paths[-1].write_text(fair1m_xml(name, per_image[i]))
+    if zip_path:
+        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in paths:
+                z.write(p, p.name)
+    return paths
+
+
+def read_fair1m_xml(path):
+    """A FAIR1M XML (label file or submission) -> [{"poly", "label" (canonical: 'liquid-cargo-ship'), "difficult": 0,
+    "score" (probability, 1.0 when absent)}]; a malformed object is a UserError naming the file and object."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise UserError(f"cannot parse {path}: {e}") from None
+    objects = []
+    for k, obj in enumerate(root.iter("object"), 1):
+        where = f"bad object {k} in {path}"
+        name = (obj.findtext("possibleresult/name") or "").strip()
+        try:
+            xy = [float(v) for p in obj.findall("points/point") for v in (p.text or "").split(",")]
+            score = float(obj.findtext("possibleresult/probability") or 1.0)
+        except ValueError:
+            raise UserError(f"{where}: a point is not 'x,y' numbers or the probability is not a number") from None
+        if len(xy) == 10 and abs(xy[0] - xy[8]) + abs(xy[1] - xy[9]) <= 1e-3:  # the closing point repeats the first
+            xy = xy[:8]
+        if not name or len(xy) != 8:
+            raise UserError(f"{where}: needs possibleresult/name and 4 points (+ the first repeated)")
+        objects.append({"poly": xy, "label": "-".join(name.lower().split()), "difficult": 0, "score": score})
+    return objects
+
+
+def read_fair1m_submission(det_dir, classes, image_index):
+    """A folder of FAIR1M submission XMLs -> detection arrays (images by file stem, in file and object order)."""
+    cls_idx = {c: i for i, c in enumerate(classes)}
+    img, lab, score, poly, unknown = [], [], [], [], Counter()
+    for path in sorted(Path(det_dir).glob("*.xml")):
+        if path.stem not in image_index:
+            raise UserError(f"{path}: image '{path.stem}' has no label file in --gt (or is not listed in --imageset)")
+        for o in read_fair1m_xml(path):
+            if o["label"] not in cls_idx:
+                unknown[o["label"]] += 1
+                continue
+            img.append(image_index[path.stem]), lab.append(cls_idx[o["label"]]), score.append(o["score"])
+            poly.append(o["poly"])
+    if unknown:
+        print(f"note: detections of classes not in the class list are ignored: {dict(unknown)}", file=sys.stderr)
+    return {"image": np.array(img, np.int64), "label": np.array(lab, np.int64), "score": np.array(score, float),
+            "poly": np.array(poly, float).reshape(-1, 8)}
 
 
 # -----------------------------------------------------------------------------
@@ -521,14 +620,26 @@ def dataset_classes(recs, override=None):
 
 def parse_pred(rec, pred, classes, coord_fn, reparse=False):
     """Objects (original-image pixels) and parse stats of one record's prediction. Uses the stored parse when
-    the predictions file has one (written by --ckpt), so rescoring needs no model."""
+    the predictions file has one (written by --ckpt), so rescoring needs no model. GeoChat-Bench referring: an
+    answer without a polygon is read again as horizontal boxes (RSCoVLM's fallback, metric.py:284-288), counted
+    in the stats as hbox_fallback."""
     if pred is None:
         return [], None
-    if not reparse and isinstance(pred.get("objects"), list):
-        return pred["objects"], pred.get("parse")
     w, h = rec["meta"]["width"], rec["meta"]["height"]
-    kw = {"coords": pred["coords"], "resized_hw": pred.get("resized_hw")} if "coords" in pred else coord_fn(w, h)
-    return boxes.parse_answer(pred["text"], w, h, **kw, box_format=rec["meta"].get("box_format"), classes=classes)
+
+    def kw():
+        return {"coords": pred["coords"], "resized_hw": pred.get("resized_hw")} if "coords" in pred else coord_fn(w, h)
+
+    if not reparse and isinstance(pred.get("objects"), list):
+        objs, stats = pred["objects"], pred.get("parse")
+    else:
+        objs, stats = boxes.parse_answer(pred["text"], w, h, **kw(), box_format=rec["meta"].get("box_format"),
+                                         classes=classes)
+    if not objs and rec["meta"].get("benchmark") == "geochat_referring" and pred.get("text"):
+        boxed, boxed_stats = boxes.parse_answer(pred["text"], w, h, **kw(), box_format="hbox", classes=classes)
+        if boxed:
+            objs, stats = boxed, {**boxed_stats, "hbox_fallback": 1}
+    return objs, stats
 
 
 def det_arrays(recs, preds, classes, coord_fn, reparse=False):
@@ -631,7 +742,8 @@ def score_text_prior(train_recs, recs):
 # meta["groups"] (VRSBench unique / non-unique, object size) and GeoChat-Bench referring (meta["benchmark"]
 # "geochat_referring"), whose targets can be several objects.
 
-REFERRING_RULE = ("GeoChat-Bench referring, RSCoVLM's rule: per sample, the GIoU of every answer box with every "
+REFERRING_RULE = ("GeoChat-Bench referring, RSCoVLM's rule: an answer without a polygon is read as horizontal boxes "
+                  "(hbox_fallback counts them); per sample, the GIoU of every answer box with every "
                   "target (polygons in original pixels); greedy matching takes the highest GIoU left while it is "
                   ">= 0.5 (both leave); the sample is correct when every box and every target are matched (F1 = 1); "
                   "precision = correct / samples, overall and per object size, type and single/multiple target; an "
@@ -689,8 +801,9 @@ def score_referring(recs, answers, thr=0.5):
         matched = len(greedy_matches([[poly_giou(p, t) for t in targets] for p in boxes_], thr)) if boxes_ else 0
         rows.append((r, matched == len(boxes_) == len(targets)))
     n = len(rows)
+    fallback = sum(bool((answers[r["id"]][1] or {}).get("hbox_fallback")) for r in recs)
     return {"precision": sum(ok for _, ok in rows) / n if n else 0.0, "n": n, "correct": sum(ok for _, ok in rows),
-            "groups": group_rates(rows), "rule": REFERRING_RULE}
+            "groups": group_rates(rows), "hbox_fallback": fallback, "rule": REFERRING_RULE}
 
 
 def first_box_ious(recs, answers):
@@ -713,21 +826,69 @@ def first_box_ious(recs, answers):
     return ious
 
 
+VRSBENCH_RULES = {
+    "rscovlm": "the headline (Acc@0.5 above): continuous IoU > t of the answer's first box with the target in original "
+               "pixels, all samples (RSCoVLM's own VRSBench code compares pixel answers with the 0..100 grid numbers: "
+               "not reproduced); a target without area scores 0 (degenerate_targets)",
+    "official": "VRSBench's script (eval_fianl/compute_metrics.ipynb, eval_utils.computeIoU): the answer's first box "
+                "on the 0..100 grid, int(x * 100 / W), against the entry's {<x1><y1><x2><y2>} integers; IoU with "
+                "+1-pixel areas (inter = max(0, x2' - x1' + 1) * ...), Acc@t = IoU >= t over all samples (no box = "
+                "wrong), meanIoU over all, cumIoU = sum I / sum U over the answered",
+}
+
+
+def grid_iou(a, b):
+    """(IoU, intersection, union) of two integer boxes with VRSBench's +1-pixel convention (eval_utils.computeIoU)."""
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1) * max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+    return (inter / union if union else 0.0), inter, union
+
+
+def score_grid(recs, answers):
+    """VRSBench's official referring scores (VRSBENCH_RULES["official"]) over records with meta["grid_box"]."""
+    ious, inters, unions = [], 0, 0
+    for r in recs:
+        objs = answers[r["id"]][0]
+        if not objs:
+            ious.append(0.0)
+            continue
+        w, h = r["meta"]["width"], r["meta"]["height"]
+        x1, y1, x2, y2 = hboxes([objs[0]["poly"]])[0]
+        grid = [int(x1 * 100 / w), int(y1 * 100 / h), int(x2 * 100 / w), int(y2 * 100 / h)]  # 29*100/100 is 29
+        iou, i, u = grid_iou(grid, r["meta"]["grid_box"])
+        ious.append(iou)
+        inters, unions = inters + i, unions + u
+    n = len(ious)
+    return {"n": n, "Acc@0.5": sum(v >= 0.5 for v in ious) / n, "Acc@0.7": sum(v >= 0.7 for v in ious) / n,
+            "meanIoU": sum(ious) / n, "cumIoU": inters / unions if unions else 0.0}
+
+
 def ground_benchmark(recs, answers, ds):
     """What a benchmark's grounding records add to score_ground (printed, and returned for metrics.json):
-    GeoChat-Bench referring precision, or Acc@0.5 per group of meta["groups"]."""
+    GeoChat-Bench referring precision, or Acc@0.5 per group of meta["groups"], VRSBench's official grid rule,
+    and how many targets have no area (bench_prep keeps and counts them; no IoU can match them)."""
+    extra = {}
+    n_flat = sum(bool(r["meta"].get("degenerate")) for r in recs)
+    if n_flat:
+        extra["degenerate_targets"] = n_flat
+        print(f"   targets without area: {n_flat} (kept; scored as written)")
+    if recs and all("grid_box" in r["meta"] for r in recs):
+        extra.update(official=score_grid(recs, answers), rules=VRSBENCH_RULES)
+        o = extra["official"]
+        print(f"   official (VRSBench grid, +1 IoU, >=): Acc@0.5 {100 * o['Acc@0.5']:.2f}  Acc@0.7 {100 * o['Acc@0.7']:.2f}"
+              f"  meanIoU {100 * o['meanIoU']:.2f}")
     if any(r["meta"].get("benchmark") == "geochat_referring" for r in recs):
         res = score_referring(recs, answers)
         print(f"   referring (GeoChat-Bench): precision@GIoU0.5 {100 * res['precision']:.2f} (n={res['n']}); "
               + "; ".join(f"{k} " + ", ".join(f"{v} {100 * x['rate']:.2f} (n={x['n']})" for v, x in vs.items())
                           for k, vs in res["groups"].items()))
-        return {"referring": res}
+        return {**extra, "referring": res}
     if not any(r["meta"].get("groups") for r in recs):
-        return {}
+        return extra
     groups = group_rates([(r, iou > 0.5) for r, iou in zip(recs, first_box_ious(recs, answers))])
     print(f"   Acc@0.5 by group ({ds}): " + "; ".join(
         f"{k} " + ", ".join(f"{v} {100 * x['rate']:.2f} (n={x['n']})" for v, x in vs.items()) for k, vs in groups.items()))
-    return {"groups": groups}
+    return {**extra, "groups": groups}
 
 
 def benchmark_headline(metrics):
@@ -1102,6 +1263,11 @@ def merge_and_score(args, rs, dets, classes, out_dir):
     write_task1(out_dir, classes, sources, merged, zip_path=out_dir.with_suffix(".zip"))
     res = {"images": len(sources), "detections": int(len(merged["score"])), "task1_zip": str(out_dir.with_suffix(".zip"))}
     print(f"   merged {len(rs)} patches -> {len(sources)} images, {res['detections']} detections -> {res['task1_zip']}")
+    if set(classes) <= set(boxes.FAIR1M_CLASSES):  # FAIR1M's own submission too
+        xml_dir = out_dir.with_name(out_dir.name + "_fair1m")
+        write_fair1m(xml_dir, classes, sources, merged, zip_path=xml_dir.with_suffix(".zip"))
+        res["fair1m_zip"] = str(xml_dir.with_suffix(".zip"))
+        print(f"   FAIR1M submission (one XML per image) -> {res['fair1m_zip']}")
     if args.gt:
         gt, names = gt_from_labels(args.gt, classes, sources)
         kw = dict(ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)

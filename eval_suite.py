@@ -54,14 +54,21 @@ SCORERS = {  # name (also the output subfolder): (tasks it scores, its parser, i
 # result). A getter that finds no number (METEOR without Java, a key an older metrics.json lacks) adds no row.
 SECONDARY = {
     "det": [("mAP_hbb", lambda r: r["hbb"]["mAP"]), ("mF1", lambda r: r["mF1"])],
-    "ground": [("meanIoU", lambda r: r["meanIoU"]), ("Acc@0.7", lambda r: r["Acc@0.7"])],
+    "ground": [("meanIoU", lambda r: r["meanIoU"]), ("Acc@0.7", lambda r: r["Acc@0.7"]),
+               # VRSBench referring: its own script's grid rule beside the headline's continuous IoU
+               ("Acc@0.5 (official)", lambda r: r["official"]["Acc@0.5"]),
+               ("Acc@0.7 (official)", lambda r: r["official"]["Acc@0.7"])],
     "vqa": [("AA", lambda r: r["exact"]["AA"]), ("OA contain", lambda r: r["contain"]["OA"])],
     "cls": [("accuracy contain", lambda r: r["contain"])],
     "caption": [("BLEU-4", lambda r: r["BLEU-4"]), ("ROUGE-L", lambda r: r["ROUGE-L"]), ("METEOR", lambda r: r["METEOR"])],
-    # no headline in eval_vqa.py: their main numbers are listed here
-    "lrs_vqa": [("average", lambda r: r[r["rule"]]["average"]), ("overall", lambda r: r[r["rule"]]["overall"]),
+    # the benchmarks scored by two rules: the headline is the rscovlm one (RSCoVLM's paper), the official one here
+    "lrs_vqa": [("average (official)", lambda r: r["official"]["average"]),
+                ("overall (rscovlm)", lambda r: r["rscovlm"]["overall"]),
+                ("overall (official)", lambda r: r["official"]["overall"]),
                 ("average contain", lambda r: r["contain"]["average"])],
-    "mme_realworld": [("overall", lambda r: r["letter"]["overall"]), ("overall contain", lambda r: r["contain"]["overall"])],
+    "mme_realworld": [("overall (official)", lambda r: r["official"]["overall"])],
+    "vhm": [("accuracy (official)", lambda r: r["official"])],
+    "xlrs_bench": [("macro (official)", lambda r: r["official"]["macro"])],
 }
 
 # -----------------------------------------------------------------------------
@@ -202,7 +209,7 @@ def number(x):
 def table_rows(bench, scorer, metrics):
     """Rows {benchmark, split, metric, value, n, headline, scorer} of one eval run: every headline metric (in the
     script's order; value = the headline's, in percent) followed by its task/dataset's SECONDARY metrics, then
-    the sections that have no headline (lrs_vqa, mme_realworld). metric = "task/dataset: name" as the headline
+    the SECONDARY sections not named by a headline key (vhm). metric = "task/dataset: name" as the headline
     keys are written; n = the records scored for that task/dataset."""
     factor = SCORERS[scorer][3]
     rows, done = [], set()
@@ -225,13 +232,15 @@ def table_rows(bench, scorer, metrics):
             if number(value):
                 add(section, ds, label, value, False)
 
+    side = [s for s in SECONDARY if not any(k.startswith(f"{s}/") for k in metrics.get("headline", {}))]
     for key, value in metrics.get("headline", {}).items():  # "det/dota: mAP"
         section, rest = key.split("/", 1)
         ds, label = rest.rsplit(": ", 1)
         if number(value):
             add(section, ds, label, value, True)
-        if (section, ds) not in done:
-            add_secondary(section, ds)
+        for sec in [section] + side:  # and a section without headline keys of its own that has this dataset (vhm)
+            if (sec, ds) not in done and ds in (metrics.get(sec) or {}):
+                add_secondary(sec, ds)
     for section in SECONDARY:
         for ds in metrics.get(section, {}) if isinstance(metrics.get(section), dict) else []:
             if (section, ds) not in done:

@@ -386,15 +386,19 @@ def score_captions(records, preds, meteor=True):
 
 
 # -----------------------------------------------------------------------------
-# Large-image benchmarks (data_prep.py lrs-vqa / mme-realworld; meta["benchmark"]) and the zoom-in chain
+# Large-image benchmarks (bench_prep.py lrs-vqa / mme-realworld / xlrs-bench; meta["benchmark"]) and the zoom chain
 #
-# LRS-VQA, RSCoVLM's rule (rscovlm/eval/metric/large_image_bench.py, as the LRS-VQA authors' script): GT and
-# prediction lower-cased, stripped of spaces and '.'; correct when equal, or when some WordNet synset of one has
-# path similarity > 0.8 with some synset of the other (NLTK's WordNet 3.0). Accuracy per task (category) and per
-# source (FAIR, STAR, GLH: the question id's prefix), overall (all correct / all) and "average" (the mean of the
-# per-task accuracies; per source, the mean over that source's tasks). Without a WordNet the rule is the equality
-# alone, named "exact", and the metrics' rules say so. MME-RealWorld: the official letter rule
-# (evaluation/eval_your_results.py), below; RSCoVLM itself scores it with "contain", reported beside it.
+# Each benchmark is scored by two rules, labelled in metrics.json: "official" (the benchmark's own script) and
+# "rscovlm" (RSCoVLM's evaluation, rscovlm/eval/metric/large_image_bench.py), where they differ; the rscovlm
+# rule comes first in the tables (the number RSCoVLM's paper reports). XLRS-Bench has no RSCoVLM rule.
+# LRS-VQA official (VisionXLab/LRS-VQA Script/evaluation_LRSVQA.py:42-56): GT and answer lower-cased (its
+#   inference strips the answer, llava_eval_LRSVQA.py:126); correct when equal or WordNet synonyms (some synset
+#   pair with path similarity > 0.8); accuracy per category; per source (the question id's prefix FAIR/STAR/GLH)
+#   OA and AA (the mean of that source's category accuracies), the number its README reports.
+# LRS-VQA rscovlm (large_image_bench.py:8-35, 47-67): the same after .lower().strip().strip(".") of both ("3."
+#   matches "3"); averages over RSCoVLM's eight task names (LRS_TASKS).
+# Both report overall (all correct / all) and average (mean over tasks) too. Without a WordNet the synonyms are off
+# for both rules, and the rules' text says so.
 
 LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
             "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
@@ -454,13 +458,18 @@ def load_wordnet():
     return found
 
 
-def lrs_clean(text):
-    """RSCoVLM's normalisation for LRS-VQA: lower-case, strip spaces, then '.'."""
-    return text.lower().strip().strip(".")
+LRS_TASKS = ("rural or urban", "object shape", "object status", "count", "object background", "object color",
+             "object category", "reasoning")  # RSCoVLM's averages run over these (large_image_bench.py:51)
+
+
+def lrs_clean(text, rule="rscovlm"):
+    """The text a rule compares: rscovlm lower-cases and strips spaces, then '.'; official lower-cases the GT and
+    the stripped answer (strip=True for an answer)."""
+    return text.lower().strip().strip(".") if rule == "rscovlm" else text.lower()
 
 
 def wordnet_synonyms(a, b, wn):
-    """RSCoVLM's are_synonyms: some synset pair of the two words with path similarity > 0.8."""
+    """LRS-VQA's (and RSCoVLM's) are_synonyms: some synset pair of the two words with path similarity > 0.8."""
     for s1 in wn.synsets(a):
         for s2 in wn.synsets(b):
             sim = s1.path_similarity(s2)
@@ -469,9 +478,9 @@ def wordnet_synonyms(a, b, wn):
     return False
 
 
-def lrs_match(pred, gt, wn=None):
-    """LRS-VQA correctness: equal after lrs_clean, or (with a WordNet) WordNet synonyms."""
-    p, g = lrs_clean(pred), lrs_clean(gt)
+def lrs_match(pred, gt, wn=None, rule="rscovlm"):
+    """LRS-VQA correctness under a rule: equal after that rule's cleaning, or (with a WordNet) synonyms."""
+    p, g = lrs_clean(pred if rule == "rscovlm" else pred.strip(), rule), lrs_clean(gt, rule)
     return p == g or (wn is not None and bool(p) and wordnet_synonyms(g, p, wn))
 
 
@@ -484,11 +493,28 @@ def _acc_table(rows, key):
     return {g: _pct(ok[g], n[g]) for g in sorted(n)}
 
 
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def lrs_tables(rows, rule):
+    """overall, average (over tasks), tasks, and per source its overall, average and tasks, for one rule's key in
+    rows {"task", "source", rule: bool}. rscovlm averages only RSCoVLM's task names (when the data has any)."""
+    tasks = _acc_table([{"group": x["task"], rule: x[rule]} for x in rows], rule)
+    known = rule == "rscovlm" and any(t in LRS_TASKS for t in tasks)  # data of other task names: all of them
+    keep = (lambda t: t in LRS_TASKS) if known else (lambda t: True)
+    sources = {}
+    for s, acc in _acc_table([{"group": x["source"], rule: x[rule]} for x in rows], rule).items():
+        st = _acc_table([{"group": x["task"], rule: x[rule]} for x in rows if x["source"] == s], rule)
+        sources[s] = {"overall": acc, "average": _mean(v for t, v in st.items() if keep(t)), "tasks": st}
+    return {"overall": _pct(sum(x[rule] for x in rows), len(rows)),
+            "average": _mean(v for t, v in tasks.items() if keep(t)), "tasks": tasks, "sources": sources}
+
+
 def score_lrs_vqa(records, preds, cut):
-    """Per dataset: accuracy per task, per source and per (source, task), overall and average, under the main rule
-    (wordnet, or exact without a WordNet) and contain."""
+    """Per dataset: the official and rscovlm rules' tables (lrs_tables), and RSCoVLM's contain beside them."""
     wn, where = load_wordnet()
-    main = "wordnet" if wn is not None else "exact"
     by_dataset = defaultdict(list)
     for r in records:
         by_dataset[r["dataset"]].append(r)
@@ -500,17 +526,11 @@ def score_lrs_vqa(records, preds, cut):
             pred, gt = preds.get(r["id"]), ground_truth(r)
             src = str(meta.get("source") or str(meta.get("question_id", r["id"])).split("_")[0])
             rows.append({"task": str(meta.get("type", "untyped")), "source": src, "missing": pred is None,
-                         main: lrs_match(pred or "", gt, wn), "contain": contain_match(pred or "", lrs_clean(gt))})
-        res = {"n": len(rows), "missing": sum(x["missing"] for x in rows), "rule": main, "wordnet": where}
-        for rule in (main, "contain"):
-            tasks = _acc_table([{"group": x["task"], rule: x[rule]} for x in rows], rule)
-            sources = _acc_table([{"group": x["source"], rule: x[rule]} for x in rows], rule)
-            per_source = {}
-            for s in sources:
-                st = _acc_table([{"group": x["task"], rule: x[rule]} for x in rows if x["source"] == s], rule)
-                per_source[s] = {"overall": sources[s], "average": sum(st.values()) / len(st), "tasks": st}
-            res[rule] = {"overall": _pct(sum(x[rule] for x in rows), len(rows)),
-                         "average": sum(tasks.values()) / len(tasks), "tasks": tasks, "sources": per_source}
+                         "contain": contain_match(pred or "", lrs_clean(gt)),
+                         **{rule: lrs_match(pred or "", gt, wn, rule) for rule in ("rscovlm", "official")}})
+        res = {"n": len(rows), "missing": sum(x["missing"] for x in rows), "synonyms": wn is not None, "wordnet": where}
+        for rule in ("rscovlm", "official", "contain"):
+            res[rule] = lrs_tables(rows, rule)
         res["cut"], res["cut_unknown"] = count_cut(recs, preds, cut)
         out[name] = res
     return out
@@ -518,21 +538,28 @@ def score_lrs_vqa(records, preds, cut):
 
 MME_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer",
                 "The best option isThe correct option is", "Best answer:Best option:"]
-_LRS_COMMON = ("GT and prediction lower-cased, stripped of spaces and '.'; accuracy per task (category), per source "
-               "(FAIR/STAR/GLH, the question id's prefix) and overall (correct / all); 'average' = mean of the per-task "
-               "accuracies (per source: over that source's tasks); contain = the cleaned GT is a substring of the "
-               "cleaned prediction")
+_LRS_COMMON = ("accuracy per task (category), per source (FAIR/STAR/GLH, the question id's prefix: the official "
+               "script's datasets, whose 'average' its README reports) and overall (correct / all); 'average' = mean "
+               "of the per-task accuracies (rscovlm: over RSCoVLM's 8 task names; per source: that source's tasks); "
+               "contain = RSCoVLM's cleaned GT is a substring of the cleaned prediction")
 LRS_RULES = {
-    "wordnet": "LRS-VQA, RSCoVLM's rule: correct when equal, or when a WordNet 3.0 synset of the GT and one of the "
-               "prediction have path similarity > 0.8 (NLTK's reader); " + _LRS_COMMON,
-    "exact": "LRS-VQA WITHOUT WordNet (no WordNet data found: pip install nltk and apt-get install wordnet-base, or "
-             "NLTK's wordnet data): correct only when equal, so it can score below RSCoVLM's rule, which also "
-             "accepts WordNet synonyms; " + _LRS_COMMON,
+    "rscovlm": "LRS-VQA, RSCoVLM's rule (rscovlm/eval/metric/large_image_bench.py): GT and prediction lower-cased, "
+               "stripped of spaces and '.', correct when equal or WordNet synonyms",
+    "official": "LRS-VQA, the authors' rule (VisionXLab/LRS-VQA Script/evaluation_LRSVQA.py): GT lower-cased, the "
+                "answer stripped and lower-cased (no '.' removed), correct when equal or WordNet synonyms",
+    "common": _LRS_COMMON,
+    "synonyms": "WordNet synonyms: some synset pair with path similarity > 0.8 (NLTK's reader of WordNet 3.0); "
+                "when no WordNet is found (pip install nltk; apt-get install wordnet-base) both rules are equality "
+                "alone and score below the papers' rules (see 'synonyms' per dataset)",
 }
-MME_RULE = ("MME-RealWorld letter rule (official extract_characters_regex, its quirks kept: 'Best answer:' and 'The "
-            "best option is' are not stripped; > 10 words without a capital A-E is no answer; else the first capital "
-            "A-E; else the choice containing the answer), except that an empty answer is no answer; contain = "
-            "RSCoVLM's rule (GT letter, lower-cased, in the lower-cased answer)")
+MME_RULES = {
+    "rscovlm": "MME-RealWorld, RSCoVLM's rule (large_image_bench.py:38-44, metric.py:34-48): contain, the GT letter "
+               "lower-cased is in the lower-cased answer",
+    "official": "MME-RealWorld's own extract_characters_regex (evaluation/eval_your_results.py:23-46), quirks kept: "
+                "'Best answer:' and 'The best option is' are not stripped (two missing commas); > 10 words without a "
+                "capital A-E is no answer; else the first capital A-E; else the first choice containing the answer, "
+                "so an empty answer reads as the first choice (A)",
+}
 ZOOM_RULE = ("zoom: per record the tool replies it got (rounds), each call cropped or answered with the whole image as "
              "malformed (no valid image_zoom_in JSON), outside (no pixel of the image) or empty (no area); over_cap = "
              "answers that were still a tool call when --max-zoom-rounds was reached (scored as written); crop sizes in "
@@ -540,15 +567,12 @@ ZOOM_RULE = ("zoom: per record the tool replies it got (rounds), each call cropp
 
 
 def mme_letter(text, choices):
-    """MME-RealWorld's official answer extraction (extract_characters_regex), quirks included for comparable
+    """MME-RealWorld's official answer extraction (extract_characters_regex) with its quirks, for comparable
     numbers: its prefix list lacks two commas, so "The best option is", "The correct option is", "Best answer:"
     and "Best option:" are not removed (the capital B of "Best answer: C" is read as the answer B); more than ten
     words without a capital A-E is no answer; else the first capital A-E anywhere; else the letter of the first
-    choice whose text contains the whole answer. One deviation: an empty answer is no answer (the official
-    code gives it the first choice's letter, since '' is in every string)."""
+    choice whose text contains the whole answer, which for an empty answer is the first choice."""
     s = text.strip()
-    if not s:
-        return ""
     for prefix in MME_PREFIXES:
         s = s.replace(prefix, "")
     if len(s.split()) > 10 and not re.search("[ABCDE]", s):
@@ -560,8 +584,8 @@ def mme_letter(text, choices):
 
 
 def score_mme(records, preds, cut):
-    """Per dataset: accuracy per category and overall under the letter rule and RSCoVLM's contain rule; how many
-    answers chose E (the "not in the image" option) and how many gave no letter."""
+    """Per dataset: accuracy per category and overall under the official letter rule and RSCoVLM's contain rule;
+    how many answers the official rule reads as E (the "not in the image" option) and as no letter."""
     by_dataset = defaultdict(list)
     for r in records:
         by_dataset[r["dataset"]].append(r)
@@ -575,11 +599,11 @@ def score_mme(records, preds, cut):
             chose_e += letter == "E"
             no_letter += letter == ""
             gt = ground_truth(r)
-            rows.append({"group": str(meta.get("type", "untyped")), "letter": letter == gt,
-                         "contain": contain_match(pred, gt)})
+            rows.append({"group": str(meta.get("type", "untyped")), "official": letter == gt,
+                         "rscovlm": contain_match(pred, gt)})
         res = {"n": len(rows), "missing": sum(r["id"] not in preds for r in recs), "chose_E": chose_e,
                "no_letter": no_letter}
-        for rule in ("letter", "contain"):
+        for rule in ("rscovlm", "official"):
             res[rule] = {"overall": _pct(sum(x[rule] for x in rows), len(rows)), "categories": _acc_table(rows, rule)}
         res["cut"], res["cut_unknown"] = count_cut(recs, preds, cut)
         out[name] = res
@@ -625,28 +649,28 @@ def zoom_stats(records, zoom):
 
 
 def format_large_image(metrics):
-    """Table lines of the LRS-VQA, MME-RealWorld and zoom sections."""
+    """Table lines of the LRS-VQA, MME-RealWorld, XLRS-Bench and zoom sections."""
     lines = []
     for name, res in metrics.get("lrs_vqa", {}).items():
-        main = res["rule"]
-        lines.append(f"\n[lrs-vqa] {name}  n={res['n']} missing={res['missing']} cut={res['cut']}  rule={main} "
-                     f"({res['wordnet']})")
-        lines.append(f"{'task':<20}{main:>9}{'contain':>9}")
-        for t in res[main]["tasks"]:
-            lines.append(f"{t:<20} {_f(res[main]['tasks'][t])}  {_f(res['contain']['tasks'][t])}")
-        for s in res[main]["sources"]:
-            lines.append(f"{'source ' + s:<20} {_f(res[main]['sources'][s]['overall'])}  "
-                         f"{_f(res['contain']['sources'][s]['overall'])}   average over tasks "
-                         f"{_f(res[main]['sources'][s]['average'])}")
-        lines.append(f"{'average (tasks)':<20} {_f(res[main]['average'])}  {_f(res['contain']['average'])}")
-        lines.append(f"{'overall':<20} {_f(res[main]['overall'])}  {_f(res['contain']['overall'])}")
+        lines.append(f"\n[lrs-vqa] {name}  n={res['n']} missing={res['missing']} cut={res['cut']}  synonyms: "
+                     f"{res['wordnet'] if res['synonyms'] else 'OFF (' + res['wordnet'] + ')'}")
+        lines.append(f"{'task':<24}{'rscovlm':>9}{'official':>9}{'contain':>9}")
+        rules = [res[k] for k in ("rscovlm", "official", "contain")]
+        for t in res["rscovlm"]["tasks"]:
+            lines.append(f"{t:<24}" + "".join(f" {_f(r['tasks'][t])} " for r in rules))
+        for s in res["rscovlm"]["sources"]:
+            lines.append(f"{'source ' + s:<24}" + "".join(f" {_f(r['sources'][s]['overall'])} " for r in rules)
+                         + "  average " + " / ".join(_f(r["sources"][s]["average"]).strip() for r in rules))
+        lines.append(f"{'average (tasks)':<24}" + "".join(f" {_f(r['average'])} " for r in rules))
+        lines.append(f"{'overall':<24}" + "".join(f" {_f(r['overall'])} " for r in rules))
     for name, res in metrics.get("mme_realworld", {}).items():
         lines.append(f"\n[mme-realworld] {name}  n={res['n']} missing={res['missing']} cut={res['cut']} "
                      f"chose_E={res['chose_E']} no_letter={res['no_letter']}")
-        lines.append(f"{'category':<20}{'letter':>9}{'contain':>9}")
-        for c in res["letter"]["categories"]:
-            lines.append(f"{c:<20} {_f(res['letter']['categories'][c])}  {_f(res['contain']['categories'][c])}")
-        lines.append(f"{'overall':<20} {_f(res['letter']['overall'])}  {_f(res['contain']['overall'])}")
+        lines.append(f"{'category':<20}{'rscovlm':>9}{'official':>9}")
+        for c in res["rscovlm"]["categories"]:
+            lines.append(f"{c:<20} {_f(res['rscovlm']['categories'][c])}  {_f(res['official']['categories'][c])}")
+        lines.append(f"{'overall':<20} {_f(res['rscovlm']['overall'])}  {_f(res['official']['overall'])}")
+    lines += format_xlrs(metrics)
     for name, z in metrics.get("zoom", {}).items():
         lines.append(f"\n[zoom] {name}: {z['records']} records, tool replies per record {z['rounds']}, calls "
                      f"{z['calls'] or 'none'}, calls past the round cap {z['over_cap']}")
@@ -661,22 +685,89 @@ def format_large_image(metrics):
 
 
 # -----------------------------------------------------------------------------
-# Benchmarks of data_prep.py geochat / vrsbench / vhm (meta["benchmark"]). GeoChat-Bench and VRSBench questions
+# XLRS-Bench (bench_prep.py xlrs-bench), its official rule: lmms-eval's lmms_eval/tasks/xlrs/mcq_utils.py (the
+# scorer XLRS-Bench's README points to). RSCoVLM does not evaluate it.
+
+XLRS_SUBTASKS = ("Complex reasoning/Anomaly Detection and Interpretation",
+                 "Complex reasoning/Environmental condition reasoning", "Complex reasoning/Route planning",
+                 "Counting/Counting with changing detection", "Counting/Counting with complex reasoning",
+                 "Counting/Overall counting", "Counting/Regional counting",
+                 "Land use classification/Overall Land use classification",
+                 "Land use classification/Regional Land use classification", "Object properties/Object classification",
+                 "Object properties/Object color", "Object properties/Object motion state",
+                 "Object spatial relationship/Object spatial relationship")
+XLRS_PREFIXES = MME_PREFIXES
+XLRS_RULE = ("XLRS-Bench official (lmms-eval tasks/xlrs/mcq_utils.py): prefixes removed as MME-RealWorld's list; no "
+             "capital A-E: no answer; else the letters in '(X)', else every a-e letter (either case) of the answer, "
+             "as a set: correct when it equals the set of the GT's characters; micro = correct / all; macro = mean "
+             "over its 13 subtasks, one absent from the data counting 0 (subtasks_present says how many are there)")
+
+
+def xlrs_letters(text):
+    """The official extraction: the set of option letters an answer names, as upper-case text (order-free)."""
+    s = text.strip()
+    for prefix in XLRS_PREFIXES:
+        s = s.replace(prefix, "")
+    if not re.search("[ABCDE]", s):
+        return ""
+    found = re.findall(r"\(([a-eA-E])\)", s) or re.findall(r"(?:^|\s)?([a-eA-E])(?:$|[\s,.])?", s)
+    return "".join(sorted({c.upper() for c in found}))
+
+
+def score_xlrs(records, preds, cut):
+    """Per dataset: official micro and macro accuracy, per task and per subtask."""
+    by_dataset = defaultdict(list)
+    for r in records:
+        by_dataset[r["dataset"]].append(r)
+    out = {}
+    for name, recs in sorted(by_dataset.items()):
+        rows = []
+        for r in recs:
+            meta = r.get("meta") or {}
+            ok = set(xlrs_letters(preds.get(r["id"]) or "")) == set(ground_truth(r))
+            rows.append({"group": f"{meta.get('task')}/{meta.get('type')}", "task": str(meta.get("task")), "official": ok})
+        subtasks = _acc_table(rows, "official")
+        tasks = _acc_table([{"group": x["task"], "official": x["official"]} for x in rows], "official")
+        res = {"n": len(rows), "missing": sum(r["id"] not in preds for r in recs),
+               "official": {"micro": _pct(sum(x["official"] for x in rows), len(rows)),
+                            "macro": sum(subtasks.get(s, 0.0) for s in XLRS_SUBTASKS) / len(XLRS_SUBTASKS),
+                            "tasks": tasks, "subtasks": subtasks},
+               "subtasks_present": sum(s in subtasks for s in XLRS_SUBTASKS)}
+        res["cut"], res["cut_unknown"] = count_cut(recs, preds, cut)
+        out[name] = res
+    return out
+
+
+def format_xlrs(metrics):
+    lines = []
+    for name, res in metrics.get("xlrs_bench", {}).items():
+        o = res["official"]
+        lines.append(f"\n[xlrs-bench] {name}  n={res['n']} missing={res['missing']} cut={res['cut']}  micro "
+                     f"{_f(o['micro'])}  macro {_f(o['macro'])} ({res['subtasks_present']} of 13 subtasks present)")
+        lines += [f"  {s:<70} {_f(v)}" for s, v in o["subtasks"].items()]
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks of bench_prep.py geochat / vrsbench / vhm (meta["benchmark"]). GeoChat-Bench and VRSBench questions
 # and classes are scored by score_vqa / score_cls like any others; their records name RSCoVLM's contain rule in
-# meta["headline_rule"], so their headline is the contain accuracy. VHM's parts get VHM's own measures (as
-# RSCoVLM's rscovlm/eval/metric/vhm_bench.py computes them, deviations named in VHM_RULES).
+# meta["headline_rule"], so their headline is the contain accuracy. VHM's parts get VHM's own measures under two
+# rules: "official" (VHM's RSEvalKit, fitzpchao/RSEvalKit model_eval_mp.py, the scorer VHM's README points to)
+# and "rscovlm" (RSCoVLM's rscovlm/eval/metric/vhm_bench.py), the headline.
 
 VHM_RULES = {
-    "counting": "MAE and MAPE (%) of the answer's first whole number (else a number word 0..99) against the GT "
-                "count; answers without a number are left out and counted (pred_not_numeric; RSCoVLM's code stops "
-                "there), and MAPE leaves out GT 0 (gt_zero; a division by 0 there)",
-    "choice": "imgtype, abspos, relpos multiple choice: the answer's letter (a leading A-E, else the first capital "
-              "A-E standing alone) equals the GT's (RSCoVLM takes the first capital A-E anywhere, so 'Answer: B' "
-              "reads A, and accepts it when the letter occurs anywhere in the GT text)",
-    "presence": "yes/no: the answer has the word yes or true and not no or false (then yes), or the reverse (then "
-                "no); both or neither is wrong. Words, not RSCoVLM's substrings ('no' in 'north', 'snow')",
+    "counting": "both rules: MAE and MAPE (%) of the answer's first whole number (else a number word 0..99) against "
+                "the GT count; answers without a number are left out and counted (pred_not_numeric; both scripts "
+                "stop there), and MAPE leaves out GT 0 (gt_zero; a division by 0 there)",
+    "choice": "imgtype, abspos, relpos multiple choice: the first capital A-E of the answer, lower-cased, occurs in "
+              "the lower-cased GT (official on the raw answer, rscovlm after strip and strip('.'): the same letter); "
+              "'Answer: B' reads A, 'Both' reads B; no capital A-E is wrong (the official script stops there)",
+    "presence": "rscovlm: answer lower-cased, stripped (and of '.'); yes if it contains 'yes' or 'true' and not 'no' "
+                "or 'false', no for the reverse, else unknown; official: 'yes' in the lower-cased answer, but 'no' / "
+                "'false' in the raw answer (case-sensitive: 'No.' and 'Not' read as unknown); equal to the GT "
+                "(lower-cased) is correct. Substrings both ways ('no' in 'snow')",
     "color": "mean over questions of the fraction of the GT's comma-separated colours found in the answer (lower "
-             "case, spaces removed), x100 (RSCoVLM's rule)",
+             "case, spaces removed; rscovlm also strips '.' from both, so a GT ending in '.' matches there only), x100",
 }
 VHM_CHOICE = ("imgtype", "abspos", "relpos")
 COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -699,57 +790,69 @@ def vhm_count(text):
     return None
 
 
-def vhm_letter(text):
-    """A multiple-choice answer's letter: a leading A-E ("B", "(C) ...", "D. ..."), else the first capital A-E that
-    stands alone ("The answer is C"), else None."""
-    m = re.match(r"\s*\(?([A-E])(?![A-Za-z])", text) or re.search(r"(?<![A-Za-z])([A-E])(?![A-Za-z])", text)
-    return m.group(1) if m else None
+def vhm_choice(pred, gt, rule):
+    """Multiple choice, both rules: the first capital A-E (rscovlm after strip / strip('.')), lower-cased, is in
+    the lower-cased GT; no letter: wrong."""
+    p = pred.strip().strip(".") if rule == "rscovlm" else pred
+    letter = next((c for c in p if c in "ABCDE"), None)
+    return letter is not None and letter.lower() in gt.lower().strip().strip(".")
 
 
-def vhm_yes_no(text):
-    words = set(re.findall(r"[a-z]+", text.lower()))
-    yes, no = bool(words & {"yes", "true"}), bool(words & {"no", "false"})
-    return "yes" if yes and not no else "no" if no and not yes else None
+def vhm_presence(pred, gt, rule):
+    """yes / no / unknown read from the answer under a rule (VHM_RULES["presence"]), compared with the GT."""
+    if rule == "rscovlm":
+        p = pred.lower().strip().strip(".")
+        yes, no = "yes" in p or "true" in p, "no" in p or "false" in p
+    else:
+        yes, no = "yes" in pred.lower(), "no" in pred or "false" in pred
+    said = "yes" if yes and not no else "no" if no and not yes else "unknown"
+    return said == (gt.lower().strip().strip(".") if rule == "rscovlm" else gt.lower())
+
+
+def vhm_color(pred, gt, rule):
+    """The fraction of the GT's colours found in the answer."""
+    clean = (lambda s: s.lower().strip().strip(".").replace(" ", "")) if rule == "rscovlm" else \
+        (lambda s: s.replace(" ", "").lower())
+    colours = clean(gt).split(",")
+    return sum(c in clean(pred) for c in colours) / len(colours)
+
+
+def vhm_counting(recs, preds):
+    """MAE / MAPE of a VHM counting part (one rule: both scripts parse the number alike)."""
+    errs, apes, not_numeric, gt_zero = [], [], 0, 0
+    for r in recs:
+        gt, p = vhm_count(ground_truth(r)), vhm_count(preds.get(r["id"]) or "")
+        if gt is None:
+            raise UserError(f"{record_where(r)}: VHM counting record's answer {ground_truth(r)!r} is not a number")
+        if p is None:
+            not_numeric += 1
+            continue
+        errs.append(abs(p - gt))
+        if gt:
+            apes.append(abs(p - gt) / gt)
+        gt_zero += gt == 0
+    return {"MAE": sum(errs) / len(errs) if errs else None, "MAPE": _pct(sum(apes), len(apes)), "numeric": len(errs),
+            "pred_not_numeric": not_numeric, "gt_zero": gt_zero}
 
 
 def score_vhm(records, preds):
-    """Per dataset (one VHM part each, meta["vhm_part"]): counting MAE/MAPE, else accuracy in percent (VHM_RULES)."""
+    """Per dataset (one VHM part each, meta["vhm_part"]): counting MAE/MAPE, else accuracy in percent under the
+    official and rscovlm rules ("accuracy" = rscovlm's, the headline)."""
     by_dataset = defaultdict(list)
     for r in records:
         by_dataset[r["dataset"]].append(r)
+    score = {"presence": vhm_presence, "color": vhm_color, **{p: vhm_choice for p in VHM_CHOICE}}
     out = {}
     for name, recs in sorted(by_dataset.items()):
         part = recs[0]["meta"]["vhm_part"]
         res = {"part": part, "n": len(recs), "missing": sum(r["id"] not in preds for r in recs)}
         if part == "counting":
-            errs, apes, not_numeric, gt_zero = [], [], 0, 0
-            for r in recs:
-                gt, p = vhm_count(ground_truth(r)), vhm_count(preds.get(r["id"]) or "")
-                if gt is None:
-                    raise UserError(f"{record_where(r)}: VHM counting record's answer "
-                                          f"{ground_truth(r)!r} is not a number")
-                if p is None:
-                    not_numeric += 1
-                    continue
-                errs.append(abs(p - gt))
-                if gt:
-                    apes.append(abs(p - gt) / gt)
-                gt_zero += gt == 0
-            res.update(MAE=sum(errs) / len(errs) if errs else None, MAPE=_pct(sum(apes), len(apes)),
-                       numeric=len(errs), pred_not_numeric=not_numeric, gt_zero=gt_zero)
+            res.update(vhm_counting(recs, preds))
         else:
-            scores = []
-            for r in recs:
-                gt, p = ground_truth(r), preds.get(r["id"]) or ""
-                if part in VHM_CHOICE:
-                    scores.append(vhm_letter(p) is not None and vhm_letter(p) == vhm_letter(gt.upper()))
-                elif part == "presence":
-                    scores.append(vhm_yes_no(p) is not None and vhm_yes_no(p) == gt.lower().strip().strip("."))
-                else:  # color
-                    colours = [c for c in gt.lower().replace(" ", "").strip(".").split(",") if c]
-                    said = p.lower().replace(" ", "")
-                    scores.append(sum(c in said for c in colours) / len(colours) if colours else 0.0)
-            res["accuracy"] = _pct(sum(scores), len(scores))
+            for rule in ("rscovlm", "official"):
+                res[rule] = _pct(sum(score[part](preds.get(r["id"]) or "", ground_truth(r), rule) for r in recs),
+                                 len(recs))
+            res["accuracy"] = res["rscovlm"]
         out[name] = res
     return out
 
@@ -782,7 +885,12 @@ def benchmark_headline(metrics, heads):
         if res["part"] == "counting":
             heads[f"vqa/{ds}: MAE"], heads[f"vqa/{ds}: MAPE"] = res["MAE"], res["MAPE"]
         else:
-            heads[f"vqa/{ds}: accuracy"] = res["accuracy"]
+            heads[f"vqa/{ds}: accuracy (rscovlm)"] = res["rscovlm"]
+    for section, label, rule, key in (("lrs_vqa", "average", "rscovlm", "average"),
+                                      ("mme_realworld", "overall", "rscovlm", "overall"),
+                                      ("xlrs_bench", "micro", "official", "micro")):
+        for ds, res in metrics.get(section, {}).items():  # RSCoVLM's rule where it has one
+            heads[f"{section}/{ds}: {label} ({rule})"] = res[rule][key]
     return heads
 
 
@@ -793,7 +901,8 @@ def format_vhm(metrics):
             lines.append(f"\n[vhm] {name}  n={res['n']} missing={res['missing']}  MAE {_f(res['MAE'])}  MAPE "
                          f"{_f(res['MAPE'])}%  (numeric {res['numeric']}, no number {res['pred_not_numeric']})")
         else:
-            lines.append(f"\n[vhm] {name}  n={res['n']} missing={res['missing']}  accuracy {_f(res['accuracy'])}")
+            lines.append(f"\n[vhm] {name}  n={res['n']} missing={res['missing']}  accuracy rscovlm "
+                         f"{_f(res['rscovlm'])}  official {_f(res['official'])}")
     return lines
 
 
@@ -805,13 +914,13 @@ def evaluate(records, preds, meteor=True, all_records=None, cut=None, zoom=None)
     """metrics dict (without args) for the vqa / cls / caption records and {id: text}. all_records (the
     whole data file, default records) is what unknown prediction ids and skipped records are counted against.
     cut: {id: True/False/None} from the prediction lines (count_cut); None = no line says. zoom: {id: the line's
-    "zoom"} (zoom_stats). vqa records of LRS-VQA and MME-RealWorld (meta.benchmark) are scored by their own rules,
-    in "lrs_vqa" and "mme_realworld"."""
+    "zoom"} (zoom_stats). vqa records of LRS-VQA, MME-RealWorld and XLRS-Bench (meta.benchmark) are scored by their
+    own rules, in "lrs_vqa", "mme_realworld" and "xlrs_bench"."""
     all_records = records if all_records is None else all_records
     by_task, bench = defaultdict(list), defaultdict(list)
     for r in records:
         b = (r.get("meta") or {}).get("benchmark") if r["task"] == "vqa" else None
-        (bench[b] if b in ("lrs_vqa", "mme_realworld") else by_task[r["task"]]).append(r)
+        (bench[b] if b in ("lrs_vqa", "mme_realworld", "xlrs_bench") else by_task[r["task"]]).append(r)
     scored = {r["id"] for r in records if r["task"] in TASKS}
     file_ids = {r["id"] for r in all_records}
     counts = {"records": len(all_records), "scored": len(scored),
@@ -828,12 +937,11 @@ def evaluate(records, preds, meteor=True, all_records=None, cut=None, zoom=None)
     for task in TASKS:
         for name, res in metrics.get(task, {}).items():
             res["cut"], res["cut_unknown"] = count_cut([r for r in by_task[task] if r["dataset"] == name], preds, cut or {})
-    if bench["lrs_vqa"]:
-        metrics["lrs_vqa"] = score_lrs_vqa(bench["lrs_vqa"], preds, cut or {})
-        metrics["rules"] = {**metrics["rules"], "lrs_vqa": LRS_RULES[metrics["lrs_vqa"][min(metrics["lrs_vqa"])]["rule"]]}
-    if bench["mme_realworld"]:
-        metrics["mme_realworld"] = score_mme(bench["mme_realworld"], preds, cut or {})
-        metrics["rules"] = {**metrics["rules"], "mme_realworld": MME_RULE}
+    for name, score, rules in (("lrs_vqa", score_lrs_vqa, LRS_RULES), ("mme_realworld", score_mme, MME_RULES),
+                               ("xlrs_bench", score_xlrs, {"official": XLRS_RULE})):
+        if bench[name]:
+            metrics[name] = score(bench[name], preds, cut or {})
+            metrics["rules"] = {**metrics["rules"], name: rules}
     if zoom:
         metrics["zoom"] = zoom_stats(records, zoom)
         metrics["rules"] = {**metrics["rules"], "zoom": ZOOM_RULE}
@@ -908,7 +1016,10 @@ def format_tables(metrics):
     lines += format_large_image(metrics)
     lines += format_vhm(metrics)
     lines.append(f"\nexact = {RULES['exact']}\ncontain = {RULES['contain']}\ncut = {RULES['cut']}")
-    lines += [f"{k} = {metrics['rules'][k]}" for k in ("lrs_vqa", "mme_realworld", "zoom") if k in metrics["rules"]]
+    for k in ("lrs_vqa", "mme_realworld", "xlrs_bench", "zoom"):
+        rule = metrics["rules"].get(k)
+        lines += [] if rule is None else [f"{k} = {rule}"] if isinstance(rule, str) else \
+            [f"{k} {name} = {text}" for name, text in rule.items()]
     return "\n".join(lines)
 
 

@@ -443,7 +443,7 @@ CLS_PROMPT = "<image>\nClassify the image from the following classes: {classes}.
 # eval/data/scene_cls.py, captions from eval/data/data_prepare/format_image_caption.py. Its image comes
 # right before the text (its chat data strips the '\n' after <image>); det/ground get a system turn per box
 # form, and their answers RSCoVLM's conventions (meta.answer_style "rscovlm", boxes.render_rscovlm).
-PRESETS = ("default", "rscovlm")
+PRESETS = ("default", "rscovlm", "rscovlm-json")  # rscovlm-json: RSCoVLM's JSON-form det/ground text, else as rscovlm
 RSCOVLM_SYSTEM = {
     "hbox": "As an AI assistant, you specialize in accurate image object detection, delivering coordinates in "
             "plain text format 'x1,y1,x2,y2 object'.",
@@ -455,7 +455,39 @@ RSCOVLM_SYSTEM = {
 RSCOVLM_FIND = "<image>find the {}"  # det: the categories (evaluation adds '.'); ground: the expression
 RSCOVLM_VQA_SUFFIX = "Answer the question using a single word or a short phrase."  # not GeoChat's "or phrase."
 RSCOVLM_CAPTION_PROMPT = "<image>Describe the image"
-RSCOVLM_CLS_PROMPT = "<image>Classify the image within one of the given classes:{classes}."  # joined by ','
+RSCOVLM_CLS_ASK = "<image>Classify the image within one of the given classes:"
+RSCOVLM_CLS_PROMPT = RSCOVLM_CLS_ASK + "{classes}."  # joined by ','
+# RSCoVLM's JSON form (the main templates of dense_det_dataset.py / refgeo_dataset.py, as eval/data/dense_det.py and
+# geoground.py ask; training also draws paraphrases at random, which no fixed record can hold). hbox: no system
+# turn. "corrdinates" is RSCoVLM's spelling.
+RSCOVLM_JSON_SYSTEM = {
+    "rbox": "You are an AI assistant specializing in oriented object detection. Represent objects with: center "
+            "(x,y), width (w), height (h), and rotation angle.",
+    "poly": "You are an AI assistant specializing in oriented object detection. Represent objects with quadrant "
+            "bbox: the corrdinates of each vertices of the oriented bounding boxes in clock-wise order.",
+}
+RSCOVLM_JSON_DET = {
+    "hbox": "<image>Locate every item from the category list in the image and output the coordinates in JSON "
+            "format. The category set includes {}.",
+    "rbox": "<image>Locate every item from the category list in the image and output the oriented bbox coordinates "
+            "in JSON format. The category set includes {}.",
+}
+RSCOVLM_JSON_GROUND = {"hbox": "<image>Locate the {}, output the bbox coordinates using JSON format",
+                       "rbox": "<image>Locate the {}, output the oriented bbox coordinates using JSON format"}
+# Referring benchmarks RSCoVLM asks in their own words, without a system turn (eval/data/vrsbench.py:57-63,
+# geochat_bench.py:80-96)
+RSCOVLM_REFERRING = {
+    ("vrsbench", "rscovlm"): "<image>find the {}, delivering coordinates in plain text format 'x1,y1,x2,y2 object'",
+    ("vrsbench", "rscovlm-json"): RSCOVLM_JSON_GROUND["hbox"],
+    ("geochat", "rscovlm"): "<image>Find all {}, delivering each oriented coordinates in plain text format "
+                            "'x1,y1,x2,y2,x3,y3,x4,y4 object'",
+    ("geochat", "rscovlm-json"): "<image>Represent all {} with quadrant bbox coordinates in a JSON format, represent "
+                                 "objects with quadrant bbox: the corrdinates of each",
+}
+# The text "<image>" inside a prompt (not an image): RSCoVLM passes VHM's questions with the data's "<image>\n"
+# left in them (eval/data/vhm_bench.py:25-30), after the image. Records write it as this tag; the chat rendering
+# turns it back into the text "<image>" (_to_template_messages).
+IMAGE_TAG_TEXT = "<image/>"
 
 
 def _check_preset(preset):
@@ -463,17 +495,32 @@ def _check_preset(preset):
         raise ValueError(f"unknown prompt preset {preset!r}: expected one of {PRESETS}")
 
 
+def is_rscovlm(preset):
+    """RSCoVLM's wording (plain or JSON form): vqa, cls and caption prompts are the same in both."""
+    _check_preset(preset)
+    return preset != "default"
+
+
 def det_prompt(classes, box_format="poly", preset="default", train=True):
     """Categories as text (hyphens as spaces, lower case), alphabetical. The default preset returns the user
     text; rscovlm returns [system turn, user turn] (make_record takes either). train=False: the evaluation
-    wording (RSCoVLM's ends with a period; the default preset has one wording)."""
+    wording (RSCoVLM's plain form ends with a period; the default preset and the JSON form have one wording)."""
     _check_preset(preset)
     if preset == "rscovlm":
         cats = ", ".join(sorted(boxes.rscovlm_label(c) for c in classes))
         return [{"role": "system", "content": RSCOVLM_SYSTEM[box_format]},
                 {"role": "user", "content": RSCOVLM_FIND.format(cats) + ("" if train else ".")}]
+    if preset == "rscovlm-json":
+        cats = ", ".join(sorted(boxes.rscovlm_label(c) for c in classes))
+        return _json_turns(box_format, RSCOVLM_JSON_DET["hbox" if box_format == "hbox" else "rbox"].format(cats))
     return DET_PROMPT.format(categories=", ".join(sorted(boxes.class_to_text(c) for c in classes)),
                              fmt=DET_FORMAT[box_format])
+
+
+def _json_turns(box_format, user):
+    """RSCoVLM's JSON form: the user turn alone for hbox, after the form's system turn otherwise."""
+    system = [{"role": "system", "content": RSCOVLM_JSON_SYSTEM[box_format]}] if box_format != "hbox" else []
+    return system + [{"role": "user", "content": user}]
 
 
 def ground_prompt(expression, box_format="hbox", preset="default"):
@@ -482,32 +529,42 @@ def ground_prompt(expression, box_format="hbox", preset="default"):
     if preset == "rscovlm":
         return [{"role": "system", "content": RSCOVLM_SYSTEM[box_format]},
                 {"role": "user", "content": RSCOVLM_FIND.format(expression.strip())}]
+    if preset == "rscovlm-json":
+        return _json_turns(box_format, RSCOVLM_JSON_GROUND["hbox" if box_format == "hbox" else "rbox"]
+                           .format(expression.strip()))
     return GROUND_PROMPT.format(expression=expression.strip(), fmt=GROUND_FORMAT[box_format])
 
 
-def vqa_prompt(question, suffix=True, preset="default"):
+def referring_prompt(benchmark, question, preset="default"):
+    """VRSBench (hbox) or GeoChat-Bench (polygons, every target) referring: the default preset's grounding prompt,
+    or the words RSCoVLM's evaluation asks these two benchmarks with (RSCOVLM_REFERRING)."""
     _check_preset(preset)
-    if preset == "rscovlm":
+    if preset == "default":
+        return ground_prompt(question, "hbox" if benchmark == "vrsbench" else "poly")
+    return RSCOVLM_REFERRING[(benchmark, preset)].format(question.strip())
+
+
+def vqa_prompt(question, suffix=True, preset="default"):
+    if is_rscovlm(preset):
         return "<image>" + question.strip() + (" " + RSCOVLM_VQA_SUFFIX if suffix else "")
     return "<image>\n" + question.strip() + (" " + VQA_SUFFIX if suffix else "")
 
 
 def cls_prompt(classes, preset="default"):
     """rscovlm: give the class folder names as they are (RSCoVLM lists and scores those)."""
-    _check_preset(preset)
-    if preset == "rscovlm":
+    if is_rscovlm(preset):
         return RSCOVLM_CLS_PROMPT.format(classes=",".join(classes))
     return CLS_PROMPT.format(classes=", ".join(classes))
 
 
 def caption_prompt(preset="default"):
-    _check_preset(preset)
-    return RSCOVLM_CAPTION_PROMPT if preset == "rscovlm" else CAPTION_PROMPT
+    return RSCOVLM_CAPTION_PROMPT if is_rscovlm(preset) else CAPTION_PROMPT
 
 
 def answer_style(preset):
-    """meta.answer_style of det/ground records under a preset (the default preset leaves it out: plain)."""
-    return {"answer_style": "rscovlm"} if preset == "rscovlm" else {}
+    """meta.answer_style of det/ground (and zoom) records under a preset (the default preset leaves it out:
+    plain): "rscovlm" or "rscovlm-json" (boxes.render_answer styles)."""
+    return {"answer_style": preset} if is_rscovlm(preset) else {}
 
 
 # MME-RealWorld, RSCoVLM's multiple-choice wording
@@ -549,7 +606,7 @@ def _to_template_messages(messages):
             if i > 0:
                 parts.append({"type": "image"})
             if chunk:
-                parts.append({"type": "text", "text": chunk})
+                parts.append({"type": "text", "text": chunk.replace(IMAGE_TAG_TEXT, IMAGE_PLACEHOLDER)})
         out.append({"role": m["role"], "content": parts})
     return out
 
@@ -1206,10 +1263,14 @@ def _zoom_frame(processor, width, height):
     return fw / width, fh / height, fw, fh
 
 
-def zoom_box_to_model(bbox, width, height, processor):
-    """A crop box in original pixels -> the 4 integers the call writes: scaled, clipped to the frame, rounded
-    half up (boxes.py's convention for every rendered coordinate)."""
+def zoom_box_to_model(bbox, width, height, processor, style="plain"):
+    """A crop box in original pixels -> the 4 integers the call writes. plain: scaled, clipped to the frame,
+    rounded half up (boxes.py's convention for every rendered coordinate). rscovlm (meta.answer_style rscovlm or
+    rscovlm-json): int(v * resized / original), truncated and not clipped, as RSCoVLM's visual_cot_dataset.py
+    writes its training calls (l.73-76, 85)."""
     sx, sy, fw, fh = _zoom_frame(processor, width, height)
+    if style in ("rscovlm", "rscovlm-json"):
+        return [int(v * f / o) for v, f, o in zip(bbox, (fw, fh, fw, fh), (width, height, width, height))]
     return [int(math.floor(min(max(float(v) * s, 0.0), f) + 0.5))
             for v, s, f in zip(bbox, (sx, sy, sx, sy), (fw, fh, fw, fh))]
 
@@ -1270,7 +1331,16 @@ def zoom_crops(record, sizes=None):
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
         raise UserError(f"meta.zoom.bbox must be [x1, y1, x2, y2] in pixels, got {bbox!r}")
     h, w = sizes[0] if sizes else image_size(images[0])
-    crop, problem = zoom_crop_box(bbox, w, h)
+    if record["meta"].get("answer_style") in ("rscovlm", "rscovlm-json"):
+        # RSCoVLM crops with PIL at the box as given: Python's round() of each value, not clipped (PIL fills
+        # what lies outside the image with black)
+        crop, problem = [round(v) for v in bbox], None
+        if crop[2] <= crop[0] or crop[3] <= crop[1]:
+            problem = "empty"
+        elif crop[2] <= 0 or crop[3] <= 0 or crop[0] >= w or crop[1] >= h:
+            problem = "outside"
+    else:
+        crop, problem = zoom_crop_box(bbox, w, h)
     if problem:
         raise UserError(f"meta.zoom.bbox {bbox} is {problem} for the {w}x{h} image {images[0]}")
     return {1: crop}
@@ -1283,7 +1353,8 @@ def render_zoom_call(messages, record, processor, images_hw=None):
     if first is None:
         raise UserError("meta.zoom.bbox is set but the record has no assistant turn for the tool call")
     h, w = images_hw[0] if images_hw else image_size(record["images"][0])
-    messages[first]["content"] = zoom_call_text(zoom_box_to_model(record["meta"]["zoom"]["bbox"], w, h, processor))
+    style = record["meta"].get("answer_style", "plain")
+    messages[first]["content"] = zoom_call_text(zoom_box_to_model(record["meta"]["zoom"]["bbox"], w, h, processor, style))
     return messages
 
 

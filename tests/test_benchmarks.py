@@ -368,12 +368,13 @@ def test_vhm_parts_and_their_measures(tmp_path):
     # |6-4| + |10-10| + |2-0| over 3 numeric answers; MAPE over GT != 0: (2/4 + 0) / 2; "many" has no number
     assert c["MAE"] == pytest.approx(4 / 3) and c["MAPE"] == pytest.approx(25.0)
     assert (c["numeric"], c["pred_not_numeric"], c["gt_zero"]) == (3, 1, 1)
-    assert m["vhm"]["vhm_imgtype"]["accuracy"] == 50.0  # "Answer: B" reads B, not the A of "Answer"
-    assert m["vhm"]["vhm_presence"]["accuracy"] == pytest.approx(200 / 3)  # "snow"/"north" are not "no"
-    assert m["vhm"]["vhm_color"]["accuracy"] == pytest.approx(75.0)  # (1/2 + 1) / 2
+    # both VHM scripts take the first capital A-E: "Answer: B" reads A, "(C) infrared" C (tests/test_bench_rules.py)
+    assert m["vhm"]["vhm_imgtype"]["rscovlm"] == m["vhm"]["vhm_imgtype"]["official"] == 0.0
+    assert m["vhm"]["vhm_presence"]["rscovlm"] == pytest.approx(200 / 3)  # "yes and no" is neither
+    assert m["vhm"]["vhm_color"]["rscovlm"] == m["vhm"]["vhm_color"]["official"] == pytest.approx(75.0)  # (1/2 + 1) / 2
     h = m["headline"]
     assert h["vqa/vhm_counting: MAE"] == pytest.approx(4 / 3) and h["vqa/vhm_counting: MAPE"] == pytest.approx(25.0)
-    assert h["vqa/vhm_imgtype: accuracy"] == 50.0 and not any(k.endswith(": OA") for k in h)
+    assert h["vqa/vhm_imgtype: accuracy (rscovlm)"] == 0.0 and not any(k.endswith(": OA") for k in h)
     assert eval_vqa.vhm_count("twenty-one cars") == 21 and eval_vqa.vhm_count("seven") == 7
     assert eval_vqa.vhm_count("none") is None
     with pytest.raises(UserError, match=r"no .*presence_mo_dota\.json .*; did you mean .*VHM_eval_dataset\?"):
@@ -396,7 +397,10 @@ def test_rscovlm_preset_applies_to_benchmark_records(tmp_path):
     run("vrsbench", "--json", *files.values(), "--images", tmp_path / "Images_val", "--prompts", "rscovlm",
         "--out", tmp_path / "v")
     ref = read(tmp_path / "v" / "vrsbench_referring.jsonl")
-    assert ref[0]["messages"][1]["content"] == "<image>find the white ship at the top left"  # "The " and "." dropped
+    # RSCoVLM's VRSBench wording, no system turn (eval/data/vrsbench.py:57-63); "The " and "." dropped
+    assert [m["role"] for m in ref[0]["messages"]] == ["user", "assistant"]
+    assert ref[0]["messages"][0]["content"] == ("<image>find the white ship at the top left, delivering coordinates in "
+                                                "plain text format 'x1,y1,x2,y2 object'")
     assert read(tmp_path / "v" / "vrsbench_caption.jsonl")[0]["messages"][0]["content"] == "<image>Describe the image in detail"
     # scored the same way: one of three boxes right
     m = det_scores(tmp_path, ref, {"vrsbench_referring_0": "10,10,50,30 white ship at the top left\n"})
