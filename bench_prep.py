@@ -26,6 +26,7 @@ import numpy as np
 
 import boxes
 import model
+import prompts
 from common import IMAGE_PLACEHOLDER, UserError, add_debug_flag, run_cli
 from data_prep import (IMAGE_EXTS, add_answer_budget_flags, add_output_flags, add_prompts_flag, answer_token_counter,
                        atomic_write_bytes, check_images, claim_output, class_text, did_you_mean, make_record,
@@ -35,9 +36,9 @@ from data_prep import (IMAGE_EXTS, add_answer_budget_flags, add_output_flags, ad
 
 # -----------------------------------------------------------------------------
 # lrs-vqa, mme-realworld: questions on images far larger than the pixel budget, for the zoom-in chain (model.py
-# "Zoom-in chain"). A question whose evidence is one region becomes a zoom record: system turn model.ZOOM_SYSTEM,
-# user "<image>{question}" + model.ZOOM_ASK, and with a crop box (training) the tool call, "<image>" +
-# model.ZOOM_REPLY (the same file again: model.tokenize crops it at meta.zoom.bbox, original pixels) and the
+# "Zoom-in chain"). A question whose evidence is one region becomes a zoom record: system turn prompts.ZOOM_SYSTEM,
+# user "<image>{question}" + prompts.ZOOM_ASK, and with a crop box (training) the tool call, "<image>" +
+# prompts.ZOOM_REPLY (the same file again: model.tokenize crops it at meta.zoom.bbox, original pixels) and the
 # answer. Questions whose evidence is not one region (counting, comparison, several crop boxes) stay plain
 # single-turn VQA, as RSCoVLM trains and evaluates them.
 #   LRS-VQA benchmark (LRS_VQA_merged.jsonl): {"question_id": "FAIR_1", "image": "LRS_VQA/image/15565.tif",
@@ -117,13 +118,13 @@ def zoom_vqa_record(rid, dataset, image, question, answer, meta, zoom, crop=None
     renders it in the model's frame from meta.zoom.bbox."""
     if not zoom:
         return make_record(rid, "vqa", dataset, [image], IMAGE_PLACEHOLDER + question, answer, meta)
-    messages = [{"role": "system", "content": model.ZOOM_SYSTEM},
-                {"role": "user", "content": IMAGE_PLACEHOLDER + question + model.ZOOM_ASK}]
+    messages = [{"role": "system", "content": prompts.ZOOM_SYSTEM},
+                {"role": "user", "content": IMAGE_PLACEHOLDER + question + prompts.ZOOM_ASK}]
     images, meta = [image], {**meta, "zoom": {}}
     if crop is None:  # an evaluation prompt: the model calls the tool itself; the answer stays in meta
         return {"id": rid, "task": "vqa", "dataset": dataset, "images": images, "messages": messages, "meta": meta}
     messages += [{"role": "assistant", "content": model.zoom_call_text(crop)},
-                 {"role": "user", "content": IMAGE_PLACEHOLDER + model.ZOOM_REPLY}]
+                 {"role": "user", "content": IMAGE_PLACEHOLDER + prompts.ZOOM_REPLY}]
     images, meta["zoom"] = [image, image], {"bbox": crop}
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
@@ -213,12 +214,12 @@ def run_lrs_vqa(args):
                     raise UserError(f"{where}: crop_hbox {crops[0]} is {problem} for the {got[0]}x{got[1]} image {image}")
                 summary["counts"]["zoom boxes clipped to the image"] += c != [round(v) for v in crops[0]]
                 # rscovlm: the box as given (RSCoVLM scales and crops crop_hbox itself: model.zoom_box_to_model)
-                crop = list(crops[0]) if model.is_rscovlm(args.prompts) else c
+                crop = list(crops[0]) if prompts.is_rscovlm(args.prompts) else c
         except UserError as err:
             skip_or_raise(summary, args.skip_bad, where, str(err))
             continue
         seen.add(rid)
-        meta = {"answer": a, "type": cat, "benchmark": "lrs_vqa", **model.answer_style(args.prompts)}
+        meta = {"answer": a, "type": cat, "benchmark": "lrs_vqa", **prompts.answer_style(args.prompts)}
         if kind == "bench":  # FAIR / STAR / GLH: the source set, scored apart
             meta.update(source=rid.split("_")[0], question_id=rid)
             if evidence:
@@ -275,7 +276,7 @@ def run_mme_realworld(args):
         zoom = not args.no_zoom and cat not in MME_PLAIN
         meta = {"answer": e["Ground truth"], "type": cat, "choices": e["Answer choices"], "benchmark": "mme_realworld",
                 "question_id": qid}
-        records.append(zoom_vqa_record(qid, "mme_realworld_rs", rel(image, out), model.mme_prompt(e["Text"], e["Answer choices"]),
+        records.append(zoom_vqa_record(qid, "mme_realworld_rs", rel(image, out), prompts.mme_prompt(e["Text"], e["Answer choices"]),
                                        e["Ground truth"], meta, zoom))
         summary["counts"]["zoom prompts" if zoom else "plain vqa"] += 1
         summary["counts"][f"category {cat}"] += 1
@@ -330,7 +331,7 @@ def _preset(args):
 def _ground_answer(args, objs, w, h, box_format):
     """(answer text, meta additions) of a ground record under --prompts (rscovlm, rscovlm-json: its answer
     conventions)."""
-    style = model.answer_style(getattr(args, "prompts", None) or "default")
+    style = prompts.answer_style(getattr(args, "prompts", None) or "default")
     text = boxes.render_answer(objs, w, h, coords="abs", box_format=box_format, with_label=False,
                                style=style.get("answer_style", "plain"))
     return text, style
@@ -475,7 +476,7 @@ def run_refgeo(args):
             answer, style = _ground_answer(args, [obj], w, h, args.box_format)
             meta.update(style)
             recs.append(make_record(f"{s}_{k}", "ground", ds, [rel(image, out)],
-                                    model.ground_prompt(obj["expression"], args.box_format, **_preset(args)), answer, meta))
+                                    prompts.ground_prompt(obj["expression"], args.box_format, **_preset(args)), answer, meta))
         if recs:
             report_answer_tokens(summary, s, recs, counter, args.answer_budget)
         files[f"refgeo_{s}"] = recs
@@ -543,11 +544,11 @@ def run_vrsbench(args):
                 if not refs:
                     raise UserError(f"{where}: caption entry without a reference caption")
                 rec = make_record(rid, "caption", "vrsbench_caption", img,
-                                  model.vqa_prompt(q or "Describe the image in detail", suffix=False, **kw), refs[0],
+                                  prompts.vqa_prompt(q or "Describe the image in detail", suffix=False, **kw), refs[0],
                                   {"references": refs, "benchmark": "vrsbench", "image_id": e["image_id"]})
             elif kind == "vqa":
                 a = str(gt[0] if isinstance(gt, list) else gt)
-                rec = make_record(rid, "vqa", "vrsbench_vqa", img, model.vqa_prompt(q, **kw), a,
+                rec = make_record(rid, "vqa", "vrsbench_vqa", img, prompts.vqa_prompt(q, **kw), a,
                                   {"answer": a, "type": str(e.get("type") or "untyped"), "benchmark": "vrsbench",
                                    "headline_rule": "contain", "image_id": e["image_id"]})
             else:
@@ -564,7 +565,7 @@ def run_vrsbench(args):
 def _vrsbench_caption(q, preset):
     """The expression as asked: RSCoVLM drops a leading "the " (4 characters) and then trailing '.', only when the
     caption starts with it (eval/data/data_prepare/format_vrsbench.py:128-130)."""
-    if model.is_rscovlm(preset) and q.lower().startswith("the "):
+    if prompts.is_rscovlm(preset) and q.lower().startswith("the "):
         return q[4:].rstrip(".")
     return q
 
@@ -594,7 +595,7 @@ def _vrsbench_referring(args, e, rid, img, q, size, where, summary):
     meta = {"width": w, "height": h, "objects": [obj], "box_format": "hbox", "groups": groups, "benchmark": "vrsbench",
             "grid_box": _vrsbench_grid(e, where), "category": e.get("obj_cls"), "image_id": e["image_id"], **style,
             **degenerate([obj])}
-    return make_record(rid, "ground", "vrsbench_referring", img, model.referring_prompt("vrsbench", cap, preset),
+    return make_record(rid, "ground", "vrsbench_referring", img, prompts.referring_prompt("vrsbench", cap, preset),
                        answer, meta)
 
 
@@ -670,11 +671,11 @@ def _geochat_cls(rid, ds, img, p, base, preset):
     written after "Classes:" (format_geochat.py:63), and the label lower-cased; the label is the class list's
     spelling of the line's ground truth either way (so "BareLand" and "Bare Land" give one target)."""
     label, classes = p["label"], p["classes"]
-    if model.is_rscovlm(preset):
+    if prompts.is_rscovlm(preset):
         label, classes = label.lower(), [c.lower() for c in classes]
-        prompt = model.RSCOVLM_CLS_ASK + p["listed"].lower()
+        prompt = prompts.RSCOVLM_CLS_ASK + p["listed"].lower()
     else:
-        prompt = model.cls_prompt(classes)
+        prompt = prompts.cls_prompt(classes)
     return make_record(rid, "cls", ds, img, prompt, label,
                        {**base, "label": label, "classes": classes, "headline_rule": "contain"})
 
@@ -711,13 +712,13 @@ def run_geochat(args):
             if task == "cls":
                 rec = _geochat_cls(rid, ds, img, p, base, args.prompts)
             elif task == "vqa":  # RSCoVLM lower-cases the question (eval/data/data_prepare/format_geochat.py:83)
-                q = p["question"].lower() if model.is_rscovlm(args.prompts) else p["question"]
-                rec = make_record(rid, "vqa", ds, img, model.vqa_prompt(q, **kw), p["answer"],
+                q = p["question"].lower() if prompts.is_rscovlm(args.prompts) else p["question"]
+                rec = make_record(rid, "vqa", ds, img, prompts.vqa_prompt(q, **kw), p["answer"],
                                   {**base, "answer": p["answer"], "type": str(e.get("category") or "untyped"),
                                    "headline_rule": "contain"})
             elif task == "caption":
                 q = (GEOCHAT_REGION if part == "region_captioning" else "") + e["question"].strip()
-                rec = make_record(rid, "caption", ds, img, model.vqa_prompt(q, suffix=False, **kw), p["refs"][0],
+                rec = make_record(rid, "caption", ds, img, prompts.vqa_prompt(q, suffix=False, **kw), p["refs"][0],
                                   {**base, "references": p["refs"], "region": e["question"] if part ==
                                    "region_captioning" else None})
             else:
@@ -726,7 +727,7 @@ def run_geochat(args):
                 groups = {"size": str(e.get("size_group") or "unknown"), "type": str(e.get("type") or "unknown"),
                           "count": "single" if len(e.get("obj_ids") or []) == 1 else "multiple"}
                 answer, style = _ground_answer(args, objs, w, h, "poly")
-                rec = make_record(rid, "ground", ds, img, model.referring_prompt("geochat", q, args.prompts), answer,
+                rec = make_record(rid, "ground", ds, img, prompts.referring_prompt("geochat", q, args.prompts), answer,
                                   {**base, "width": w, "height": h, "objects": objs, "box_format": "poly",
                                    "groups": groups, "benchmark": "geochat_referring", **style, **degenerate(objs)})
         except UserError as err:
@@ -742,9 +743,9 @@ def run_geochat(args):
 def _vhm_question(value, preset):
     """A VHM question. default: the data's "<image>" tag removed. rscovlm: kept as text, as RSCoVLM sends it
     (its guard `'<image>' not in conversations[0]` tests a dict's keys and never fires, vhm_bench.py:25-30):
-    written model.IMAGE_TAG_TEXT, which the chat rendering turns back into "<image>"."""
-    if model.is_rscovlm(preset):
-        return value.strip().replace(IMAGE_PLACEHOLDER, model.IMAGE_TAG_TEXT)
+    written prompts.IMAGE_TAG_TEXT, which the chat rendering turns back into "<image>"."""
+    if prompts.is_rscovlm(preset):
+        return value.strip().replace(IMAGE_PLACEHOLDER, prompts.IMAGE_TAG_TEXT)
     return re.sub(r"\s*<image>\s*", " ", value).strip()
 
 
@@ -785,7 +786,7 @@ def run_vhm(args):
                 skip_or_raise(summary, args.skip_bad, where, f"{where}: counting answer {a!r} is not a number")
                 continue
             recs.append(make_record(f"vhm_{part}_{k}", "vqa", f"vhm_{part}", [rel(image, out)],
-                                    model.vqa_prompt(q, suffix=False, **kw), a,
+                                    prompts.vqa_prompt(q, suffix=False, **kw), a,
                                     {"answer": a, "type": part, "benchmark": "vhm", "vhm_part": part}))
         files[f"vhm_{part}"] = recs
     _write_bench(out, name, args, summary, files, f"vhm {','.join(parts)}: {sum(map(len, files.values()))} records",

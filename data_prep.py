@@ -33,6 +33,7 @@ from PIL import Image
 
 import boxes
 import model
+import prompts
 from common import Progress, UserError, add_debug_flag, run_cli, track
 
 
@@ -49,9 +50,9 @@ def box_forms(args, default):
     if not getattr(args, "box_forms", None):
         return [default]
     forms = [f.strip() for f in args.box_forms.split(",") if f.strip()]
-    bad = [f for f in forms if f not in model.DET_FORMAT]
+    bad = [f for f in forms if f not in prompts.DET_FORMAT]
     if bad or not forms or len(set(forms)) != len(forms):
-        raise UserError(f"--box-forms {args.box_forms!r}: give distinct forms from {', '.join(model.DET_FORMAT)}, "
+        raise UserError(f"--box-forms {args.box_forms!r}: give distinct forms from {', '.join(prompts.DET_FORMAT)}, "
                        "e.g. hbox,rbox,poly")
     return forms
 
@@ -73,7 +74,7 @@ def make_record(rid, task, dataset, images, prompt, answer, meta):
 def det_answer(objects, width, height, box_format="poly", preset="default"):
     """Human-readable rendering in the record's own pixels (model.tokenize re-renders from meta)."""
     return boxes.render_answer(objects, width, height, coords="abs", box_format=box_format,
-                               style=model.answer_style(preset).get("answer_style", "plain"))
+                               style=prompts.answer_style(preset).get("answer_style", "plain"))
 
 
 # -----------------------------------------------------------------------------
@@ -468,12 +469,12 @@ def tile_image(job, cfg):
             counts["objects"] += len(objs)
             counts["objects truncated (difficult 2)"] += sum(o["difficult"] == 2 for o in objs)
         meta.update({"classes": cfg["classes"], "source": job["name"], "offset": [x0, y0], "rate": rate,
-                     "source_size": [width, height], **model.answer_style(cfg["prompts"])})
+                     "source_size": [width, height], **prompts.answer_style(cfg["prompts"])})
         for form in cfg["box_forms"]:  # one record per box form, all on the same patch image
             answer = None if objs is None else det_answer(objs, pw, ph, form, cfg["prompts"])
             records.append(make_record(form_id(pname, form, cfg["box_forms"]), "det", cfg["dataset"],
                                        [f"images/{pname}{cfg['ext']}"],
-                                       model.det_prompt(cfg["classes"], form, cfg["prompts"], train=cfg["split"] == "train"),
+                                       prompts.det_prompt(cfg["classes"], form, cfg["prompts"], train=cfg["split"] == "train"),
                                        answer, dict(meta, box_format=form)))
     counts["images"] += 1
     counts["records"] += len(records)
@@ -702,8 +703,8 @@ def run_dior(args):
         w, h = got
         for form in forms:  # one record per box form
             meta = {"width": w, "height": h, "objects": objects, "classes": boxes.DIOR_CLASSES, "box_format": form,
-                    "source": i, **model.answer_style(args.prompts)}
-            prompt = model.det_prompt(boxes.DIOR_CLASSES, form, args.prompts, train=args.split in ("train", "trainval"))
+                    "source": i, **prompts.answer_style(args.prompts)}
+            prompt = prompts.det_prompt(boxes.DIOR_CLASSES, form, args.prompts, train=args.split in ("train", "trainval"))
             records.append(make_record(form_id(i, form, forms), "det", "dior-r", [rel(image, out)], prompt,
                                        det_answer(objects, w, h, form, args.prompts), meta))
         summary["counts"]["objects"] += len(objects)
@@ -789,11 +790,11 @@ def run_rsvg(args):
         w, h = got
         for form in forms:  # one record per box form
             meta = {"width": w, "height": h, "objects": [obj], "box_format": form, "source": image.stem,
-                    **model.answer_style(args.prompts)}
+                    **prompts.answer_style(args.prompts)}
             answer = boxes.render_answer([obj], w, h, coords="abs", box_format=form, with_label=False,
-                                         style=model.answer_style(args.prompts).get("answer_style", "plain"))
+                                         style=prompts.answer_style(args.prompts).get("answer_style", "plain"))
             records.append(make_record(form_id(f"rsvg_{idx}", form, forms), "ground", "dior-rsvg", [rel(image, out)],
-                                       model.ground_prompt(obj["expression"], form, args.prompts), answer, meta))
+                                       prompts.ground_prompt(obj["expression"], form, args.prompts), answer, meta))
     summary["counts"]["records"] = len(records)
     if records:
         report_answer_tokens(summary, args.split, records, counter, args.answer_budget)
@@ -890,7 +891,7 @@ def run_rsvqa(args):
         a = rsvqa_answer(answer, q["type"], args.variant, not args.no_bucket)
         summary["counts"][f"type {q['type']}"] += 1
         records.append(make_record(f"{args.variant}_{qid}", "vqa", f"rsvqa-{args.variant.lower()}", [rel(image, out)],
-                                   model.vqa_prompt(q["question"], not args.no_suffix, args.prompts), a,
+                                   prompts.vqa_prompt(q["question"], not args.no_suffix, args.prompts), a,
                                    {"answer": a, "type": q["type"], "raw_answer": answer, "image_id": q["img_id"]}))
     summary["counts"]["records"] = len(records)
     if types and types_seen and not types & set(types_seen):
@@ -972,7 +973,7 @@ def run_captions(args):
         targets = enumerate(refs) if args.per_reference else [(None, refs[0])]
         for j, ref in targets:
             records.append(make_record(rid if j is None else f"{rid}#{j}", "caption", dataset, [rel(image, out)],
-                                       model.caption_prompt(args.prompts), ref, meta))
+                                       prompts.caption_prompt(args.prompts), ref, meta))
         summary["counts"]["references"] += len(refs)
     summary["counts"]["records"] = len(records)
     in_json = Counter(str(e.get("split")) for e in entries if isinstance(e, dict))
@@ -1022,7 +1023,7 @@ def run_cls(args):
     # named without the spaces, both give the same classes, prompt and split. rscovlm: the folder names (RSCoVLM's
     # prompt lists them and its ground truth is the folder name, format_scene_cls.py), spaces removed as in AID.
     folders = sorted(by_class, key=lambda d: (re.sub(r"\s+", "", d.name), d.name))
-    classes = [re.sub(r"\s+", "", d.name) if model.is_rscovlm(args.prompts) else class_text(d.name) for d in folders]
+    classes = [re.sub(r"\s+", "", d.name) if prompts.is_rscovlm(args.prompts) else class_text(d.name) for d in folders]
     if len(set(classes)) != len(classes):
         raise UserError(f"class folders in {root} collide after normalisation: {classes}")
     dataset = args.dataset or root.name.lower()
@@ -1049,7 +1050,7 @@ def run_cls(args):
                 skip_or_raise(summary, args.skip_bad, p, sizes[str(p)])
                 continue
             records[split].append(make_record(f"{p.parent.name}/{p.stem}", "cls", dataset, [rel(p, out)],
-                                              model.cls_prompt(classes, args.prompts), label,
+                                              prompts.cls_prompt(classes, args.prompts), label,
                                               {"label": label, "classes": classes}))
         summary["counts"][f"records {split}"] = len(records[split])
     summary["counts"]["classes"] = len(classes)
@@ -1092,14 +1093,14 @@ def add_answer_budget_flags(sp):
 
 def add_prompts_flag(sp):
     """Every converter: whose wording (docs/prompts.md)."""
-    sp.add_argument("--prompts", choices=model.PRESETS, default="default", metavar="P",
-                    help="prompt wording: default (this project's), rscovlm or rscovlm-json (RSCoVLM's, plain or JSON)")
+    sp.add_argument("--prompts", choices=prompts.PRESETS, default="default", metavar="P",
+                    help="prompt wording: default, rscovlm or rscovlm-json (docs/prompts.md)")
 
 
 def add_box_forms_flag(sp, det=True):
     """det/ground converters: the box kind in answers, one record per box form."""
     if det:
-        sp.add_argument("--box-format", choices=list(model.DET_FORMAT), default="poly", metavar="F",
+        sp.add_argument("--box-format", choices=list(prompts.DET_FORMAT), default="poly", metavar="F",
                         help="box kind in answers: poly, hbox or rbox")
     sp.add_argument("--box-forms", default=None, metavar="F,..",
                     help="one record per box form, e.g. hbox,rbox,poly (default: --box-format)")

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 import boxes
 import data_prep
 import model
+import prompts
 from common import UserError, add_debug_flag, run_cli, track
 
 
@@ -316,9 +317,9 @@ def synth_records(i, split, img_rel, scene, objects, rng, ground_expr="region", 
     S, rid = SYNTH_SIZE, f"{split}_{i:05d}"
     objs = [{k: o[k] for k in ("poly", "label", "difficult")} for o in objects]
     counts = Counter(o["label"] for o in objects)
-    style = model.answer_style(preset)
+    style = prompts.answer_style(preset)
     recs = {"det": [data_prep.make_record(f"det_{rid}", "det", "synth", [img_rel],
-                                model.det_prompt(SYNTH_CLASSES, preset=preset, train=split == "train"),
+                                prompts.det_prompt(SYNTH_CLASSES, preset=preset, train=split == "train"),
                                 data_prep.det_answer(objs, S, S, preset=preset),
                                 {"width": S, "height": S, "objects": objs, "classes": SYNTH_CLASSES,
                                  "box_format": "poly", "scene": scene, **style})]}
@@ -336,7 +337,7 @@ def synth_records(i, split, img_rel, scene, objects, rng, ground_expr="region", 
         obj = {"poly": boxes.hbox_to_poly(boxes.poly_to_hbox(o["poly"])), "label": o["label"], "difficult": 0,
                "expression": expr}
         recs["ground"].append(data_prep.make_record(f"ground_{rid}", "ground", "synth", [img_rel],
-                                          model.ground_prompt(expr, preset=preset),
+                                          prompts.ground_prompt(expr, preset=preset),
                                           boxes.render_answer([obj], S, S, box_format="hbox", with_label=False,
                                                               style="rscovlm" if preset == "rscovlm" else "plain"),
                                           {"width": S, "height": S, "objects": [obj], "box_format": "hbox", **style}))
@@ -348,7 +349,7 @@ def synth_records(i, split, img_rel, scene, objects, rng, ground_expr="region", 
     qa = [("presence", f"Is there a {boxes.class_to_text(c1)} in the image?", "yes" if counts[c1] else "no"),
           ("count", f"How many {SYNTH_PLURAL[c2]} are there in the image?", str(counts[c2])),
           ("comp", f"Are there more {SYNTH_PLURAL[a]} than {SYNTH_PLURAL[b]}?", "yes" if counts[a] > counts[b] else "no")]
-    recs["vqa"] = [data_prep.make_record(f"vqa_{rid}_{t}", "vqa", "synth", [img_rel], model.vqa_prompt(q, preset=preset), ans,
+    recs["vqa"] = [data_prep.make_record(f"vqa_{rid}_{t}", "vqa", "synth", [img_rel], prompts.vqa_prompt(q, preset=preset), ans,
                                {"answer": ans, "type": t})
                    for t, q, ans in qa]
     # caption: several references
@@ -357,9 +358,9 @@ def synth_records(i, split, img_rel, scene, objects, rng, ground_expr="region", 
     refs = [f"An aerial image of {ground} with {what}.",
             f"There {'is' if n == 1 else 'are'} {what} in {ground}.",
             f"{what[0].upper() + what[1:]} seen from above in {ground}."]
-    recs["caption"] = [data_prep.make_record(f"caption_{rid}", "caption", "synth", [img_rel], model.caption_prompt(preset), refs[0],
+    recs["caption"] = [data_prep.make_record(f"caption_{rid}", "caption", "synth", [img_rel], prompts.caption_prompt(preset), refs[0],
                                    {"references": refs})]
-    recs["cls"] = [data_prep.make_record(f"cls_{rid}", "cls", "synth", [img_rel], model.cls_prompt(SYNTH_SCENES, preset), scene,
+    recs["cls"] = [data_prep.make_record(f"cls_{rid}", "cls", "synth", [img_rel], prompts.cls_prompt(SYNTH_SCENES, preset), scene,
                                {"label": scene, "classes": SYNTH_SCENES})]
     return recs
 

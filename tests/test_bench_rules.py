@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from test_benchmarks import _geochat_referring, det_scores, image, jsonl, read, run, sq, vqa_scores
 
 import bench_prep
 import boxes
@@ -17,8 +18,8 @@ import eval_det
 import eval_suite
 import eval_vqa
 import model
+import prompts
 from common import UserError
-from test_benchmarks import _geochat_referring, det_scores, image, jsonl, read, run, sq, vqa_scores
 
 
 def vqa_rec(rid, gt, meta, dataset="d"):
@@ -217,7 +218,7 @@ def test_aid_label_spellings_give_one_target(tmp_path):
     for preset, labels in (("default", {"airport", "bare land", "beach"}), ("rscovlm", {"Airport", "BareLand", "Beach"})):
         assert got["BareLand", preset] == got["Bare Land", preset]  # the same test images, labels and prompt
         assert {label for _, label in got["BareLand", preset][0]} == labels
-    assert got["Bare Land", "rscovlm"][1] == model.RSCOVLM_CLS_PROMPT.format(classes="Airport,BareLand,Beach")
+    assert got["Bare Land", "rscovlm"][1] == prompts.RSCOVLM_CLS_PROMPT.format(classes="Airport,BareLand,Beach")
 
 
 # -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import bench_prep
 import eval_det
 import eval_vqa
 import model
+import prompts
 from common import UserError
 
 
@@ -86,14 +87,14 @@ def test_refgeo_lines_become_ground_records_per_set(tmp_path):
     r = dior[0]
     assert r["task"] == "ground" and r["dataset"] == "refgeo_dior_rsvg_test" and r["images"][0].endswith("00001.jpg")
     assert r["meta"]["objects"][0]["poly"] == sq(5, 5, 50, 40) and r["meta"]["box_format"] == "hbox"
-    assert r["messages"][0]["content"] == model.ground_prompt("dam on the left", "hbox")
+    assert r["messages"][0]["content"] == prompts.ground_prompt("dam on the left", "hbox")
     assert r["messages"][-1]["content"] == "5,5,50,40"
     assert avvg["meta"]["objects"][0]["poly"] == sq(1, 2, 9, 12) and avvg["meta"]["width"] == 32
     # --box-format poly takes the line's polygon (its vertices as given; scoring uses the shape)
     run("refgeo", "--root", root, "--sets", "dior_rsvg_test", "--box-format", "poly", "--out", tmp_path / "p")
     (p0, _) = read(tmp_path / "p" / "refgeo_dior_rsvg_test.jsonl")
     assert p0["meta"]["objects"][0]["poly"] == [5, 5, 5, 40, 50, 40, 50, 5] and p0["meta"]["box_format"] == "poly"
-    assert p0["messages"][0]["content"] == model.ground_prompt("dam on the left", "poly")
+    assert p0["messages"][0]["content"] == prompts.ground_prompt("dam on the left", "poly")
 
 
 def test_refgeo_wrong_folder_and_bad_lines_are_one_line_errors(tmp_path):
@@ -153,15 +154,15 @@ def test_vrsbench_files_and_their_scores(tmp_path):
     cap, vqa, ref = (read(tmp_path / "o" / f"vrsbench_{k}.jsonl") for k in ("caption", "vqa", "referring"))
     assert [r["meta"]["references"] for r in cap] == [["A harbor with two white ships."],
                                                        ["A large airport with three planes."]]
-    assert cap[0]["messages"][0]["content"] == model.vqa_prompt("Describe the image in detail", suffix=False)
+    assert cap[0]["messages"][0]["content"] == prompts.vqa_prompt("Describe the image in detail", suffix=False)
     assert [(r["meta"]["answer"], r["meta"]["type"], r["meta"]["headline_rule"]) for r in vqa] == [
         ("white", "object color", "contain"), ("yes", "object existence", "contain")]
-    assert vqa[0]["messages"][0]["content"] == model.vqa_prompt("What color is the ship?")
+    assert vqa[0]["messages"][0]["content"] == prompts.vqa_prompt("What color is the ship?")
     # boxes in pixels of the 100x50 image: obj_corner (normalised) when given, else the 0..100 string
     assert [r["meta"]["objects"][0]["poly"] for r in ref] == [sq(10, 10, 50, 30), sq(60, 10, 90, 40), sq(20, 20, 60, 40)]
     assert [r["meta"]["groups"] for r in ref] == [{"unique": "unique", "size": "small"},
                                                  {"unique": "non-unique", "size": "large"}, {"unique": "unique", "size": "small"}]
-    assert ref[0]["messages"][0]["content"] == model.ground_prompt("The white ship at the top left.", "hbox")
+    assert ref[0]["messages"][0]["content"] == prompts.ground_prompt("The white ship at the top left.", "hbox")
     # referring: Acc@0.5 on the first box, overall and per group; 1 hit, 1 IoU 0.25, 1 without prediction
     m = det_scores(tmp_path, ref, {"vrsbench_referring_0": "10,10,50,30", "vrsbench_referring_1": "60,10,90,20"})
     g = m["ground"]["vrsbench_referring"]
@@ -208,7 +209,7 @@ def test_geochat_scene_classification_fixes_aid_labels_and_extensions(tmp_path):
     assert [(r["meta"]["label"], r["images"][0].endswith(".jpg")) for r in recs] == [("medium residential", True),
                                                                                       ("airport", True)]
     assert recs[0]["meta"]["classes"] == ["airport", "bare land", "medium residential"]
-    assert recs[0]["messages"][0]["content"] == model.cls_prompt(["airport", "bare land", "medium residential"])
+    assert recs[0]["messages"][0]["content"] == prompts.cls_prompt(["airport", "bare land", "medium residential"])
     m = vqa_scores(tmp_path, recs, {recs[0]["id"]: "Medium residential area.", recs[1]["id"]: "bare land"})
     assert m["cls"]["geochat_aid"]["exact"] == 0.0
     assert m["headline"] == {"cls/geochat_aid: accuracy (contain)": 50.0}
@@ -231,7 +232,7 @@ def test_geochat_lrben_needs_the_rsvqa_answers(tmp_path):
     run("geochat", "--json", lrben, "--images", tmp_path / "Images_LR", "--answers", answers, "--out", tmp_path / "o")
     recs = read(tmp_path / "o" / "geochat_lrben.jsonl")
     assert [(r["meta"]["answer"], r["meta"]["type"]) for r in recs] == [("yes", "presence"), ("rural", "rural_urban")]
-    assert recs[0]["messages"][0]["content"] == model.vqa_prompt("Is there a road?")  # GeoChat's suffix
+    assert recs[0]["messages"][0]["content"] == prompts.vqa_prompt("Is there a road?")  # GeoChat's suffix
     m = vqa_scores(tmp_path, recs, {recs[0]["id"]: "Yes, there is.", recs[1]["id"]: "urban"})
     assert m["headline"] == {"vqa/geochat_lrben: OA (contain)": 50.0}
 
@@ -257,7 +258,7 @@ def test_geochat_referring_records_and_precision(tmp_path):
     assert [r["meta"]["groups"] for r in recs] == [{"size": "small", "type": "ref", "count": "multiple"},
                                                   {"size": "large", "type": "ref", "count": "single"},
                                                   {"size": "small", "type": "grounding", "count": "single"}]
-    assert recs[0]["messages"][0]["content"] == model.ground_prompt("two planes on the left", "poly")
+    assert recs[0]["messages"][0]["content"] == prompts.ground_prompt("two planes on the left", "poly")
     # both planes found, in the other order -> correct; the ship found plus an extra box -> wrong (F1 < 1);
     # the tank without any box -> wrong
     m = det_scores(tmp_path, recs, {
@@ -283,7 +284,7 @@ def test_geochat_region_captioning_keeps_geochat_question(tmp_path):
     run("geochat", "--json", rc, "--images", tmp_path / "GeoChat_Instruct", "--out", tmp_path / "o")
     (r,) = read(tmp_path / "o" / "geochat_region_captioning.jsonl")
     assert r["task"] == "caption" and r["meta"]["references"] == ["a white plane"]
-    assert r["messages"][0]["content"] == model.vqa_prompt(
+    assert r["messages"][0]["content"] == prompts.vqa_prompt(
         "[identify] What is the object present at {<10><20><50><60>|0}", suffix=False)
     with pytest.raises(UserError, match=r"cannot tell the GeoChat-Bench part .*give --part"):
         run("geochat", "--json", jsonl(tmp_path / "mine.jsonl", []), "--images", tmp_path, "--out", tmp_path / "o")
@@ -355,7 +356,7 @@ def test_vhm_parts_and_their_measures(tmp_path):
     run("vhm", "--root", root, "--parts", "counting,imgtype,presence,color", "--out", tmp_path / "o")
     counting = read(tmp_path / "o" / "vhm_counting.jsonl")
     assert [r["meta"]["answer"] for r in counting] == ["4", "10", "0", "5"]
-    assert counting[0]["messages"][0]["content"] == model.vqa_prompt("How many planes are there?", suffix=False)
+    assert counting[0]["messages"][0]["content"] == prompts.vqa_prompt("How many planes are there?", suffix=False)
     recs = [r for p in ("counting", "imgtype", "presence", "color") for r in read(tmp_path / "o" / f"vhm_{p}.jsonl")]
     preds = {"vhm_counting_0": "There are 6 planes.", "vhm_counting_1": "ten", "vhm_counting_2": "2",
              "vhm_counting_3": "many",
@@ -391,7 +392,7 @@ def test_rscovlm_preset_applies_to_benchmark_records(tmp_path):
     run("refgeo", "--root", _refgeo(tmp_path), "--sets", "dior_rsvg_test", "--prompts", "rscovlm", "--out", tmp_path / "o")
     r = read(tmp_path / "o" / "refgeo_dior_rsvg_test.jsonl")[0]
     assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
-    assert r["messages"][0]["content"] == model.RSCOVLM_SYSTEM["hbox"]  # geoground.py's plain form
+    assert r["messages"][0]["content"] == prompts.RSCOVLM_SYSTEM["hbox"]  # geoground.py's plain form
     assert r["messages"][1]["content"] == "<image>find the dam on the left" and r["meta"]["answer_style"] == "rscovlm"
     files = _vrsbench(tmp_path)
     run("vrsbench", "--json", *files.values(), "--images", tmp_path / "Images_val", "--prompts", "rscovlm",

@@ -23,6 +23,7 @@ import boxes
 import common
 import data_prep
 import model
+import prompts
 import synth
 from cli_helpers import one_error_line, run_main
 from common import UserError, read_records
@@ -476,7 +477,7 @@ def test_rsvqa_types_buckets_and_suffix(tmp_path):
                                                    "yes", "rural"]
     assert [r["meta"]["type"] for r in recs] == ["count"] * 4 + ["presence", "rural_urban"]
     assert s["counts"]["inactive questions"] == 1 and s["counts"]["inactive images"] == 1
-    assert recs[4]["messages"][0]["content"] == "<image>\nIs there a road? " + model.VQA_SUFFIX
+    assert recs[4]["messages"][0]["content"] == "<image>\nIs there a road? " + prompts.VQA_SUFFIX
     assert recs[1]["messages"][-1]["content"] == "between 0 and 10"
     run("rsvqa", "--root", root, "--variant", "LR", "--split", "test", "--out", tmp_path / "o2", "--no-bucket",
         "--no-suffix", "--types", "count", "--workers", "1")

@@ -15,6 +15,7 @@ import boxes
 import data_prep
 import eval_det
 import model
+import prompts
 from common import UserError, read_records
 from test_data_prep import _caption_set, _dior_root, _rsvg_root, _rsvqa_root, read_jsonl, run, run_synth, write_png
 
@@ -92,26 +93,26 @@ def test_grounding_truncates_first_writes_the_expression_and_goes_counter_clockw
 
 def test_prompt_helpers_write_rscovlm_wording_and_keep_the_default():
     classes = ["small-vehicle", "plane", "baseball-diamond"]
-    assert model.det_prompt(classes, "poly", preset="rscovlm") == [
+    assert prompts.det_prompt(classes, "poly", preset="rscovlm") == [
         {"role": "system", "content": SYS_POLY},
         {"role": "user", "content": "<image>find the baseball diamond, plane, small vehicle"}]
-    assert model.det_prompt(classes, "hbox", preset="rscovlm", train=False)[1]["content"] == \
+    assert prompts.det_prompt(classes, "hbox", preset="rscovlm", train=False)[1]["content"] == \
         "<image>find the baseball diamond, plane, small vehicle."
-    assert model.det_prompt(classes, "rbox", preset="rscovlm")[0]["content"] == SYS_RBOX
-    assert model.ground_prompt(" the dam on the left ", "hbox", preset="rscovlm") == [
+    assert prompts.det_prompt(classes, "rbox", preset="rscovlm")[0]["content"] == SYS_RBOX
+    assert prompts.ground_prompt(" the dam on the left ", "hbox", preset="rscovlm") == [
         {"role": "system", "content": SYS_HBOX}, {"role": "user", "content": "<image>find the the dam on the left"}]
-    assert model.vqa_prompt("Is there a road?", preset="rscovlm") == \
+    assert prompts.vqa_prompt("Is there a road?", preset="rscovlm") == \
         "<image>Is there a road? Answer the question using a single word or a short phrase."
-    assert model.cls_prompt(["BareLand", "Beach"], "rscovlm") == \
+    assert prompts.cls_prompt(["BareLand", "Beach"], "rscovlm") == \
         "<image>Classify the image within one of the given classes:BareLand,Beach."
-    assert model.caption_prompt("rscovlm") == "<image>Describe the image"
+    assert prompts.caption_prompt("rscovlm") == "<image>Describe the image"
     # the default preset and the old signatures are unchanged
-    assert model.det_prompt(classes) == model.det_prompt(classes, "poly", preset="default")
-    assert model.det_prompt(classes).startswith("<image>\nDetect all objects of the following categories")
-    assert model.vqa_prompt("Is there a road?") == "<image>\nIs there a road? " + model.VQA_SUFFIX
-    assert model.caption_prompt() == model.CAPTION_PROMPT
+    assert prompts.det_prompt(classes) == prompts.det_prompt(classes, "poly", preset="default")
+    assert prompts.det_prompt(classes).startswith("<image>\nDetect all objects of the following categories")
+    assert prompts.vqa_prompt("Is there a road?") == "<image>\nIs there a road? " + prompts.VQA_SUFFIX
+    assert prompts.caption_prompt() == prompts.CAPTION_PROMPT
     with pytest.raises(ValueError, match="unknown prompt preset 'geochat'"):
-        model.vqa_prompt("q", preset="geochat")
+        prompts.vqa_prompt("q", preset="geochat")
 
 
 # -----------------------------------------------------------------------------
@@ -217,9 +218,9 @@ def _record(tmp_path, task, form):
         Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(img)
     o = obj([10, 20, 50, 20, 50, 40, 10, 40], "ship", expression="the ship")
     if task == "det":
-        prompt = model.det_prompt(["ship", "plane"], form, preset="rscovlm")
+        prompt = prompts.det_prompt(["ship", "plane"], form, preset="rscovlm")
     else:
-        prompt = model.ground_prompt("the ship", form, preset="rscovlm")
+        prompt = prompts.ground_prompt("the ship", form, preset="rscovlm")
     return data_prep.make_record("r", task, "toy", [str(img)], prompt, "stale text, re-rendered from meta",
                                  {"width": 300, "height": 200, "objects": [o], "classes": ["ship", "plane"],
                                   "box_format": form, "answer_style": "rscovlm"})

@@ -17,6 +17,7 @@ import pytest
 import bench_prep
 import boxes
 import model
+import prompts
 from common import read_records
 
 
@@ -31,9 +32,9 @@ def qwen25(max_pixels=1280 * 28 * 28):
 
 def zoom_record(bbox, style):
     meta = {"answer": "red", "zoom": {"bbox": bbox}, **({"answer_style": style} if style else {})}
-    msgs = [{"role": "system", "content": model.ZOOM_SYSTEM},
-            {"role": "user", "content": "<image>What colour is the car?" + model.ZOOM_ASK},
-            {"role": "assistant", "content": "call"}, {"role": "user", "content": "<image>" + model.ZOOM_REPLY},
+    msgs = [{"role": "system", "content": prompts.ZOOM_SYSTEM},
+            {"role": "user", "content": "<image>What colour is the car?" + prompts.ZOOM_ASK},
+            {"role": "assistant", "content": "call"}, {"role": "user", "content": "<image>" + prompts.ZOOM_REPLY},
             {"role": "assistant", "content": "red"}]
     return {"id": "z", "task": "vqa", "images": ["a.png", "a.png"], "messages": msgs, "meta": meta}
 
@@ -180,15 +181,15 @@ def test_json_form_detection_answers_and_prompts():
     assert boxes.render_answer([], 20, 20, style="rscovlm-json") == "There are none."
     back, _ = boxes.parse_answer(text, 100, 80, resized_hw=(40, 50), classes=["plane", "small-vehicle"])
     assert [o["label"] for o in back] == ["plane", "small-vehicle"] and back[0]["poly"][:2] == [60.0, 6.0]
-    hb = model.det_prompt(["small-vehicle", "plane"], "hbox", "rscovlm-json")
+    hb = prompts.det_prompt(["small-vehicle", "plane"], "hbox", "rscovlm-json")
     assert hb == [{"role": "user", "content": "<image>Locate every item from the category list in the image and output "
                    "the coordinates in JSON format. The category set includes plane, small vehicle."}]
-    ob = model.det_prompt(["ship"], "poly", "rscovlm-json", train=False)
+    ob = prompts.det_prompt(["ship"], "poly", "rscovlm-json", train=False)
     assert ob[0]["content"].endswith("quadrant bbox: the corrdinates of each vertices of the oriented bounding boxes in "
                                      "clock-wise order.")
     assert ob[1]["content"] == ("<image>Locate every item from the category list in the image and output the oriented "
                                 "bbox coordinates in JSON format. The category set includes ship.")
-    assert model.answer_style("rscovlm-json") == {"answer_style": "rscovlm-json"}
+    assert prompts.answer_style("rscovlm-json") == {"answer_style": "rscovlm-json"}
 
 
 def test_json_form_grounding_pastes_the_expression():
@@ -197,9 +198,9 @@ def test_json_form_grounding_pastes_the_expression():
     text = boxes.render_answer([o], 100, 100, resized_hw=(200, 200), box_format="hbox", with_label=False,
                                style="rscovlm-json")
     assert text == '```json\n[\n\t{"bbox_2d": [20, 20, 60, 40], "label": "the "big" tank"}\n]\n```'
-    assert model.ground_prompt("dam on the left", "hbox", "rscovlm-json") == [
+    assert prompts.ground_prompt("dam on the left", "hbox", "rscovlm-json") == [
         {"role": "user", "content": "<image>Locate the dam on the left, output the bbox coordinates using JSON format"}]
-    sys_turn, user = model.ground_prompt("dam", "rbox", "rscovlm-json")
+    sys_turn, user = prompts.ground_prompt("dam", "rbox", "rscovlm-json")
     assert user["content"] == "<image>Locate the dam, output the oriented bbox coordinates using JSON format"
     assert sys_turn["content"].startswith("You are an AI assistant specializing in oriented object detection.")
 
@@ -210,14 +211,14 @@ def test_json_form_grounding_pastes_the_expression():
 
 def test_referring_prompts_of_rscovlms_evaluation():
     """eval/data/vrsbench.py:57-63 and geochat_bench.py:80-96: no system turn."""
-    assert model.referring_prompt("vrsbench", "white ship", "rscovlm") == (
+    assert prompts.referring_prompt("vrsbench", "white ship", "rscovlm") == (
         "<image>find the white ship, delivering coordinates in plain text format 'x1,y1,x2,y2 object'")
-    assert model.referring_prompt("geochat", "cars", "rscovlm") == (
+    assert prompts.referring_prompt("geochat", "cars", "rscovlm") == (
         "<image>Find all cars, delivering each oriented coordinates in plain text format 'x1,y1,x2,y2,x3,y3,x4,y4 object'")
-    assert model.referring_prompt("geochat", "cars", "rscovlm-json") == (
+    assert prompts.referring_prompt("geochat", "cars", "rscovlm-json") == (
         "<image>Represent all cars with quadrant bbox coordinates in a JSON format, represent objects with quadrant "
         "bbox: the corrdinates of each")
-    assert model.referring_prompt("vrsbench", "white ship") == model.ground_prompt("white ship", "hbox")
+    assert prompts.referring_prompt("vrsbench", "white ship") == prompts.ground_prompt("white ship", "hbox")
     # format_vrsbench.py:128-130: "the " (4 characters) and a final '.' go only when the caption starts with "the "
     assert bench_prep._vrsbench_caption("The white ship.", "rscovlm") == "white ship"
     assert bench_prep._vrsbench_caption("A white ship.", "rscovlm") == "A white ship."

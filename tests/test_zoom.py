@@ -18,6 +18,7 @@ import bench_prep
 import data_prep
 import eval_vqa
 import model
+import prompts
 from common import UserError, read_records
 
 
@@ -67,7 +68,7 @@ def test_tokenize_chain_renders_the_call_in_the_family_frame_and_supervises_both
     assert [tok.decode(r) for r in runs] == [expected_call + "<|im_end|>", "yes<|im_end|>"]
     # the system block and both user turns are in the input, unsupervised
     text = tok.decode(sample["input_ids"])
-    assert model.ZOOM_SYSTEM in text and "Is the ship moored?" + model.ZOOM_ASK in text and model.ZOOM_REPLY in text
+    assert prompts.ZOOM_SYSTEM in text and "Is the ship moored?" + prompts.ZOOM_ASK in text and prompts.ZOOM_REPLY in text
     assert text.count("<|vision_start|>") == 2
     # image 1 = the original's crop, through the same processor
     crop = Image.open(img).convert("RGB").crop((40, 30, 140, 110))
@@ -139,7 +140,7 @@ def test_chain_crops_the_original_and_keeps_each_samples_images(scripted):
         assert res["zoom"]["calls"][0]["crop"] == list(box) and res["zoom"]["calls"][0]["size"] == [box[2] - box[0], box[3] - box[1]]
         pv, grid = crop_tensors(rid, box)
         assert torch.equal(s["images"][1][0], pv) and torch.equal(s["images"][1][1], grid)
-        assert s["messages"][-1] == {"role": "user", "content": "<image>" + model.ZOOM_REPLY}
+        assert s["messages"][-1] == {"role": "user", "content": "<image>" + prompts.ZOOM_REPLY}
         assert s["messages"][-2] == {"role": "assistant", "content": res["zoom"]["turns"][0]}
     a_pv = by["a"][0]["images"][1][0]
     other = model._image_tensors(processor, model.load_image(by["c"][0]["path"]).crop((100, 50, 200, 150)), "x")[0]
@@ -151,7 +152,7 @@ def test_chain_crops_the_original_and_keeps_each_samples_images(scripted):
     p = model.zoom_prompt(by["a"][0], processor)
     n_pads = sum(int(g.prod()) // 4 for _, g in by["a"][0]["images"])
     assert p["input_ids"].count(processor.image_token_id) == n_pads
-    assert processor.tokenizer.decode(p["input_ids"]).endswith(model.ZOOM_REPLY + "<|im_end|>\n<|im_start|>assistant\n")
+    assert processor.tokenizer.decode(p["input_ids"]).endswith(prompts.ZOOM_REPLY + "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_malformed_outside_and_empty_calls_get_the_whole_image_and_are_counted(scripted):
@@ -257,8 +258,8 @@ def test_lrs_vqa_benchmark_and_training_entries(lrs_root, tmp_path, capsys):
                               "--split", "test", "--out", str(out), "--workers", "1"])
     recs = read_records(out / "lrs_vqa_test.jsonl")
     fair, star = recs
-    assert fair["messages"] == [{"role": "system", "content": model.ZOOM_SYSTEM},
-                                {"role": "user", "content": "<image>" + LRS_BENCH[0]["text"] + model.ZOOM_ASK}]
+    assert fair["messages"] == [{"role": "system", "content": prompts.ZOOM_SYSTEM},
+                                {"role": "user", "content": "<image>" + LRS_BENCH[0]["text"] + prompts.ZOOM_ASK}]
     assert fair["meta"] == {"answer": "yes", "type": "reasoning", "benchmark": "lrs_vqa", "source": "FAIR",
                             "question_id": "FAIR_1", "evidence_hbox": [282, 340, 763, 405], "zoom": {}}
     assert star["messages"] == [{"role": "user", "content": "<image>" + LRS_BENCH[1]["text"]},  # count: no zoom
@@ -307,8 +308,8 @@ def test_mme_realworld(lrs_root, tmp_path):
               "listed below: \n(A) Yellow\n(B) Blue\n(C) Gray\n(D) White\n(E) The image does not feature the color.\n"
               "Select the best answer to the above multiple-choice question based on the image. Respond with only the "
               "letter (A, B, C, D, or E) of the correct option.\nThe best answer is:")
-    assert color["messages"] == [{"role": "system", "content": model.ZOOM_SYSTEM},
-                                 {"role": "user", "content": "<image>" + want_q + model.ZOOM_ASK}]
+    assert color["messages"] == [{"role": "system", "content": prompts.ZOOM_SYSTEM},
+                                 {"role": "user", "content": "<image>" + want_q + prompts.ZOOM_ASK}]
     assert color["meta"]["benchmark"] == "mme_realworld" and color["meta"]["zoom"] == {}
     assert [m["role"] for m in position["messages"]] == ["user", "assistant"]  # position: no zoom (RSCoVLM)
     assert summary["counts"]["other subtasks (not remote sensing)"] == 1 and summary["counts"]["records"] == 2
