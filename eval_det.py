@@ -248,19 +248,7 @@ def score_det(gt, dets, classes, *, task=1, ap_rule="voc07", iou_thr=0.5, f1_sco
             AP[name] = voc_ap(rec, prec, ap_rule)
         else:
             AP[name] = 0.0  # the devkit gives 0 (voc07) or nan (area) here; 0 either way, listed below
-        # --- F1: one-to-one, a detection takes the best GT still free (difficult GT is never used up)
-        used, n_tp, n_fp = set(), 0, 0
-        for d in o[d_score[o] >= f1_score_thr].tolist():
-            pick = next((g for g in cand.get(d, ()) if g_diff[g] or g not in used), None)
-            if pick is None:
-                n_fp += 1
-            elif not g_diff[pick]:
-                n_tp += 1
-                used.add(pick)
-        p = n_tp / (n_tp + n_fp) if n_tp + n_fp else (0.0 if npos else None)
-        r = n_tp / npos if npos else None
-        P[name], R[name] = p, r
-        F1[name] = None if r is None else (2 * p * r / (p + r) if p + r > 0 else 0.0)
+        P[name], R[name], F1[name] = one_to_one_prf(o[d_score[o] >= f1_score_thr], cand, g_diff, npos)
 
     with_gt = [n for n in classes if npos_c[n] > 0]
     mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
@@ -277,6 +265,23 @@ def score_det(gt, dets, classes, *, task=1, ap_rule="voc07", iou_thr=0.5, f1_sco
                      "iou": f"IoU > {iou_thr}", "sort": "stable by descending score (ties: input order)",
                      "difficult": "ignored", "f1": f"one-to-one greedy, IoU > {iou_thr}, score >= {f1_score_thr}"},
     }
+
+
+def one_to_one_prf(dets, cand, g_diff, npos):
+    """Precision, recall, F1 of one class: its detections (score order) matched one to one, each taking the best
+    ground truth still free among its candidates (cand: detection -> ground truth, IoU order; difficult ground
+    truth is never used up and counts neither way). None where undefined (no ground truth)."""
+    used, n_tp, n_fp = set(), 0, 0
+    for d in dets.tolist():
+        pick = next((g for g in cand.get(d, ()) if g_diff[g] or g not in used), None)
+        if pick is None:
+            n_fp += 1
+        elif not g_diff[pick]:
+            n_tp += 1
+            used.add(pick)
+    p = n_tp / (n_tp + n_fp) if n_tp + n_fp else (0.0 if npos else None)
+    r = n_tp / npos if npos else None
+    return p, r, None if r is None else (2 * p * r / (p + r) if p + r > 0 else 0.0)
 
 
 # -----------------------------------------------------------------------------

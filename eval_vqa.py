@@ -345,6 +345,7 @@ def start_meteor():
     """pycocoevalcap's METEOR (a Java subprocess) or the reason it is skipped."""
     if shutil.which("java") is None:
         return None, "skipped: no java"
+    print("METEOR: starting pycocoevalcap's Java scorer (up to a minute; --no-meteor skips it)", flush=True)
     try:
         from pycocoevalcap.meteor.meteor import Meteor
         return Meteor(), None

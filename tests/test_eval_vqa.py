@@ -478,9 +478,11 @@ def test_cli_missing_or_unreadable_image_names_the_record(tiny_qwen25, tmp_path,
     data = write_jsonl(tmp_path / "val.jsonl", recs)
     argv = ["--ckpt", tiny_qwen25, "--data", data, "--out", tmp_path / "out", "--max-new-tokens", "2"]
     # a missing file: found before the model loads; one line with the record's file:line and id
-    cli_helpers.one_error_line(cli_helpers.run_script("eval_vqa.py", argv), [f"{data}:2 (record 'v1')", "gone.png", "not found"])
-    # an unreadable one is found when generation loads it (model.py; run in-process, the model load is the slow
-    # part): after the progress bars on stderr, the last line names the record, no traceback
+    with monkeypatch.context() as m:
+        m.setattr(model, "load_for_generation", lambda *a, **k: pytest.fail("the model loaded before the images were checked"))
+        cli_helpers.one_error_line(cli_helpers.run_main("eval_vqa.py", ev.main, argv, monkeypatch, capsys),
+                                   [f"{data}:2 (record 'v1')", "gone.png", "not found"])
+    # an unreadable one is found when generation loads it (model.py): the last line names the record, no traceback
     write_jsonl(data, [recs[0], recs[2]])
     code, _, err = cli_helpers.run_main("eval_vqa.py", ev.main, argv, monkeypatch, capsys)
     last = err.strip().splitlines()[-1]
