@@ -213,6 +213,14 @@ RULES = {
 # VQA
 
 
+def by_dataset(records):
+    """[(dataset, its records)] in dataset order: every measure is per dataset (a file may mix datasets)."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[r["dataset"]].append(r)
+    return sorted(groups.items())
+
+
 def _rate(correct, n):
     """correct / n, a fraction (None when there is nothing to count)."""
     return correct / n if n else None
@@ -220,11 +228,8 @@ def _rate(correct, n):
 
 def score_vqa(records, preds):
     """Per dataset: per-type accuracies, AA and OA under both rules, counting MAE."""
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         per_type = defaultdict(lambda: Counter())
         abs_errors, gt_not_numeric, pred_not_numeric, bucketed, missing = [], 0, 0, 0, 0
         for r in recs:
@@ -271,11 +276,8 @@ def score_vqa(records, preds):
 
 def score_cls(records, preds):
     """Per dataset: exact / contain accuracy and a confusion matrix over the dataset's classes."""
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         classes = set()
         for r in recs:
             classes.update((r.get("meta") or {}).get("classes") or [])
@@ -359,12 +361,9 @@ def score_captions(records, preds, meteor=True):
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     scorer, meteor_note = start_meteor() if meteor else (None, "skipped: --no-meteor")
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         gts = {r["id"]: [caption_tokens(x) for x in ground_truth(r)] for r in recs}
         res = {r["id"]: [caption_tokens(preds.get(r["id"]) or "")] for r in recs}
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -553,12 +552,8 @@ def zoom_stats(records, zoom):
     it, tool replies per record, calls by outcome (cropped, malformed, outside, empty), calls past the round cap,
     crop sizes in original pixels, and for LRS-VQA's benchmark lines how many crops hold the centre of the
     question's object (meta.evidence_hbox)."""
-    by_dataset = defaultdict(list)
-    for r in records:
-        if r["id"] in zoom:
-            by_dataset[r["dataset"]].append(r)
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset([r for r in records if r["id"] in zoom]):
         rounds, outcomes, sizes, over_cap, hits, with_evidence = Counter(), Counter(), [], 0, 0, 0
         for r in recs:
             z = zoom[r["id"]]
