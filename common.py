@@ -303,8 +303,9 @@ class OneLineParser(argparse.ArgumentParser):
     'sdpa'?)."""
 
     def error(self, message):
-        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        close = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1, cutoff=0.5) if m else []
+        m = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)", message)  # choices quoted or not (Python 3.12+)
+        choices = [c.strip().strip("'") for c in m[2].split(",")] if m else []
+        close = ([c for c in choices if m[1] and c.startswith(m[1])] or difflib.get_close_matches(m[1], choices, n=1, cutoff=0.5)) if m else []
         raise UserError(message + (f"; did you mean '{close[0]}'?" if close else ""))
 
 

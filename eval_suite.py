@@ -443,8 +443,7 @@ def watch_run(run_dir, out_dir, evaluate, poll_s=30, idle_minutes=60):
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics_by_step.jsonl"
     lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
-    last_news = last_said = time.time()
-    seen_size = -1
+    last_news, last_said, seen_size = time.time(), 0.0, -1  # says at once that it waits (a typo shows), then every WATCH_SAY_S
     while True:
         started = run_started(run)
         done = {line["step"] for line in lines}
@@ -461,14 +460,14 @@ def watch_run(run_dir, out_dir, evaluate, poll_s=30, idle_minutes=60):
         size = (run / "metrics.jsonl").stat().st_size if (run / "metrics.jsonl").exists() else 0
         if size != seen_size:
             seen_size, last_news = size, time.time()
-        waited = time.time() - last_news
+        waited, scored = time.time() - last_news, sorted(line["step"] for line in lines)
         if waited > 60 * idle_minutes:
             raise UserError(f"--watch {run}: no new export and no training progress ({run / 'metrics.jsonl'}) for "
-                            f"{idle_minutes:g} min; scored steps {sorted(done)} are in {log_path}" if started else
+                            f"{idle_minutes:g} min; scored steps {scored} are in {log_path}" if started else
                             f"--watch {run}: no train.py run started there (no args.json) in {idle_minutes:g} min "
                             f"(--watch-idle): give the run's --out folder")
         if time.time() - last_said >= WATCH_SAY_S:
-            print(f"watch {run}: " + (f"waiting for the next export (scored steps {sorted(done)})" if started else
+            print(f"watch {run}: " + (f"waiting for the next export (scored steps {scored})" if started else
                                       "waiting for the run to start (its args.json)")
                   + f", {waited / 60:.0f} of --watch-idle {idle_minutes:g} min without news", flush=True)
             last_said = time.time()
