@@ -389,10 +389,10 @@ def test_watch_waits_for_the_run_scores_exports_as_they_appear_and_resumes(tmp_p
         seen.append(ckpt)
         return {"b: ground/d: Acc@0.5": len(seen) / 10}
 
-    def wait_for(condition):  # then a while more: the watcher polls (every 0.1 s) and says it waits (0.2 s)
+    def wait_for(condition):  # then a while more: the watcher polls (every 0.1 s) and says it waits (0.15 s)
         while not condition():
             time.sleep(0.05)
-        time.sleep(0.5)
+        time.sleep(0.35)
 
     def scored():
         log = tmp_path / "out" / "metrics_by_step.jsonl"
@@ -409,7 +409,7 @@ def test_watch_waits_for_the_run_scores_exports_as_they_appear_and_resumes(tmp_p
         wait_for(lambda: scored() == 3)
         export(run / "final")
 
-    monkeypatch.setattr(eval_suite, "WATCH_SAY_S", 0.2)  # its "still waiting" line (every 60 s in a log file)
+    monkeypatch.setattr(eval_suite, "WATCH_SAY_S", 0.15)  # its "still waiting" line (every 60 s in a log file)
     t = threading.Thread(target=training_goes_on)
     t.start()
     lines = eval_suite.watch_run(run, tmp_path / "out", evaluate, poll_s=0.1, idle_minutes=1)
