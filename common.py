@@ -10,8 +10,10 @@ the evaluation scripts share.
 """
 
 import argparse
+import difflib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -292,7 +294,112 @@ def generation_settings(pred_path):
 
 
 # -----------------------------------------------------------------------------
-# Flags and checks the evaluation scripts share
+# Flags and checks the evaluation scripts share (eval_det.py, eval_vqa.py, eval_suite.py)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse under the project's error rule: a bad flag is a UserError, which run_cli prints as one line
+    (exit 2) instead of the usage block, with the closest valid choice named ("--attn sdap": did you mean
+    'sdpa'?)."""
+
+    def error(self, message):
+        m = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)", message)  # choices quoted or not (Python 3.12+)
+        choices = [c.strip().strip("'") for c in m[2].split(",")] if m else []
+        close = ([c for c in choices if m[1] and c.startswith(m[1])] or difflib.get_close_matches(m[1], choices, n=1, cutoff=0.5)) if m else []
+        raise UserError(message + (f"; did you mean '{close[0]}'?" if close else ""))
+
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # train.py's spelling -> the torch dtype model.load takes
+ATTN = ("sdpa", "flash_attention_2", "eager")  # transformers' implementations (varlen is for packed training)
+
+
+def positive_int(text):
+    """argparse type of counts (--limit, --batch-size): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number >= 1, not {text!r}")
+    return value
+
+
+def max_new_tokens_arg(text):
+    """argparse type of the eval scripts' --max-new-tokens: 'auto' or a whole number >= 1."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"give 'auto' or a number of tokens >= 1, not {text!r}") from None
+
+
+def add_model_flags(parser):
+    """How a checkpoint is loaded: --dtype and --attn (train.py's spelling), --min-pixels / --max-pixels."""
+    parser.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--attn", choices=ATTN, help="attention implementation (default: flash_attention_2 when "
+                                                     "installed on GPU, else sdpa)")
+    parser.add_argument("--min-pixels", type=positive_int, help="pixel budget override (default: the checkpoint's processor's)")
+    parser.add_argument("--max-pixels", type=positive_int, help="pixel budget override (default: the checkpoint's processor's)")
+
+
+def load_kwargs(args):
+    """model.load's keyword arguments from add_model_flags' flags."""
+    return {"dtype": DTYPES.get(args.dtype), "attn": args.attn, "min_pixels": args.min_pixels,
+            "max_pixels": args.max_pixels}
+
+
+def add_generation_flags(parser, max_new_tokens_default, max_new_tokens_help):
+    """The eval scripts' generation flags: --batch-size, --max-new-tokens (a number or auto), --backend,
+    --tensor-parallel."""
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="generation batch size per process (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=max_new_tokens_arg, default=max_new_tokens_default,
+                        help=f"generation limit per answer: a number, or auto = the longest reference answer x 1.25 + 32 "
+                             f"(default %(default)s: {max_new_tokens_help})")
+    parser.add_argument("--backend", choices=["fast", "hf", "vllm"], default="fast",
+                        help="generation loop: model.py's greedy loop, transformers' generate, or vLLM (default %(default)s)")
+    parser.add_argument("--tensor-parallel", type=positive_int, default=1, help="with --backend vllm: GPUs vLLM spreads the model over")
+
+
+def check_path(flag, path, kind):
+    """UserError unless path (when given) is an existing file or folder (kind), naming the flag; a folder given
+    for --preds suggests a .jsonl file in it (predictions.jsonl, what --ckpt writes, first)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{flag} {path}: no such {kind}")
+    if kind == "file" and p.is_dir():
+        inside = sorted(q.name for q in p.glob("*.jsonl")) if flag == "--preds" else []
+        inside = ["predictions.jsonl"] if "predictions.jsonl" in inside else inside
+        raise UserError(f"{flag} {path} is a folder: give a file" + (f", e.g. {p / inside[0]}" if inside else ""))
+    if kind == "folder" and not p.is_dir():
+        raise UserError(f"{flag} {path} is a file: give a folder")
+
+
+def check_checkpoint(flag, path):
+    """--ckpt / --processor: a Hugging Face checkpoint folder. A train.py checkpoint (RUN/ckpt/step_N: sharded
+    weights + loop.pt, what --resume reads) is named as one, with the exports of its run to give instead; a
+    folder without config.json lists the checkpoints below it (model.family; model.py is imported only here,
+    when a checkpoint is used)."""
+    check_path(flag, path, "folder")
+    p = Path(path)
+    if (p / "loop.pt").is_file() or (p.parent.name == "ckpt" and (p.parent.parent / "args.json").is_file()):
+        run = p.parent.parent
+        step = re.fullmatch(r"step_0*(\d+)", p.name)
+        exports = sorted((q for q in run.glob("export/step_*") if re.fullmatch(r"step_\d+", q.name)),
+                         key=lambda q: int(q.name[5:]))
+        same = [q for q in exports if step and q.name == f"step_{step[1]}"]
+        there = same + ([run / "final"] if (run / "final" / "config.json").is_file() else []) or exports[-2:]
+        raise UserError(f"{flag} {path} is a training checkpoint (what train.py --resume reads); evaluate "
+                        f"{run / 'export' / 'step_N'} or {run / 'final'}: "
+                        + (", ".join(map(str, there)) + " exist" if there else "none written yet (train.py --export-every N)"))
+    import model
+
+    try:
+        model.family(p)
+    except UserError as e:
+        raise UserError(f"{flag} {e}") from None
 
 
 def check_output_paths(out=None, json_out=None):
@@ -304,29 +411,107 @@ def check_output_paths(out=None, json_out=None):
         raise UserError(f"--json-out {json_out} is a folder: give a file name, e.g. {Path(json_out) / 'metrics.json'}")
 
 
-def max_new_tokens_arg(text):
-    """argparse type of the eval scripts' --max-new-tokens: 'auto' or a whole number >= 1."""
-    if text == "auto":
-        return text
+def check_overlap(preds, records, pred_path, data, limit=None):
+    """A predictions file that is empty or shares no id with the records to score would score every answer as
+    missing (all 0): a wrong pair of files, said with examples of both kinds of id."""
+    if not preds:
+        raise UserError(f"{pred_path} has no predictions (an empty file)")
+    ids = [r["id"] for r in records]
+    if not set(ids) & preds.keys():
+        show = lambda xs: ", ".join(repr(i) for i in list(xs)[:3]) + (", ..." if len(xs) > 3 else "")  # noqa: E731
+        raise UserError(f"none of the {len(preds)} predictions in {pred_path} has the id of a "
+                        f"{'/'.join(sorted({r['task'] for r in records}))} record of {data}"
+                        f"{f' (first {limit})' if limit else ''}: prediction ids {show(preds)}, record ids {show(ids)}; "
+                        f"give the predictions made for this --data")
+
+
+# -----------------------------------------------------------------------------
+# Predicting with a checkpoint, and answers cut at the generation limit (the eval scripts' shared steps)
+
+
+def predict_for_eval(args, records, loaded=None, make_postprocess=None, **predict_kwargs):
+    """--ckpt: answers for the records into OUT/predictions.jsonl by model.predict (resumable: ids already in the
+    file are skipped; sharded over torchrun's ranks). Images are checked before the model loads. loaded: (model,
+    processor) already loaded with these flags (eval_suite.py loads a checkpoint once for all its benchmarks);
+    make_postprocess(processor) -> model.predict's postprocess. Returns (the predictions path on rank 0, None on
+    the others; {id: line}; the generation settings for metrics.json). The process group stays up: the caller
+    ends it (end_dist), since eval_suite.py runs many benchmarks in one group."""
+    import model  # here, not at the top: scoring a predictions file never loads torch
+
+    out_path = Path(args.out) / "predictions.jsonl"
+    todo = not_predicted(records, out_path)
+    check_record_images(todo)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    net, processor = loaded or model.load_for_generation(args.ckpt, args.backend, **load_kwargs(args))
+    print0(f"{len(records)} records: {len(records) - len(todo)} already predicted in {out_path}, {len(todo)} to generate")
+    limit, how = model.resolve_max_new_tokens(args.max_new_tokens, records, processor, model.context_length(net))
+    print0(how)
+    lines = model.predict(net, processor, records, out_path, batch_size=args.batch_size, max_new_tokens=limit,
+                          postprocess=make_postprocess(processor) if make_postprocess else None, backend=args.backend,
+                          vllm_args={"tensor_parallel_size": args.tensor_parallel}, **predict_kwargs)
+    generation = {"max_new_tokens": limit, "requested": args.max_new_tokens, "how": how, "backend": args.backend}
+    return (out_path if is_main() else None), lines, generation
+
+
+def run_eval(run, args):
+    """An eval script's main after parsing: run(args), then end torchrun's process group, which run() leaves up
+    (eval_suite.py runs many benchmarks in one group; a second group in one torchrun job would hang)."""
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"give 'auto' or a number of tokens >= 1, not {text!r}")
-    return value
+        return run(args)
+    finally:
+        end_dist()  # under torchrun: the other ranks left after predicting
 
 
-def add_generation_flags(parser, max_new_tokens_default, max_new_tokens_help):
-    """The eval scripts' generation flags: --batch-size, --max-new-tokens (a number or auto), --backend,
-    --tensor-parallel."""
-    parser.add_argument("--batch-size", type=int, default=8, help="generation batch size per process (default %(default)s)")
-    parser.add_argument("--max-new-tokens", type=max_new_tokens_arg, default=max_new_tokens_default,
-                        help=f"generation limit per answer: a number, or auto = the longest reference answer (rendered "
-                             f"for the checkpoint) x 1.25 + 32, within the model's context (default %(default)s; "
-                             f"{max_new_tokens_help})")
-    parser.add_argument("--backend", choices=["fast", "hf", "vllm"], default="fast",
-                        help="generation loop: fast = model.py's greedy loop, finished answers leave the batch; hf = "
-                             "transformers' generate (the same tokens, slower on mixed lengths); vllm = vLLM when "
-                             "installed (one process; the same prompts and pixels) (default %(default)s)")
-    parser.add_argument("--tensor-parallel", type=int, default=1, help="with --backend vllm: GPUs vLLM spreads the model over")
+def end_dist():
+    """End torchrun's process group, if a model load started one (torch is never imported here for it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def count_cut(records, preds, cut):
+    """(how many of the records' answers hit the generation limit, how many of their predictions do not say).
+    preds: the ids answered; cut: {id: the prediction line's "cut"}. model.predict writes "cut": true when an
+    answer reached --max-new-tokens without ending; files of other models or older runs have no "cut": when
+    none of these records' predictions says, the count is "unknown"."""
+    said = [cut.get(r["id"]) for r in records if r["id"] in preds]
+    known = [c for c in said if isinstance(c, bool)]
+    return (sum(known) if known else "unknown"), len(said) - len(known)
+
+
+def format_cut(cut, unknown, n):
+    """count_cut as a line, e.g. "cut at the generation limit: 3 of 120 answers"."""
+    if cut == "unknown":
+        return "cut at the generation limit: unknown (the predictions file does not say; model.predict writes it)"
+    return f"cut at the generation limit: {cut:,} of {n:,} answers" + (f" ({unknown:,} without a 'cut' field)" if unknown else "")
+
+
+def warn_cut(name, cut, n, generation):
+    """A warning on stderr when answers were cut (what follows the cut is missing from the scores), saying what
+    happened: when most answers ran to auto's limit (already 1.25 x the longest reference + 32 tokens) the model
+    does not stop yet, as an untrained one does, and a larger limit would only lengthen them."""
+    if cut == "unknown" or not cut:
+        return
+    limit, requested = (generation or {}).get("max_new_tokens"), (generation or {}).get("requested")
+    head = (f"WARNING: {name}: {cut} of {n} answers hit the generation limit" + (f" of {limit} tokens" if limit else "")
+            + " without an end token")
+    if requested == "auto" and 2 * cut > n:
+        why = ("the model does not stop yet (untrained?): auto's limit is already 1.25 x the longest reference answer "
+               "+ 32 tokens, so a larger --max-new-tokens would only make these answers longer")
+    elif requested == "auto":
+        why = ("auto's limit was too small for these answers, what follows the cut is missing from the scores: "
+               "generate again with a larger --max-new-tokens N into a new --out")
+    else:
+        why = ("what follows the cut is missing from the scores: generate again with a larger --max-new-tokens (or "
+               "auto) into a new --out" + ("; with most answers cut, the model may not stop yet (untrained?)" if 2 * cut > n else ""))
+    print(f"{head}; {why}", file=sys.stderr)
+
+
+def write_metrics(metrics, args):
+    """metrics (with the arguments) to --json-out, else OUT/metrics.json when --out is given; the path or None."""
+    path = Path(args.json_out) if args.json_out else (Path(args.out) / "metrics.json" if args.out else None)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=1, default=str))
+        print(f"\nmetrics -> {path}")
+    return path

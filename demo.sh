@@ -4,16 +4,16 @@
 #   tiny random-init Qwen3-VL (synth.py model) -> synthetic remote-sensing data (synth.py data: rich
 #   scenes for VQA/captions/classification, plus a localisation level of one large object per image) ->
 #   FSDP2 co-training of all five tasks on 2 CPU processes (launch.sh -> train.py), an export every quarter ->
-#   every export scored in step order (eval_det.py / eval_vqa.py --watch), the untrained model at step 0 ->
+#   every export scored in step order (eval_suite.py --watch), the untrained model at step 0 ->
 #   one table: untrained vs trained per task, the grounding text prior beside Acc@0.5.
 #
 #   bash demo.sh                          # runs/demo, seed 0, 1400 steps
 #   bash demo.sh SEED=1 OUT=runs/demo_s1  # another seed (model init, data, order)
 #   bash demo.sh STEPS=200 OUT=/tmp/quick # a quick pass through every stage (it does not localise yet)
 #
-# Outputs in OUT: summary.json and summary.md (the table), det_curve.png and vqa_curve.png (each task's
-# headline metric against the step), pred_*.png (held-out images, ground truth green, prediction red),
-# train/ (checkpoints, exports, loss.png), eval_det/ and eval_vqa/ (per step). Re-running resumes each stage.
+# Outputs in OUT: summary.json and summary.md (the table), curves.png (each task's headline metric against the
+# step), pred_*.png (held-out images, ground truth green, prediction red), train/ (checkpoints, exports,
+# loss.png), eval/ (per step: eval/step_N/BENCHMARK/eval_det|eval_vqa/). Re-running resumes each stage.
 # Why this model and data localise when the old 64-wide demo did not: BENCHMARKS.md "CPU demo".
 set -euo pipefail
 for kv in "$@"; do export "$kv"; done
@@ -43,11 +43,11 @@ bash launch.sh NPROC_PER_NODE=2 --model "$OUT/tiny" --out "$OUT/train" --seed "$
     --max-steps "$STEPS" --batch-size 4 --lr 2e-3 --warmup-ratio 0.05 --weight-decay 0.0 \
     --save-every "$EVERY" --export-every "$EVERY" --num-workers 1 --resume auto
 
-# ---- score every checkpoint (step 0 = the untrained model) on the held-out images
-python eval_det.py --watch "$OUT/train" --data "$OUT/data/locate/synth_all_val.jsonl" --out "$OUT/eval_det" \
-    --prior "$OUT/data/locate/synth_ground_train.jsonl" --batch-size 25 --vis 3 --watch-poll 1
-python eval_vqa.py --watch "$OUT/train" --data "$OUT/data/scenes/synth_all_val.jsonl" --out "$OUT/eval_vqa" \
-    --batch-size 25 --no-meteor --watch-poll 1
+# ---- score every checkpoint (step 0 = the untrained model) on the held-out images: detection and grounding on
+# the localisation level, VQA, classification and captions on the rich scenes; one watcher for all five
+python eval_suite.py --watch "$OUT/train" --bench "$OUT/data" --out "$OUT/eval" --watch-poll 1 \
+    --only locate/synth_det_val locate/synth_ground_val scenes/synth_vqa_val scenes/synth_cls_val scenes/synth_caption_val \
+    --prior "$OUT/data/locate/synth_ground_train.jsonl" --batch-size 25 --vis 3 --no-meteor
 
 # ---- one table: untrained vs trained, summary.json
 python - "$OUT" "$start" <<'PY'
@@ -55,33 +55,30 @@ import json, shutil, sys, time
 from pathlib import Path
 
 out, start = Path(sys.argv[1]), int(sys.argv[2])
-by_step = {}  # "det" / "vqa" -> the lines of that eval script's metrics_by_step.jsonl, in step order
-for script in ("det", "vqa"):
-    lines = [json.loads(x) for x in (out / f"eval_{script}" / "metrics_by_step.jsonl").read_text().splitlines()]
-    by_step[script] = sorted(lines, key=lambda line: line["step"])
-    shutil.copy(out / f"eval_{script}" / "metrics_by_step.png", out / f"{script}_curve.png")
-final_step = by_step["det"][-1]["step"]
-for png in sorted((out / "eval_det" / f"step_{final_step}" / "vis").glob("*.png")):
+by_step = sorted((json.loads(x) for x in (out / "eval" / "metrics_by_step.jsonl").read_text().splitlines()),
+                 key=lambda line: line["step"])
+shutil.copy(out / "eval" / "metrics_by_step.png", out / "curves.png")
+final_step, final_dir = by_step[-1]["step"], out / "eval" / f"step_{by_step[-1]['step']}"
+for png in sorted(final_dir.glob("locate/*/eval_det/vis/*.png")):
     shutil.copy(png, out / f"pred_{png.name}")
 
 
 def table(line):
-    """headline {"ground/synth: Acc@0.5": 0.53, "vqa/synth: OA": 64.7} -> {"ground": {"Acc@0.5": 53.0}, ...}:
-    one dataset per task here; eval_det's fractions x100 like eval_vqa's percentages."""
+    """headline {"locate/synth_ground_val: ground/synth: Acc@0.5": 0.53, ...} -> {"ground": {"Acc@0.5": 53.0}, ...}:
+    one dataset per task here, in the order det, ground, vqa, cls, caption; fractions x100."""
     out = {}
     for name, v in line["headline"].items():
-        task, metric = name.split("/")[0], name.split(": ")[1]
-        out.setdefault(task, {})[metric] = 100 * v if task in ("det", "ground") else v
-    return out
+        _, key, metric = name.split(": ")
+        out.setdefault(key.split("/")[0], {})[metric] = 100 * v
+    return {task: out[task] for task in ("det", "ground", "vqa", "cls", "caption") if task in out}
 
 
 loss = [json.loads(x)["loss"] for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
-ground = json.loads((out / "eval_det" / f"step_{final_step}" / "metrics.json").read_text())["ground"]
+ground = json.loads((final_dir / "locate" / "synth_ground_val" / "eval_det" / "metrics.json").read_text())["ground"]
 summary = {"seconds": round(time.time() - start, 1), "steps": final_step, "loss_first": loss[0],
            "loss_last": sum(loss[-20:]) / len(loss[-20:]),  # the mean of the last 20 steps: one batch is noisy
            "prior": {"ground": {"Acc@0.5": 100 * next(iter(ground.values()))["prior"]["Acc@0.5"]}},
-           "untrained": {k: v for s in by_step.values() for k, v in table(s[0]).items()},
-           "trained": {k: v for s in by_step.values() for k, v in table(s[-1]).items()}}
+           "untrained": table(by_step[0]), "trained": table(by_step[-1])}
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 rows = [f"| task | metric (x100) | untrained (step 0) | trained (step {final_step}) | text prior |", "|---|---|---|---|---|"]
 for task, metrics in summary["trained"].items():
@@ -93,4 +90,4 @@ md = "\n".join(rows) + (f"\n\nloss {summary['loss_first']:.2f} -> {summary['loss
 (out / "summary.md").write_text(md)
 print("\n" + md)
 PY
-echo "demo.sh: done; see $OUT/summary.md, $OUT/det_curve.png, $OUT/vqa_curve.png, $OUT/pred_*.png"
+echo "demo.sh: done; see $OUT/summary.md, $OUT/curves.png, $OUT/pred_*.png"

@@ -31,10 +31,9 @@ all samples), meanIoU, cumIoU (sum of intersections / sum of unions), per datase
 Answer length: Qwen writes one token per digit, so a dense patch's answer runs to thousands of tokens;
 --max-new-tokens auto (the default) sizes the limit from the longest reference answer, and every dataset
 reports how many answers were cut at the limit ("cut"; a warning on stderr when any were).
+metrics.json holds fractions (0..1), as the devkit does; the printed tables show percent.
 """
 
-import argparse
-import json
 import re
 import sys
 import time
@@ -44,13 +43,15 @@ from pathlib import Path
 
 import numpy as np
 import shapely
-import torch
 
 import boxes
-import model
-from common import (UserError, add_debug_flag, add_generation_flags, check_output_paths, check_record_images,
-                    generation_settings, is_main, not_predicted, print0, read_predictions, read_records, record_where,
-                    run_cli)
+from common import (OneLineParser, UserError, add_debug_flag, add_generation_flags, add_model_flags, check_checkpoint,
+                    check_output_paths, check_overlap, check_path, count_cut, format_cut, generation_settings,
+                    positive_int, predict_for_eval, read_predictions, read_records, record_where, run_cli, run_eval,
+                    track, warn_cut, write_metrics)
+
+# model.py (and with it torch) is imported only where a checkpoint or its processor is used (--ckpt, --processor):
+# scoring a predictions file or a DOTA submission folder never loads it.
 
 
 MERGE_NMS_IOU = 0.1  # MMRotate's per-class polygon NMS threshold when merging patch results
@@ -247,19 +248,7 @@ def score_det(gt, dets, classes, *, task=1, ap_rule="voc07", iou_thr=0.5, f1_sco
             AP[name] = voc_ap(rec, prec, ap_rule)
         else:
             AP[name] = 0.0  # the devkit gives 0 (voc07) or nan (area) here; 0 either way, listed below
-        # --- F1: one-to-one, a detection takes the best GT still free (difficult GT is never used up)
-        used, n_tp, n_fp = set(), 0, 0
-        for d in o[d_score[o] >= f1_score_thr].tolist():
-            pick = next((g for g in cand.get(d, ()) if g_diff[g] or g not in used), None)
-            if pick is None:
-                n_fp += 1
-            elif not g_diff[pick]:
-                n_tp += 1
-                used.add(pick)
-        p = n_tp / (n_tp + n_fp) if n_tp + n_fp else (0.0 if npos else None)
-        r = n_tp / npos if npos else None
-        P[name], R[name] = p, r
-        F1[name] = None if r is None else (2 * p * r / (p + r) if p + r > 0 else 0.0)
+        P[name], R[name], F1[name] = one_to_one_prf(o[d_score[o] >= f1_score_thr], cand, g_diff, npos)
 
     with_gt = [n for n in classes if npos_c[n] > 0]
     mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
@@ -276,6 +265,23 @@ def score_det(gt, dets, classes, *, task=1, ap_rule="voc07", iou_thr=0.5, f1_sco
                      "iou": f"IoU > {iou_thr}", "sort": "stable by descending score (ties: input order)",
                      "difficult": "ignored", "f1": f"one-to-one greedy, IoU > {iou_thr}, score >= {f1_score_thr}"},
     }
+
+
+def one_to_one_prf(dets, cand, g_diff, npos):
+    """Precision, recall, F1 of one class: its detections (score order) matched one to one, each taking the best
+    ground truth still free among its candidates (cand: detection -> ground truth, IoU order; difficult ground
+    truth is never used up and counts neither way). None where undefined (no ground truth)."""
+    used, n_tp, n_fp = set(), 0, 0
+    for d in dets.tolist():
+        pick = next((g for g in cand.get(d, ()) if g_diff[g] or g not in used), None)
+        if pick is None:
+            n_fp += 1
+        elif not g_diff[pick]:
+            n_tp += 1
+            used.add(pick)
+    p = n_tp / (n_tp + n_fp) if n_tp + n_fp else (0.0 if npos else None)
+    r = n_tp / npos if npos else None
+    return p, r, None if r is None else (2 * p * r / (p + r) if p + r > 0 else 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -648,7 +654,7 @@ def det_arrays(recs, preds, classes, coord_fn, reparse=False):
     g = defaultdict(list)
     d = defaultdict(list)
     answers = {}
-    for i, r in enumerate(recs):
+    for i, r in enumerate(track(recs, f"parse det/{recs[0]['dataset']}" if recs else "parse")):
         for o in r["meta"].get("objects", []):
             g["image"].append(i)
             g["label"].append(cls_idx.get(o["label"], -1))
@@ -673,7 +679,7 @@ def score_ground(recs, preds, coord_fn, reparse=False):
     """Acc@0.5, Acc@0.7, meanIoU, cumIoU over ground records: the first box of the answer against the first
     object. hbox records (the default) use continuous horizontal-box IoU, poly/rbox records polygon IoU."""
     ious, inters, unions, unparseable, answers = [], [], [], 0, {}
-    for r in recs:
+    for r in track(recs, f"parse ground/{recs[0]['dataset']}" if recs else "parse"):
         gt = r["meta"]["objects"][0]["poly"]
         objs, stats = parse_pred(r, preds.get(r["id"]), None, coord_fn, reparse)
         answers[r["id"]] = (objs, stats)
@@ -891,13 +897,17 @@ def ground_benchmark(recs, answers, ds):
     return {**extra, "groups": groups}
 
 
-def benchmark_headline(metrics):
-    """GeoChat-Bench referring's headline is its precision (the first box's Acc@0.5 says little when a sample
-    has several targets)."""
+def headline(metrics):
+    """The one number per task and dataset that a curve or a paper table shows: det mAP, ground Acc@0.5, and for
+    GeoChat-Bench referring its precision (the first box's Acc@0.5 says little when a sample has several
+    targets)."""
+    heads = {f"det/{ds}: mAP": r["mAP"] for ds, r in metrics["det"].items()}
     for ds, r in metrics["ground"].items():
         if "referring" in r:
-            metrics["headline"].pop(f"ground/{ds}: Acc@0.5", None)
-            metrics["headline"][f"ground/{ds}: precision@GIoU0.5"] = r["referring"]["precision"]
+            heads[f"ground/{ds}: precision@GIoU0.5"] = r["referring"]["precision"]
+        else:
+            heads[f"ground/{ds}: Acc@0.5"] = r["Acc@0.5"]
+    return heads
 
 
 def parse_report(recs, preds, answers, classes=None):
@@ -965,9 +975,13 @@ def print_det_table(title, res, res_hbb=None):
 
 def draw(image_path, gt_objs, pred_objs, out_png, scale=1.0):
     """ground truth in green, predictions in red, each with its label; scale maps polygon pixels to the image."""
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw, ImageOps
 
-    img = model.load_image(image_path)  # upright (EXIF), as the model saw it; UserError naming an unreadable file
+    try:
+        with Image.open(image_path) as im:
+            img = ImageOps.exif_transpose(im).convert("RGB")  # upright, as the model saw it
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read image {image_path}: {e}") from None
     canvas = ImageDraw.Draw(img)
     for objs, colour in ((gt_objs, (0, 220, 0)), (pred_objs, (255, 40, 40))):
         for o in objs:
@@ -984,134 +998,59 @@ def safe_name(s):
 
 
 # -----------------------------------------------------------------------------
-# Prediction with a checkpoint (model.py: the shared resumable loop)
+# Prediction with a checkpoint (common.predict_for_eval: model.predict's resumable loop)
 
 
-def predict_records(args, recs, loaded=None):
-    """Greedy answers for det/ground records into OUT/predictions.jsonl via model.predict, which skips ids
-    already in the file (resume) and shards over torchrun ranks. Each line also carries the parsed geometry
-    in original-image pixels and the coordinate convention, so --preds can rescore without a model.
+def predict_records(args, recs, class_list=None, loaded=None):
+    """Greedy answers for det/ground records into OUT/predictions.jsonl. Each line also carries the parsed
+    geometry in original-image pixels and the coordinate convention, so --preds can rescore without a model.
     Returns (the predictions path on the main rank, None on the others; the generation settings used)."""
-    out_path = Path(args.out) / "predictions.jsonl"
-    todo = not_predicted(recs, out_path)
-    check_record_images(todo)  # before the model loads
-    net, processor = loaded or model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
-                                                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     det_recs = defaultdict(list)
     for r in recs:
         if r["task"] == "det":
             det_recs[r["dataset"]].append(r)
-    classes = {ds: dataset_classes(rs, args.class_list) for ds, rs in det_recs.items()}
+    classes = {ds: dataset_classes(rs, class_list) for ds, rs in det_recs.items()}
 
-    def parsed(rec, text):
-        w, h = rec["meta"]["width"], rec["meta"]["height"]
-        kw = model.coord_kwargs(processor, w, h)
-        objs, stats = boxes.parse_answer(text, w, h, **kw, box_format=rec["meta"].get("box_format"),
-                                         classes=classes.get(rec["dataset"]) if rec["task"] == "det" else None)
-        return {"task": rec["task"], "dataset": rec["dataset"], "objects": objs, "parse": stats,
-                "coords": kw["coords"], "resized_hw": list(kw["resized_hw"]) if kw["resized_hw"] else None}
+    def make_postprocess(processor):
+        import model
 
-    print0(f"{len(recs)} det/ground records: {len(recs) - len(todo)} already predicted in {out_path}, "
-                 f"{len(todo)} to generate")
-    max_new_tokens, how = model.resolve_max_new_tokens(args.max_new_tokens, recs, processor, model.context_length(net))
-    print0(how)
-    model.predict(net, processor, recs, out_path, batch_size=args.batch_size, max_new_tokens=max_new_tokens,
-                  postprocess=parsed, backend=args.backend, vllm_args={"tensor_parallel_size": args.tensor_parallel})
-    # predict ends with a barrier: every rank sees the merged file; the process group stays up for the caller
-    # (main ends it; eval_suite.py runs many benchmarks in one group: a second group in one torchrun job hangs)
-    generation = {"max_new_tokens": max_new_tokens, "requested": args.max_new_tokens, "how": how, "backend": args.backend}
-    return (out_path if is_main() else None), generation
+        def parsed(rec, text):
+            w, h = rec["meta"]["width"], rec["meta"]["height"]
+            kw = model.coord_kwargs(processor, w, h)
+            objs, stats = boxes.parse_answer(text, w, h, **kw, box_format=rec["meta"].get("box_format"),
+                                             classes=classes.get(rec["dataset"]) if rec["task"] == "det" else None)
+            return {"task": rec["task"], "dataset": rec["dataset"], "objects": objs, "parse": stats,
+                    "coords": kw["coords"], "resized_hw": list(kw["resized_hw"]) if kw["resized_hw"] else None}
+        return parsed
+
+    pred_path, _, generation = predict_for_eval(args, recs, loaded, make_postprocess)
+    return pred_path, generation
+
+
+def make_coord_fn(args):
+    """(width, height) -> coord kwargs for boxes.parse_answer, for answers stored without parsed boxes."""
+    if args.processor or args.ckpt:
+        proc = []
+
+        def from_processor(w, h):  # the processor decides the resized size (Qwen2.5-VL) or norm1000 (Qwen3-VL)
+            import model
+
+            if not proc:
+                proc.append(model.load_processor(args.processor or args.ckpt, min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+            return model.coord_kwargs(proc[0], w, h)
+        return from_processor
+    if args.coords:
+        return lambda w, h: {"coords": args.coords, "resized_hw": None}
+
+    def missing(w, h):
+        raise UserError(f"{args.preds} holds answer text only (no parsed boxes): say how to read its "
+                        f"coordinates with --coords abs|norm1000 or --processor DIR (the checkpoint the "
+                        f"answers were made with: its family and pixel budget)")
+    return missing
 
 
 # -----------------------------------------------------------------------------
-# Main
-
-
-def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Detection / grounding evaluation (DOTA protocol, Acc@0.5).")
-    mode = ap.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--ckpt", help="checkpoint directory: predict every det/ground record of --data, then score")
-    mode.add_argument("--preds", help="predictions JSONL (lines with 'id' and 'text') to score against --data")
-    mode.add_argument("--dota-task1", help="folder of Task1_{class}.txt (or Task2_ with --task 2) files to score against --gt")
-    model.add_watch_flags(ap, mode)
-    ap.add_argument("--data", help="records JSONL with the ground truth (det and ground records are used)")
-    ap.add_argument("--out", help="output folder (predictions.jsonl, metrics.json, merged/, vis/); required with --ckpt, "
-                                  "default with --preds: the predictions file's folder")
-    ap.add_argument("--json-out", help="write metrics (with these arguments) here (default: OUT/metrics.json when --out is given)")
-    ap.add_argument("--gt", help="DOTA labelTxt folder: ground truth for --dota-task1, and for scoring --merge results")
-    ap.add_argument("--imageset", help="file with one image name per line: score only these (default: every label file in --gt)")
-    ap.add_argument("--task", type=int, choices=[1, 2], default=1, help="--dota-task1: 1 = oriented polygons, 2 = horizontal boxes (default %(default)s)")
-    ap.add_argument("--classes", help="class list: dota1.0 | dota1.5 | dota2.0 | a file with one class per line "
-                                      "(default: dota1.0 for --dota-task1, meta['classes'] of the records otherwise)")
-    ap.add_argument("--ap", choices=["voc07", "area"], default="voc07", help="AP rule: VOC07 11-point (DOTA devkit) or all-point area (default %(default)s)")
-    ap.add_argument("--iou", type=float, default=0.5, help="IoU threshold: a match needs IoU > this, strictly (default %(default)s)")
-    ap.add_argument("--f1-score-thr", type=float, default=0.0, help="mF1 counts only detections with score >= this (default %(default)s; VLM answers score 1.0)")
-    ap.add_argument("--merge", action="store_true", help="merge patch records (meta source/offset) to whole images, "
-                                                          "write zipped Task1 files, score against --gt if given")
-    ap.add_argument("--vis", type=int, default=0, help="draw ground truth and predictions on this many images of each task and dataset into OUT/vis")
-    ap.add_argument("--images", help="--dota-task1 with --vis: folder of the images (NAME.png/.jpg/.tif)")
-    # coordinate convention for answers that carry no parsed boxes (a predictions file not written by --ckpt)
-    ap.add_argument("--coords", choices=["abs", "norm1000"], help="answers' coordinates: abs = pixels of the original image "
-                                                                  "(or of the resized image with --processor), norm1000 = 0..1000")
-    ap.add_argument("--processor", help="checkpoint/processor folder whose family and pixel budget the answers were made with "
-                                        "(Qwen2.5-VL: absolute pixels of the resized image)")
-    ap.add_argument("--reparse", action="store_true", help="parse the answer text again even when the predictions file has parsed boxes")
-    ap.add_argument("--prior", metavar="TRAIN_JSONL",
-                    help="also score the grounding text prior: each record answered with the mean training box of its "
-                         "expression in this file (what a model that ignores the image does best)")
-    # prediction
-    add_generation_flags(ap, "auto", "a dense 1024-px DOTA patch needs over 15k tokens, one per digit")
-    ap.add_argument("--min-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
-    ap.add_argument("--max-pixels", type=int, help="pixel budget override (default: what the checkpoint's processor was trained with)")
-    ap.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    ap.add_argument("--attn", help="attention implementation (default: flash_attention_2 when installed on GPU, else sdpa)")
-    ap.add_argument("--limit", type=int, help="only the first N det/ground records (quick checks)")
-    add_debug_flag(ap)
-    args = ap.parse_args(argv)
-    if not 0 <= args.iou < 1:
-        ap.error("--iou must be in [0, 1)")
-    if args.dota_task1 and not args.gt:
-        ap.error("--dota-task1 needs --gt LABEL_DIR")
-    if (args.ckpt or args.preds or args.watch) and not args.data:
-        ap.error("--ckpt, --preds and --watch need --data (the records with the ground truth)")
-    if (args.ckpt or args.watch) and not args.out:
-        ap.error("--ckpt and --watch need --out")
-    if args.limit is not None and args.limit < 0:
-        ap.error("--limit must be >= 0")
-    return args
-
-
-def check_paths(args):
-    """Every path flag names what it should, checked before anything is read or loaded: one line naming the
-    flag and the path (read_records does the same for --data)."""
-    for flag in ("preds", "imageset"):
-        check_path(f"--{flag}", getattr(args, flag), "file")
-    for flag in ("dota_task1", "gt", "images"):
-        check_path(f"--{flag.replace('_', '-')}", getattr(args, flag), "folder")
-    for flag in ("ckpt", "processor"):
-        if getattr(args, flag):
-            check_path(f"--{flag}", getattr(args, flag), "folder")
-            try:  # a folder without config.json: UserError listing the checkpoints below it
-                model.family(getattr(args, flag))
-            except UserError as e:
-                raise UserError(f"--{flag} {e}") from None
-    check_output_paths(args.out, args.json_out)
-
-
-def check_path(flag, path, kind):
-    """UserError unless path (when given) is an existing file or folder (kind); a folder given for --preds
-    suggests a .jsonl file in it (predictions.jsonl first)."""
-    if path is None:
-        return
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{flag} {path}: no such {kind}")
-    if kind == "file" and p.is_dir():
-        inside = sorted(q.name for q in p.glob("*.jsonl")) if flag == "--preds" else []
-        inside = ["predictions.jsonl"] if "predictions.jsonl" in inside else inside  # what --ckpt writes
-        raise UserError(f"{flag} {path} is a folder: give a file" + (f", e.g. {p / inside[0]}" if inside else ""))
-    if kind == "folder" and not p.is_dir():
-        raise UserError(f"{flag} {path} is a file: give a folder")
+# Scoring: a DOTA submission folder, or records against a predictions file
 
 
 def run_dota_task1(args):
@@ -1125,10 +1064,8 @@ def run_dota_task1(args):
     if not len(gt["label"]):  # every AP would be 0 whatever the detections
         raise UserError(f"--gt {args.gt}: its {len(names)} label files hold no objects")
     dets = read_task_files(args.dota_task1, args.task, classes, {n: i for i, n in enumerate(names)})
-    t0 = time.time()
     res = score_det(gt, dets, classes, task=args.task, ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
     res["images"] = len(names)
-    res["seconds"] = round(time.time() - t0, 3)
     print_det_table(f"Task{args.task} {args.dota_task1} vs {args.gt} ({len(names)} images, {len(dets['score'])} detections)", res)
     if args.vis and args.images and args.task == 1:
         out = Path(args.out or args.dota_task1) / "vis"
@@ -1143,24 +1080,15 @@ def run_dota_task1(args):
     return res
 
 
-def run_records(args, recs, pred_path, generation=None):
-    """Score det and ground records (read_det_records) against a predictions file. generation: the settings
-    predict_records used (None for --preds: then read from the file's .settings.json when it has one)."""
+def run_records(args, recs, pred_path, generation=None, class_list=None, prior_records=()):
+    """Score det and ground records (read_det_records) against a predictions file, one dataset at a time.
+    generation: the settings predict_records used (None for --preds: then read from the file's .settings.json
+    when it has one). class_list: --classes; prior_records: the ground records of --prior."""
     out_dir = Path(args.out) if args.out else Path(pred_path).parent
     preds = read_predictions(pred_path)
     generation = generation or generation_settings(pred_path)
-    rec_ids = {r["id"] for r in recs}
-    if not preds:
-        raise UserError(f"{pred_path} has no predictions (an empty file)")
-    if not rec_ids & preds.keys():  # every answer "missing" would score 0 everywhere: a wrong pair of files
-        show = lambda ids: ", ".join(repr(i) for i in list(ids)[:3]) + (", ..." if len(ids) > 3 else "")  # noqa: E731
-        raise UserError(f"none of the {len(preds)} predictions in {pred_path} has the id of a det/ground record "
-                              f"of {args.data}{f' (first {args.limit})' if args.limit else ''}: prediction ids "
-                              f"{show(preds)}, record ids {show([r['id'] for r in recs])}; give the predictions "
-                              f"made for this --data")
-    unknown_ids = [k for k in preds if k not in rec_ids]
+    check_overlap(preds, recs, pred_path, args.data, args.limit)
     coord_fn = make_coord_fn(args)
-
     metrics = {"det": {}, "ground": {}, "parse": {}, "predictions": str(pred_path), "data": str(args.data),
                "generation": generation}
     by_ds = defaultdict(list)
@@ -1168,89 +1096,77 @@ def run_records(args, recs, pred_path, generation=None):
         by_ds[(r["task"], r["dataset"])].append(r)
     for (task, ds), rs in by_ds.items():
         if task == "det":
-            classes = dataset_classes(rs, args.class_list)
-            if not classes:
-                raise UserError(f"the det records of dataset '{ds}' in {args.data} name no classes (no "
-                                      f"meta['classes'], no objects): give --classes")
-            objects = [o for r in rs for o in r["meta"].get("objects", [])]
-            check_classes_match(Counter(o["label"] for o in objects if o["label"] not in classes), len(objects),
-                                classes, f"det/{ds} of {args.data}")
-            if not objects:
-                print(f"note: det/{ds} has no ground-truth objects (a test split?): its AP is 0 by definition",
-                      file=sys.stderr)
-            gt, dets, answers = det_arrays(rs, preds, classes, coord_fn, args.reparse)
-            kw = dict(ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
-            res = score_det(gt, dets, classes, task=1, **kw)
-            res["hbb"] = {k: v for k, v in score_det(gt, dets, classes, task=2, **kw).items()
-                          if k in ("mAP", "mAP_gt_classes", "mF1", "AP", "protocol")}
-            res["images"] = len(rs)
-            res["level"] = "patch" if any("offset" in r["meta"] for r in rs) else "image"
-            print_det_table(f"det {ds} ({len(rs)} {'patches' if res['level'] == 'patch' else 'images'})", res, res["hbb"])
-            if args.merge:
-                res["merged"] = merge_and_score(args, rs, dets, classes, out_dir / "merged" / safe_name(ds))
-            metrics["det"][ds] = res
+            res, answers = score_det_dataset(args, ds, rs, preds, coord_fn, class_list, out_dir)
         else:
-            res, answers = score_ground(rs, preds, coord_fn, args.reparse)
-            print(f"\n== ground {ds}: Acc@0.5 {100 * res['Acc@0.5']:.2f}  Acc@0.7 {100 * res['Acc@0.7']:.2f}  "
-                  f"meanIoU {100 * res['meanIoU']:.2f}  cumIoU {100 * res['cumIoU']:.2f}  (n={res['n']}, no box: {res['no_box']})")
-            res.update(ground_benchmark(rs, answers, ds))  # benchmark records: per-group Acc@0.5, referring
-            if args.prior:
-                res["prior"] = score_text_prior([t for t in args.prior_records if t["task"] == "ground"], rs)
-                print(f"   text prior ({args.prior}): Acc@0.5 {100 * res['prior']['Acc@0.5']:.2f}  "
-                      f"meanIoU {100 * res['prior']['meanIoU']:.2f}")
-            metrics["ground"][ds] = res
-        metrics["parse"][f"{task}/{ds}"] = rep = parse_report(rs, preds, answers, classes if task == "det" else None)
-        print(f"   parse: {format_parse(rep)}")
-        res["cut"], res["cut_unknown"] = count_cut(rs, preds)
-        print(f"   {format_cut(res['cut'], res['cut_unknown'], rs, preds)}")
-        warn_cut(f"{task}/{ds}", res["cut"], sum(r["id"] in preds for r in rs), generation)
-        if rep.get("missing_predictions"):
-            print(f"WARNING: {rep['missing_predictions']} {task}/{ds} records have no prediction in {pred_path} "
-                  f"(scored as empty answers)", file=sys.stderr)
-        for r in rs[:args.vis]:
-            if r.get("images"):
-                try:
-                    draw(r["images"][0], r["meta"].get("objects", []), answers[r["id"]][0],
-                         out_dir / "vis" / f"{safe_name(r['id'])}.png")
-                except UserError as e:
-                    raise UserError(f"{record_where(r)}: --vis: {e}") from None
-    metrics["headline"] = {**{f"det/{ds}: mAP": r["mAP"] for ds, r in metrics["det"].items()},
-                           **{f"ground/{ds}: Acc@0.5": r["Acc@0.5"] for ds, r in metrics["ground"].items()}}
-    benchmark_headline(metrics)
+            res, answers = score_ground_dataset(args, ds, rs, preds, coord_fn, prior_records)
+        metrics[task][ds] = res
+        metrics["parse"][f"{task}/{ds}"] = report_answers(args, f"{task}/{ds}", rs, preds, answers, res, generation,
+                                                          out_dir)
+    metrics["headline"] = headline(metrics)
+    unknown_ids = [k for k in preds if k not in {r["id"] for r in recs}]
     if unknown_ids:
         metrics["predictions_not_in_data"] = len(unknown_ids)
         print(f"note: {len(unknown_ids)} predictions have ids that are not det/ground records of {args.data}", file=sys.stderr)
     return metrics
 
 
-def count_cut(recs, preds):
-    """(how many of the records' answers hit the generation limit, how many prediction lines do not say).
-    model.predict writes "cut": true when an answer reached --max-new-tokens without ending; files of other
-    models or older runs have no "cut": when no line of these records says, the count is "unknown"."""
-    lines = [preds[r["id"]] for r in recs if r["id"] in preds]
-    known = [line["cut"] for line in lines if isinstance(line.get("cut"), bool)]
-    return (sum(known) if known else "unknown"), len(lines) - len(known)
+def score_det_dataset(args, ds, rs, preds, coord_fn, class_list, out_dir):
+    """One det dataset: devkit AP (polygons, and horizontal boxes as "hbb"), printed as a table; --merge."""
+    classes = dataset_classes(rs, class_list)
+    if not classes:
+        raise UserError(f"the det records of dataset '{ds}' in {args.data} name no classes (no meta['classes'], no "
+                        f"objects): give --classes")
+    objects = [o for r in rs for o in r["meta"].get("objects", [])]
+    check_classes_match(Counter(o["label"] for o in objects if o["label"] not in classes), len(objects),
+                        classes, f"det/{ds} of {args.data}")
+    if not objects:
+        print(f"note: det/{ds} has no ground-truth objects (a test split?): its AP is 0 by definition", file=sys.stderr)
+    gt, dets, answers = det_arrays(rs, preds, classes, coord_fn, args.reparse)
+    kw = dict(ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
+    res = score_det(gt, dets, classes, task=1, **kw)
+    res["hbb"] = {k: v for k, v in score_det(gt, dets, classes, task=2, **kw).items()
+                  if k in ("mAP", "mAP_gt_classes", "mF1", "AP", "protocol")}
+    res["images"] = len(rs)
+    res["level"] = "patch" if any("offset" in r["meta"] for r in rs) else "image"
+    print_det_table(f"det {ds} ({len(rs)} {'patches' if res['level'] == 'patch' else 'images'})", res, res["hbb"])
+    if args.merge:
+        res["merged"] = merge_and_score(args, rs, dets, classes, out_dir / "merged" / safe_name(ds))
+    return res, answers
 
 
-def format_cut(cut, unknown, recs, preds):
-    """The printed line of count_cut, e.g. "cut at the generation limit: 3 of 120 answers"."""
-    if cut == "unknown":
-        return "cut at the generation limit: unknown (the predictions file does not say; model.predict writes it)"
-    return (f"cut at the generation limit: {cut:,} of {sum(r['id'] in preds for r in recs):,} answers"
-            + (f" ({unknown:,} without a 'cut' field)" if unknown else ""))
+def score_ground_dataset(args, ds, rs, preds, coord_fn, prior_records):
+    """One ground dataset: Acc@0.5 etc., a benchmark's groups or referring precision, the --prior beside it."""
+    res, answers = score_ground(rs, preds, coord_fn, args.reparse)
+    print(f"\n== ground {ds}: Acc@0.5 {100 * res['Acc@0.5']:.2f}  Acc@0.7 {100 * res['Acc@0.7']:.2f}  "
+          f"meanIoU {100 * res['meanIoU']:.2f}  cumIoU {100 * res['cumIoU']:.2f}  (n={res['n']}, no box: {res['no_box']})")
+    res.update(ground_benchmark(rs, answers, ds))  # benchmark records: per-group Acc@0.5, referring
+    if args.prior:
+        res["prior"] = score_text_prior([t for t in prior_records if t["task"] == "ground"], rs)
+        print(f"   text prior ({args.prior}): Acc@0.5 {100 * res['prior']['Acc@0.5']:.2f}  "
+              f"meanIoU {100 * res['prior']['meanIoU']:.2f}")
+    return res, answers
 
 
-def warn_cut(name, cut, n, generation):
-    """A warning on stderr when answers were cut: their objects after the cut are missing, so recall is capped
-    by the limit, not by the model."""
-    if cut == "unknown" or not cut:
-        return
-    limit = (generation or {}).get("max_new_tokens")
-    raise_it = ("a larger --max-new-tokens N (auto's limit was too small for these answers)"
-                if (generation or {}).get("requested") == "auto" else "a larger --max-new-tokens (or --max-new-tokens auto)")
-    print(f"WARNING: {name}: {cut} of {n} answers hit the generation limit" + (f" of {limit} tokens" if limit else "")
-          + f" and were cut off (what follows the cut is missing from the scores); generate again with {raise_it} "
-          "into a new --out", file=sys.stderr)
+def report_answers(args, name, rs, preds, answers, res, generation, out_dir):
+    """What the answers of one dataset were: the parse report and the cut count (into res, printed, a warning
+    when any were cut or missing), and --vis drawings. Returns the parse report."""
+    rep = parse_report(rs, preds, answers, list(res["AP"]) if "AP" in res else None)
+    print(f"   parse: {format_parse(rep)}")
+    n = sum(r["id"] in preds for r in rs)
+    res["cut"], res["cut_unknown"] = count_cut(rs, preds, {i: line.get("cut") for i, line in preds.items()})
+    print(f"   {format_cut(res['cut'], res['cut_unknown'], n)}")
+    warn_cut(name, res["cut"], n, generation)
+    if rep.get("missing_predictions"):
+        where = args.preds or Path(args.out) / "predictions.jsonl"
+        print(f"WARNING: {rep['missing_predictions']} {name} records have no prediction in {where} "
+              f"(scored as empty answers)", file=sys.stderr)
+    for r in rs[:args.vis]:
+        if r.get("images"):
+            try:
+                draw(r["images"][0], r["meta"].get("objects", []), answers[r["id"]][0], out_dir / "vis" / f"{safe_name(r['id'])}.png")
+            except UserError as e:
+                raise UserError(f"{record_where(r)}: --vis: {e}") from None
+    return rep
 
 
 def merge_and_score(args, rs, dets, classes, out_dir):
@@ -1276,28 +1192,69 @@ def merge_and_score(args, rs, dets, classes, out_dir):
     return res
 
 
-def make_coord_fn(args):
-    """(width, height) -> coord kwargs for boxes.parse_answer, for answers stored without parsed boxes."""
-    if args.processor or args.ckpt:
-        proc = []
+# -----------------------------------------------------------------------------
+# Main
 
-        def from_processor(w, h):  # the processor decides the resized size (Qwen2.5-VL) or norm1000 (Qwen3-VL)
-            if not proc:
-                proc.append(model.load_processor(args.processor or args.ckpt, min_pixels=args.min_pixels, max_pixels=args.max_pixels))
-            return model.coord_kwargs(proc[0], w, h)
-        return from_processor
-    if args.coords:
-        return lambda w, h: {"coords": args.coords, "resized_hw": None}
 
-    def missing(w, h):
-        raise UserError(f"{args.preds} holds answer text only (no parsed boxes): say how to read its "
-                              f"coordinates with --coords abs|norm1000 or --processor DIR (the checkpoint the "
-                              f"answers were made with: its family and pixel budget)")
-    return missing
+def get_args(argv=None):
+    ap = OneLineParser(description="Detection / grounding evaluation (DOTA protocol, Acc@0.5).")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--ckpt", help="checkpoint folder: predict every det/ground record of --data, then score")
+    mode.add_argument("--preds", help="predictions JSONL (lines with 'id' and 'text') to score against --data")
+    mode.add_argument("--dota-task1", help="folder of Task1_{class}.txt (or Task2_ with --task 2) files to score against --gt")
+    ap.add_argument("--data", help="records JSONL with the ground truth (det and ground records are used)")
+    ap.add_argument("--out", help="output folder: predictions.jsonl, metrics.json, merged/, vis/ (required with --ckpt; "
+                                  "default with --preds: the predictions file's folder)")
+    ap.add_argument("--json-out", help="metrics file (default: OUT/metrics.json when --out is given)")
+    ap.add_argument("--gt", help="DOTA labelTxt folder: ground truth for --dota-task1, and for scoring --merge results")
+    ap.add_argument("--imageset", help="file with one image name per line: score only these (default: every label file in --gt)")
+    ap.add_argument("--task", type=int, choices=[1, 2], default=1, help="--dota-task1: 1 = oriented polygons, 2 = horizontal boxes (default %(default)s)")
+    ap.add_argument("--classes", help="class list: dota1.0 | dota1.5 | dota2.0 | dior | fair1m | a file with one class per line "
+                                      "(default: dota1.0 for --dota-task1, else the records' meta['classes'])")
+    ap.add_argument("--ap", choices=["voc07", "area"], default="voc07", help="AP rule: VOC07 11-point (DOTA devkit) or all-point area (default %(default)s)")
+    ap.add_argument("--iou", type=float, default=0.5, help="IoU threshold: a match needs IoU > this, strictly (default %(default)s)")
+    ap.add_argument("--f1-score-thr", type=float, default=0.0, help="mF1 counts only detections with score >= this (default %(default)s; VLM answers score 1.0)")
+    ap.add_argument("--merge", action="store_true", help="merge patch records (meta source/offset) to whole images, write "
+                                                          "zipped Task1 files, score them against --gt if given")
+    ap.add_argument("--vis", type=int, default=0, help="draw ground truth and predictions on this many images of each task and dataset into OUT/vis")
+    ap.add_argument("--images", help="--dota-task1 with --vis: folder of the images (NAME.png/.jpg/.tif)")
+    ap.add_argument("--coords", choices=["abs", "norm1000"], help="coordinates of answers without parsed boxes: abs = original "
+                                                                  "pixels (resized pixels with --processor), norm1000 = 0..1000")
+    ap.add_argument("--processor", help="checkpoint whose family and pixel budget the answers were made with (--preds)")
+    ap.add_argument("--reparse", action="store_true", help="parse the answer text again even when the predictions file has parsed boxes")
+    ap.add_argument("--prior", metavar="TRAIN_JSONL", help="also score the grounding text prior: the mean training box of "
+                                                           "each expression in this file")
+    add_generation_flags(ap, "auto", "a dense 1024-px DOTA patch needs over 15k tokens, one per digit")
+    add_model_flags(ap)
+    ap.add_argument("--limit", type=positive_int, help="only the first N det/ground records (quick checks)")
+    add_debug_flag(ap)
+    args = ap.parse_args(argv)
+    if not 0 <= args.iou < 1:
+        ap.error("argument --iou: give a number in [0, 1)")
+    if args.dota_task1 and not args.gt:
+        ap.error("--dota-task1 needs --gt LABEL_DIR")
+    if (args.ckpt or args.preds) and not args.data:
+        ap.error("--ckpt and --preds need --data (the records with the ground truth)")
+    if args.ckpt and not args.out:
+        ap.error("--ckpt needs --out (where predictions.jsonl is written and resumed from)")
+    return args
+
+
+def check_paths(args):
+    """Every path flag names what it should, checked before anything is read or loaded: one line naming the
+    flag and the path (read_records does the same for --data)."""
+    for flag in ("preds", "imageset"):
+        check_path(f"--{flag}", getattr(args, flag), "file")
+    for flag in ("dota_task1", "gt", "images"):
+        check_path(f"--{flag.replace('_', '-')}", getattr(args, flag), "folder")
+    for flag in ("ckpt", "processor"):
+        if getattr(args, flag):
+            check_checkpoint(f"--{flag}", getattr(args, flag))
+    check_output_paths(args.out, args.json_out)
 
 
 def main(argv=None):
-    return model.eval_main(get_args(argv), run)  # --watch, or one run(args)
+    return run_eval(run, get_args(argv))
 
 
 def run(args, loaded=None):
@@ -1305,8 +1262,8 @@ def run(args, loaded=None):
     on the ranks other than 0 under torchrun). loaded: (model, processor) already loaded for --ckpt with these
     settings (eval_suite.py loads a checkpoint once for all its benchmarks)."""
     check_paths(args)
-    args.class_list = read_class_list(args.classes) if args.classes and not args.dota_task1 else None
-    args.prior_records = read_records(args.prior) if args.prior else []
+    class_list = read_class_list(args.classes) if args.classes and not args.dota_task1 else None
+    prior_records = read_records(args.prior) if args.prior else []
     t0 = time.time()
     if args.dota_task1:
         metrics = run_dota_task1(args)
@@ -1314,19 +1271,13 @@ def run(args, loaded=None):
         recs = read_det_records(args)
         pred_path, generation = args.preds, None
         if args.ckpt:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            pred_path, generation = predict_records(args, recs, loaded)
+            pred_path, generation = predict_records(args, recs, class_list, loaded)
             if pred_path is None:  # not the main rank: rank 0 scores
                 return None
-        metrics = run_records(args, recs, pred_path, generation)
-    args_d = {k: v for k, v in vars(args).items() if k not in ("class_list", "prior_records")}
-    metrics["args"] = args_d
-    metrics["seconds_total"] = round(time.time() - t0, 3)
-    json_out = args.json_out or (Path(args.out) / "metrics.json" if args.out else None)
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(metrics, indent=2))
-        print(f"\nmetrics -> {json_out}")
+        metrics = run_records(args, recs, pred_path, generation, class_list, prior_records)
+    metrics["args"] = dict(vars(args))
+    metrics["seconds"] = round(time.time() - t0, 3)
+    write_metrics(metrics, args)
     return metrics
 
 

@@ -8,7 +8,8 @@ or scores an existing predictions file: any JSONL whose lines carry "id" (the re
 raw answer), so answers from other models or APIs can be scored the same way (read by read_predictions:
 "text": null is an empty answer, a repeated id is an error).
 
-Metrics, per dataset (a file may mix datasets), all in percent:
+Metrics, per dataset (a file may mix datasets); metrics.json holds fractions (0..1, as pycocoevalcap gives its
+scores), the printed tables percent:
 - vqa: accuracy per question type, AA (mean of the per-type accuracies) and OA (all correct / all), under
   two rules named in the output: "exact" (normalised exact match, below) and "contain" (RSCoVLM's rule:
   the lower-cased, '.'-stripped GT is a substring of the prediction). Counting questions also report MAE
@@ -18,7 +19,7 @@ Metrics, per dataset (a file may mix datasets), all in percent:
 - cls: accuracy (exact, contain), a confusion matrix in the JSON (rows GT, columns the class the
   normalised prediction equals, or "(other)"), a PNG of it with --vis.
 - caption: BLEU-1..4, METEOR (needs Java; the output says when it was skipped), ROUGE-L and CIDEr-D,
-  computed by pycocoevalcap's own scorers on lower-cased, punctuation-stripped whitespace tokens, x100.
+  computed by pycocoevalcap's own scorers on lower-cased, punctuation-stripped whitespace tokens.
 - every dataset: "cut", how many answers reached --max-new-tokens without ending (a warning on stderr when
   any did; "unknown" for predictions files that do not say).
 
@@ -30,21 +31,17 @@ Examples:
 """
 
 import argparse
-import json
-import os
 import re
 import shutil
-import sys
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
-import torch
+from common import (OneLineParser, UserError, add_debug_flag, add_generation_flags, add_model_flags, check_checkpoint,
+                    check_output_paths, check_overlap, check_path, count_cut, generation_settings, positive_int,
+                    predict_for_eval, print0, read_predictions, read_records, record_where, run_cli, run_eval,
+                    warn_cut, write_metrics)
 
-import model
-from common import (UserError, add_debug_flag, add_generation_flags, check_output_paths, check_record_images,
-                    generation_settings, is_main, not_predicted, print0, read_predictions, read_records, record_where,
-                    run_cli)
+# model.py (and with it torch) is imported only with --ckpt: scoring a predictions file never loads it.
 
 
 TASKS = ("vqa", "cls", "caption")
@@ -188,7 +185,8 @@ def contain_match(pred, gt):
 
 
 RULES = {
-    "units": "accuracies and caption scores in percent (x100); MAE in the answer's own units",
+    "units": "accuracies and caption scores as fractions (0..1; CIDEr-D as pycocoevalcap gives it); MAE in the "
+             "answer's own units; the printed tables show percent",
     "exact": "normalised exact match: lower-case; punctuation and articles (a/an/the) removed; number words "
              "to digits ('two' -> 2, 'none' -> 0); a prediction starting with yes/no is cut to that word when "
              "the GT is yes/no; RSVQA bucketed answers (LR counts, HR areas) match by bucket "
@@ -215,17 +213,23 @@ RULES = {
 # VQA
 
 
-def _pct(correct, n):
-    return 100.0 * correct / n if n else None
+def by_dataset(records):
+    """[(dataset, its records)] in dataset order: every measure is per dataset (a file may mix datasets)."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[r["dataset"]].append(r)
+    return sorted(groups.items())
+
+
+def _rate(correct, n):
+    """correct / n, a fraction (None when there is nothing to count)."""
+    return correct / n if n else None
 
 
 def score_vqa(records, preds):
     """Per dataset: per-type accuracies, AA and OA under both rules, counting MAE."""
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         per_type = defaultdict(lambda: Counter())
         abs_errors, gt_not_numeric, pred_not_numeric, bucketed, missing = [], 0, 0, 0, 0
         for r in recs:
@@ -250,13 +254,13 @@ def score_vqa(records, preds):
                     pred_not_numeric += 1
                 else:
                     abs_errors.append(abs(p_num - float(g_num.group(1))))
-        types = {t: {"n": c["n"], "exact": _pct(c["exact"], c["n"]), "contain": _pct(c["contain"], c["n"])}
+        types = {t: {"n": c["n"], "exact": _rate(c["exact"], c["n"]), "contain": _rate(c["contain"], c["n"])}
                  for t, c in sorted(per_type.items())}
         n = sum(c["n"] for c in per_type.values())
         res = {"n": n, "missing": missing, "bucketed": bucketed, "types": types}
         for rule in ("exact", "contain"):
             res[rule] = {"AA": sum(t[rule] for t in types.values()) / len(types),
-                         "OA": _pct(sum(c[rule] for c in per_type.values()), n)}
+                         "OA": _rate(sum(c[rule] for c in per_type.values()), n)}
         count_n = sum(c["n"] for t, c in per_type.items() if t.lower().startswith("count"))
         if count_n:
             res["count"] = {"n": count_n, "numeric": len(abs_errors),
@@ -272,11 +276,8 @@ def score_vqa(records, preds):
 
 def score_cls(records, preds):
     """Per dataset: exact / contain accuracy and a confusion matrix over the dataset's classes."""
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         classes = set()
         for r in recs:
             classes.update((r.get("meta") or {}).get("classes") or [])
@@ -297,8 +298,8 @@ def score_cls(records, preds):
             # class names are often written with '_' or '-' in meta; RSCoVLM prompts use spaces
             contain += contain_match(pred, re.sub(r"[_-]", " ", gt))
             matrix[classes.index(gt)][col_of.get(normalize(pred), other)] += 1
-        out[name] = {"n": len(recs), "missing": missing, "exact": _pct(exact, len(recs)),
-                     "contain": _pct(contain, len(recs)), "classes": classes,
+        out[name] = {"n": len(recs), "missing": missing, "exact": _rate(exact, len(recs)),
+                     "contain": _rate(contain, len(recs)), "classes": classes,
                      "confusion_columns": classes + ["(other)"], "confusion": matrix}
     return out
 
@@ -320,7 +321,7 @@ def plot_confusion(res, title, path):
     ax.set_yticks(range(k), res["classes"], fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
-    ax.set_title(f"{title}: exact {res['exact']:.2f}%", fontsize=9)
+    ax.set_title(f"{title}: exact {100 * res['exact']:.2f}%", fontsize=9)
     if k <= 30:
         for i in range(k):
             for j in range(k + 1):
@@ -346,6 +347,7 @@ def start_meteor():
     """pycocoevalcap's METEOR (a Java subprocess) or the reason it is skipped."""
     if shutil.which("java") is None:
         return None, "skipped: no java"
+    print("METEOR: starting pycocoevalcap's Java scorer (up to a minute; --no-meteor skips it)", flush=True)
     try:
         from pycocoevalcap.meteor.meteor import Meteor
         return Meteor(), None
@@ -354,32 +356,29 @@ def start_meteor():
 
 
 def score_captions(records, preds, meteor=True):
-    """Per dataset: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (x100), by pycocoevalcap's scorers."""
+    """Per dataset: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, as pycocoevalcap's scorers give them."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     scorer, meteor_note = start_meteor() if meteor else (None, "skipped: --no-meteor")
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         gts = {r["id"]: [caption_tokens(x) for x in ground_truth(r)] for r in recs}
         res = {r["id"]: [caption_tokens(preds.get(r["id"]) or "")] for r in recs}
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         rouge, _ = Rouge().compute_score(gts, res)
         cider, _ = Cider().compute_score(gts, res)
         scores = {"n": len(recs), "missing": sum(r["id"] not in preds for r in recs)}
-        scores.update({f"BLEU-{i + 1}": 100.0 * b for i, b in enumerate(bleu)})
+        scores.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
         scores["METEOR"] = meteor_note
         if scorer is not None:
             try:
-                scores["METEOR"] = 100.0 * scorer.compute_score(gts, res)[0]
+                scores["METEOR"] = float(scorer.compute_score(gts, res)[0])
             except Exception as e:
                 scores["METEOR"] = f"skipped: METEOR failed ({type(e).__name__}: {e})"
-        scores["ROUGE-L"] = 100.0 * float(rouge)
-        scores["CIDEr-D"] = 100.0 * float(cider)
+        scores["ROUGE-L"] = float(rouge)
+        scores["CIDEr-D"] = float(cider)
         out[name] = scores
     del scorer  # stops the Java process
     return out
@@ -400,62 +399,25 @@ def score_captions(records, preds, meteor=True):
 # Both report overall (all correct / all) and average (mean over tasks) too. Without a WordNet the synonyms are off
 # for both rules, and the rules' text says so.
 
-LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
-            "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
-            "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
-            "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
-            "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
-            "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
-            "adj.ppl").split()
-DEBIAN_WORDNET = Path("/usr/share/wordnet")  # apt-get install wordnet-base: the WordNet 3.0 database files
-_WORDNET = []
+_WORDNET = []  # load_wordnet's answer, once per process
 
 
 def load_wordnet():
-    """(WordNet corpus reader or None, where it came from or why there is none). NLTK's own data when installed
-    (nltk.download needs github), else the WordNet 3.0 files of Debian/Ubuntu's wordnet-base package (the same
-    database NLTK ships), read by NLTK's reader from a cache folder that adds the one file the package lacks
-    (lexnames: the fixed list of lexicographer files, lexnames(5WN)). Loaded once."""
-    if _WORDNET:
-        return _WORDNET[0]
-    found = (None, "nltk is not installed (pip install nltk; WordNet data: apt-get install wordnet-base)")
-    try:
-        import nltk
-        from nltk.corpus.reader.wordnet import WordNetCorpusReader
-    except ImportError:
+    """(NLTK's WordNet corpus reader or None, which WordNet was used or why there is none). The standard route:
+    nltk with its 'wordnet' corpus (pip install nltk; python -c "import nltk; nltk.download('wordnet')"), the
+    WordNet 3.0 the LRS-VQA and RSCoVLM scripts use. Without it the rule is equality alone, and the metrics say so."""
+    if not _WORDNET:
+        try:
+            from nltk.corpus import wordnet
+
+            wordnet.ensure_loaded()
+            found = (wordnet, f"NLTK's 'wordnet' corpus (WordNet {wordnet.get_version()})")
+        except ImportError:
+            found = (None, "nltk is not installed (pip install nltk, then nltk.download('wordnet'))")
+        except (LookupError, OSError):
+            found = (None, "NLTK's 'wordnet' corpus is not downloaded (python -c \"import nltk; nltk.download('wordnet')\")")
         _WORDNET.append(found)
-        return found
-    try:
-        from nltk.corpus import wordnet
-
-        wordnet.ensure_loaded()
-        found = (wordnet, "NLTK data 'wordnet'")
-    except (LookupError, OSError, ValueError):
-        found = (None, "no WordNet data: neither NLTK's 'wordnet' nor Debian's wordnet-base (/usr/share/wordnet)")
-        if (DEBIAN_WORDNET / "data.noun").is_file():
-            cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rscovlm" / "wordnet"
-            cache.mkdir(parents=True, exist_ok=True)
-            for f in DEBIAN_WORDNET.iterdir():  # copies (~30 MB, once): NLTK refuses links out of its root
-                if f.is_file() and not (cache / f.name).exists():
-                    shutil.copyfile(f, cache / f".{f.name}.tmp")
-                    os.replace(cache / f".{f.name}.tmp", cache / f.name)
-            if not (cache / "lexnames").exists():
-                (cache / "lexnames").write_text("".join(f"{i:02d}\t{n}\t{ {'adj': 3, 'adv': 4, 'noun': 1, 'verb': 2}[n.split('.')[0]]}\n"
-                                                        for i, n in enumerate(LEXNAMES)))
-            if str(cache) not in nltk.data.path:
-                nltk.data.path.append(str(cache))  # NLTK reads only under its data paths
-
-            class WordNet30(WordNetCorpusReader):
-                def map_wn(self, version="wordnet"):  # NLTK's 'wordnet' is this same WordNet 3.0: nothing to map
-                    return None
-
-            import warnings
-
-            with warnings.catch_warnings():  # "multilingual functions are not available": not used here
-                warnings.simplefilter("ignore", UserWarning)
-                found = (WordNet30(str(cache), None), f"WordNet 3.0 of Debian's wordnet-base ({DEBIAN_WORDNET})")
-    _WORDNET.append(found)
-    return found
+    return _WORDNET[0]
 
 
 LRS_TASKS = ("rural or urban", "object shape", "object status", "count", "object background", "object color",
@@ -490,7 +452,7 @@ def _acc_table(rows, key):
     for r in rows:
         n[r["group"]] += 1
         ok[r["group"]] += r[key]
-    return {g: _pct(ok[g], n[g]) for g in sorted(n)}
+    return {g: _rate(ok[g], n[g]) for g in sorted(n)}
 
 
 def _mean(values):
@@ -508,7 +470,7 @@ def lrs_tables(rows, rule):
     for s, acc in _acc_table([{"group": x["source"], rule: x[rule]} for x in rows], rule).items():
         st = _acc_table([{"group": x["task"], rule: x[rule]} for x in rows if x["source"] == s], rule)
         sources[s] = {"overall": acc, "average": _mean(v for t, v in st.items() if keep(t)), "tasks": st}
-    return {"overall": _pct(sum(x[rule] for x in rows), len(rows)),
+    return {"overall": _rate(sum(x[rule] for x in rows), len(rows)),
             "average": _mean(v for t, v in tasks.items() if keep(t)), "tasks": tasks, "sources": sources}
 
 
@@ -549,7 +511,7 @@ LRS_RULES = {
                 "answer stripped and lower-cased (no '.' removed), correct when equal or WordNet synonyms",
     "common": _LRS_COMMON,
     "synonyms": "WordNet synonyms: some synset pair with path similarity > 0.8 (NLTK's reader of WordNet 3.0); "
-                "when no WordNet is found (pip install nltk; apt-get install wordnet-base) both rules are equality "
+                "when no WordNet is found (pip install nltk, then nltk.download('wordnet')) both rules are equality "
                 "alone and score below the papers' rules (see 'synonyms' per dataset)",
 }
 MME_RULES = {
@@ -604,7 +566,7 @@ def score_mme(records, preds, cut):
         res = {"n": len(rows), "missing": sum(r["id"] not in preds for r in recs), "chose_E": chose_e,
                "no_letter": no_letter}
         for rule in ("rscovlm", "official"):
-            res[rule] = {"overall": _pct(sum(x[rule] for x in rows), len(rows)), "categories": _acc_table(rows, rule)}
+            res[rule] = {"overall": _rate(sum(x[rule] for x in rows), len(rows)), "categories": _acc_table(rows, rule)}
         res["cut"], res["cut_unknown"] = count_cut(recs, preds, cut)
         out[name] = res
     return out
@@ -615,12 +577,8 @@ def zoom_stats(records, zoom):
     it, tool replies per record, calls by outcome (cropped, malformed, outside, empty), calls past the round cap,
     crop sizes in original pixels, and for LRS-VQA's benchmark lines how many crops hold the centre of the
     question's object (meta.evidence_hbox)."""
-    by_dataset = defaultdict(list)
-    for r in records:
-        if r["id"] in zoom:
-            by_dataset[r["dataset"]].append(r)
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset([r for r in records if r["id"] in zoom]):
         rounds, outcomes, sizes, over_cap, hits, with_evidence = Counter(), Counter(), [], 0, 0, 0
         for r in recs:
             z = zoom[r["id"]]
@@ -643,7 +601,7 @@ def zoom_stats(records, zoom):
             res["crop_size"] = {"n": len(sizes), "median_w": ws[len(ws) // 2], "median_h": hs[len(hs) // 2],
                                 "min": [min(ws), min(hs)], "max": [max(ws), max(hs)]}
         if with_evidence:
-            res["crops_on_evidence"] = {"n": with_evidence, "pct": _pct(hits, with_evidence)}
+            res["crops_on_evidence"] = {"n": with_evidence, "rate": _rate(hits, with_evidence)}
         out[name] = res
     return out
 
@@ -679,7 +637,7 @@ def format_large_image(metrics):
             lines.append(f"  crops (original px): median {c['median_w']}x{c['median_h']}, smallest {c['min']}, "
                          f"largest {c['max']}")
         if "crops_on_evidence" in z:
-            lines.append(f"  crops holding the question's object centre: {z['crops_on_evidence']['pct']:.1f}% of "
+            lines.append(f"  crops holding the question's object centre: {100 * z['crops_on_evidence']['rate']:.1f}% of "
                          f"{z['crops_on_evidence']['n']}")
     return lines
 
@@ -729,7 +687,7 @@ def score_xlrs(records, preds, cut):
         subtasks = _acc_table(rows, "official")
         tasks = _acc_table([{"group": x["task"], "official": x["official"]} for x in rows], "official")
         res = {"n": len(rows), "missing": sum(r["id"] not in preds for r in recs),
-               "official": {"micro": _pct(sum(x["official"] for x in rows), len(rows)),
+               "official": {"micro": _rate(sum(x["official"] for x in rows), len(rows)),
                             "macro": sum(subtasks.get(s, 0.0) for s in XLRS_SUBTASKS) / len(XLRS_SUBTASKS),
                             "tasks": tasks, "subtasks": subtasks},
                "subtasks_present": sum(s in subtasks for s in XLRS_SUBTASKS)}
@@ -756,7 +714,7 @@ def format_xlrs(metrics):
 # and "rscovlm" (RSCoVLM's rscovlm/eval/metric/vhm_bench.py), the headline.
 
 VHM_RULES = {
-    "counting": "both rules: MAE and MAPE (%) of the answer's first whole number (else a number word 0..99) against "
+    "counting": "both rules: MAE and MAPE (a fraction) of the answer's first whole number (else a number word 0..99) against "
                 "the GT count; answers without a number are left out and counted (pred_not_numeric; both scripts "
                 "stop there), and MAPE leaves out GT 0 (gt_zero; a division by 0 there)",
     "choice": "imgtype, abspos, relpos multiple choice: the first capital A-E of the answer, lower-cased, occurs in "
@@ -767,7 +725,7 @@ VHM_RULES = {
                 "'false' in the raw answer (case-sensitive: 'No.' and 'Not' read as unknown); equal to the GT "
                 "(lower-cased) is correct. Substrings both ways ('no' in 'snow')",
     "color": "mean over questions of the fraction of the GT's comma-separated colours found in the answer (lower "
-             "case, spaces removed; rscovlm also strips '.' from both, so a GT ending in '.' matches there only), x100",
+             "case, spaces removed; rscovlm also strips '.' from both, so a GT ending in '.' matches there only)",
 }
 VHM_CHOICE = ("imgtype", "abspos", "relpos")
 COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -831,7 +789,7 @@ def vhm_counting(recs, preds):
         if gt:
             apes.append(abs(p - gt) / gt)
         gt_zero += gt == 0
-    return {"MAE": sum(errs) / len(errs) if errs else None, "MAPE": _pct(sum(apes), len(apes)), "numeric": len(errs),
+    return {"MAE": sum(errs) / len(errs) if errs else None, "MAPE": _rate(sum(apes), len(apes)), "numeric": len(errs),
             "pred_not_numeric": not_numeric, "gt_zero": gt_zero}
 
 
@@ -850,7 +808,7 @@ def score_vhm(records, preds):
             res.update(vhm_counting(recs, preds))
         else:
             for rule in ("rscovlm", "official"):
-                res[rule] = _pct(sum(score[part](preds.get(r["id"]) or "", ground_truth(r), rule) for r in recs),
+                res[rule] = _rate(sum(score[part](preds.get(r["id"]) or "", ground_truth(r), rule) for r in recs),
                                  len(recs))
             res["accuracy"] = res["rscovlm"]
         out[name] = res
@@ -898,7 +856,8 @@ def format_vhm(metrics):
     lines = []
     for name, res in metrics.get("vhm", {}).items():
         if res["part"] == "counting":
-            lines.append(f"\n[vhm] {name}  n={res['n']} missing={res['missing']}  MAE {_f(res['MAE'])}  MAPE "
+            mae = "-" if res["MAE"] is None else f"{res['MAE']:.3f}"
+            lines.append(f"\n[vhm] {name}  n={res['n']} missing={res['missing']}  MAE {mae}  MAPE "
                          f"{_f(res['MAPE'])}%  (numeric {res['numeric']}, no number {res['pred_not_numeric']})")
         else:
             lines.append(f"\n[vhm] {name}  n={res['n']} missing={res['missing']}  accuracy rscovlm "
@@ -950,38 +909,17 @@ def evaluate(records, preds, meteor=True, all_records=None, cut=None, zoom=None)
 
 
 def headline(metrics):
-    """The one number per task and dataset a curve or a paper table shows: VQA overall accuracy (exact rule),
-    classification accuracy (exact), caption CIDEr-D; all x100."""
+    """The one number per task and dataset that a curve or a paper table shows: VQA overall accuracy (exact
+    rule), classification accuracy (exact), caption CIDEr-D; the benchmarks' own (benchmark_headline)."""
     heads = {"vqa": ("OA", lambda r: r["exact"]["OA"]), "cls": ("accuracy", lambda r: r["exact"]),
              "caption": ("CIDEr-D", lambda r: r["CIDEr-D"])}
     return benchmark_headline(metrics, {f"{task}/{name}: {label}": get(res) for task, (label, get) in heads.items()
                                         for name, res in metrics.get(task, {}).items()})
 
 
-def count_cut(records, preds, cut):
-    """(how many of the records' answers hit the generation limit, how many of their predictions do not say).
-    model.predict writes "cut": true when an answer reached --max-new-tokens without ending; files of other
-    models or older runs have no "cut": when none of these records' predictions says, the count is "unknown"."""
-    said = [cut.get(r["id"]) for r in records if r["id"] in preds]
-    known = [c for c in said if isinstance(c, bool)]
-    return (sum(known) if known else "unknown"), len(said) - len(known)
-
-
-def warn_cut(metrics, generation):
-    """A warning on stderr per dataset whose answers were cut at the generation limit (scored as written)."""
-    limit = (generation or {}).get("max_new_tokens")
-    raise_it = ("a larger --max-new-tokens N (auto's limit was too small for these answers)"
-                if (generation or {}).get("requested") == "auto" else "a larger --max-new-tokens (or --max-new-tokens auto)")
-    for task in TASKS:
-        for name, res in metrics.get(task, {}).items():
-            if res["cut"] != "unknown" and res["cut"]:
-                print(f"WARNING: {task}/{name}: {res['cut']} of {res['n'] - res['missing']} answers hit the generation limit"
-                      + (f" of {limit} tokens" if limit else "") + f" and were cut off; generate again with {raise_it} "
-                      "into a new --out", file=sys.stderr)
-
-
 def _f(x):
-    return f"{x:7.2f}" if isinstance(x, (int, float)) else f"{'-':>7}"
+    """A fraction as a percent column ("  75.00"); "-" when there is none (METEOR skipped, no record)."""
+    return f"{100 * x:7.2f}" if isinstance(x, (int, float)) else f"{'-':>7}"
 
 
 def format_tables(metrics):
@@ -1027,72 +965,43 @@ def format_tables(metrics):
 # CLI
 
 
-
-
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args(argv=None):
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--ckpt", help="checkpoint folder: generate answers for the records of --data, then score")
+    mode.add_argument("--preds", help="predictions JSONL (lines with 'id' and 'text') to score against --data")
     p.add_argument("--data", required=True, help="records JSONL with vqa / cls / caption records (others are skipped)")
-    p.add_argument("--ckpt", default=None, help="checkpoint dir (HF format) to generate answers with")
-    p.add_argument("--preds", default=None, help="score this predictions JSONL ({'id','text'} per line) instead of generating")
-    model.add_watch_flags(p)
-    p.add_argument("--out", default=None, help="output dir: predictions.jsonl (with --ckpt), metrics.json, PNGs")
-    p.add_argument("--json-out", default=None, help="metrics JSON path (default OUT/metrics.json)")
-    p.add_argument("--tasks", default="vqa,cls,caption", help="comma list of the tasks to evaluate")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N records of those tasks (0 = all)")
-    add_generation_flags(p, 128, "short answers and captions need ~10-60 tokens, and a verbose answer cut at "
-                                       "auto's tighter limit could lose the word that scores")
-    p.add_argument("--max-zoom-rounds", type=int, default=1,
-                   help="zoom records (data_prep.py lrs-vqa / mme-realworld): at most this many image_zoom_in replies "
-                        "before the answer counts (default %(default)s, as trained; 0 = answer from the whole image)")
-    p.add_argument("--dtype", default=None, help="model dtype for model.load (e.g. bfloat16; default: model.load's)")
-    p.add_argument("--attn", default=None, help="attention implementation for model.load (e.g. sdpa, flash_attention_2)")
-    p.add_argument("--min-pixels", type=int, default=None, help="processor min_pixels (use the training value)")
-    p.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (use the training value)")
+    p.add_argument("--out", help="output folder: predictions.jsonl (with --ckpt), metrics.json, PNGs")
+    p.add_argument("--json-out", help="metrics file (default: OUT/metrics.json when --out is given)")
+    p.add_argument("--tasks", default="vqa,cls,caption", help="comma list of the tasks to evaluate (default %(default)s)")
+    p.add_argument("--limit", type=positive_int, help="only the first N records of those tasks (quick checks)")
+    add_generation_flags(p, 128, "short answers and captions need ~10-60 tokens; a verbose answer cut at auto's "
+                                 "tighter limit could lose the word that scores")
+    p.add_argument("--max-zoom-rounds", type=int, default=1, help="zoom records: image_zoom_in replies before the answer "
+                                                                   "counts (default %(default)s, as trained; 0 = whole image)")
+    add_model_flags(p)
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the ~5 s Java start)")
     p.add_argument("--vis", action="store_true", help="write a confusion-matrix PNG per classification dataset")
     add_debug_flag(p)
     args = p.parse_args(argv)
-    if sum(x is not None for x in (args.ckpt, args.preds, args.watch)) != 1:
-        p.error("give exactly one of --ckpt (generate, then score), --preds (score a predictions file) or --watch "
-                "(score each checkpoint of a training run)")
-    if (args.ckpt or args.watch) and not args.out:
-        p.error("--ckpt and --watch need --out (where predictions.jsonl is written and resumed from)")
+    if args.ckpt and not args.out:
+        p.error("--ckpt needs --out (where predictions.jsonl is written and resumed from)")
     if args.max_zoom_rounds < 0:
-        p.error("--max-zoom-rounds must be >= 0")
-    if args.limit < 0:
-        p.error("--limit must be >= 0")
+        p.error("argument --max-zoom-rounds: give a number >= 0")
     if args.vis and not (args.out or args.json_out):
         p.error("--vis needs --out or --json-out (the PNGs go next to the metrics)")
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
-        p.error(f"--tasks: unknown {sorted(unknown)}; choose from {','.join(TASKS)}")
+        p.error(f"argument --tasks: unknown {sorted(unknown)}; choose from {','.join(TASKS)}")
     return args
 
 
 def check_paths(args):
     """Path flags checked before anything is read or loaded, each failure one line naming the flag and the
-    path (read_records does the same for --data; model.family for a --ckpt folder without config.json)."""
-    def check(flag, path, kind):
-        p = Path(path)
-        if not p.exists():
-            raise UserError(f"{flag} {path}: no such {kind}")
-        if kind == "file" and p.is_dir():
-            inside = sorted(q.name for q in p.glob("*.jsonl"))
-            inside = ["predictions.jsonl"] if "predictions.jsonl" in inside else inside  # what --ckpt writes
-            raise UserError(f"{flag} {path} is a folder: give a file" + (f", e.g. {p / inside[0]}" if inside else ""))
-        if kind == "folder" and not p.is_dir():
-            raise UserError(f"{flag} {path} is a file: give a folder")
-
-    if args.preds:
-        check("--preds", args.preds, "file")
+    path (read_records does the same for --data)."""
+    check_path("--preds", args.preds, "file")
     if args.ckpt:
-        check("--ckpt", args.ckpt, "folder")
-        try:  # a folder without config.json: UserError listing the checkpoints below it
-            model.family(args.ckpt)
-        except UserError as e:
-            raise UserError(f"--ckpt {e}") from None
+        check_checkpoint("--ckpt", args.ckpt)
     check_output_paths(args.out, args.json_out)
 
 
@@ -1117,26 +1026,8 @@ def select_records(args, records, tasks):
     return selected
 
 
-
-
-
-
-def check_overlap(args, selected, preds, pred_path):
-    """A predictions file that is empty or shares no id with the records would score every answer as missing
-    (all 0): that is a wrong pair of files, said with examples of both kinds of id."""
-    if not preds:
-        raise UserError(f"{pred_path} has no predictions (an empty file)")
-    ids = [r["id"] for r in selected]
-    if not set(ids) & preds.keys():
-        show = lambda xs: ", ".join(repr(i) for i in list(xs)[:3]) + (", ..." if len(xs) > 3 else "")  # noqa: E731
-        raise UserError(f"none of the {len(preds)} predictions in {pred_path} has the id of a "
-                              f"{'/'.join(sorted({r['task'] for r in selected}))} record of {args.data}"
-                              f"{f' (first {args.limit})' if args.limit else ''}: prediction ids {show(preds)}, "
-                              f"record ids {show(ids)}; give the predictions made for this --data")
-
-
 def main(argv=None):
-    return model.eval_main(parse_args(argv), run)  # --watch, or one run(args)
+    return run_eval(run, get_args(argv))
 
 
 def run(args, loaded=None):
@@ -1146,38 +1037,22 @@ def run(args, loaded=None):
     check_paths(args)
     t0 = time.time()
     tasks = [t for t in TASKS if t in args.tasks.split(",")]
-    log = print0  # rank 0 only under torchrun
 
     # ---- records and predictions: generate (resumable, sharded under torchrun) or read a file
     records = read_records(args.data)
     selected = select_records(args, records, tasks)
     if args.ckpt:
-        out = Path(args.out)
-        pred_path = out / "predictions.jsonl"
-        todo = not_predicted(selected, pred_path)
-        check_record_images(todo)
-        out.mkdir(parents=True, exist_ok=True)
-        net, processor = loaded or model.load_for_generation(args.ckpt, args.backend, dtype=args.dtype, attn=args.attn,
-                                                             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        log(f"{len(selected)} records: {len(selected) - len(todo)} already predicted in {pred_path}, "
-            f"{len(todo)} to generate")
-        limit, how = model.resolve_max_new_tokens(args.max_new_tokens, selected, processor, model.context_length(net))
-        log(how)
-        lines = model.predict(net, processor, selected, pred_path, batch_size=args.batch_size, max_new_tokens=limit,
-                              backend=args.backend, vllm_args={"tensor_parallel_size": args.tensor_parallel},
-                              max_zoom_rounds=args.max_zoom_rounds)
-        generation = {"max_new_tokens": limit, "requested": args.max_new_tokens, "how": how, "backend": args.backend}
+        import model
+
+        pred_path, lines, generation = predict_for_eval(args, selected, loaded, max_zoom_rounds=args.max_zoom_rounds)
         if any(map(model.is_zoom, selected)):
             generation["max_zoom_rounds"] = args.max_zoom_rounds
-        # predict ends with a barrier: every rank has the merged file; the process group stays up for the caller
-        if not is_main():
+        if pred_path is None:  # not the main rank: rank 0 scores
             return None
     else:
-        pred_path = args.preds
-        lines = read_predictions(pred_path)
-        generation = generation_settings(pred_path)
+        pred_path, lines, generation = args.preds, read_predictions(args.preds), generation_settings(args.preds)
     preds = {i: line["text"] for i, line in lines.items()}
-    check_overlap(args, selected, preds, pred_path)
+    check_overlap(preds, selected, pred_path, args.data, args.limit)
 
     # ---- scoring
     metrics = evaluate(selected, preds, meteor=not args.no_meteor, all_records=records,
@@ -1185,22 +1060,20 @@ def run(args, loaded=None):
                        zoom={i: line["zoom"] for i, line in lines.items() if isinstance(line.get("zoom"), dict)})
     metrics["headline"] = headline(metrics)
     metrics["generation"] = generation
-    metrics["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    metrics["args"] = dict(vars(args))
     metrics["seconds"] = round(time.time() - t0, 2)
-    log(format_tables(metrics))
-    warn_cut(metrics, generation)
+    print0(format_tables(metrics))
+    for section in ("vqa", "cls", "caption", "lrs_vqa", "mme_realworld"):
+        for name, res in metrics.get(section, {}).items():
+            warn_cut(f"{section}/{name}", res["cut"], res["n"] - res["missing"], generation)
 
     # ---- outputs
-    json_out = Path(args.json_out) if args.json_out else (Path(args.out) / "metrics.json" if args.out else None)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(metrics, indent=1))
-        log(f"wrote {json_out}")
-        if args.vis:
-            for name, res in metrics.get("cls", {}).items():
-                png = json_out.parent / f"confusion_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
-                plot_confusion(res, name, png)
-                log(f"wrote {png}")
+    json_out = write_metrics(metrics, args)
+    if json_out is not None and args.vis:
+        for name, res in metrics.get("cls", {}).items():
+            png = json_out.parent / f"confusion_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
+            plot_confusion(res, name, png)
+            print0(f"wrote {png}")
     return metrics
 
 

@@ -19,7 +19,6 @@ Conventions (docs/data.md "Record format"): a record is {"id", "task", "dataset"
 and ground records that target is rendered from meta by boxes.py in this model family's coordinates.
 """
 
-import argparse
 import functools
 import importlib
 import inspect
@@ -28,7 +27,6 @@ import math
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from PIL import Image
 
 import boxes
 import prompts
-from common import IMAGE_PLACEHOLDER, UserError, check_output_paths, dist_info, read_predictions, record_where
+from common import IMAGE_PLACEHOLDER, Progress, UserError, dist_info, read_predictions, record_where
 
 
 FAMILIES = {"qwen2_5_vl": "qwen2.5", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3"}
@@ -983,8 +981,6 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
     them in record order. backend, vllm_args: see generate (vllm: one process; records go to the engine 512 at a
     time, which it batches itself, and are written after each such chunk). Returns {id: line dict} for all
     records (on every rank)."""
-    from tqdm import tqdm
-
     rank, world, _ = dist_info()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1004,7 +1000,8 @@ def predict(model, processor, records, out_path, batch_size=8, max_new_tokens=51
         settings_path.write_text(json.dumps(settings) + "\n")
     todo = [r for r in records[rank::world] if r["id"] not in done]
     todo.sort(key=lambda r: -_estimated_length(r, processor))
-    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), disable=rank != 0 or not sys.stderr.isatty(), desc="predict") as bar:
+    # rank 0's bar: a tqdm bar on a terminal, a plain line every 30 s in a log file (nohup, Slurm)
+    with open(part, "a", encoding="utf-8") as f, Progress(len(todo), "predict", unit="answers") as bar:
         step = max(batch_size, 512) if backend == "vllm" else batch_size
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
@@ -1287,122 +1284,3 @@ def model_zoom_step(model, processor, batch_size, max_new_tokens, backend="fast"
         return decode_batches(model, processor, order, prompts.__getitem__, batch_size, max_new_tokens, backend)
 
     return step
-
-
-# -----------------------------------------------------------------------------
-# Following a training run: score its start and each export as it appears (the eval scripts' --watch)
-
-def add_watch_flags(parser, mode=None):
-    """--watch RUN (into the group of mutually exclusive modes, when given) and its two knobs, the same in
-    eval_det.py and eval_vqa.py."""
-    (mode or parser).add_argument("--watch", metavar="RUN",
-                        help="a train.py --out folder: score the model it started from (step 0), each RUN/export/step_N "
-                             "as it appears and RUN/final, in step order, each into OUT/step_N/; writes "
-                             "OUT/metrics_by_step.jsonl and OUT/metrics_by_step.png; resumable; ends once final is "
-                             "scored. Run it beside the training (one process)")
-    parser.add_argument("--watch-poll", type=float, default=30, metavar="S",
-                        help="--watch: seconds between looks for a new export")
-    parser.add_argument("--watch-idle", type=float, default=60, metavar="MIN",
-                        help="--watch: give up (exit 2) after this many minutes with no new export while the run's "
-                             "metrics.jsonl does not grow either (a run that died)")
-
-
-def eval_main(args, run):
-    """The eval scripts' main after parsing: with --watch RUN every checkpoint of the run (watch_run), each as one
-    run(args) with --ckpt and --out set to it; else one run(args). Ends torchrun's process group at the end (run()
-    leaves it up, so eval_suite.py can score many benchmarks in one group)."""
-    if args.watch:
-        check_output_paths(args.out, args.json_out)
-        one = lambda ckpt, out: run(argparse.Namespace(**{**vars(args), "watch": None, "ckpt": ckpt, "out": out,  # noqa: E731
-                                                            "json_out": None}))
-        return watch_run(args.watch, args.out, one, args.watch_poll, args.watch_idle)
-    try:
-        return run(args)
-    finally:
-        if torch.distributed.is_initialized():  # under torchrun: the other ranks left after predicting
-            torch.distributed.destroy_process_group()
-
-
-def run_checkpoints(run_dir):
-    """[(step, checkpoint dir)] of a train.py run, step order: the --model it started from at step 0, each
-    complete export/step_N, and final at the last logged step (when written). A folder that is not a run is a
-    UserError naming what it is (an export, a folder of runs)."""
-    run = Path(run_dir)
-    if not (run / "args.json").is_file():
-        if (run / "config.json").is_file() and (run.parent.name == "export" or run.name == "final"):
-            raise UserError(f"--watch {run_dir} is one export of a run: give the run folder {run.parent if run.name == 'final' else run.parent.parent}")
-        below = sorted(str(p.parent) for p in run.glob("*/args.json"))
-        hint = f"; runs below it: {', '.join(below[:5])}" if below else ""
-        raise UserError(f"--watch {run_dir}: not a train.py run folder (no args.json){hint}")
-    start = json.loads((run / "args.json").read_text())["model"]
-    if not Path(start).is_dir():
-        raise UserError(f"--watch {run_dir}: the model it started from, {start} (args.json), is not a folder here")
-    found = [(0, str(start))]
-    for p in (run / "export").glob("step_*"):  # export_hf writes step_N.tmp, then renames: step_N is complete
-        m = re.fullmatch(r"step_(\d+)", p.name)
-        if m and (p / "config.json").is_file():
-            found.append((int(m.group(1)), str(p)))
-    if (run / "final" / "config.json").is_file():
-        # final's step: the run's last logged step (train.py logs every step by default)
-        log = run / "metrics.jsonl"
-        steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-        found.append((steps[-1] if steps else max(s for s, _ in found) + 1, str(run / "final")))
-    return sorted(found)
-
-
-def watch_run(run_dir, out_dir, evaluate, poll_s=30, idle_minutes=60):
-    """Score a training run while it goes. evaluate(ckpt, out_subdir) -> metrics with "headline" {name: value}
-    (the eval script's own path, resumable within a checkpoint). Each checkpoint's headline becomes a line
-    {"step", "ckpt", "headline"} of OUT/metrics_by_step.jsonl; steps already there are skipped, so a stopped
-    watcher resumes. Returns those lines once the run's final export is scored."""
-    if torch.distributed.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--watch runs as one process (not under torchrun): it scores checkpoints one after another")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "metrics_by_step.jsonl"
-    lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
-    last_news = time.time()
-    metrics_file = Path(run_dir) / "metrics.jsonl"
-    seen_size = metrics_file.stat().st_size if metrics_file.exists() else 0
-    while True:
-        done = {line["step"] for line in lines}
-        todo = [(s, c) for s, c in run_checkpoints(run_dir) if s not in done]
-        for step, ckpt in todo:
-            print(f"\n=== watch {run_dir}: step {step} ({ckpt})", flush=True)
-            metrics = evaluate(ckpt, str(out / f"step_{step}"))
-            lines.append({"step": step, "ckpt": ckpt, "headline": metrics["headline"]})
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(lines[-1]) + "\n")
-            plot_metrics_by_step(lines, out / "metrics_by_step.png", title=str(run_dir))
-            last_news = time.time()
-        if any(Path(line["ckpt"]).name == "final" for line in lines):
-            print(f"watch: final scored; {log_path}, {out / 'metrics_by_step.png'}")
-            return sorted(lines, key=lambda line: line["step"])
-        size = metrics_file.stat().st_size if metrics_file.exists() else 0
-        if size != seen_size:
-            seen_size, last_news = size, time.time()
-        if time.time() - last_news > 60 * idle_minutes:
-            raise UserError(f"--watch {run_dir}: no new export and no training progress ({metrics_file}) for "
-                            f"{idle_minutes:g} min; scored steps {sorted(done)} are in {log_path}")
-        time.sleep(poll_s)
-
-
-def plot_metrics_by_step(lines, png_path, title=""):
-    """One panel per headline metric against the training step (matplotlib, no display)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = sorted(lines, key=lambda line: line["step"])
-    names = sorted({k for line in lines for k in line["headline"]})
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.6 * max(len(names), 1), 3.0), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        pts = [(line["step"], line["headline"][name]) for line in lines if name in line["headline"]]
-        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)

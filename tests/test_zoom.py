@@ -327,10 +327,10 @@ def test_lrs_vqa_rule_with_wordnet_and_without(monkeypatch):
     monkeypatch.setattr(eval_vqa, "_WORDNET", [(None, "none here")])
     res = eval_vqa.score_lrs_vqa(recs, preds, {})["lrs_vqa"]
     # without synonyms both rules: only "1"; contain: "1" and "2" (white in "yellow and white")
-    assert not res["synonyms"] and res["rscovlm"]["overall"] == res["official"]["overall"] == 25.0
-    assert res["rscovlm"]["tasks"] == {"color": 0.0, "status": 50.0} and res["rscovlm"]["average"] == 25.0
-    assert res["contain"]["tasks"] == {"color": 50.0, "status": 50.0} and res["contain"]["overall"] == 50.0
-    assert res["rscovlm"]["sources"]["FAIR"] == {"overall": 50.0, "average": 50.0, "tasks": {"color": 0.0, "status": 100.0}}
+    assert not res["synonyms"] and res["rscovlm"]["overall"] == res["official"]["overall"] == 1 / 4
+    assert res["rscovlm"]["tasks"] == {"color": 0.0, "status": 1 / 2} and res["rscovlm"]["average"] == 1 / 4
+    assert res["contain"]["tasks"] == {"color": 1 / 2, "status": 1 / 2} and res["contain"]["overall"] == 1 / 2
+    assert res["rscovlm"]["sources"]["FAIR"] == {"overall": 1 / 2, "average": 1 / 2, "tasks": {"color": 0.0, "status": 1.0}}
     metrics = eval_vqa.evaluate(recs, preds)
     assert "no WordNet is found" in metrics["rules"]["lrs_vqa"]["synonyms"] and "vqa" not in metrics
     monkeypatch.setattr(eval_vqa, "_WORDNET", [])
@@ -340,7 +340,7 @@ def test_lrs_vqa_rule_with_wordnet_and_without(monkeypatch):
     assert eval_vqa.lrs_match("Grey.", "gray", wn) and eval_vqa.lrs_match("automobile", "car", wn)
     assert not eval_vqa.lrs_match("yellow", "white", wn) and not eval_vqa.lrs_match("", "gray", wn)
     res = eval_vqa.score_lrs_vqa(recs, preds, {})["lrs_vqa"]
-    assert res["synonyms"] and res["rscovlm"]["overall"] == 50.0 and res["rscovlm"]["tasks"]["color"] == 50.0
+    assert res["synonyms"] and res["rscovlm"]["overall"] == 1 / 2 and res["rscovlm"]["tasks"]["color"] == 1 / 2
     assert res["official"]["tasks"]["color"] == 0.0  # "grey." keeps its '.' there: no synset
 
 
@@ -355,8 +355,8 @@ def test_mme_letter_rule():
              "meta": {"answer": gt, "type": cat, "choices": ch, "benchmark": "mme_realworld"}}
             for i, (gt, cat) in enumerate([("D", "color"), ("C", "color"), ("E", "position")])]
     res = eval_vqa.score_mme(recs, {"0": "D", "1": "Best answer: C", "2": "E"}, {})["mme"]
-    assert res["official"] == {"overall": pytest.approx(200 / 3), "categories": {"color": 50.0, "position": 100.0}}
-    assert res["rscovlm"]["overall"] == 100.0 and res["chose_E"] == 1
+    assert res["official"] == {"overall": pytest.approx(2 / 3), "categories": {"color": 1 / 2, "position": 1.0}}
+    assert res["rscovlm"]["overall"] == 1.0 and res["chose_E"] == 1
 
 
 def test_zoom_stats():
@@ -367,7 +367,7 @@ def test_zoom_stats():
     z = eval_vqa.zoom_stats(recs, zoom)["d"]
     assert z["rounds"] == {"1": 1, "2": 1} and z["calls"] == {"cropped": 2, "malformed": 1} and z["over_cap"] == 1
     assert z["crop_size"] == {"n": 2, "median_w": 40, "median_h": 50, "min": [20, 10], "max": [40, 50]}
-    assert z["crops_on_evidence"] == {"n": 1, "pct": 100.0}
+    assert z["crops_on_evidence"] == {"n": 1, "rate": 1.0}
 
 
 # -----------------------------------------------------------------------------
@@ -410,6 +410,6 @@ def test_tiny_model_trains_on_zoom_records_and_generates_through_the_loop(tiny_q
     # scored by eval_vqa from the predictions file: LRS-VQA accuracy and the zoom statistics
     (d / "ev.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n" for r in ev))
     m = eval_vqa.main(["--preds", str(out), "--data", str(d / "ev.jsonl"), "--json-out", str(tmp_path / "m.json")])
-    assert m["lrs_vqa"]["lrs_vqa"]["rscovlm"]["overall"] == 100.0
+    assert m["lrs_vqa"]["lrs_vqa"]["rscovlm"]["overall"] == 1.0
     assert m["zoom"]["lrs_vqa"]["calls"] == {"cropped": 2} and m["zoom"]["lrs_vqa"]["rounds"] == {"1": 2}
-    assert m["zoom"]["lrs_vqa"]["crops_on_evidence"] == {"n": 2, "pct": 100.0}
+    assert m["zoom"]["lrs_vqa"]["crops_on_evidence"] == {"n": 2, "rate": 1.0}
