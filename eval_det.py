@@ -50,6 +50,7 @@ from common import (OneLineParser, UserError, add_debug_flag, add_generation_fla
                     positive_int, predict_for_eval, read_predictions, read_records, record_where, run_cli, run_eval,
                     track, warn_cut, write_metrics)
 
+
 # model.py (and with it torch) is imported only where a checkpoint or its processor is used (--ckpt, --processor):
 # scoring a predictions file or a DOTA submission folder never loads it.
 

@@ -38,8 +38,9 @@ from collections import Counter, defaultdict
 
 from common import (OneLineParser, UserError, add_debug_flag, add_generation_flags, add_model_flags, check_checkpoint,
                     check_output_paths, check_overlap, check_path, count_cut, generation_settings, positive_int,
-                    predict_for_eval, print0, read_predictions, read_records, record_where, run_cli, run_eval,
-                    warn_cut, write_metrics)
+                    predict_for_eval, print0, read_predictions, read_records, record_where, run_cli, run_eval, warn_cut,
+                    write_metrics)
+
 
 # model.py (and with it torch) is imported only with --ckpt: scoring a predictions file never loads it.
 

@@ -60,6 +60,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import attention
 import model as M
 from common import UserError, add_debug_flag, print0, read_records, record_where, run_cli
 
@@ -150,7 +151,7 @@ def get_args(argv=None):
                    help="FSDP units of the vision tower: tower = one unit (one all-gather, the whole tower gathered "
                         "while it runs); blocks = one unit per vision block, plus one for the patch embedding and "
                         "merger(s) (less memory, more and smaller collectives)")
-    p.add_argument("--attn", default=None, help="language-model attention: sdpa, flash_attention_2, eager, or varlen (model.varlen_attention: one variable-length call per packed row; needs --pack); default flash_attention_2 when installed on GPU, else varlen with --pack on a GPU with a varlen kernel, else sdpa")
+    p.add_argument("--attn", default=None, help="language-model attention: sdpa, flash_attention_2, eager, or varlen (attention.varlen_attention: one variable-length call per packed row; needs --pack); default flash_attention_2 when installed on GPU, else varlen with --pack on a GPU with a varlen kernel, else sdpa")
     p.add_argument("--vision-attn", default=None, help="vision-tower attention: varlen (one variable-length call per layer over every image and window: flash_attn's kernel or torch's varlen_attn on GPU, an exact masked sdpa call on CPU) or any --attn value (transformers' implementation: with sdpa one call per window); default varlen on a GPU with a varlen kernel, else --attn")
     p.add_argument("--dist-timeout", type=float, default=60, help="minutes a collective may wait for the slowest rank (rank 0 alone loads the weights and writes exports meanwhile)")
     # checkpoints, exports, logging
@@ -1121,15 +1122,15 @@ def setup(args):
         Path(args.out).mkdir(parents=True, exist_ok=True)
     print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {param_dtype}, attention: language model "
              f"{'varlen' if args.text_varlen else args.attn}, vision {'varlen' if args.vision_varlen else args.attn}"
-             + (f" ({M.varlen_kernel(device)} kernel)" if args.text_varlen or args.vision_varlen else ""))
+             + (f" ({attention.varlen_kernel(device)} kernel)" if args.text_varlen or args.vision_varlen else ""))
     return rank, world, device, param_dtype
 
 
 def choose_attention(args, device):
     """Resolve --attn / --vision-attn. args.attn becomes the transformers implementation the model is built with;
-    args.text_varlen / args.vision_varlen say which parts then run model.varlen_attention instead."""
-    gpu_varlen = device.type == "cuda" and M.varlen_kernel(device) != "reference"
-    builtin = M.default_attn(device)  # flash_attention_2 when installed on GPU, else sdpa
+    args.text_varlen / args.vision_varlen say which parts then run attention.varlen_attention instead."""
+    gpu_varlen = device.type == "cuda" and attention.varlen_kernel(device) != "reference"
+    builtin = attention.default_attn(device)  # flash_attention_2 when installed on GPU, else sdpa
     text = args.attn or ("varlen" if args.pack and gpu_varlen and builtin == "sdpa" else builtin)
     if text == "varlen" and not args.pack:
         raise UserError("--attn varlen needs --pack (it runs packed rows without padding)")
@@ -1283,7 +1284,7 @@ def main(argv=None):
 
     # --- model, optimizer
     model = build_model(args, device, param_dtype, rank)
-    M.use_varlen_attention(model, vision=args.vision_varlen, text=args.text_varlen)
+    attention.use_varlen_attention(model, vision=args.vision_varlen, text=args.text_varlen)
     dummy = DummyImage(model, processor)
     optimizer = build_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: model, train, ...
 
+import attention
 import bench_train
 import model as M
 from common import add_debug_flag, run_cli
@@ -143,7 +144,7 @@ def main():
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                 "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(device) if cuda else None,
-                "varlen_kernel": M.varlen_kernel(device)}
+                "varlen_kernel": attention.varlen_kernel(device)}
     print(f"bench_generate.py: torch {versions['torch']}, transformers {versions['transformers']}, "
           f"{versions['gpu'] or 'CPU'}, varlen kernel {versions['varlen_kernel']}, {dtype}")
 
@@ -153,10 +154,10 @@ def main():
     vc, tc = config.vision_config, config.text_config
     proc = SimpleNamespace(image_processor=image_processor, patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
                            image_token_id=config.image_token_id, pad_token_id=tc.bos_token_id)
-    net = bench_train.build_model(config, device, M.default_attn(device)).to(dtype).eval()
+    net = bench_train.build_model(config, device, attention.default_attn(device)).to(dtype).eval()
     net.config.use_cache = True
-    if cuda and M.varlen_kernel(device) != "reference":
-        M.use_varlen_attention(net, vision=True)  # prefill: one attention call per vision layer
+    if cuda and attention.varlen_kernel(device) != "reference":
+        attention.use_varlen_attention(net, vision=True)  # prefill: one attention call per vision layer
     lively(net, args.seed)
     rng = np.random.default_rng(args.seed)
     prompts = prompts_from_samples(bench_train.synthetic_samples(n_prompts, config, proc, rng))

@@ -9,7 +9,7 @@ Variants, each measured in the same run:
   hf+ac-full             the same with transformers' gradient checkpointing (what HF users turn on for memory)
   project[+varlen][+pack][+fused][+ac-K]
                          train.py's step: train.apply_fsdp on a 1-process mesh, train.forward_backward,
-                         train.build_optimizer; +varlen = the vision tower through model.varlen_attention (one call
+                         train.build_optimizer; +varlen = the vision tower through attention.varlen_attention (one call
                          per block), +pack = packed rows (train.pack_rows + model.pack; language-model attention
                          varlen too on a GPU with a varlen kernel), +fused = fused AdamW (CUDA only), +ac-vision /
                          +ac-full = activation checkpointing of the vision blocks / of every block (train.py --ac)
@@ -57,6 +57,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: model, train, ...
 
+import attention
 import model as M
 import synth
 import train
@@ -272,11 +273,11 @@ class AttentionCalls:
     def __init__(self):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        # the real functions, read once (model.use_varlen_attention re-registers the unwrapped varlen function:
+        # the real functions, read once (attention.use_varlen_attention re-registers the unwrapped varlen function:
         # install() is called again after it)
         self.functions = {name: ALL_ATTENTION_FUNCTIONS[name] for name in ("sdpa", "flash_attention_2")
                           if name in ALL_ATTENTION_FUNCTIONS}
-        self.functions[M.VARLEN_ATTENTION] = M.varlen_attention
+        self.functions[attention.VARLEN_ATTENTION] = attention.varlen_attention
         self.calls = Counter()  # (part, implementation) -> calls
         self.tower_forwards = 0
 
@@ -287,7 +288,7 @@ class AttentionCalls:
             AttentionInterface.register(name, self._counted(name, fn))
 
     def _counted(self, name, fn):
-        short = {M.VARLEN_ATTENTION: "varlen", "flash_attention_2": "flash2"}.get(name, name)
+        short = {attention.VARLEN_ATTENTION: "varlen", "flash_attention_2": "flash2"}.get(name, name)
 
         def counted(module, *args, **kwargs):
             self.calls["vision" if "Vision" in type(module).__name__ else "text", short] += 1
@@ -437,7 +438,7 @@ class PeakRSS:
 @dataclass
 class Variant:
     path: str  # "hf" (plain transformers) or "project" (train.py's step)
-    varlen: bool = False  # vision tower through model.varlen_attention: one call per block, not per window
+    varlen: bool = False  # vision tower through attention.varlen_attention: one call per block, not per window
     pack: bool = False  # packed rows (train.pack_rows + model.pack) instead of right-padded micro-batches
     fused: bool = False  # fused AdamW (CUDA only)
     ac: str = "none"  # activation checkpointing: none | vision | full
@@ -522,7 +523,7 @@ def run_variant(v, ctx):
         net = build_model(ctx.config, device, attn.attn)
         train.apply_ac(net, v.ac)
         train.apply_fsdp(net, dtype, ctx.mesh)  # compute in dtype, fp32 master weights and gradient reduction
-        M.use_varlen_attention(net, vision=attn.vision_varlen, text=attn.text_varlen)
+        attention.use_varlen_attention(net, vision=attn.vision_varlen, text=attn.text_varlen)
         dummy = train.DummyImage(net, ctx.proc)
         optimizer = train.build_optimizer(net, OPTIMIZER_ARGS, fused=v.fused)
         trainable = [p for p in net.parameters() if p.requires_grad]
@@ -572,7 +573,7 @@ def vision_check(ctx, n_images=2):
     device, dtype = ctx.device, ctx.dtype
     torch.manual_seed(ctx.args.seed)
     visual = build_model(ctx.config, device, "sdpa").model.visual  # the rest of the model is freed
-    AttentionInterface.register(M.VARLEN_ATTENTION, M.varlen_attention)
+    AttentionInterface.register(attention.VARLEN_ATTENTION, attention.varlen_attention)
     imgs = ctx.samples[:n_images]
     pv = torch.cat([s["pixel_values"] for s in imgs]).to(device)  # (patches, C)
     grid = torch.cat([s["image_grid_thw"] for s in imgs]).to(device)  # (n_images, 3)
@@ -592,14 +593,14 @@ def vision_check(ctx, n_images=2):
         ref = features(visual, "sdpa", torch.float32)
     finally:  # main() turns TF32 on for the training steps, as train.py does
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    out = {"images": [list(map(int, g)) for g in grid], "kernel": M.varlen_kernel(device), "dtype": str(dtype),
+    out = {"images": [list(map(int, g)) for g in grid], "kernel": attention.varlen_kernel(device), "dtype": str(dtype),
            "ref_max_abs": max(float(r.abs().max()) for r in ref)}
     if dtype == torch.float32:
-        out["varlen_vs_ref"] = err(features(visual, M.VARLEN_ATTENTION, dtype), ref)
+        out["varlen_vs_ref"] = err(features(visual, attention.VARLEN_ATTENTION, dtype), ref)
     else:
         for p in visual.parameters():  # parameters only: buffers (rotary frequencies) stay fp32, as under FSDP
             p.data = p.data.to(dtype)
-        out["varlen_vs_ref"] = err(features(visual, M.VARLEN_ATTENTION, dtype), ref)
+        out["varlen_vs_ref"] = err(features(visual, attention.VARLEN_ATTENTION, dtype), ref)
         out["sdpa_loop_vs_ref"] = err(features(visual, "sdpa", dtype), ref)
     del visual
     return out
@@ -654,7 +655,7 @@ def main():
         flash = "no" if isinstance(e, ImportError) else f"broken ({type(e).__name__})"
     versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                 "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(device) if cuda else None,
-                "flash_attn": flash, "varlen_kernel": M.varlen_kernel(device), "cpu_threads": torch.get_num_threads()}
+                "flash_attn": flash, "varlen_kernel": attention.varlen_kernel(device), "cpu_threads": torch.get_num_threads()}
     print(f"bench_train.py: torch {versions['torch']}, transformers {versions['transformers']}, python {versions['python']}")
     what = versions["gpu"] if cuda else f"CPU, {versions['cpu_threads']} threads"
     print(f"  device {device} ({what}), CUDA {versions['cuda'] or '-'}, flash_attn: {flash}, varlen kernel: "

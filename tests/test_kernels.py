@@ -1,4 +1,4 @@
-"""model.varlen_attention's kernel dispatch, on CPU: each variable-length kernel a GPU may offer is replaced by a
+"""attention.varlen_attention's kernel dispatch, on CPU: each variable-length kernel a GPU may offer is replaced by a
 fake with the kernel's real signature (recorded below from its source) that computes the exact result under its
 own argument names, so a call spelled for another signature fails; which kernel is chosen for a (device, dtype),
 decided once, with CUDA simulated; and a packed row's forward makes no host sync inside the decoder layers.
@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import attention
 import model
 
 
@@ -111,7 +112,7 @@ def test_the_installed_torch_has_the_recorded_signature():
     version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     if version not in record and version != (2, 9):
         pytest.skip(f"no signature recorded for torch {torch.__version__}")
-    real = model._import_kernel("torch.nn.attention.varlen", "varlen_attn")
+    real = attention._import_kernel("torch.nn.attention.varlen", "varlen_attn")
     if version == (2, 9):
         assert real is None
         return
@@ -123,21 +124,21 @@ def test_each_kernel_is_called_as_its_signature_reads(recorded, monkeypatch):
     """Causal and not, GQA and not, Qwen's scale and another: the kernel's result equals the exact one; and
     varlen_attention with that kernel equals its reference path."""
     name, fake, expected = RECORDED[recorded]
-    kernel = model._adapt(name, fake)
+    kernel = attention._adapt(name, fake)
     assert (kernel.scale, kernel.causal, kernel.gqa) == expected
     g = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 5, 6, 13, 20])
     for hkv, scale, causal in [(4, None, False), (2, None, True), (2, 0.3, False), (4, 0.3, True)]:
         q = torch.randn(20, 4, 8, generator=g)
         k, v = torch.randn(2, 20, hkv, 8, generator=g)
-        got = model._run_kernel(kernel, q, k, v, cu, 7, scale, causal)
+        got = attention._run_kernel(kernel, q, k, v, cu, 7, scale, causal)
         assert torch.allclose(got, attend(q, k, v, cu, scale, causal), atol=1e-5), (hkv, scale, causal)
     module = types.SimpleNamespace(is_causal=True)
     query, key, value = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, H, T, D)
-    ref = model.varlen_attention(module, query, key, value, scaling=0.3, cu_seq_lens_q=cu)[0]
-    monkeypatch.setattr(model, "_varlen_call", lambda device, dtype: kernel)
+    ref = attention.varlen_attention(module, query, key, value, scaling=0.3, cu_seq_lens_q=cu)[0]
+    monkeypatch.setattr(attention, "_varlen_call", lambda device, dtype: kernel)
     for max_len in (None, 7):  # a packed row passes none: its length bounds it
-        got = model.varlen_attention(module, query, key, value, scaling=0.3, cu_seq_lens_q=cu, max_length_q=max_len)
+        got = attention.varlen_attention(module, query, key, value, scaling=0.3, cu_seq_lens_q=cu, max_length_q=max_len)
         assert got[0].shape == (1, 20, 4, 8) and torch.allclose(got[0], ref, atol=1e-5)
 
 
@@ -151,17 +152,17 @@ def gpu(monkeypatch):
     looked_up = []
 
     def setup(capability, installed):
-        model._varlen_call.cache_clear()
+        attention._varlen_call.cache_clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
 
         def lookup(module, function):
             looked_up.append(module)
             return installed.get(module)
-        monkeypatch.setattr(model, "_import_kernel", lookup)
+        monkeypatch.setattr(attention, "_import_kernel", lookup)
         return looked_up
 
     yield setup
-    model._varlen_call.cache_clear()
+    attention._varlen_call.cache_clear()
 
 
 ALL = {"flash_attn_interface": flash_attn_3, "flash_attn": flash_attn_2, "torch.nn.attention.varlen": torch_2_12}
@@ -179,8 +180,8 @@ ALL = {"flash_attn_interface": flash_attn_3, "flash_attn": flash_attn_2, "torch.
 ])
 def test_kernel_choice(gpu, capability, installed, dtype, expected):
     gpu(capability, installed)
-    assert model.varlen_kernel("cuda:0", dtype) == expected
-    kernel = model._varlen_call(torch.device("cuda:0"), dtype)
+    assert attention.varlen_kernel("cuda:0", dtype) == expected
+    kernel = attention._varlen_call(torch.device("cuda:0"), dtype)
     assert (kernel.fn is None) == (expected == "reference")
 
 
@@ -188,10 +189,10 @@ def test_kernel_decided_once_per_device_and_dtype(gpu):
     """The imports are tried once per (device, dtype), not per attention call; CPUs try none."""
     looked_up = gpu((8, 0), {"torch.nn.attention.varlen": torch_2_11})
     for _ in range(3):
-        assert model.varlen_kernel("cuda:0", torch.bfloat16) == "torch"
+        assert attention.varlen_kernel("cuda:0", torch.bfloat16) == "torch"
     assert looked_up == ["flash_attn", "torch.nn.attention.varlen"]
-    assert model.varlen_kernel("cpu", torch.bfloat16) == "reference" and len(looked_up) == 2
-    model.varlen_kernel("cuda:0", torch.float16)
+    assert attention.varlen_kernel("cpu", torch.bfloat16) == "reference" and len(looked_up) == 2
+    attention.varlen_kernel("cuda:0", torch.float16)
     assert len(looked_up) == 4
 
 
@@ -200,9 +201,9 @@ def test_fp32_on_a_gpu_takes_the_exact_paths(gpu, monkeypatch):
     tower is not routed through varlen_attention, and the built-in attention is sdpa."""
     gpu((9, 0), ALL)
     monkeypatch.setitem(__import__("sys").modules, "flash_attn", types.ModuleType("flash_attn"))
-    assert model.varlen_kernel("cuda:0", torch.float32) == "reference"
-    assert model.default_attn("cuda:0", torch.float32) == "sdpa"
-    assert model.default_attn("cuda:0", torch.bfloat16) == "flash_attention_2"
+    assert attention.varlen_kernel("cuda:0", torch.float32) == "reference"
+    assert attention.default_attn("cuda:0", torch.float32) == "sdpa"
+    assert attention.default_attn("cuda:0", torch.bfloat16) == "flash_attention_2"
 
 
 # -----------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def test_packed_row_has_no_host_sync_in_the_decoder_layers(fam, tiny_qwen25, tin
                 "messages": [{"role": "user", "content": "<image>" * (i % 2) + "Is there a ship? " * (i + 1)},
                              {"role": "assistant", "content": "no"}]} for i in range(3)]
     samples = [model.tokenize(r, proc) for r in records]
-    model.use_varlen_attention(net, vision=True, text=True)
+    attention.use_varlen_attention(net, vision=True, text=True)
     seen, logits = count_layer_syncs(net, model.pack(samples, net))
     assert seen == []
     start = 0
@@ -269,17 +270,17 @@ def test_packed_row_has_no_host_sync_in_the_decoder_layers(fam, tiny_qwen25, tin
 
     def reading(module, *args, **kwargs):
         int(kwargs["cu_seq_lens_q"].diff().max())
-        return model.varlen_attention(module, *args, **kwargs)
+        return attention.varlen_attention(module, *args, **kwargs)
 
-    AttentionInterface.register(model.VARLEN_ATTENTION, reading)
+    AttentionInterface.register(attention.VARLEN_ATTENTION, reading)
     try:
         seen, _ = count_layer_syncs(net, model.pack(samples, net))
     finally:
-        AttentionInterface.register(model.VARLEN_ATTENTION, model.varlen_attention)
+        AttentionInterface.register(attention.VARLEN_ATTENTION, attention.varlen_attention)
     assert seen == ["aten._local_scalar_dense.default"] * len(net.model.language_model.layers)
 
 
 def test_a_row_without_boundaries_is_refused():
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="model.pack"):
-        model.varlen_attention(types.SimpleNamespace(is_causal=True), q, q, q, position_ids=torch.arange(4))
+        attention.varlen_attention(types.SimpleNamespace(is_causal=True), q, q, q, position_ids=torch.arange(4))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import attention
 import model
 import train
 from test_train import ENV, REPO, WRAPPER, common, data, metrics, mixture, run  # noqa: F401 (data: a fixture)
@@ -81,19 +82,19 @@ def test_vision_varlen_equals_the_per_window_loop(fam, nets, samples):
 
     def counting(*a, **k):
         calls.append(k.get("cu_seq_lens_q"))
-        return model.varlen_attention(*a, **k)
+        return attention.varlen_attention(*a, **k)
 
     net.config.vision_config._attn_implementation = "sdpa"
     ref_out, ref_grad = run_tower()
     from transformers import AttentionInterface
 
-    model.use_varlen_attention(net, vision=True)
-    AttentionInterface.register(model.VARLEN_ATTENTION, counting)
+    attention.use_varlen_attention(net, vision=True)
+    AttentionInterface.register(attention.VARLEN_ATTENTION, counting)
     try:
         out, grad = run_tower()
     finally:
         net.config.vision_config._attn_implementation = "sdpa"
-        AttentionInterface.register(model.VARLEN_ATTENTION, model.varlen_attention)
+        AttentionInterface.register(attention.VARLEN_ATTENTION, attention.varlen_attention)
     # one call per block (not per window), and at least one of them covered several windows / images at once
     assert len(calls) == len(visual.blocks) and max(len(c) - 1 for c in calls) >= 3
     for a, b in zip(ref_out, out):
@@ -128,7 +129,7 @@ def test_rope_positions_equal_the_sample_alone(fam, nets, samples):
 def test_packed_row_equals_unpacked_samples(fam, text_attn, nets, samples):
     """Logits at every sample's positions, the summed loss and every gradient: one packed row (image,
     text-only and two-image samples) == the samples one by one. text_attn: the row's attention through
-    transformers' sdpa mask built from the positions, or model.varlen_attention's CPU reference."""
+    transformers' sdpa mask built from the positions, or attention.varlen_attention's CPU reference."""
     net, proc = nets[fam]
     toks = [model.tokenize(r, proc) for r in samples]
     net.zero_grad()
@@ -141,7 +142,7 @@ def test_packed_row_equals_unpacked_samples(fam, text_attn, nets, samples):
         ref_loss += ce.item()
     ref_grad = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     net.zero_grad()
-    model.use_varlen_attention(net, vision=False, text=text_attn == "varlen")
+    attention.use_varlen_attention(net, vision=False, text=text_attn == "varlen")
     try:
         logits, labels = forward(net, model.pack(toks, net))
         ce = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="sum")
@@ -176,7 +177,7 @@ def test_a_packed_sample_cannot_see_another(text_attn, nets, samples):
     changed["input_ids"][text] = (changed["input_ids"][text] + 7) % 300
     changed["pixel_values"] = toks[0]["pixel_values"] + 1.0
     n0 = len(toks[0]["input_ids"])
-    model.use_varlen_attention(net, vision=False, text=text_attn == "varlen")
+    attention.use_varlen_attention(net, vision=False, text=text_attn == "varlen")
     try:
         with torch.no_grad():
             a = forward(net, model.pack(toks, net))[0][0, n0:]
@@ -271,7 +272,7 @@ def test_pack_trains_the_same_steps_as_without_on_two_ranks(data, tiny_qwen25, t
 
 
 def test_pack_qwen3_one_process_with_varlen_attention(data, tiny_qwen3, tmp_path):
-    """Qwen3-VL (deepstack), one process, packed rows through model.varlen_attention (text and vision, its CPU
+    """Qwen3-VL (deepstack), one process, packed rows through attention.varlen_attention (text and vision, its CPU
     reference) against the plain command: the same losses step by step."""
     runs = {}
     for name, extra in (("plain", []), ("pack", ["--pack", "--attn", "varlen", "--vision-attn", "varlen"])):
