@@ -320,9 +320,11 @@ def read_xml(path):
         raise UserError(f"cannot parse {path}: {e}") from None
 
 
-def read_fair1m_xml(path, classes):
-    """FAIR1M: <object><possibleresult><name>Liquid Cargo Ship</name></possibleresult>
-    <points><point>x,y</point> x5</points> (the fifth point repeats the first)."""
+def read_fair1m_xml(path, classes=None):
+    """A FAIR1M XML, label file or submission: <object><possibleresult><name>Liquid Cargo Ship</name>
+    [<probability>0.9</probability>]</possibleresult><points><point>x,y</point> x5</points> (the fifth point
+    repeats the first) -> [{"poly", "label" ('liquid-cargo-ship'), "difficult": 0, + "score" in a submission}].
+    classes: when given, a label outside it is an error (eval_det counts unknown labels itself)."""
     objects = []
     for k, obj in enumerate(read_xml(path).iter("object"), 1):
         where = f"bad object {k} in {path}"
@@ -330,7 +332,7 @@ def read_fair1m_xml(path, classes):
         if not name or not name.strip():
             raise UserError(f"{where}: no possibleresult/name")
         label = "-".join(name.strip().lower().split())
-        if label not in classes:
+        if classes is not None and label not in classes:
             raise UserError(f"{where}: unknown class {name!r}")
         pts = [p.text.split(",") for p in obj.findall("points/point") if p.text]
         if any(len(p) != 2 for p in pts):
@@ -342,6 +344,8 @@ def read_fair1m_xml(path, classes):
         if len(xy) != 8:
             raise UserError(f"{where}: polygon has {len(pts)} points, expected 4 (+ the first repeated)")
         objects.append({"poly": xy, "label": label, "difficult": 0})
+        if obj.findtext("possibleresult/probability"):  # a submission's detection
+            objects[-1]["score"] = check_numbers([obj.findtext("possibleresult/probability")], f"{where}: probability", 1)[0]
     return objects
 
 

@@ -37,7 +37,6 @@ metrics.json holds fractions (0..1), as the devkit does; the printed tables show
 import re
 import sys
 import time
-import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import numpy as np
 import shapely
 
 import boxes
+import det_files
 from common import (OneLineParser, UserError, add_debug_flag, add_generation_flags, add_model_flags, check_checkpoint,
                     check_output_paths, check_overlap, check_path, count_cut, format_cut, generation_settings,
                     positive_int, predict_for_eval, read_predictions, read_records, record_where, run_cli, run_eval,
@@ -283,234 +283,6 @@ def one_to_one_prf(dets, cand, g_diff, npos):
     p = n_tp / (n_tp + n_fp) if n_tp + n_fp else (0.0 if npos else None)
     r = n_tp / npos if npos else None
     return p, r, None if r is None else (2 * p * r / (p + r) if p + r > 0 else 0.0)
-
-
-# -----------------------------------------------------------------------------
-# DOTA files: labelTxt ground truth, Task1/Task2 detection files
-
-
-def read_class_list(spec):
-    """--classes: dota1.0 | dota1.5 | dota2.0 | dior | fair1m, or a file with one class per line."""
-    lists = {**{f"dota{v}": c for v, c in boxes.DOTA_CLASSES.items()}, "dior": boxes.DIOR_CLASSES,
-             "fair1m": boxes.FAIR1M_CLASSES}
-    if spec in lists:
-        return list(lists[spec])
-    path = Path(spec)
-    if path.is_dir():
-        raise UserError(f"--classes {spec} is a folder: give one of {', '.join(lists)} or a file with one class per line")
-    if not path.is_file():
-        raise UserError(f"--classes {spec}: neither one of {', '.join(lists)} nor an existing file")
-    names = [ln.strip() for ln in boxes.read_text(path).splitlines() if ln.strip()]
-    if not names:
-        raise UserError(f"--classes {spec}: the file has no class names (one per line)")
-    dup = sorted(n for n, k in Counter(names).items() if k > 1)
-    if dup:
-        raise UserError(f"--classes {spec}: duplicate class names {dup}")
-    return names
-
-
-def gt_from_labels(label_dir, classes, names=None):
-    """Ground-truth arrays for score_det from a DOTA labelTxt folder (all *.txt, or the given image names), or a
-    FAIR1M labelXml folder (*.xml, when it holds no .txt)."""
-    label_dir = Path(label_dir)
-    ext = ".txt" if any(label_dir.glob("*.txt")) or not any(label_dir.glob("*.xml")) else ".xml"
-    if names is None:
-        names = sorted(p.stem for p in label_dir.glob(f"*{ext}"))
-        if not names:
-            raise UserError(f"--gt {label_dir}: no label files (*.txt, or FAIR1M's *.xml) in it")
-    cls_idx = {c: i for i, c in enumerate(classes)}
-    img, lab, poly, diff, unknown = [], [], [], [], Counter()
-    for i, name in enumerate(names):
-        path = label_dir / f"{name}{ext}"
-        if not path.is_file():
-            raise UserError(f"--gt {label_dir}: no label file {path.name} for image '{name}'")
-        for o in boxes.read_dota_labels(path) if ext == ".txt" else read_fair1m_xml(path):
-            img.append(i)
-            lab.append(cls_idx.get(o["label"], -1))
-            unknown[o["label"]] += o["label"] not in cls_idx
-            poly.append(o["poly"])
-            diff.append(o["difficult"] != 0)
-    unknown = {k: v for k, v in unknown.items() if v}
-    check_classes_match(unknown, len(lab), classes, f"the label files of --gt {label_dir}")
-    gt = {"image": np.array(img, np.int64), "label": np.array(lab, np.int64),
-          "poly": np.array(poly, float).reshape(-1, 8), "difficult": np.array(diff, bool)}
-    return gt, names
-
-
-def check_classes_match(unknown, n_objects, classes, source):
-    """unknown: {label: count} of ground-truth objects whose class is not in the class list. When that is every
-    object, every AP would be 0 because of a wrong class list (or names spelt otherwise), not because of the
-    detections: UserError. Some: a note, they are not scored."""
-    if not unknown:
-        return
-    if sum(unknown.values()) == n_objects:
-        show = lambda xs: ", ".join(xs[:6]) + (", ..." if len(xs) > 6 else "")  # noqa: E731
-        raise UserError(f"none of the {n_objects} ground-truth objects in {source} has a class of the class list "
-                              f"(ground truth: {show(sorted(unknown))}; class list: {show(list(classes))}): give "
-                              f"--classes with the ground truth's class names")
-    print(f"note: ground-truth classes not in the class list are not scored: {unknown}", file=sys.stderr)
-
-
-def read_task_files(det_dir, task, classes, image_index):
-    """Task1_{class}.txt (`img score x1 y1 ... x4 y4`) or Task2_{class}.txt (`img score xmin ymin xmax ymax`)
-    -> detection arrays, rows in file order. A missing class file means no detections for that class. A folder
-    of FAIR1M submission XMLs (no Task files) is read by read_fair1m_submission."""
-    det_dir = Path(det_dir)
-    if task == 1 and not any(det_dir.glob("Task*_*.txt")) and any(det_dir.glob("*.xml")):
-        return read_fair1m_submission(det_dir, classes, image_index)
-    found = sorted(p.name for p in det_dir.glob(f"Task{task}_*.txt"))
-    if not found:
-        other = sorted(p.name for p in det_dir.glob(f"Task{3 - task}_*.txt"))[:1]
-        raise UserError(f"--dota-task1 {det_dir}: no Task{task}_*.txt files in it"
-                              + (f" (it has {other[0]}...: use --task {3 - task})" if other else ""))
-    if not any(f"Task{task}_{name}.txt" in found for name in classes):
-        raise UserError(f"--dota-task1 {det_dir}: none of its files ({', '.join(found[:3])}...) is named after a "
-                              f"class of the class list ({', '.join(classes[:3])}...): check --classes")
-    nfields = 10 if task == 1 else 6
-    img, lab, score, geo = [], [], [], []
-    for c, name in enumerate(classes):
-        path = det_dir / f"Task{task}_{name}.txt"
-        if not path.is_file():
-            continue
-        for lineno, line in enumerate(boxes.read_text(path).splitlines(), 1):
-            t = line.split()
-            if not t:
-                continue
-            if len(t) != nfields:
-                raise UserError(f"bad detection line {lineno} in {path}: expected {nfields} fields (image score "
-                                      f"{'x1 y1 ... x4 y4' if task == 1 else 'xmin ymin xmax ymax'}), got {len(t)}")
-            if t[0] not in image_index:
-                raise UserError(f"bad detection line {lineno} in {path}: image '{t[0]}' has no label file "
-                                      f"in --gt (or is not listed in --imageset)")
-            try:
-                vals = [float(v) for v in t[1:]]
-            except ValueError:
-                raise UserError(f"bad detection line {lineno} in {path}: non-numeric score or coordinate") from None
-            img.append(image_index[t[0]])
-            lab.append(c)
-            score.append(vals[0])
-            geo.append(vals[1:])
-    unknown = sorted(p.name for p in det_dir.glob(f"Task{task}_*.txt") if p.stem[6:] not in classes)
-    if unknown:
-        print(f"note: detection files for classes not in the class list are ignored: {unknown}", file=sys.stderr)
-    width = 8 if task == 1 else 4
-    dets = {"image": np.array(img, np.int64), "label": np.array(lab, np.int64), "score": np.array(score, float)}
-    dets["poly" if task == 1 else "hbox"] = np.array(geo, float).reshape(-1, width)
-    if task == 2:
-        dets["poly"] = None
-    return dets
-
-
-def write_task1(out_dir, classes, image_names, dets, zip_path=None):
-    """Write Task1_{class}.txt for every class (empty file when none) and optionally zip them."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = defaultdict(list)
-    for i, c, s, p in zip(dets["image"].tolist(), dets["label"].tolist(), dets["score"].tolist(), dets["poly"].tolist()):
-        lines[c].append(f"{image_names[i]} {s:.6g} " + " ".join(f"{v:.1f}" for v in p))
-    paths = []
-    for c, name in enumerate(classes):
-        paths.append(out_dir / f"Task1_{name}.txt")
-        paths[-1].write_text("".join(ln + "\n" for ln in lines[c]))
-    if zip_path:
-        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
-            for p in paths:
-                z.write(p, p.name)
-    return paths
-
-
-# -----------------------------------------------------------------------------
-# FAIR1M: the benchmark's submission, one XML per image in the schema of its own label files (the one every public
-# FAIR1M / Gaofen submission writer produces): annotation / source (filename NAME.tif, origin GF2/GF3) / research /
-# objects / object (coordinate pixel, type rectangle, description None, possibleresult (name as FAIR1M spells it,
-# probability), points: 5 "x,y", the fifth repeating the first). Scored locally like DOTA Task1 (polygon IoU > 0.5,
-# VOC AP over the 37 classes: what FAIR1M toolchains such as MMRotate's FAIR1M dataset compute); no official
-# scorer is public.
-
-FAIR1M_XML_HEAD = ('<?xml version="1.0" encoding="utf-8"?>\n<annotation>\n    <source>\n        <filename>{name}.tif'
-                   '</filename>\n        <origin>GF2/GF3</origin>\n    </source>\n    <research>\n        <version>1.0'
-                   '</version>\n        <provider>rscovlm</provider>\n        <author>rscovlm</author>\n        '
-                   '<pluginname>FAIR1M</pluginname>\n        <pluginclass>object detection</pluginclass>\n        '
-                   '<time>2021-03</time>\n    </research>\n    <objects>\n')
-FAIR1M_XML_OBJECT = ('        <object>\n            <coordinate>pixel</coordinate>\n            <type>rectangle</type>\n'
-                     '            <description>None</description>\n            <possibleresult>\n                '
-                     '<name>{label}</name>\n                <probability>{score}</probability>\n            '
-                     '</possibleresult>\n            <points>\n{points}            </points>\n        </object>\n')
-
-
-def fair1m_xml(name, objects):
-    """One image's submission XML for objects [(FAIR1M class name, score, poly 8)]."""
-    body = ""
-    for label, score, poly in objects:
-        pts = list(zip(poly[0::2], poly[1::2]))
-        points = "".join(f"                <point>{x:.6f},{y:.6f}</point>\n" for x, y in pts + pts[:1])
-        body += FAIR1M_XML_OBJECT.format(label=label, score=f"{score:.6g}", points=points)
-    return FAIR1M_XML_HEAD.format(name=name) + body + "    </objects>\n</annotation>\n"
-
-
-def write_fair1m(out_dir, classes, image_names, dets, zip_path=None):
-    """The FAIR1M submission of whole-image detections (merge_patches): OUT/{image}.xml for every image (no
-    detection: no object), zipped when zip_path is given. classes: boxes.FAIR1M_CLASSES' names."""
-    names = dict(zip(boxes.FAIR1M_CLASSES, boxes.FAIR1M_NAMES))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_image = defaultdict(list)
-    for i, c, s, p in zip(dets["image"].tolist(), dets["label"].tolist(), dets["score"].tolist(), dets["poly"].tolist()):
-        per_image[i].append((names[classes[c]], s, p))
-    paths = []
-    for i, name in enumerate(image_names):
-        paths.append(out_dir / f"{name}.xml")
-        paths[-1].write_text(fair1m_xml(name, per_image[i]))
-    if zip_path:
-        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
-            for p in paths:
-                z.write(p, p.name)
-    return paths
-
-
-def read_fair1m_xml(path):
-    """A FAIR1M XML (label file or submission) -> [{"poly", "label" (canonical: 'liquid-cargo-ship'), "difficult": 0,
-    "score" (probability, 1.0 when absent)}]; a malformed object is a UserError naming the file and object."""
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as e:
-        raise UserError(f"cannot parse {path}: {e}") from None
-    objects = []
-    for k, obj in enumerate(root.iter("object"), 1):
-        where = f"bad object {k} in {path}"
-        name = (obj.findtext("possibleresult/name") or "").strip()
-        try:
-            xy = [float(v) for p in obj.findall("points/point") for v in (p.text or "").split(",")]
-            score = float(obj.findtext("possibleresult/probability") or 1.0)
-        except ValueError:
-            raise UserError(f"{where}: a point is not 'x,y' numbers or the probability is not a number") from None
-        if len(xy) == 10 and abs(xy[0] - xy[8]) + abs(xy[1] - xy[9]) <= 1e-3:  # the closing point repeats the first
-            xy = xy[:8]
-        if not name or len(xy) != 8:
-            raise UserError(f"{where}: needs possibleresult/name and 4 points (+ the first repeated)")
-        objects.append({"poly": xy, "label": "-".join(name.lower().split()), "difficult": 0, "score": score})
-    return objects
-
-
-def read_fair1m_submission(det_dir, classes, image_index):
-    """A folder of FAIR1M submission XMLs -> detection arrays (images by file stem, in file and object order)."""
-    cls_idx = {c: i for i, c in enumerate(classes)}
-    img, lab, score, poly, unknown = [], [], [], [], Counter()
-    for path in sorted(Path(det_dir).glob("*.xml")):
-        if path.stem not in image_index:
-            raise UserError(f"{path}: image '{path.stem}' has no label file in --gt (or is not listed in --imageset)")
-        for o in read_fair1m_xml(path):
-            if o["label"] not in cls_idx:
-                unknown[o["label"]] += 1
-                continue
-            img.append(image_index[path.stem]), lab.append(cls_idx[o["label"]]), score.append(o["score"])
-            poly.append(o["poly"])
-    if unknown:
-        print(f"note: detections of classes not in the class list are ignored: {dict(unknown)}", file=sys.stderr)
-    return {"image": np.array(img, np.int64), "label": np.array(lab, np.int64), "score": np.array(score, float),
-            "poly": np.array(poly, float).reshape(-1, 8)}
 
 
 # -----------------------------------------------------------------------------
@@ -1055,16 +827,16 @@ def make_coord_fn(args):
 
 
 def run_dota_task1(args):
-    classes = read_class_list(args.classes or "dota1.0")
+    classes = det_files.read_class_list(args.classes or "dota1.0")
     names = None
     if args.imageset:
         names = [ln.strip() for ln in boxes.read_text(args.imageset).splitlines() if ln.strip()]
         if not names:
             raise UserError(f"--imageset {args.imageset}: no image names in it (one per line)")
-    gt, names = gt_from_labels(args.gt, classes, names)
+    gt, names = det_files.gt_from_labels(args.gt, classes, names)
     if not len(gt["label"]):  # every AP would be 0 whatever the detections
         raise UserError(f"--gt {args.gt}: its {len(names)} label files hold no objects")
-    dets = read_task_files(args.dota_task1, args.task, classes, {n: i for i, n in enumerate(names)})
+    dets = det_files.read_task_files(args.dota_task1, args.task, classes, {n: i for i, n in enumerate(names)})
     res = score_det(gt, dets, classes, task=args.task, ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
     res["images"] = len(names)
     print_det_table(f"Task{args.task} {args.dota_task1} vs {args.gt} ({len(names)} images, {len(dets['score'])} detections)", res)
@@ -1118,7 +890,7 @@ def score_det_dataset(args, ds, rs, preds, coord_fn, class_list, out_dir):
         raise UserError(f"the det records of dataset '{ds}' in {args.data} name no classes (no meta['classes'], no "
                         f"objects): give --classes")
     objects = [o for r in rs for o in r["meta"].get("objects", [])]
-    check_classes_match(Counter(o["label"] for o in objects if o["label"] not in classes), len(objects),
+    det_files.check_classes_match(Counter(o["label"] for o in objects if o["label"] not in classes), len(objects),
                         classes, f"det/{ds} of {args.data}")
     if not objects:
         print(f"note: det/{ds} has no ground-truth objects (a test split?): its AP is 0 by definition", file=sys.stderr)
@@ -1177,16 +949,16 @@ def merge_and_score(args, rs, dets, classes, out_dir):
         m = r["meta"]
         info.append((m.get("source", r["id"]), tuple(m.get("offset", (0, 0))), float(m.get("rate", 1.0))))
     merged, sources = merge_patches(dets, [r["id"] for r in rs], info)
-    write_task1(out_dir, classes, sources, merged, zip_path=out_dir.with_suffix(".zip"))
+    det_files.write_task1(out_dir, classes, sources, merged, zip_path=out_dir.with_suffix(".zip"))
     res = {"images": len(sources), "detections": int(len(merged["score"])), "task1_zip": str(out_dir.with_suffix(".zip"))}
     print(f"   merged {len(rs)} patches -> {len(sources)} images, {res['detections']} detections -> {res['task1_zip']}")
     if set(classes) <= set(boxes.FAIR1M_CLASSES):  # FAIR1M's own submission too
         xml_dir = out_dir.with_name(out_dir.name + "_fair1m")
-        write_fair1m(xml_dir, classes, sources, merged, zip_path=xml_dir.with_suffix(".zip"))
+        det_files.write_fair1m(xml_dir, classes, sources, merged, zip_path=xml_dir.with_suffix(".zip"))
         res["fair1m_zip"] = str(xml_dir.with_suffix(".zip"))
         print(f"   FAIR1M submission (one XML per image) -> {res['fair1m_zip']}")
     if args.gt:
-        gt, names = gt_from_labels(args.gt, classes, sources)
+        gt, names = det_files.gt_from_labels(args.gt, classes, sources)
         kw = dict(ap_rule=args.ap, iou_thr=args.iou, f1_score_thr=args.f1_score_thr)
         res.update(score_det(gt, merged, classes, task=1, **kw))
         print_det_table(f"merged vs {args.gt}", res)
@@ -1263,7 +1035,7 @@ def run(args, loaded=None):
     on the ranks other than 0 under torchrun). loaded: (model, processor) already loaded for --ckpt with these
     settings (eval_suite.py loads a checkpoint once for all its benchmarks)."""
     check_paths(args)
-    class_list = read_class_list(args.classes) if args.classes and not args.dota_task1 else None
+    class_list = det_files.read_class_list(args.classes) if args.classes and not args.dota_task1 else None
     prior_records = read_records(args.prior) if args.prior else []
     t0 = time.time()
     if args.dota_task1:

@@ -14,6 +14,7 @@ from test_benchmarks import _geochat_referring, det_scores, image, jsonl, read, 
 import bench_prep
 import boxes
 import data_prep
+import det_files
 import eval_det
 import eval_suite
 import eval_vqa
@@ -282,14 +283,14 @@ def test_fair1m_submission_round_trip_and_local_score(tmp_path):
     classes = boxes.FAIR1M_CLASSES
     dets = {"image": np.array([0, 0]), "label": np.array([classes.index("small-car"), classes.index("bus")]),
             "score": np.array([1.0, 1.0]), "poly": np.array([sq(10, 10, 30, 20), sq(0, 80, 20, 95)], float)}
-    paths = eval_det.write_fair1m(tmp_path / "sub", classes, ["0"], dets, zip_path=tmp_path / "sub.zip")
+    paths = det_files.write_fair1m(tmp_path / "sub", classes, ["0"], dets, zip_path=tmp_path / "sub.zip")
     text = paths[0].read_text()
     assert "<filename>0.tif</filename>" in text and "<name>Small Car</name>" in text and "<name>Bus</name>" in text
     assert text.count("<point>") == 10 and "<point>10.000000,10.000000</point>" in text  # 5 points, closing repeated
     assert zipfile.ZipFile(tmp_path / "sub.zip").namelist() == ["0.xml"]
-    back = eval_det.read_fair1m_submission(tmp_path / "sub", classes, {"0": 0})
+    back = det_files.read_fair1m_submission(tmp_path / "sub", classes, {"0": 0})
     assert back["label"].tolist() == dets["label"].tolist() and back["poly"].tolist() == dets["poly"].tolist()
-    gt, names = eval_det.gt_from_labels(gt_dir, classes)
+    gt, names = det_files.gt_from_labels(gt_dir, classes)
     res = eval_det.score_det(gt, back, classes)
     # small car: one GT, one TP -> AP 1; bus: one GT, one FP -> AP 0; DOTA rule: mean over all 37 classes
     assert res["AP"]["small-car"] == pytest.approx(1.0) and res["AP"]["bus"] == 0.0
@@ -330,7 +331,7 @@ def test_dota_v2_class_list_reaches_the_converter_and_the_scorer(tmp_path):
     (rec,) = read(next((tmp_path / "o2").glob("*.jsonl")))
     assert rec["meta"]["classes"] == boxes.DOTA_CLASSES["2.0"] and len(boxes.DOTA_CLASSES["2.0"]) == 18
     assert [o["label"] for o in rec["meta"]["objects"]] == ["helipad", "container-crane"]
-    assert eval_det.read_class_list("dota1.5")[-1] == "container-crane" and len(eval_det.read_class_list("dota1.5")) == 16
+    assert det_files.read_class_list("dota1.5")[-1] == "container-crane" and len(det_files.read_class_list("dota1.5")) == 16
 
 
 def test_xlrs_bench_parquet_release_with_embedded_images(tmp_path):
