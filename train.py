@@ -781,6 +781,16 @@ def spec_peak(device, dtype):
     return next((flops for key, flops in SPEC_BF16_PEAK if key in name), None)
 
 
+def mfu_peaks(device, dtype):
+    """The two MFU denominators of the metrics line, said once: {"mfu": the card's spec peak, "mfu_measured": the
+    matmul peak measured here (GPU only: a CPU's says little)}."""
+    peaks = {"mfu": spec_peak(device, dtype), "mfu_measured": matmul_peak(device, dtype) if device.type == "cuda" else None}
+    if any(peaks.values()):
+        print0("  MFU against " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items() if v)
+               + " per GPU (mfu: the card's spec dense bf16 peak; mfu_measured: a matmul measured now)")
+    return peaks
+
+
 def matmul_peak(device, dtype):
     """Measured matmul FLOP/s of this device in `dtype`: a large square matmul, timed (the measured MFU's
     denominator: what this card, clock and software stack really deliver)."""
@@ -905,7 +915,7 @@ def trained_state(model, optimizer):
 
 def save_checkpoint(ckpt_dir, step, position, model, optimizer, args, schedule):
     """Trained parameters and optimizer shards via torch.distributed.checkpoint (each rank writes its own, all at
-    once), plus loop.pt from rank 0: step, the stream position of the next step (loop_state["position"]), world
+    once), plus loop.pt from rank 0: step, `position` (where the next step starts in the stream), world
     size, every rank's RNG states, the schedule, args. Then rename, rotate. Returns (path, seconds, GB written by
     all ranks)."""
     t0 = time.time()
@@ -1482,8 +1492,7 @@ def main(argv=None):
 
     # --- loop
     logger = Logger(args, out, rank, step, max_steps)
-    dtype = DTYPES[run["dtype"]]
-    peaks = {"mfu": spec_peak(device, dtype), "mfu_measured": matmul_peak(device, dtype) if device.type == "cuda" else None}
+    peaks = mfu_peaks(device, DTYPES[run["dtype"]])
     while step < max_steps:
         t0 = time.time()
         g, micro, info = next(batches)

@@ -1,4 +1,4 @@
-"""bench/bench_train.py on CPU (the tiny model): `python bench/bench_train.py --steps 2 --json-out F` runs every variant, ends with one
+"""bench/bench_train.py on CPU (the tiny model): `python bench/bench_train.py --steps 1 --warmup 0 --json-out F` runs every variant, ends with one
 ratio line per variant, counts attention calls the way the variants really make them (varlen: one call per vision
 block per tower forward; transformers' loop: one per window), packs without padding, starts every variant from the
 same weights (same first loss), and writes the numbers it prints to the JSON file. Plus the pieces the GPU run
@@ -22,7 +22,7 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench_train.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": ""}  # the CPU comparison, on any machine
-    proc = subprocess.run([sys.executable, "bench/bench_train.py", "--steps", "2", "--json-out", str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "bench/bench_train.py", "--steps", "1", "--warmup", "0", "--json-out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout, json.loads(out.read_text())
