@@ -88,8 +88,10 @@ a_rank_failed() {  # one rank's outcome is an error, or it died without one (SIG
     done
     return 1
 }
-end_every_rank() {  # torchrun first (else it reports the ranks ended here in a block of its own), then each rank
-    local f      # with its DataLoader workers (torchrun gives every rank a process group of its own)
+# torchrun first (else it reports the ranks ended here in a block of its own), then each rank with its DataLoader
+# workers (torchrun gives every rank a process group of its own)
+end_every_rank() {
+    local f
     kill -KILL "$TORCHRUN" 2>/dev/null || true
     for f in "$STATUS"/*.pid; do
         if [[ -e "$f" && ! -e "${f%.pid}.exit" ]]; then kill -KILL -- "-$(cat "$f")" 2>/dev/null || true; fi
