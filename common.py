@@ -31,37 +31,17 @@ class UserError(ValueError):
 
 def run_cli(main):
     """Run a script's main() with the project's error rule: a UserError prints `error: MESSAGE` as one line on
-    stderr and exits 2 (no traceback; `--debug` or RSCOVLM_DEBUG=1 brings it back). Under launch.sh
-    (RSCOVLM_STATUS_DIR set) each process also records its pid at start and how it ended, so launch.sh can
-    forward signals to the ranks, wait for them and print the first failing rank's line last."""
-    status_dir = os.environ.get("RSCOVLM_STATUS_DIR")
-    name = f"rank{os.environ.get('LOCAL_RANK', 0)}"
-    if status_dir:
-        Path(status_dir, f"{name}.pid").write_text(str(os.getpid()))
+    stderr and exits 2 (no traceback; `--debug` or RSCOVLM_DEBUG=1 brings it back). (train.py under launch.sh
+    reports through launch.sh's status files instead: train.launched.)"""
     debug = "--debug" in sys.argv[1:] or os.environ.get("RSCOVLM_DEBUG", "") not in ("", "0")
-    code, line = 1, None
     try:
         main()
-        code = 0
     except UserError as e:
-        line = f"error: {' '.join(str(e).split())}"  # one line, whatever the message held
         if debug:
             raise
-        print(line, file=sys.stderr, flush=True)
-        code = 2
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        line = e.code if isinstance(e.code, str) else None
-        raise
-    except KeyboardInterrupt:
-        code = 130
-        raise
-    finally:
-        if status_dir:
-            rank = os.environ.get("RANK", "0")
-            Path(status_dir, f"{name}.exit").write_text(json.dumps(
-                {"code": code, "time": time.time(), "line": f"rank {rank}: {line}" if line else None}))
-    sys.exit(code)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)  # one line, whatever the message held
+        sys.exit(2)
+    sys.exit(0)
 
 
 def add_debug_flag(parser):

@@ -1,42 +1,30 @@
 """
 train.py — co-train Qwen2.5-VL / Qwen3-VL on a mixture of record files (every task, text-only records too)
-with FSDP2, on one GPU, one node or many nodes; resumable; CPU (gloo) for the tiny model and the tests.
+with FSDP2, on one GPU, one node or many nodes; resumable and preemptible; CPU (gloo) for the tiny model and
+the tests. docs/training.md explains every flag; launch.sh's header has the one-node, two-node and Slurm commands.
 
-Read top to bottom: arguments -> data mixture and sampler -> token-budget micro-batches -> model (meta ->
-shard -> load) -> optimizer and schedule -> checkpoints and export -> main() with the loop.
+Read top to bottom: arguments -> the mixture -> the step planner (which samples each rank trains on at step g) ->
+model (meta -> shard -> load) -> FLOPs -> optimizer and schedule -> checkpoints and exports -> logging -> process
+supervision (signals, DataLoader workers, launch.sh's status files) -> one step -> main(), the recipe.
 
-    # one node, all GPUs (launch.sh picks torchrun's arguments; two nodes, Slurm and the RSCoVLM recipe are in
-    # its header)
-    bash launch.sh --model ckpt/Qwen2.5-VL-7B-Instruct --out runs/cotrain \
-        --data "data/dota/dota_train_512.jsonl*25,data/rsvqa/rsvqa_lr_train.jsonl*2,data/cap/rsicd_train.jsonl%50" \
-        --lr 2e-6 --grad-ckpt --max-length 6144 --save-every 500 --resume auto
-    # the same without launch.sh
-    torchrun --standalone --nproc-per-node 8 train.py --model ... --data ... --out ...
+    bash launch.sh --model ckpt/Qwen2.5-VL-7B-Instruct --out runs/cotrain --ac full \
+        --data "data/dota/dota_train_512.jsonl*25,data/rsvqa/rsvqa_lr_train.jsonl*2,data/cap/rsicd_train.jsonl%50"
     # tiny CPU demo, one process
     python synth.py model ckpt/tiny && python synth.py data --out data/synth --train 200 --val 50
     python train.py --model ckpt/tiny --data data/synth/synth_all_train.jsonl --out runs/tiny --max-steps 100 \
-        --batch-size 8 --lr 1e-3      # ~25 s on 2 cores; loss 5.9 -> 3.1
+        --batch-size 8 --lr 1e-3
 
-OUT/ holds: args.json, metrics.jsonl (one line per step), loss.png, ckpt/step_00000500/ (torch.distributed
-checkpoint: the trained parameters, optimizer, sampler position, step, RNG; the last --keep-last are kept),
-export/step_N/ (with --export-every) and final/: Hugging Face directories (config, safetensors, processor)
-loadable by model.load and transformers' AutoModelForImageTextToText (vLLM reads the same layout; not tested
-here).
-
-LoRA: --lora 64 [--lora-targets llm+vision] [--dora] trains PEFT adapters instead of the weights they sit on
-(apply_lora); checkpoints then hold the adapters alone, final/ has them merged in and final_adapter/ is the
-PEFT adapter (export_hf).
-
-Data: --data "a.jsonl*25,b.jsonl%50,c.jsonl" — `*N` repeats a file N times, `%P` keeps a seeded P% subset.
-All entries are shuffled together (a fresh seeded permutation per pass) and dealt to ranks in turn; each
-rank builds micro-batches from its share bounded by --batch-size samples and --max-tokens padded tokens.
-A step is --grad-accum micro-batches on every rank; its loss is the sum of cross-entropy over supervised
-(assistant) tokens divided by their number across all ranks and micro-batches.
+OUT/ holds args.json (the flags as given), resolved.json (what they resolved to: dtype, attention, kernel),
+metrics.jsonl, loss.png, ckpt/step_N/ (resumable: trained parameters, optimizer, step, stream position, RNG),
+export/step_N/ (--export-every) and final/: Hugging Face folders, written to a temporary name and renamed, never
+rewritten once there.
 """
 
 import argparse
 import atexit
+import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -48,6 +36,7 @@ import signal
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +63,11 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default once: not for None/False defaults, nor where the help text already says it."""
+    """Shows a flag's default once: not for None/False defaults, nor where the help text already says it; the help
+    column far enough right that a flag and its value fit before it."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=36)
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False or "default" in (action.help or ""):
@@ -82,92 +75,84 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors: one line naming the flag, exit 2 (also through launch.sh, where
+    every rank would otherwise print argparse's usage block)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (train.py --help lists the flags)")
+
+
+ATTENTION = ["sdpa", "flash_attention_2", "eager", "varlen"]
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="FSDP2 co-training of Qwen-VL on a mixture of record files",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="FSDP2 co-training of Qwen-VL on a mixture of record files (docs/training.md)",
+                       usage="train.py --model DIR --data SPEC --out DIR [flags]", formatter_class=HelpFormatter)
     # what to train, on what, where
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory to start from (Qwen2.5-VL or Qwen3-VL)")
-    p.add_argument("--data", required=True, help='mixture of record JSONL files: "a.jsonl*25,b.jsonl%%50,c.jsonl" (*N repeat, %%P seeded subset)')
-    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics, exports)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order, subsets and RNG")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder to start from (Qwen2.5-VL or Qwen3-VL)")
+    p.add_argument("--data", required=True, help='record files: "a.jsonl*25,b.jsonl%%50,c.jsonl" (*N repeat, %%P seeded subset)')
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, exports")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, subsets, adapters and RNG")
     # length of training
-    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps; 0 = --epochs passes over the mixture, counted at --batch-size samples per micro-batch")
+    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps; 0 = --epochs passes over the mixture")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the mixture when --max-steps is 0")
     # batch
-    p.add_argument("--batch-size", type=int, default=1, help="most samples in one micro-batch (per rank)")
-    p.add_argument("--max-tokens", type=int, default=0, help="most padded tokens in one micro-batch (samples x longest); 0 = batch-size x max-length")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
-    p.add_argument("--max-length", type=int, default=6144, help="most tokens in one sample (image tokens included)")
-    p.add_argument("--pack", action="store_true", help="pack each step's samples end to end into rows of up to --max-tokens tokens, balanced over the ranks (no padding, equal work per rank; attention stays within each sample). A step holds the same samples as without it unless --max-tokens would cut a micro-batch short; the loss is the same")
-    p.add_argument("--overlong", default="skip", choices=["skip", "truncate", "error"], help="what to do with a sample longer than --max-length (truncate never cuts image tokens; then it errors)")
-    p.add_argument("--min-pixels", type=int, default=None, help="image pixel budget floor (RSCoVLM: 50176 = 64*28*28); default: the checkpoint's processor")
-    p.add_argument("--max-pixels", type=int, default=None, help="image pixel budget ceiling (RSCoVLM: 1016064 = 1296*28*28); default: the checkpoint's processor")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank (image loading, tokenization); 0 = in the main process")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch per rank")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step per rank")
+    p.add_argument("--max-tokens", type=int, default=0, help="most tokens in one micro-batch or packed row; 0 = batch-size x max-length")
+    p.add_argument("--max-length", type=int, default=6144, help="most tokens in one sample, image tokens included")
+    p.add_argument("--pack", action="store_true", help="pack each step's samples into rows balanced over the ranks (no padding)")
+    p.add_argument("--overlong", default="skip", choices=["skip", "truncate", "error"], help="a sample over --max-length")
+    p.add_argument("--min-pixels", type=int, default=None, help="image pixel budget floor (default: the checkpoint's)")
+    p.add_argument("--max-pixels", type=int, default=None, help="image pixel budget ceiling (default: the checkpoint's)")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank; 0 = in the main process")
     # optimizer and schedule
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of the language model")
     p.add_argument("--vision-lr", type=float, default=None, help="peak learning rate of the vision tower (default: --lr)")
-    p.add_argument("--merger-lr", type=float, default=None, help="peak learning rate of the vision-language merger (default: --lr)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to this fraction of the peak")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="linear warmup over this fraction of --max-steps")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only; not biases, norms)")
+    p.add_argument("--merger-lr", type=float, default=None, help="peak learning rate of the merger (default: --lr)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="the cosine ends at this fraction of the peak")
+    p.add_argument("--warmup-ratio", type=float, default=0.05, help="linear warmup over this fraction of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, matrices only")
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = no clipping (the norm is still logged)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip; 0 = none")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower (merger excluded)")
     p.add_argument("--freeze-merger", action="store_true", help="do not train the vision-language merger")
-    p.add_argument("--freeze-llm", action="store_true", help="do not train the language model (embeddings and head included)")
-    # LoRA (PEFT): adapters instead of the full weights of the parts they target
-    p.add_argument("--lora", type=int, default=0, metavar="R",
-                   help="train LoRA adapters of rank R on every linear layer of --lora-targets instead of their weights "
-                        "(RSCoVLM: 64); the targeted parts' own weights stay frozen, the parts not targeted train fully "
-                        "unless frozen (--freeze-vision --freeze-merger: adapters only, as RSCoVLM). OUT/final is "
-                        "exported with the adapters merged, OUT/final_adapter holds the PEFT adapter. 0 (the default): no LoRA")
-    p.add_argument("--lora-alpha", type=float, default=None, metavar="ALPHA", help="LoRA scaling numerator: the update is alpha / R x B A (default 16, RSCoVLM's)")
-    p.add_argument("--lora-dropout", type=float, default=None, metavar="P", help="dropout on the adapters' input (default 0.05, RSCoVLM's)")
-    p.add_argument("--lora-targets", default=None, choices=["llm", "llm+vision"],
-                   help="where the adapters go: llm = every linear of the decoder layers (attention and MLP; not the "
-                        "embeddings nor lm_head); llm+vision = also every linear of the vision blocks (the merger "
-                        "stays under --freeze-merger). Default llm")
-    p.add_argument("--dora", action="store_true", help="DoRA (weight-decomposed LoRA): adapters also learn each output row's magnitude")
-    # numerics and memory
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (master weights and gradient reduction are fp32); default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--ac", default="none", metavar="none|full|vision|every-K",
-                   help="activation checkpointing: a checkpointed block keeps only its input and reruns its forward in "
-                        "backward. full = every decoder layer and vision block (least memory, ~30%% more compute); "
-                        "vision = vision blocks only (saves the per-patch activations of large images, a few %% more "
-                        "compute); every-K = the K-th, 2K-th, ... decoder layer and vision block (every-2: about half "
-                        "of full's saving for half its cost); none = keep every activation (fastest, most memory)")
-    p.add_argument("--grad-ckpt", dest="ac", action="store_const", const="full", help="the same as --ac full")
-    # parallelism
-    p.add_argument("--hsdp", default="auto", choices=["auto", "on", "off"],
-                   help="hybrid sharding: shard the model within a node, replicate it across nodes (gradients are "
-                        "reduce-scattered in the node, then all-reduced across nodes: less traffic between nodes, more "
-                        "memory per GPU than sharding over every GPU); auto = on when the job spans more than one node "
-                        "(torchrun's LOCAL_WORLD_SIZE < WORLD_SIZE) with more than one rank each (with one, HSDP "
-                        "would not shard at all)")
-    p.add_argument("--hsdp-replicas", type=int, default=0, metavar="N",
-                   help="with HSDP, the number of model replicas, each sharded over world / N ranks; 0 = the number "
-                        "of nodes (set it to shard over groups of nodes, or to try HSDP on one node)")
-    p.add_argument("--vision-shard", default="tower", choices=["tower", "blocks"],
-                   help="FSDP units of the vision tower: tower = one unit (one all-gather, the whole tower gathered "
-                        "while it runs); blocks = one unit per vision block, plus one for the patch embedding and "
-                        "merger(s) (less memory, more and smaller collectives)")
-    p.add_argument("--attn", default=None, help="language-model attention: sdpa, flash_attention_2, eager, or varlen (attention.varlen_attention: one variable-length call per packed row; needs --pack); default flash_attention_2 when installed on GPU, else varlen with --pack on a GPU with a varlen kernel, else sdpa")
-    p.add_argument("--vision-attn", default=None, help="vision-tower attention: varlen (one variable-length call per layer over every image and window: flash_attn's kernel or torch's varlen_attn on GPU, an exact masked sdpa call on CPU) or any --attn value (transformers' implementation: with sdpa one call per window); default varlen on a GPU with a varlen kernel, else --attn")
-    p.add_argument("--dist-timeout", type=float, default=60, help="minutes a collective may wait for the slowest rank (rank 0 alone loads the weights and writes exports meanwhile)")
+    p.add_argument("--freeze-llm", action="store_true", help="do not train the language model")
+    # LoRA (PEFT)
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA adapters of rank R instead of the targeted weights; 0 = none")
+    p.add_argument("--lora-alpha", type=float, default=None, metavar="ALPHA", help="LoRA scale numerator (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=None, metavar="P", help="dropout on the adapters' input (default 0.05)")
+    p.add_argument("--lora-targets", default=None, choices=["llm", "llm+vision"], help="linears that get adapters (default llm)")
+    p.add_argument("--dora", action="store_true", help="DoRA: the adapters also learn each row's magnitude")
+    # numerics, memory, parallelism
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--ac", default="none", metavar="none|full|vision|every-K", help="activation checkpointing")
+    p.add_argument("--hsdp", default="auto", choices=["auto", "on", "off"], help="shard within a node, replicate across nodes")
+    p.add_argument("--hsdp-replicas", type=int, default=0, metavar="N", help="HSDP replicas; 0 = the number of nodes")
+    p.add_argument("--vision-shard", default="tower", choices=["tower", "blocks"], help="FSDP units of the vision tower")
+    p.add_argument("--attn", default=None, choices=ATTENTION, help="language-model attention (default: see docs/training.md)")
+    p.add_argument("--vision-attn", default=None, choices=ATTENTION, help="vision-tower attention: varlen or --attn's")
+    p.add_argument("--dist-timeout", type=float, default=60, help="minutes a collective waits for the slowest rank")
     # checkpoints, exports, logging
-    p.add_argument("--resume", default="auto", help="'auto' = newest complete checkpoint in OUT/ckpt (fresh start when none), 'none' = fresh start, or a checkpoint directory")
-    p.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps (and at the end)")
-    p.add_argument("--keep-last", type=int, default=2, help="keep the newest K checkpoints")
-    p.add_argument("--export-every", type=int, default=0, help="also write a Hugging Face export to OUT/export/step_N every N steps; 0 = only OUT/final")
-    p.add_argument("--export-dtype", default="auto", choices=["auto", "bf16", "fp32"], help="dtype of exported weights; auto = the dtype of the --model checkpoint")
-    p.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
-    p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb with TensorBoard (when installed)")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (when installed)")
-    p.add_argument("--run-name", default=None, help="run name for W&B (default: the name of --out)")
+    p.add_argument("--resume", default="auto", help="auto (newest checkpoint in OUT/ckpt), none, or a checkpoint folder")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and one at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--export-every", type=int, default=0, help="steps between OUT/export/step_N; 0 = only OUT/final")
+    p.add_argument("--export-dtype", default="auto", choices=["auto", "bf16", "fp32"], help="exported weights; auto = --model's")
+    p.add_argument("--log-every", type=int, default=1, help="steps between metrics lines")
+    p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb (when installed)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this W&B project (when installed)")
+    p.add_argument("--run-name", default=None, help="W&B run name (default: the name of --out)")
     add_debug_flag(p)
     args = p.parse_args(argv)
     if not re.fullmatch(r"none|full|vision|every-[1-9]\d*", args.ac):
         p.error(f"argument --ac: expected none, full, vision or every-K (K >= 1), got '{args.ac}'")
+    for flag in ("batch_size", "grad_accum", "max_length", "save_every", "keep_last", "log_every"):
+        if getattr(args, flag) < 1:
+            p.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    if Path(args.out).is_file():
+        raise UserError(f"--out {args.out} is a file: give a folder (it is created if missing)")
     check_lora_args(args)
     return args
 
@@ -194,14 +179,14 @@ def check_lora_args(args):
         raise UserError(f"--lora-alpha {args.lora_alpha}: must be > 0")
     if args.freeze_llm:
         raise UserError("--freeze-llm with --lora: the language model's adapters are what --lora trains (its own "
-                          "weights are frozen already); drop --freeze-llm")
+                        "weights are frozen already); drop --freeze-llm")
     if args.freeze_vision and args.lora_targets == "llm+vision":
         raise UserError("--freeze-vision with --lora-targets llm+vision: adapters on the vision tower train it; drop "
-                          "--freeze-vision (the tower's own weights stay frozen) or use --lora-targets llm")
+                        "--freeze-vision (the tower's own weights stay frozen) or use --lora-targets llm")
 
 
 # -----------------------------------------------------------------------------
-# Data mixture: "a.jsonl*25,b.jsonl%50" -> records and the list of (file, record) entries of one pass
+# The mixture: "a.jsonl*25,b.jsonl%50" -> the records and one pass's (file, record) entries, every record's length
 
 
 def parse_mixture(spec):
@@ -250,14 +235,79 @@ def build_mixture(spec, seed):
             idx = np.sort(np.random.default_rng([seed, i]).choice(len(records), size=k, replace=False))
         files.append((path, records))
         entries += [np.stack([np.full(len(idx), i), idx], 1)] * repeat
+        print0(f"  {path}: x{repeat} {percent:g}% -> {len(idx) * repeat} samples per pass")
     entries = np.concatenate(entries) if entries else np.zeros((0, 2), np.int64)
     if len(entries) == 0:
         raise UserError(f"--data '{spec}' has no records")
     return files, entries.astype(np.int64)
 
 
+def record_lengths(files, processor, max_length, overlong, device):
+    """Token length of every record of the mixture, [int64 array per file], from image headers and text alone
+    (model.sample_length, ~1 ms a record), each rank a share, summed over ranks: what the step planner cuts
+    micro-batches and rows with. -1 marks a record skipped as overlong (--overlong skip); with truncate a longer
+    record counts as max_length. A bad record or --overlong error is a UserError on every rank, before the model
+    loads."""
+    t0, rank, world = time.time(), dist.get_rank(), dist.get_world_size()
+    sizes = [len(records) for _, records in files]
+    flat = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
+    error = ""
+    for j, rec in enumerate(rec for _, records in files for rec in records):
+        if j % world != rank or error:
+            continue
+        try:
+            n = M.sample_length(rec, processor)
+        except UserError as e:
+            error, n = str(e), 0
+        if n > max_length:
+            if overlong == "error":
+                error = f"{record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)"
+            n = -1 if overlong == "skip" else max_length
+        flat[j] = n + 1  # each record on one rank only: the sum over ranks is its value
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        raise UserError(next(e for e in errors if e))
+    dist.all_reduce(flat)
+    lengths = flat.cpu().numpy() - 1
+    kept = lengths[lengths >= 0]
+    if len(kept) == 0:
+        raise UserError(f"every record is longer than --max-length {max_length}: raise it or lower --max-pixels")
+    print0(f"  {len(lengths)} records measured in {time.time() - t0:.1f} s: {kept.mean():.0f} tokens on average "
+           f"(max {kept.max()}), {len(lengths) - len(kept)} over --max-length {max_length} ({overlong})")
+    return np.split(lengths, np.cumsum(sizes)[:-1])
+
+
+def load_sample(files, entry, processor, max_length):
+    """The model.tokenize dict (+ "id", "n_images") of one entry (file index, record index), cut to max_length
+    when longer (only --overlong truncate gets here: the planner drops skipped records, and `error` stopped the run
+    at start); {"error": line} for bad input (the line names the record's file:line), handed to the main process
+    as data so that it ends the run with that one line, not a DataLoader worker's traceback."""
+    path, records = files[entry[0]]
+    rec = records[entry[1]]
+    try:
+        sample = M.tokenize(rec, processor)
+        if len(sample["input_ids"]) > max_length:
+            sample = M.tokenize(rec, processor, max_length=max_length, truncate=True)
+    except UserError as e:
+        return {"error": str(e)}  # model.tokenize names the record
+    except Exception as e:  # a bug: keep the traceback, but name the record
+        raise RuntimeError(f"cannot tokenize record '{rec['id']}' of {path}: {e}") from e
+    sample["id"], sample["n_images"] = rec["id"], len(rec["images"])
+    return sample
+
+
 # -----------------------------------------------------------------------------
-# Sampler: an endless, seeded, resumable stream per rank
+# The step planner: which samples each rank trains on at step g, a pure function of g
+#
+# Step g takes the next world x grad-accum x batch-size entries of the global stream (pass after pass over the
+# mixture, each pass a fresh seeded permutation) and drops the records skipped as overlong. Without --pack the
+# rest are dealt to the ranks in turn and cut into micro-batches of <= --batch-size samples and <= --max-tokens
+# padded tokens (samples x the longest); with --pack they are planned into rows of <= --max-tokens tokens,
+# balanced over the ranks (pack_rows). Every rank gets the same number of micro-batches (an empty one becomes a
+# one-token filler): FSDP needs every rank to run the same forwards. --max-tokens thus never changes which samples
+# a step holds, only how many micro-batches they take; the loss (summed over supervised tokens, divided by their
+# number over all ranks) is the same either way. Resuming is knowing the step and where its block starts.
 
 
 @functools.lru_cache(maxsize=2)
@@ -266,164 +316,63 @@ def pass_permutation(seed, epoch, n):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def global_entry(p, n, seed):
-    """Index into the mixture's n entries of position p of the global stream: pass after pass over the mixture,
-    each pass a fresh permutation seeded by (seed, pass)."""
-    epoch, offset = divmod(p, n)
-    return int(pass_permutation(seed, epoch, n)[offset])
+class StepPlanner:
+    """plan(g): the micro-batches of every rank at step g, as lists of entries. `start_position` is the stream
+    position of step `start_step`'s first entry (0, 0 for a fresh run; a checkpoint says where a resumed run is,
+    so a resume on another number of ranks continues at the same place of the stream)."""
+
+    def __init__(self, entries, lengths, args, world, start_step=0, start_position=0):
+        self.entries, self.lengths, self.seed, self.world = entries, lengths, args.seed, world
+        self.grad_accum, self.batch_size, self.pack = args.grad_accum, args.batch_size, args.pack
+        self.max_tokens = args.max_tokens or args.batch_size * args.max_length
+        self.per_step = world * args.grad_accum * args.batch_size
+        self.start_step, self.start_position = start_step, start_position
+
+    def position(self, g):
+        return self.start_position + (g - self.start_step) * self.per_step
+
+    def block(self, g):
+        """(the entries step g keeps, in stream order; how many it skipped as overlong)."""
+        n, p = len(self.entries), self.position(g)
+        block = [tuple(self.entries[pass_permutation(self.seed, q // n, n)[q % n]].tolist()) for q in range(p, p + self.per_step)]
+        kept = [e for e in block if self.lengths[e[0]][e[1]] >= 0]  # (file, record) tuples
+        return kept, len(block) - len(kept)
+
+    def plan(self, g):
+        """([rank][micro-batch] -> list of entries, number skipped) of step g."""
+        kept, skipped = self.block(g)
+        sizes = [int(self.lengths[f][i]) for f, i in kept]
+        if self.pack:
+            ranks = pack_rows(sizes, self.world, self.grad_accum, self.max_tokens)
+        else:
+            ranks = [split_padded(range(r, len(kept), self.world), sizes, self.batch_size, self.max_tokens)
+                     for r in range(self.world)]
+            most = max(1, *(len(m) for m in ranks))
+            ranks = [m + [[] for _ in range(most - len(m))] for m in ranks]
+        return [[[kept[i] for i in group] for group in rank] for rank in ranks], skipped
 
 
-def stream_entry(k, rank, world, n, seed):
-    """Index into the mixture's entries of position k of rank `rank`'s stream: rank r takes global positions
-    r, r + world, r + 2*world, ... So the stream is a pure function of k and resuming is remembering k."""
-    return global_entry(k * world + rank, n, seed)
-
-
-def load_sample(files, entry, processor, max_length, overlong):
-    """The model.tokenize dict (+ "id", "n_images") of one entry (file index, record index); None for a record
-    skipped as overlong; {"error": line} for bad input (the line names the record's file:line), handed to the
-    main process as data so that it ends the run with that one line, not a DataLoader worker traceback."""
-    path, records = files[entry[0]]
-    rec = records[entry[1]]
-    try:
-        sample = M.tokenize(rec, processor)
-        n = len(sample["input_ids"])
-        if n > max_length:
-            if overlong == "skip":
-                return None
-            if overlong == "error":
-                raise UserError(f"{record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)")
-            sample = M.tokenize(rec, processor, max_length=max_length, truncate=True)
-    except UserError as e:
-        return {"error": str(e)}
-    except Exception as e:  # a bug: keep the traceback, but name the record
-        raise RuntimeError(f"cannot tokenize record '{rec['id']}' of {path}: {e}") from e
-    sample["id"], sample["n_images"] = rec["id"], len(rec["images"])
-    return sample
-
-
-class MixtureStream(torch.utils.data.IterableDataset):
-    """Yields (k, sample) for stream positions k = start, start+1, ... of one rank, forever. sample is the
-    model.tokenize dict (+ "id", "n_images"), or None for a record skipped as overlong. With DataLoader workers,
-    worker w takes positions start+w, start+w+W, ...; the DataLoader returns worker results round-robin, so the
-    order is exactly k = start, start+1, ... whatever the number of workers."""
-
-    def __init__(self, files, entries, processor, rank, world, seed, start, max_length, overlong):
-        super().__init__()
-        self.files, self.entries, self.processor = files, entries, processor
-        self.rank, self.world, self.seed, self.start = rank, world, seed, start
-        self.max_length, self.overlong = max_length, overlong
-
-    def record(self, k):
-        file_i, rec_i = self.entries[stream_entry(k, self.rank, self.world, len(self.entries), self.seed)]
-        path, records = self.files[file_i]
-        return path, records[rec_i]
-
-    def load(self, k):
-        entry = self.entries[stream_entry(k, self.rank, self.world, len(self.entries), self.seed)]
-        return load_sample(self.files, entry, self.processor, self.max_length, self.overlong)
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        k = self.start + worker
-        while True:
-            yield k, self.load(k)
-            k += n_workers
-
-
-# -----------------------------------------------------------------------------
-# Token-budget micro-batches
-
-
-class MicroBatches:
-    """Groups a rank's stream into micro-batches of at most `batch_size` samples and at most `max_tokens`
-    padded tokens (samples x longest sample; a single longer sample still forms a batch of one).
-    `cursor` is the stream position of the first sample not yet handed out: the sampler state to checkpoint
-    (a sample read ahead but not used is read again after a resume)."""
-
-    def __init__(self, stream_iter, start, batch_size, max_tokens, pass_size):
-        self.it, self.cursor = stream_iter, start
-        self.batch_size, self.max_tokens = batch_size, max_tokens
-        self.pending = None  # (k, sample) read from the stream, not yet in a batch
-        self.skipped = 0  # overlong records skipped since the start of this process
-        self.skipped_in_a_row, self.pass_size = 0, pass_size
-
-    def next(self):
-        batch, longest = [], 0
-        while len(batch) < self.batch_size:
-            if self.pending is None:
-                self.pending = next(self.it)
-            k, sample = self.pending
-            assert k == self.cursor, f"stream out of order: got position {k}, expected {self.cursor}"
-            if sample is not None and "error" in sample:
-                raise UserError(sample["error"])
-            if sample is None:
-                self.pending, self.cursor, self.skipped = None, k + 1, self.skipped + 1
-                self.skipped_in_a_row += 1
-                if self.skipped_in_a_row >= self.pass_size:  # else we would loop forever
-                    raise RuntimeError(f"{self.skipped_in_a_row} records in a row are longer than --max-length: "
-                                       "raise --max-length or lower --max-pixels")
-                continue
-            self.skipped_in_a_row = 0
-            T = max(longest, len(sample["input_ids"]))
-            if batch and (len(batch) + 1) * T > self.max_tokens:
-                break
-            batch.append(sample)
-            longest, self.pending, self.cursor = T, None, k + 1
-        return batch
-
-
-# -----------------------------------------------------------------------------
-# Packed steps (--pack): the same samples per step, in rows balanced over the ranks
-#
-# Without --pack a step is --grad-accum padded micro-batches per rank, each rank with its own share of the
-# stream: ranks do unequal work (lengths run from ~300 to 6,144 tokens) and every step waits for the slowest.
-# With --pack a step takes the same world x grad-accum x batch-size samples of the global stream (the same
-# samples as without --pack whenever no micro-batch is cut short by --max-tokens and no record is skipped),
-# plans their rows from token lengths known in advance (model.sample_length), and deals the rows so that every
-# rank runs the same number of rows with about the same number of tokens. A row is samples end to end with no
-# padding; attention stays within each sample (model.pack). The loss is still the sum over supervised tokens
-# of all ranks divided by their number, so --pack changes the speed, not the numbers.
-
-
-def record_lengths(files, processor, max_length, overlong, device):
-    """Token length of every record of the mixture, [int64 array per file], computed from image headers and
-    text alone, each rank a share, summed over ranks. -1 marks a record skipped as overlong (--overlong skip);
-    with --overlong truncate a longer record counts as max_length. A bad record is a UserError on every rank."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sizes = [len(records) for _, records in files]
-    flat = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
-    error, j = "", 0
-    for path, records in files:
-        for rec in records:
-            if j % world == rank and not error:
-                try:
-                    n = M.sample_length(rec, processor)
-                except UserError as e:
-                    error = str(e)
-                    n = 0
-                if n > max_length:
-                    if overlong == "error":
-                        error = f"{record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)"
-                    n = -1 if overlong == "skip" else max_length
-                flat[j] = n + 1  # each record on one rank only: the sum over ranks is its value
-            j += 1
-    errors = [None] * world
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        raise UserError(next(e for e in errors if e))
-    dist.all_reduce(flat)
-    return np.split(flat.cpu().numpy() - 1, np.cumsum(sizes)[:-1])
+def split_padded(idx, sizes, batch_size, max_tokens):
+    """The samples idx (in order) as consecutive micro-batches of <= batch_size samples and <= max_tokens padded
+    tokens (samples x the longest; a longer sample forms a micro-batch alone)."""
+    groups, longest = [], 0
+    for i in idx:
+        T = max(longest, sizes[i])
+        if groups and len(groups[-1]) < batch_size and (len(groups[-1]) + 1) * T <= max_tokens:
+            groups[-1].append(i)
+            longest = T
+        else:
+            groups.append([i])
+            longest = sizes[i]
+    return groups
 
 
 def pack_rows(lengths, world, rows_per_rank, capacity):
     """Split one step's samples (their token lengths) into rows: at least rows_per_rank on each rank and the
-    same number on every rank (each row is one forward and backward, and FSDP needs every rank to run the same
-    ones); a row holds at most `capacity` tokens (a longer sample gets a row of its own). Longest sample first
-    onto the row with the fewest tokens where it fits (a row may stay empty: it becomes a one-token filler);
-    when it fits nowhere, `world` more rows are opened. Then rows are dealt heaviest first to the rank with the
-    fewest tokens that still needs rows. Returns rank -> [row -> [sample index, ascending]]; deterministic."""
+    same number on every rank; a row holds at most `capacity` tokens (a longer sample gets a row of its own).
+    Longest sample first onto the row with the fewest tokens where it fits (a row may stay empty: it becomes a
+    filler); when it fits nowhere, `world` more rows are opened. Then rows are dealt heaviest first to the rank
+    with the fewest tokens that still needs rows. Returns rank -> [row -> [sample index, ascending]]; deterministic."""
     rows, load = [[] for _ in range(world * rows_per_rank)], [0] * (world * rows_per_rank)
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         fits = [r for r in range(len(rows)) if not rows[r] or load[r] + lengths[i] <= capacity]
@@ -443,74 +392,79 @@ def pack_rows(lengths, world, rows_per_rank, capacity):
     return ranks
 
 
-class PackedSteps(torch.utils.data.IterableDataset):
-    """Yields (step, rows, skipped) for steps start, start+1, ...: this rank's rows of that step (lists of
-    tokenized samples; an empty list is a filler row) and the number of overlong records the step skipped.
-    Step g covers global stream positions [g * per_step, (g + 1) * per_step): a pure function of g, so
-    resuming is knowing the step. Worker w of W takes steps start+w, start+w+W, ... (the DataLoader returns
-    them in order)."""
-
-    def __init__(self, files, entries, lengths, processor, rank, world, seed, start, per_step, rows_per_rank,
-                 capacity, max_length, overlong):
-        super().__init__()
-        self.files, self.entries, self.lengths, self.processor = files, entries, lengths, processor
-        self.rank, self.world, self.seed, self.start, self.per_step = rank, world, seed, start, per_step
-        self.rows_per_rank, self.capacity, self.max_length, self.overlong = rows_per_rank, capacity, max_length, overlong
-
-    def plan(self, g):
-        """(this rank's rows as lists of entries, number of skipped records) of step g."""
-        n = len(self.entries)
-        block = [self.entries[global_entry(p, n, self.seed)] for p in range(g * self.per_step, (g + 1) * self.per_step)]
-        kept = [e for e in block if self.lengths[e[0]][e[1]] >= 0]
-        rows = pack_rows([int(self.lengths[f][i]) for f, i in kept], self.world, self.rows_per_rank, self.capacity)
-        return [[kept[i] for i in row] for row in rows[self.rank]], len(block) - len(kept)
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        g = self.start + worker
-        while True:
-            rows, skipped = self.plan(g)
-            yield g, [[load_sample(self.files, e, self.processor, self.max_length, self.overlong) for e in row]
-                      for row in rows], skipped
-            g += n_workers
-
-
-class PackedBatches:
-    """The --pack counterpart of MicroBatches: next() returns this rank's rows of the next step; `skipped`
-    counts overlong records skipped since the start of this process (on rank 0 only: every rank plans the same
-    steps, and the per-step counts are summed over ranks); `cursor` the equivalent stream position."""
-
-    def __init__(self, stream_iter, start, rank, positions_per_step):
-        self.it, self.step, self.rank, self.positions_per_step = stream_iter, start, rank, positions_per_step
-        self.skipped = 0
-
-    @property
-    def cursor(self):
-        return self.step * self.positions_per_step
-
-    def next(self):
-        g, rows, skipped = next(self.it)
-        assert g == self.step, f"packed steps out of order: got {g}, expected {self.step}"
-        for sample in (s for row in rows for s in row):
-            if sample is not None and "error" in sample:
-                raise UserError(sample["error"])
-        self.step += 1
-        self.skipped += skipped if self.rank == 0 else 0
-        return rows
-
-
 def filler_sample(pad_token_id):
-    """A row for a rank with fewer samples than rows: one pad token, no label, no image (the vision tower still
-    runs on a blank image, see DummyImage): the forward and backward every rank must run, contributing 0."""
+    """A micro-batch for a rank with fewer samples than micro-batches: one pad token, no label, no image (the
+    vision tower still runs on a blank image, see DummyImage): the forward and backward every rank must run."""
     ids = torch.tensor([pad_token_id])
     return {"input_ids": ids, "labels": torch.tensor([-100]), "attention_mask": torch.ones_like(ids),
             "mm_token_type_ids": torch.zeros_like(ids), "pixel_values": None, "image_grid_thw": None,
             "id": None, "n_images": 0}
 
 
+def sample_stats(s):
+    """(tokens, supervised tokens, image grid (n, 3) or None) of a tokenized sample: what the loss normaliser and
+    the FLOPs count. A sample's first token is never a target."""
+    return len(s["input_ids"]), int((s["labels"][1:] != -100).sum()), s["image_grid_thw"]
+
+
+class Steps(torch.utils.data.IterableDataset):
+    """Yields (g, micro, info) for steps start, start+1, ...: this rank's micro-batches of step g, collated
+    (model.collate pads, model.pack packs a row) in the DataLoader's workers so the loader can pin them, and
+    info = {"samples": [sample_stats], "skipped"}; or (g, None, line) when a record is bad input. Worker w of W
+    takes steps start+w, start+w+W, ...; the DataLoader hands them back in order."""
+
+    def __init__(self, planner, rank, start, files, processor, model, args):
+        super().__init__()
+        self.planner, self.rank, self.start, self.files, self.processor = planner, rank, start, files, processor
+        self.model, self.max_length, self.pack = model, args.max_length, args.pack  # model: pack's rope positions
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        for g in itertools.count(self.start + worker, n_workers):
+            yield self.load(g)
+
+    def load(self, g):
+        plan, skipped = self.planner.plan(g)
+        groups = [[load_sample(self.files, e, self.processor, self.max_length) for e in group] for group in plan[self.rank]]
+        errors = [s["error"] for group in groups for s in group if "error" in s]
+        if errors:
+            return g, None, errors[0]
+        pad = self.processor.pad_token_id
+        filler = filler_sample(pad)
+        micro = [M.pack(group or [filler], self.model) if self.pack else M.collate(group or [filler], pad) for group in groups]
+        return g, micro, {"samples": [sample_stats(s) for group in groups for s in group], "skipped": skipped}
+
+
 # -----------------------------------------------------------------------------
 # Model: build on meta, shard, then load
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def choose_attention(args, device, dtype):
+    """What --attn / --vision-attn (and --dtype) resolve to, without touching args: {"attn": the transformers
+    implementation the model is built with, "text_varlen" / "vision_varlen": which parts then run
+    attention.varlen_attention instead, "varlen_kernel"}. Flash kernels take bf16/fp16 only, so fp32 never gets one
+    by default (attention.varlen_kernel(device, dtype) answers 'reference' for it: the exact masked sdpa call); a CPU
+    has no kernel to ask about."""
+    kernel = attention.varlen_kernel(device, dtype) if device.type == "cuda" else "reference"
+    builtin = "sdpa" if dtype == torch.float32 else attention.default_attn(device)  # flash_attention_2 when installed on GPU
+    text = args.attn or ("varlen" if args.pack and kernel != "reference" and builtin == "sdpa" else builtin)
+    if text == "varlen" and not args.pack:
+        raise UserError("--attn varlen needs --pack (it runs packed rows without padding)")
+    if text == "flash_attention_2" and dtype == torch.float32:
+        raise UserError("--attn flash_attention_2 with --dtype fp32: flash kernels take bf16 only; use --attn sdpa or --dtype bf16")
+    impl = "sdpa" if text == "varlen" else text
+    vision = args.vision_attn or ("varlen" if kernel != "reference" else impl)
+    if vision not in ("varlen", impl):
+        raise UserError(f"--vision-attn {vision}: give varlen or the language model's ({impl})")
+    if device.type == "cuda" and vision != "varlen" and "flash" not in impl and dtype != torch.float32:
+        warnings.warn("no varlen attention kernel (flash_attn, or torch >= 2.10's varlen_attn on sm80+): the vision "
+                      "tower runs one sdpa call per window, measured on an H100 at ~76% of a 7B step (BENCHMARKS.md). "
+                      "Install flash-attn or a newer torch.")
+    return {"attn": impl, "text_varlen": text == "varlen", "vision_varlen": vision == "varlen", "varlen_kernel": kernel}
+
 
 
 def apply_fsdp(model, param_dtype, mesh, vision_shard="tower"):
@@ -637,15 +591,16 @@ def set_trainable(model, args):
         p.requires_grad_("lora_" in name if kind in lora_kinds else not frozen[kind])  # PEFT's own adapter test
 
 
-def build_model(args, device, param_dtype, rank):
-    """The sharded model with the checkpoint's weights, in three steps."""
+def build_model(args, device, run, rank):
+    """The sharded model with the checkpoint's weights, in three steps; then the attention choices of `run`
+    (choose_attention)."""
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     # 1. build on the meta device: no memory, no init cost, the same on every rank
     config = AutoConfig.from_pretrained(args.model)
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config, attn_implementation=args.attn, dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation=run["attn"], dtype=torch.float32)
     model.config.use_cache = False
     apply_lora(model, args)
     set_trainable(model, args)
@@ -668,7 +623,7 @@ def build_model(args, device, param_dtype, rank):
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     print0(f"  {'HSDP' if mesh.ndim == 2 else 'FSDP'} mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))}, "
              f"vision units: {args.vision_shard}, activation checkpointing: {args.ac}")
-    apply_fsdp(model, param_dtype, mesh, args.vision_shard)
+    apply_fsdp(model, DTYPES[run["dtype"]], mesh, args.vision_shard)
     model.to_empty(device=device)
 
     # 3. rank 0 reads the checkpoint in its own dtype (a bf16 7B: 16 GB of host memory, not a 33 GB fp32 copy)
@@ -692,6 +647,7 @@ def build_model(args, device, param_dtype, rank):
             buf.copy_(loaded.get_buffer(name))
         dist.broadcast(buf, src=0)
     del full, loaded
+    attention.use_varlen_attention(model, vision=run["vision_varlen"], text=run["text_varlen"])
     return model
 
 
@@ -737,6 +693,123 @@ def _tensors(x):
 
 
 # -----------------------------------------------------------------------------
+# FLOPs and MFU: the one formula, used by the metrics line and by bench/bench_train.py
+#
+# Useful model FLOPs of a step: padding, recomputation (activation checkpointing), the blank image of DummyImage
+# and logits of unsupervised positions are not counted, so every way of running the same step does the same FLOPs.
+#   Weight matmuls, per weight element and token through it: forward 2, the input's gradient 2 (only when
+#   something before the weight in the forward trains: else no gradient flows back through it), the weight's
+#   gradient 2 (only when it trains). So 6 for a trained weight with trained ones before it, 4 for a frozen one
+#   under them (LoRA's base weights, a frozen language model under a trained merger), 2 for a frozen part nothing
+#   before trains (a frozen vision tower), 4 for the first trained weight (the patch embedding). Tokens: decoder
+#   layers x sample tokens, lm_head x supervised positions, vision blocks and patch embedding x patches,
+#   merger(s) x merged tokens. Token embeddings are a lookup, not a matmul: 0.
+#   "Before" is the modules' definition order, which for Qwen-VL is the forward's (vision tower, merger,
+#   embeddings, decoder layers in order, lm_head), except that siblings reading one input are in sequence: with
+#   adapters only, the first decoder layer's k/v base weights count an input gradient they do not need (q's
+#   adapters come first; < 0.1% of a 7B step), as do Qwen3-VL's deepstack mergers under a trained merger (they read
+#   the vision blocks; < 0.5%). Text-only samples are counted as if the vision tower had run before them.
+#   Attention: the language model causal within each sample, 2 H D T^2 per layer forward; the vision tower 4 C n^2
+#   per block and window or image (C its width); backward 2x forward when something before it trains.
+
+
+def matmul_costs(model):
+    """{"per_token": {"text"|"head"|"patch"|"merged": FLOPs per token of those weights}, "text_attn": [1 or 3 per
+    decoder layer], "vision_attn": [1 or 3 per vision block]} of a model (meta, sharded or real), from which
+    parameters train (requires_grad)."""
+    per_token, attn, trains_before = Counter(), {"text": {}, "vision": {}}, False
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)):
+            where = ("head" if name == "lm_head" else "merged" if param_kind(name + ".weight") == "merger"
+                     else "patch" if name.startswith("model.visual.") else "text")
+            per_token[where] += (2 + 2 * trains_before + 2 * m.weight.requires_grad) * m.weight.numel()
+        block = re.fullmatch(r"model\.(?:language_model\.layers|visual\.blocks)\.(\d+)\.(?:self_attn\.o_proj|attn\.proj)", name)
+        if block:  # the attention output's projection: backward reaches the attention iff it reaches this input
+            attn["vision" if name.startswith("model.visual") else "text"][int(block.group(1))] = 3 if trains_before else 1
+        trains_before |= any(p.requires_grad for p in m.parameters(recurse=False))
+    return {"per_token": dict(per_token), "text_attn": [attn["text"][i] for i in sorted(attn["text"])],
+            "vision_attn": [attn["vision"][i] for i in sorted(attn["vision"])]}
+
+
+def vision_segments(config, grid):
+    """Sequence lengths (in patches) one image attends over: (windows, full) where `windows` is one entry per
+    window (Qwen2.5-VL's windowed blocks; edge windows are smaller) and `full` one per frame."""
+    vc = config.vision_config
+    t, h, w = (int(v) for v in grid)
+    full = [h * w] * t
+    if not hasattr(vc, "fullatt_block_indexes"):  # Qwen3-VL: every block attends over the whole image
+        return [], full
+    m, ws = vc.spatial_merge_size, vc.window_size // vc.spatial_merge_size // vc.patch_size  # ws in merged tokens
+
+    def chunks(n):
+        return [ws] * (n // ws) + ([n % ws] if n % ws else [])
+
+    windows = [a * b * m * m for a in chunks(h // m) for b in chunks(w // m)] * t
+    return windows, full
+
+
+def step_flops(costs, config, samples):
+    """{"language model", "vision"}: model FLOPs of forward + backward over samples [sample_stats] (matmul_costs
+    gives the weights' part)."""
+    tc, vc = config.text_config, config.vision_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    full_blocks = set(getattr(vc, "fullatt_block_indexes", range(vc.depth)))
+    merge, rate = vc.spatial_merge_size ** 2, costs["per_token"]
+    flops = Counter()
+    for tokens, supervised, grid in samples:
+        flops["language model"] += rate.get("text", 0) * tokens + rate.get("head", 0) * supervised
+        flops["language model"] += sum(costs["text_attn"]) * 2 * tc.num_attention_heads * head_dim * tokens**2
+        for g in ([] if grid is None else grid):
+            patches = int(g.prod())
+            flops["vision"] += rate.get("patch", 0) * patches + rate.get("merged", 0) * patches // merge
+            win, full = vision_segments(config, g)
+            for block, mult in enumerate(costs["vision_attn"]):
+                flops["vision"] += mult * 4 * vc.hidden_size * sum(n * n for n in (full if block in full_blocks else win))
+    return flops
+
+
+# Dense bf16 tensor-core peak per GPU from the vendors' data sheets (what papers divide by); the first name found
+# in torch.cuda.get_device_name wins.
+SPEC_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H100", 989e12), ("H200", 989e12),
+                  ("H800", 989e12), ("H20", 148e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("B200", 2250e12))
+
+
+def spec_peak(device, dtype):
+    """The card's spec dense bf16 FLOP/s; None off CUDA, in fp32, or for a card not in the table."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in SPEC_BF16_PEAK if key in name), None)
+
+
+def mfu_peaks(device, dtype):
+    """The two MFU denominators of the metrics line, said once: {"mfu": the card's spec peak, "mfu_measured": the
+    matmul peak measured here (GPU only: a CPU's says little)}."""
+    peaks = {"mfu": spec_peak(device, dtype), "mfu_measured": matmul_peak(device, dtype) if device.type == "cuda" else None}
+    if any(peaks.values()):
+        print0("  MFU against " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items() if v)
+               + " per GPU (mfu: the card's spec dense bf16 peak; mfu_measured: a matmul measured now)")
+    return peaks
+
+
+def matmul_peak(device, dtype):
+    """Measured matmul FLOP/s of this device in `dtype`: a large square matmul, timed (the measured MFU's
+    denominator: what this card, clock and software stack really deliver)."""
+    n, iters = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+# -----------------------------------------------------------------------------
 # Optimizer and schedule
 
 
@@ -777,8 +850,8 @@ SCHEDULE_FLAGS = ("lr", "vision_lr", "merger_lr", "min_lr_ratio", "warmup_ratio"
 
 
 def make_schedule(args, n_entries, world):
-    """{"max_steps", "warmup_steps"}: --max-steps, or --epochs passes over the mixture counted at --batch-size
-    samples per micro-batch on `world` ranks."""
+    """{"max_steps", "warmup_steps"}: --max-steps, or --epochs passes over the mixture (a step takes world x
+    grad-accum x batch-size entries)."""
     max_steps = args.max_steps or math.ceil(args.epochs * n_entries / (world * args.grad_accum * args.batch_size))
     return {"max_steps": max_steps, "warmup_steps": round(args.warmup_ratio * max_steps)}
 
@@ -841,10 +914,11 @@ def trained_state(model, optimizer):
     return {k: v for k, v in model_sd.items() if k in trained}, optim_sd
 
 
-def save_checkpoint(ckpt_dir, step, model, optimizer, loop_state, args, schedule):
+def save_checkpoint(ckpt_dir, step, position, model, optimizer, args, schedule):
     """Trained parameters and optimizer shards via torch.distributed.checkpoint (each rank writes its own, all at
-    once), plus loop.pt from rank 0: step, world size, every rank's sampler cursor and RNG states, the schedule,
-    args. Then rename, rotate. Returns (path, seconds, GB written by all ranks)."""
+    once), plus loop.pt from rank 0: step, `position` (where the next step starts in the stream), world
+    size, every rank's RNG states, the schedule, args. Then rename, rotate. Returns (path, seconds, GB written by
+    all ranks)."""
     t0 = time.time()
     rank = dist.get_rank()
     final = Path(ckpt_dir) / f"step_{step:08d}"
@@ -855,11 +929,11 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, loop_state, args, schedule
     model_sd, optim_sd = trained_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     loop_states = [None] * dist.get_world_size()
-    dist.all_gather_object(loop_states, loop_state)  # also: every rank has finished writing its shards
+    dist.all_gather_object(loop_states, {"rng": rng_state()})  # also: every rank has finished writing its shards
     gb = 0.0
     if rank == 0:
-        torch.save({"step": step, "world_size": len(loop_states), "ranks": loop_states, "schedule": schedule,
-                    "args": vars(args)}, tmp / "loop.pt")
+        torch.save({"step": step, "position": position, "world_size": len(loop_states), "ranks": loop_states,
+                    "schedule": schedule, "args": vars(args)}, tmp / "loop.pt")
         gb = sum(f.stat().st_size for f in tmp.iterdir()) / 1e9
         if final.exists():  # only when re-running steps after resuming from an older checkpoint
             shutil.rmtree(final)
@@ -912,6 +986,25 @@ def load_checkpoint(path, model, optimizer):
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
     return torch.load(Path(path) / "loop.pt", weights_only=False)
+
+
+def resume_point(loop, path, world, rank):
+    """(step, stream position of that step) of a checkpoint's loop.pt, and this rank's RNG restored when the
+    world size is the same (else each rank keeps its fresh seed: the data continues exactly, dropout masks do not).
+    A checkpoint written before the step planner holds per-rank stream cursors instead of a position: the data
+    continues at the slowest rank's place (exact for --pack runs, whose cursors were equal; otherwise the other
+    ranks' last few samples come again), said in one line."""
+    if loop["world_size"] == world:
+        set_rng_state(loop["ranks"][rank]["rng"])
+    else:
+        print0(f"  the checkpoint has {loop['world_size']} ranks, this run {world}: the data continues at the same "
+               "place, each rank's random state starts afresh")
+    if "position" in loop:
+        return loop["step"], loop["position"]
+    position = min(r["cursor"] for r in loop["ranks"]) * loop["world_size"]
+    print0(f"  {path} predates the step planner (per-rank stream cursors): continuing at stream position {position}, "
+           "the slowest rank's; samples between the ranks' cursors may come twice")
+    return loop["step"], position
 
 
 def gather_full_state(model, dtype):
@@ -982,22 +1075,33 @@ def save_adapter(shell, trained, args, out_dir):
         module, leaf = k.rsplit(".", 1)
         state[f"base_model.model.{module}.modules_to_save.default.{leaf}"] = trained[k]
     peft_shell.save_pretrained(tmp, state_dict=state)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # only a half-written one: the merged export comes after it
     os.replace(tmp, out_dir)
 
 
 def export_hf(model, out_dir, args, processor, dtype):
-    """Gather the full weights on rank 0 and write a Hugging Face directory (config, safetensors, generation
-    config, processor) at out_dir, via out_dir.tmp + rename; with --lora the adapters merged in, and the adapter
-    alone in PEFT's format at {out_dir}_adapter. Collective: every rank must call it."""
+    """Gather the full weights on rank 0 and write a Hugging Face folder (config, safetensors, generation config,
+    processor) at out_dir, via out_dir.tmp + rename, so a reader never sees it half-written; with --lora the
+    adapters merged in, and before it the adapter alone in PEFT's format at {out_dir}_adapter. A finished export
+    (out_dir exists) is never rewritten: a reader may be using it (re-running a finished command with --resume
+    auto). Collective: every rank must call it."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
+    out_dir = Path(out_dir)
+    done = [out_dir.is_dir() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(done, src=0)  # the same answer on every rank: all gather, or none
+    if done[0]:
+        print0(f"  {out_dir} is already written: kept as it is (a finished export is never rewritten)")
+        return
     full, trained = gather_full_state(model, dtype)
     if dist.get_rank() == 0:
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         config = AutoConfig.from_pretrained(args.model)
+        if args.lora:
+            with torch.device("meta"):
+                shell = AutoModelForImageTextToText.from_config(config)
+            save_adapter(shell, trained, args, out_dir.with_name(out_dir.name + "_adapter"))
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while exporting
         with torch.device("meta"):  # an empty shell: save_pretrained writes the state dict we give it
             shell = AutoModelForImageTextToText.from_config(config, dtype=dtype)
         try:
@@ -1013,14 +1117,17 @@ def export_hf(model, out_dir, args, processor, dtype):
         shell.save_pretrained(tmp, state_dict=full, max_shard_size="5GB")
         processor.save_pretrained(tmp)  # with the training pixel budget: Qwen2.5-VL boxes depend on it
         (tmp / "training_args.json").write_text(json.dumps(vars(args), indent=2))
-        shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
-        if args.lora:
-            with torch.device("meta"):
-                shell = AutoModelForImageTextToText.from_config(config)
-            save_adapter(shell, trained, args, out_dir.with_name(out_dir.name + "_adapter"))
     del full, trained
     dist.barrier()
+
+
+def export_dtype(args):
+    if args.export_dtype == "auto":
+        cfg = json.loads((Path(args.model) / "config.json").read_text())
+        name = cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype") or "bfloat16"
+        return getattr(torch, name)
+    return DTYPES[args.export_dtype]
 
 
 # -----------------------------------------------------------------------------
@@ -1028,11 +1135,17 @@ def export_hf(model, out_dir, args, processor, dtype):
 
 
 class Logger:
-    """metrics.jsonl always; TensorBoard and W&B when asked for and installed."""
+    """metrics.jsonl every --log-every steps, TensorBoard and W&B when asked for and installed, and progress on
+    stdout (stderr is kept for warnings and errors): a bar on a terminal, a plain line per logged step in a log
+    file (nohup, Slurm)."""
 
-    def __init__(self, args, out, rank, start_step):
-        self.on, self.tb, self.wandb = rank == 0, None, None
-        self.path = out / "metrics.jsonl"
+    def __init__(self, args, out, rank, start_step, max_steps):
+        from tqdm import tqdm
+
+        self.on, self.tb, self.wandb, self.every = rank == 0, None, None, args.log_every
+        self.path, self.tty = out / "metrics.jsonl", sys.stdout.isatty()
+        self.bar = tqdm(total=max_steps, initial=start_step, disable=not (self.on and self.tty), desc="train",
+                        dynamic_ncols=True, file=sys.stdout)
         if not self.on:
             return
         if self.path.exists():  # drop lines of steps after the checkpoint we resume from (a killed run's)
@@ -1054,23 +1167,46 @@ class Logger:
             except ImportError:
                 print("warning: --wandb given but wandb is not installed", file=sys.stderr)
 
-    def log(self, metrics):
-        if not self.on:
+    def log(self, m):
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+        self.bar.update(1)
+        if not self.on or m["step"] % self.every:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json.dumps(m) + "\n")
+        if not self.tty:
+            mfu = f" mfu {m['mfu']:.3f}" if "mfu" in m else ""
+            print(f"step {m['step']}/{self.bar.total} loss {m['loss']:.4f} lr {m['lr']:.2e} grad_norm {m['grad_norm']:.3f} "
+                  f"tokens/s {m['tokens_per_s']:.0f}{mfu} {m['step_s']:.2f} s", flush=True)
         if self.tb:
-            for k, v in metrics.items():
+            for k, v in m.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, metrics["step"])
+                    self.tb.add_scalar(k, v, m["step"])
         if self.wandb:
-            self.wandb.log(metrics, step=metrics["step"])
+            self.wandb.log(m, step=m["step"])
 
     def close(self):
+        self.bar.close()
         if self.tb:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def step_metrics(step, loss, lr, grad_norm, counts, seconds, peaks, world, device):
+    """The metrics line of a step. mfu: model FLOPs (step_flops, all ranks) / time / the card's spec bf16 peak x
+    ranks (the number papers report); mfu_measured: the same against the matmul peak measured at start."""
+    m = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": counts["tokens"] / seconds,
+         **{k: int(counts[k]) for k in ("supervised_tokens", "samples", "images", "skipped_overlong")},
+         "flops": counts["flops"], "step_s": seconds}
+    for key, peak in peaks.items():
+        if peak:
+            m[key] = counts["flops"] / seconds / (peak * world)
+    if device.type == "cuda":
+        m["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        m["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS
+    return m
 
 
 def plot_loss(metrics_path, png_path):
@@ -1090,70 +1226,20 @@ def plot_loss(metrics_path, png_path):
     plt.close(fig)
 
 
-def peak_flops(device, dtype):
-    """Dense bf16 peak FLOP/s of one GPU for the MFU estimate; None when unknown (CPU, other cards)."""
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A800", 312e12), ("H800", 989e12)):
-        if key in name:
-            return flops
-    return None
-
-
 # -----------------------------------------------------------------------------
-# Setup, preemption, RNG
-
-
-def setup(args):
-    """Process group (a one-process group for a plain `python train.py`: FSDP2 needs one), seeds, TF32, the
-    attention default, the OUT folder. Returns (rank, world, device, param_dtype)."""
-    device = M.init_dist(single_process_group=True, timeout_minutes=args.dist_timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    param_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    choose_attention(args, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    if rank == 0:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {param_dtype}, attention: language model "
-             f"{'varlen' if args.text_varlen else args.attn}, vision {'varlen' if args.vision_varlen else args.attn}"
-             + (f" ({attention.varlen_kernel(device)} kernel)" if args.text_varlen or args.vision_varlen else ""))
-    return rank, world, device, param_dtype
-
-
-def choose_attention(args, device):
-    """Resolve --attn / --vision-attn. args.attn becomes the transformers implementation the model is built with;
-    args.text_varlen / args.vision_varlen say which parts then run attention.varlen_attention instead."""
-    gpu_varlen = device.type == "cuda" and attention.varlen_kernel(device) != "reference"
-    builtin = attention.default_attn(device)  # flash_attention_2 when installed on GPU, else sdpa
-    text = args.attn or ("varlen" if args.pack and gpu_varlen and builtin == "sdpa" else builtin)
-    if text == "varlen" and not args.pack:
-        raise UserError("--attn varlen needs --pack (it runs packed rows without padding)")
-    args.attn = "sdpa" if text == "varlen" else text
-    vision = args.vision_attn or ("varlen" if gpu_varlen else args.attn)
-    if vision not in ("varlen", args.attn):
-        raise UserError(f"--vision-attn {vision}: give varlen or the language model's ({args.attn})")
-    args.text_varlen, args.vision_varlen = text == "varlen", vision == "varlen"
-    if device.type == "cuda" and not args.vision_varlen and "flash" not in args.attn:
-        warnings.warn("no varlen attention kernel (flash_attn, or torch >= 2.10's varlen_attn on sm80+): the vision "
-                      "tower runs one sdpa call per window, measured on an H100 at ~2% MFU and ~76% of a 7B step "
-                      "(5.6 s vs 1.9 s with varlen; BENCHMARKS.md). Install flash-attn or a newer torch.")
-
+# Process supervision: stop signals, DataLoader workers, launch.sh's status files
+#
+# Preemption: schedulers send SIGTERM some time before killing a job (Slurm: KillWait, or earlier with
+# `#SBATCH --signal=USR1@N`), to one process, a process group or every process of the job. Each rank only notes
+# the signal; the note rides on the next step's all-reduce (step_counts), so every rank finishes the same step,
+# saves a checkpoint and exits 143. DataLoader workers get the signal too and ignore it; their rank ends them.
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def catch_stop_signals():
-    """Preemption: schedulers send SIGTERM some time before killing a job (Slurm: KillWait, or earlier with
-    `#SBATCH --signal=USR1@N`), to one process, a process group or every process of the job. Each rank only
-    notes the signal here; the note rides on the next step's all-reduce, so every rank finishes the same step,
-    saves a checkpoint and exits 143. Returns the list the handler appends to. Installed first thing, so a
-    signal during loading is not lost."""
+    """Note SIGTERM / SIGUSR1 instead of dying of them; returns the list the handler appends to. Installed first
+    thing, so a signal during loading is not lost."""
     caught = []
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: caught.append(signum))
@@ -1161,18 +1247,31 @@ def catch_stop_signals():
 
 
 def worker_ignores_stop_signals(worker_id):
-    """DataLoader worker_init_fn. Workers get the scheduler's signal too (torchrun forwards it to each rank's
-    process group, Slurm to every process) and torch gives them a SIGTERM handler that exits: they would die
-    before their rank has saved. They ignore it; the rank decides when to stop and then ends them."""
+    """DataLoader worker_init_fn. torch gives workers a SIGTERM handler that exits: they would die before their
+    rank has saved. They ignore the stop signals; the rank decides when to stop and then ends them."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def start_loader(dataset, args, rank, device):
+    """The iterator of a DataLoader over `dataset` (one item per step), its workers started."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=args.num_workers, prefetch_factor=2 if args.num_workers else None,
+        worker_init_fn=worker_ignores_stop_signals if args.num_workers else None,
+        # its own generator: starting the iterator draws a seed for the workers, which from the global RNG would
+        # happen at step 0 in one run and at the resumed step in another, and shift every later dropout mask
+        generator=torch.Generator().manual_seed(args.seed + rank),
+        pin_memory=device.type == "cuda")  # page-locked batches: their copies to the GPU do not block the host
+    it = iter(loader)  # starts the workers
+    atexit.register(stop_workers, it)  # atexit runs last-registered first: before multiprocessing's
+    return it
 
 
 def stop_workers(loader_iter):
     """End a DataLoader iterator's worker processes now: the DataLoader's own shutdown, then SIGKILL for any
     that is still there. Registered with atexit when the loader starts, so it runs on every way out (done, 143,
     an input error, a crash) and before multiprocessing's own exit handler, which would send the workers SIGTERM,
-    which they ignore (worker_ignores_stop_signals), and then wait for them forever."""
+    which they ignore, and then wait for them forever."""
     shutdown = getattr(loader_iter, "_shutdown_workers", None)  # absent without workers (--num-workers 0)
     if shutdown is not None:
         shutdown()
@@ -1196,24 +1295,81 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def launched(main):
+    """The entry point. Run plainly or by torchrun: common.run_cli (an input error is one line `error: ...`, exit
+    2). Under launch.sh (RSCOVLM_STATUS_DIR set), its status files instead: each rank writes STATUS/rankL.pid at
+    start and STATUS/rankL.exit (0 done, 2 input error, 143 stopped after saving, else failed) at the end, and the
+    first rank with an input error writes its line to STATUS/error. launch.sh forwards stop signals to the pids,
+    ends the other ranks when one fails (they would wait in a collective) and reports the outcome, the error line
+    last; so a rank whose outcome it reports exits 0 (torchrun reports a non-zero rank with a 40-line block)."""
+    status = os.environ.get("RSCOVLM_STATUS_DIR")
+    if not status:
+        run_cli(main)
+    status, name = Path(status), f"rank{os.environ.get('LOCAL_RANK', 0)}"
+    (status / f"{name}.pid").write_text(str(os.getpid()))
+    code = 1
+    try:
+        main()
+        code = 0
+    except UserError as e:
+        code = 2
+        with contextlib.suppress(FileExistsError), open(status / "error", "x") as f:
+            f.write(f"rank {os.environ.get('RANK', 0)}: error: {' '.join(str(e).split())}")
+        if "--debug" in sys.argv[1:]:
+            raise
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:  # a crash too (code 1; its traceback follows)
+        (status / f"{name}.exit").write_text(f"{code}\n")
+    sys.exit(0 if code in (0, 2, 143) else code)
+
+
 # -----------------------------------------------------------------------------
-# One optimizer step
+# Setup and one optimizer step
+
+
+def setup(args):
+    """Process group (a one-process group for a plain `python train.py`: FSDP2 needs one), the CUDA allocator,
+    seeds, TF32, the attention choices. Returns (rank, world, device, run): run = what the flags resolved to."""
+    allocator_default()
+    device = M.init_dist(single_process_group=True, timeout_minutes=args.dist_timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    run = {"dtype": dtype, **choose_attention(args, device, DTYPES[dtype]), "world_size": world}
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    print0(f"rscovlm train: {world} rank(s) on {device.type}, compute {dtype}, attention: language model "
+           f"{'varlen' if run['text_varlen'] else run['attn']}, vision {'varlen' if run['vision_varlen'] else run['attn']}"
+           + (f" ({run['varlen_kernel']} kernel)" if run["text_varlen"] or run["vision_varlen"] else ""))
+    return rank, world, device, run
+
+
+def allocator_default():
+    """expandable_segments for PyTorch's CUDA allocator unless the user set its options: rows of varying length
+    (900 tokens one step, 6,144 the next) leave the default allocator's fixed-size blocks fragmented until an
+    out-of-memory with free memory left; expandable segments grow one mapping instead. Read when CUDA first
+    allocates, so set before the process group (and with it CUDA) starts."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 # What every step sums over all ranks and micro-batches, in one all-reduce.
-STEP_COUNTS = ("supervised_tokens", "tokens", "samples", "images", "skipped_overlong", "ranks_stopping")
+STEP_COUNTS = ("supervised_tokens", "tokens", "samples", "images", "skipped_overlong", "flops", "ranks_stopping")
 
 
-def step_counts(groups, skipped, stopping, device):
-    """{name: sum over ranks} of STEP_COUNTS for this step's samples (groups: the micro-batches or packed rows,
-    lists of tokenized samples): supervised tokens (the loss normaliser; a sample's first token is never a
-    target), tokens, samples, images, overlong records skipped so far, and the ranks that caught a stop signal
-    (so that every rank decides to stop after the same step). Filler samples (id None) count nothing."""
-    samples = [s for g in groups for s in g if s["id"] is not None]
-    local = {"supervised_tokens": sum(int((s["labels"][1:] != -100).sum()) for s in samples),
-             "tokens": sum(len(s["input_ids"]) for s in samples), "samples": len(samples),
-             "images": sum(s["n_images"] for s in samples), "skipped_overlong": skipped,
-             "ranks_stopping": int(stopping)}
+def step_counts(info, rank, stopping, costs, config, device):
+    """{name: sum over ranks} of STEP_COUNTS for this step (info: Steps's): supervised tokens (the loss
+    normaliser), tokens, samples, images, overlong records skipped (every rank plans the same step: counted on
+    rank 0), model FLOPs, and the ranks that caught a stop signal (so every rank stops after the same step)."""
+    samples = info["samples"]
+    local = {"supervised_tokens": sum(s[1] for s in samples), "tokens": sum(s[0] for s in samples),
+             "samples": len(samples), "images": sum(0 if g is None else len(g) for _, _, g in samples),
+             "skipped_overlong": info["skipped"] if rank == 0 else 0,
+             "flops": sum(step_flops(costs, config, samples).values()), "ranks_stopping": int(stopping)}
     counts = torch.tensor([local[k] for k in STEP_COUNTS], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     return dict(zip(STEP_COUNTS, counts.tolist()))
@@ -1225,21 +1381,37 @@ def forward_backward(model, micro, n_supervised, dummy, device):
     world = dist.get_world_size()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro:
-        labels = b.pop("labels").to(device)  # (B, T)
-        b = {k: v.to(device) for k, v in b.items() if v is not None}
-        # only positions whose next token is supervised need logits (B, K, vocab): saves the vocab-wide
-        # projection of every prompt and image token
+        labels = b.pop("labels")  # (B, T), on the host
+        # only positions whose next token is supervised need logits (B, K, vocab): saves the vocab-wide projection
+        # of every prompt and image token. Found on the host: no wait for the GPU
         keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # (K,)
         if keep.numel() == 0:
-            keep = torch.zeros(1, dtype=torch.long, device=device)
+            keep = torch.zeros(1, dtype=torch.long)
+        targets = labels[:, keep + 1].flatten().to(device, non_blocking=True)  # (B * K,)
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items() if v is not None}
         dummy.active = "pixel_values" not in b
-        logits = model(**b, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep + 1].flatten(), ignore_index=-100,
-                             reduction="sum")
+        logits = model(**b, logits_to_keep=keep.to(device, non_blocking=True), use_cache=False).logits  # (B, K, V)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum")
         # FSDP averages gradients over ranks; x world makes the result the gradient of the global sum / N
         (ce * world / n_supervised).backward()
         loss_sum += ce.detach()
     return loss_sum
+
+
+def train_step(model, optimizer, trainable, micro, n_supervised, lr_mult, dummy, device, args):
+    """Forward, backward, clip, AdamW at lr_mult x each group's peak. Returns (loss per supervised token over
+    all ranks, gradient norm); a non-finite one stops before the optimizer step (the caller does)."""
+    loss_sum = forward_backward(model, micro, n_supervised, dummy, device)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    dist.all_reduce(loss_sum)
+    loss = loss_sum.item() / n_supervised
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
 
 
 def stop_if_not_finite(loss, grad_norm, step, ckpt_dir):
@@ -1254,176 +1426,110 @@ def stop_if_not_finite(loss, grad_norm, step, ckpt_dir):
     raise SystemExit(1)
 
 
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = get_args(argv)
-    stop_signals = catch_stop_signals()
-    rank, world, device, param_dtype = setup(args)
-    out, ckpt_dir = Path(args.out), Path(args.out) / "ckpt"
-    resume_from = choose_resume(args, ckpt_dir)  # decided before the slow part
-    if resume_from is not None:
-        check_trained_flags(args, resume_from)
-
-    # --- data
-    processor = M.load_processor(args.model, args.min_pixels, args.max_pixels)
-    files, entries = build_mixture(args.data, args.seed)
-    per_file = np.bincount(entries[:, 0], minlength=len(files))
-    for (path, repeat, percent), n in zip(parse_mixture(args.data), per_file):
-        print0(f"  {path}: x{repeat} {percent:g}% -> {n} samples per pass ({100 * n / len(entries):.1f}%)")
-    max_tokens = args.max_tokens or args.batch_size * args.max_length
-    schedule = make_schedule(args, len(entries), world)
-    if args.pack:  # token lengths of every record, to plan the packed rows (errors surface here, before loading)
-        t0 = time.time()
-        lengths = record_lengths(files, processor, args.max_length, args.overlong, device)
-        kept = np.concatenate(lengths)
-        kept = kept[kept >= 0]
-        print0(f"  --pack: {len(kept)} records measured in {time.time() - t0:.1f} s, {kept.mean():.0f} tokens on "
-                 f"average (max {kept.max()}), rows of <= {max_tokens} tokens")
-
-    # --- model, optimizer
-    model = build_model(args, device, param_dtype, rank)
-    attention.use_varlen_attention(model, vision=args.vision_varlen, text=args.text_varlen)
-    dummy = DummyImage(model, processor)
-    optimizer = build_optimizer(model, args)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def describe_model(model, optimizer, args):
     n_params = sum(p.numel() for p in model.parameters())
-    print0(f"  {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in trainable) / 1e6:.1f}M trained; "
-             + ", ".join(f"{g['name']} lr {g['base_lr']:g}" for g in optimizer.param_groups))
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"  {n_params / 1e6:.1f}M parameters, {n_trained / 1e6:.1f}M trained; "
+           + ", ".join(f"{g['name']} lr {g['base_lr']:g}" for g in optimizer.param_groups))
     if args.lora:
         n_layers = sum(hasattr(m, "lora_A") for m in model.modules())
         n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         full_parts = sorted({param_kind(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n})
         print0(f"  LoRA r {args.lora}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g}{', DoRA' if args.dora else ''} "
-                 f"on {n_layers} linears ({args.lora_targets}): {n_adapter:,} adapter parameters; also trained in full: "
-                 f"{', '.join(full_parts) or 'nothing'}")
+               f"on {n_layers} linears ({args.lora_targets}): {n_adapter:,} adapter parameters; also trained in full: "
+               f"{', '.join(full_parts) or 'nothing'}")
 
-    # --- resume: weights, optimizer, schedule, this rank's data position and RNG
-    step, cursor = 0, 0
+
+def write_run_files(out, args, run, rank):
+    """OUT/args.json (the flags as given) and OUT/resolved.json (what they resolved to), by rank 0. The run folder
+    is made here, once every input has been checked: an input error leaves no empty folder behind."""
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        (out / "resolved.json").write_text(json.dumps(run, indent=2))
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    stop_signals = catch_stop_signals()  # first thing: a signal while loading is not lost
+    rank, world, device, run = setup(args)
+    out, ckpt_dir = Path(args.out), Path(args.out) / "ckpt"
+    resume_from = choose_resume(args, ckpt_dir)  # decided before the slow part
+    if resume_from is not None:
+        check_trained_flags(args, resume_from)
+
+    # --- data: the mixture, every record's length (what the step planner plans with), the schedule
+    processor = M.load_processor(args.model, args.min_pixels, args.max_pixels)
+    files, entries = build_mixture(args.data, args.seed)
+    lengths = record_lengths(files, processor, args.max_length, args.overlong, device)
+    schedule = make_schedule(args, len(entries), world)
+
+    # --- model, optimizer
+    model = build_model(args, device, run, rank)
+    dummy = DummyImage(model, processor)
+    optimizer = build_optimizer(model, args)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    costs = matmul_costs(model)  # FLOPs per token of what trains and what does not
+    describe_model(model, optimizer, args)
+
+    # --- resume: weights, optimizer, schedule, where the stream continues, this rank's RNG
+    step, position = 0, 0
     if resume_from is not None:
         loop = load_checkpoint(resume_from, model, optimizer)
-        step, schedule = loop["step"], resumed_schedule(args, loop, schedule)
-        if loop["world_size"] == world:
-            cursor = loop["ranks"][rank]["cursor"]
-            set_rng_state(loop["ranks"][rank]["rng"])
-        else:  # the data each rank saw cannot be continued exactly; continue at the same global position
-            cursor = sum(r["cursor"] for r in loop["ranks"]) // world
-            print0(f"  warning: checkpoint has {loop['world_size']} ranks, this run {world}: data order "
-                     "continues approximately (a few samples may repeat or be skipped)")
+        schedule = resumed_schedule(args, loop, schedule)
+        step, position = resume_point(loop, resume_from, world, rank)
         print0(f"  resuming from {resume_from} at step {step}")
+    write_run_files(out, args, run, rank)  # after the resume checks: a refused command leaves the run's own
     max_steps, warmup_steps = schedule["max_steps"], schedule["warmup_steps"]
-    if rank == 0:  # once the resume checks passed: a refused command leaves the flags of the run it would continue
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-    print0(f"  {len(entries)} samples per pass; {max_steps} steps of {world} ranks x {args.grad_accum} "
-             f"micro-batches x <= {args.batch_size} samples / {max_tokens} tokens; warmup {warmup_steps} steps")
+    planner = StepPlanner(entries, lengths, args, world, step, position)
+    print0(f"  {len(entries)} samples per pass; {max_steps} steps of {planner.per_step} samples ({world} ranks x "
+           f"{args.grad_accum} x {args.batch_size}{', packed' if args.pack else ''}); warmup {warmup_steps} steps")
 
-    # --- data loader (after resume: it starts at this rank's cursor, or with --pack at this step)
-    if args.pack:
-        stream = PackedSteps(files, entries, lengths, processor, rank, world, args.seed, step,
-                             world * args.grad_accum * args.batch_size, args.grad_accum, max_tokens, args.max_length,
-                             args.overlong)
-    else:
-        stream = MixtureStream(files, entries, processor, rank, world, args.seed, cursor, args.max_length, args.overlong)
-    # its own generator: starting the iterator draws a seed for the workers, which from the global RNG would happen
-    # at step 0 in one run and at the resumed step in another, and shift every later dropout mask (--lora-dropout)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
-                                         prefetch_factor=4 if args.num_workers else None,
-                                         worker_init_fn=worker_ignores_stop_signals if args.num_workers else None,
-                                         generator=torch.Generator().manual_seed(args.seed + rank))
-    loader_iter = iter(loader)  # starts the workers
-    atexit.register(stop_workers, loader_iter)  # atexit runs last-registered first: before multiprocessing's
-    if args.pack:
-        batches = PackedBatches(loader_iter, step, rank, args.grad_accum * args.batch_size)
-    else:
-        batches = MicroBatches(loader_iter, cursor, args.batch_size, max_tokens, pass_size=len(entries))
+    # --- data loader: this rank's micro-batches of steps step, step + 1, ..., made in its worker processes
+    batches = start_loader(Steps(planner, rank, step, files, processor, model, args), args, rank, device)
 
     # --- loop
-    logger = Logger(args, out, rank, step)
-    flops = peak_flops(device, param_dtype)
-    from tqdm import tqdm
-
-    # progress on stdout (stderr is kept for warnings and errors): a bar on a terminal, a line per logged step in
-    # a log file
-    tty = sys.stdout.isatty()
-    bar = tqdm(total=max_steps, initial=step, disable=rank != 0 or not tty, desc="train", dynamic_ncols=True,
-               file=sys.stdout)
+    logger = Logger(args, out, rank, step, max_steps)
+    peaks = mfu_peaks(device, DTYPES[run["dtype"]])
     while step < max_steps:
         t0 = time.time()
-        if args.pack:  # this rank's rows of the step, one forward and backward each
-            groups = [row or [filler_sample(processor.pad_token_id)] for row in batches.next()]
-            micro = [M.pack(row, model) for row in groups]
-        else:
-            groups = [batches.next() for _ in range(args.grad_accum)]
-            micro = [M.collate(g, processor.pad_token_id) for g in groups]
-        counts = step_counts(groups, batches.skipped, len(stop_signals) > 0, device)
+        g, micro, info = next(batches)
+        assert g == step, f"steps out of order: got {g}, expected {step}"
+        if micro is None:
+            raise UserError(info)
+        counts = step_counts(info, rank, len(stop_signals) > 0, costs, model.config, device)
         n_supervised = max(1.0, counts["supervised_tokens"])
-        loss_sum = forward_backward(model, micro, n_supervised, dummy, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / n_supervised
+        lr_mult = get_lr(step, max_steps, warmup_steps, args.min_lr_ratio)
+        loss, grad_norm = train_step(model, optimizer, trainable, micro, n_supervised, lr_mult, dummy, device, args)
         stop_if_not_finite(loss, grad_norm, step, ckpt_dir)
-        mult = get_lr(step, max_steps, warmup_steps, args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * mult
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
-
-        # --- log
-        dt = time.time() - t0
-        tok_s = counts["tokens"] / dt
-        metrics = {"step": step, "loss": loss, "lr": args.lr * mult, "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                   **{k: int(counts[k]) for k in ("supervised_tokens", "samples", "images", "skipped_overlong")},
-                   "step_s": dt}
-        if flops:
-            metrics["mfu"] = 6 * n_params * tok_s / (flops * world)  # 6N FLOPs per token, attention ignored
-        if device.type == "cuda":
-            metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        else:
-            metrics["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS
-        if step % args.log_every == 0:
-            logger.log(metrics)
-            if not tty:
-                print0(f"step {step}/{max_steps} loss {loss:.4f} lr {args.lr * mult:.2e} grad_norm {grad_norm:.3f} "
-                         f"tokens/s {tok_s:.0f} {dt:.2f} s")
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{args.lr * mult:.2e}", tok_s=f"{tok_s:.0f}")
-        bar.update(1)
+        logger.log(step_metrics(step, loss, args.lr * lr_mult, grad_norm, counts, time.time() - t0, peaks, world, device))
 
         # --- checkpoint, export; a stop signal seen by any rank: save this step and leave with 143
         stop = counts["ranks_stopping"] > 0 and step < max_steps
         if step % args.save_every == 0 or step == max_steps or stop:
-            saved, seconds, gb = save_checkpoint(ckpt_dir, step, model, optimizer,
-                                                 {"cursor": batches.cursor, "rng": rng_state()}, args, schedule)
-            print0(("\n" if tty else "") + f"  saved {saved} ({gb:.2f} GB) in {seconds:.1f} s")
+            saved, seconds, gb = save_checkpoint(ckpt_dir, step, planner.position(step), model, optimizer, args, schedule)
+            print0(("\n" if logger.tty else "") + f"  saved {saved} ({gb:.2f} GB) in {seconds:.1f} s")
         if stop:
             print0(f"stopping on a signal after step {step}: saved {saved}; run the same command to resume")
-            bar.close()
             logger.close()
             dist.destroy_process_group()
             raise SystemExit(143)
         if args.export_every and step % args.export_every == 0 and step < max_steps:
             export_hf(model, out / "export" / f"step_{step}", args, processor, export_dtype(args))
-    bar.close()
 
     # --- the final Hugging Face export
+    logger.close()
     export_hf(model, out / "final", args, processor, export_dtype(args))
     if rank == 0 and (out / "metrics.jsonl").exists():
         plot_loss(out / "metrics.jsonl", out / "loss.png")
-    logger.close()
     print0(f"done: {step} steps; Hugging Face export in {out / 'final'}")
-    stop_workers(loader_iter)
+    stop_workers(batches)
     dist.destroy_process_group()
 
 
-def export_dtype(args):
-    if args.export_dtype == "auto":
-        cfg = json.loads((Path(args.model) / "config.json").read_text())
-        name = cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype") or "bfloat16"
-        return getattr(torch, name)
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[args.export_dtype]
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    launched(main)

@@ -2,7 +2,9 @@
 bench_generate.py — greedy decoding throughput, side by side on the same prompts: transformers' `generate`
 against model.py's built-in decode loop (`model.decode_greedy`, what `generate(backend="fast")` and the eval
 scripts use), with the tokens checked identical. Prints new tokens/s per batch size and the time a
-DOTA-val-sized evaluation would take, with the ratio lines last.
+DOTA-val-sized evaluation would take, with the ratio lines last. Batch 1 runs only the first --batch1-prompts
+prompts (8; all of them one at a time would take 20+ minutes on a real model): its time per prompt is what counts.
+Tokens are checked identical in fp32; in bf16 the number of identical answers is reported (near-ties).
 
     python bench/bench_generate.py                                        # CPU: the tiny model, batches 1, 8, 32
     python bench/bench_generate.py --config qwen2.5-3b --batches 1,32,128 --max-new-tokens 256 --json-out $OUT/gen.json
@@ -47,6 +49,7 @@ def get_args(argv=None):
     p.add_argument("--family", default="qwen2.5", choices=["qwen2.5", "qwen3"], help="family of the tiny model")
     p.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,32,128 on GPU, 1,8,32 on CPU)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per batch size (default: the largest batch)")
+    p.add_argument("--batch1-prompts", type=int, default=8, help="prompts at batch size 1 (all of them would take long)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer limit (default 256 on GPU, 48 on CPU)")
     p.add_argument("--set-size", type=int, default=5297,
                    help="records of the end-to-end estimate: DOTA-v1.0 val cut into 1024-px patches with gap 200 (5,297 as commonly reported)")
@@ -167,27 +170,28 @@ def main():
           f"{min(lengths)}..{max(lengths)} tokens; answers of at most {max_new} tokens, end token {eos}")
 
     # --- each batch size: transformers' generate, then the built-in loop, same prompts, same tokens
+    exact = dtype == torch.float32  # bf16: a near-tie between the two best tokens can flip (see the note below)
     rows, warm = [], True
     for batch in batches:
         if warm:  # first-call costs (allocations, kernel selection) are not throughput
             run_path("fast", net, proc, prompts[:batch], batch, 4, eos, device, dtype)
             warm = False
-        t_hf, hf = run_path("hf", net, proc, prompts, batch, max_new, eos, device, dtype)
-        t_fast, fast = run_path("fast", net, proc, prompts, batch, max_new, eos, device, dtype)
-        new = sum(len(r) for r in hf)
-        answer_lengths = sorted(len(r) for r in hf)
-        rows.append({"batch": batch, "prompts": n_prompts, "new_tokens": new, "identical": hf == fast,
-                     "hf_s": t_hf, "fast_s": t_fast, "hf_tok_s": new / t_hf, "fast_tok_s": new / t_fast,
-                     "speedup": t_hf / t_fast, "answer_median": answer_lengths[len(answer_lengths) // 2],
-                     "answers_at_limit": sum(n == max_new for n in answer_lengths)})
+        some = prompts[:args.batch1_prompts] if batch == 1 else prompts  # one at a time: time per prompt is enough
+        rows.append(measure(net, proc, some, batch, max_new, eos, device, dtype))
         r = rows[-1]
+        same = f"tokens identical: {r['identical']}" if exact else f"identical answers: {r['identical_answers']}/{len(some)}"
         print(f"  batch {batch:4d}: generate {r['hf_tok_s']:8.1f} new tokens/s, built-in {r['fast_tok_s']:8.1f} "
-              f"({r['speedup']:.2f}x), tokens identical: {r['identical']}; answers median {r['answer_median']}, "
-              f"{r['answers_at_limit']}/{n_prompts} at the limit")
+              f"({r['speedup']:.2f}x), {same}; answers median {r['answer_median']}, "
+              f"{r['answers_at_limit']}/{len(some)} at the limit"
+              + (f" (the first {len(some)} of {n_prompts} prompts: batch 1 runs a few)" if len(some) < n_prompts else ""))
+    if not exact:
+        print(f"  {dtype}: an answer differs from generate's where the two best logits of a step are within the "
+              "rounding of bf16 (a near-tie), which the batch's padding and the kernels' summation order can flip; "
+              "the answer then goes on differently. The tokens are checked identical in fp32 (--dtype fp32).")
 
     # --- end to end: a DOTA-val-sized set at the largest batch, from the measured time per prompt
     best = rows[-1]
-    estimate = {path: args.set_size * best[f"{path}_s"] / n_prompts for path in ("hf", "fast")}
+    estimate = {path: args.set_size * best[f"{path}_s"] / best["prompts"] for path in ("hf", "fast")}
     print(f"  a {args.set_size}-record set (answers as above) at batch {best['batch']}: generate "
           f"{estimate['hf'] / 60:.1f} min, built-in {estimate['fast'] / 60:.1f} min (estimate: measured time per prompt x records)")
     summary = {"versions": versions, "config": config_name, "dtype": str(dtype), "max_new_tokens": max_new,
@@ -196,13 +200,27 @@ def main():
         with open(args.json_out, "w") as f:
             json.dump(summary, f, indent=2)
 
-    print(f"\nsummary ({config_name}, {device.type}, greedy, <= {max_new} new tokens):")
+    print(f"\nsummary ({config_name}, {device.type}, {dtype}, greedy, <= {max_new} new tokens):")
     for r in rows:
+        same = r["identical"] if exact else f"{r['identical_answers']}/{r['prompts']} answers"
         print(f"ratio built-in vs generate at batch {r['batch']}: {r['speedup']:.2f}x "
-              f"({r['fast_tok_s']:.0f} vs {r['hf_tok_s']:.0f} new tokens/s, identical: {r['identical']})")
-    if not all(r["identical"] for r in rows):
-        raise SystemExit("the built-in loop's tokens differ from transformers' generate")
+              f"({r['fast_tok_s']:.0f} vs {r['hf_tok_s']:.0f} new tokens/s, identical: {same})")
+    if exact and not all(r["identical"] for r in rows):
+        raise SystemExit("the built-in loop's tokens differ from transformers' generate (fp32)")
     return summary
+
+
+def measure(net, proc, prompts, batch, max_new, eos, device, dtype):
+    """generate, then the built-in loop, on the same prompts: times, new tokens/s, answers identical."""
+    t_hf, hf = run_path("hf", net, proc, prompts, batch, max_new, eos, device, dtype)
+    t_fast, fast = run_path("fast", net, proc, prompts, batch, max_new, eos, device, dtype)
+    new = sum(len(r) for r in hf)
+    answer_lengths = sorted(len(r) for r in hf)
+    return {"batch": batch, "prompts": len(prompts), "new_tokens": new, "identical": hf == fast,
+            "identical_answers": sum(a == b for a, b in zip(hf, fast)), "hf_s": t_hf, "fast_s": t_fast,
+            "hf_tok_s": new / t_hf, "fast_tok_s": new / t_fast, "speedup": t_hf / t_fast,
+            "answer_median": answer_lengths[len(answer_lengths) // 2],
+            "answers_at_limit": sum(n == max_new for n in answer_lengths)}
 
 
 if __name__ == "__main__":

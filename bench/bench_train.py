@@ -7,21 +7,25 @@ Variants, each measured in the same run:
                          (model.collate), sdpa everywhere (the vision tower then loops over its windows), loss from
                          `labels=` (cross-entropy over supervised tokens), torch AdamW (not fused), no FSDP
   hf+ac-full             the same with transformers' gradient checkpointing (what HF users turn on for memory)
+  hf+flash               the same with attn_implementation="flash_attention_2" where flash_attn imports (a GPU in
+                         bf16): what a user with flash-attn installed gets from transformers alone
   project[+varlen][+pack][+fused][+ac-K]
                          train.py's step: train.apply_fsdp on a 1-process mesh, train.forward_backward,
                          train.build_optimizer; +varlen = the vision tower through attention.varlen_attention (one call
                          per block), +pack = packed rows (train.pack_rows + model.pack; language-model attention
-                         varlen too on a GPU with a varlen kernel), +fused = fused AdamW (CUDA only), +ac-vision /
-                         +ac-full = activation checkpointing of the vision blocks / of every block (train.py --ac)
+                         varlen too on a GPU with a varlen kernel), +fused = fused AdamW (CUDA only), +blocks =
+                         one FSDP unit per vision block (train.py --vision-shard blocks), +ac-vision / +ac-full =
+                         activation checkpointing of the vision blocks / of every block (train.py --ac)
 Per variant: step time (median after warm-up), tokens/s, padding fraction, attention calls per step (vision and
-language model, counted by wrapping transformers' attention functions), MFU (model FLOPs incl. the vision tower
-and attention, against a bf16 matmul peak measured in this run), peak memory, the first step's loss (the same
-for every variant: same weights, same samples) and the speed-up over `hf`. The summary comes last.
+language model, counted by wrapping transformers' attention functions), MFU (train.step_flops, the formula
+train.py logs with, against the card's spec bf16 peak and, separately, a matmul peak measured in this run), peak
+memory, the first step's loss (the same for every variant: same weights, same samples) and the speed-up over `hf`
+(and over `hf+flash` where it ran). The summary comes last.
 
-    python bench_train.py                                   # CPU: the tiny random-init model, every variant in under a minute
-    python bench_train.py --config qwen2.5-3b --json-out bench_train.json          # GPU: real-size random-init model
-    python bench_train.py --config qwen3-vl-4b --variants hf,project,project+varlen+pack+fused
-    python bench_train.py --config qwen2.5-7b --text-layers 14   # a 7B-wide model cut to fit one GPU with AdamW states
+    python bench/bench_train.py                             # CPU: the tiny random-init model, every variant in under a minute
+    python bench/bench_train.py --config qwen2.5-3b --json-out bench_train.json          # GPU: real-size random-init model
+    python bench/bench_train.py --config qwen3-vl-4b --variants hf,project,project+varlen+pack+fused
+    python bench/bench_train.py --config qwen2.5-7b --text-layers 14   # a 7B-wide model cut to fit one GPU with AdamW states
 
 Data: synthetic detection-like samples (no tokenizer, no download): one image each (DOTA/FAIR1M 1024-px patches,
 DIOR-R 800-px images, DOTA 512-px patches, border crops; resized into the pixel budget by the Qwen-VL image
@@ -314,86 +318,15 @@ class AttentionCalls:
 
 
 # -----------------------------------------------------------------------------
-# Model FLOPs of one step, for MFU. Useful work only: padding, recomputation (activation checkpointing) and
-# logits of unsupervised positions are not counted, so every variant of the same step does the same FLOPs.
-#   matmuls: 6 x weights x tokens (forward 2, backward 4): decoder layers x text tokens, lm_head x supervised
-#   positions, vision blocks and patch embedding x patches, merger(s) x merged tokens;
-#   attention: language model causal within each sample, 6 L H D T^2; vision 12 width n^2 per window or image.
-
-
-def vision_segments(config, grid):
-    """Sequence lengths (in patches) one image attends over: (windows, full) where `windows` is one entry per
-    window (Qwen2.5-VL's windowed blocks; edge windows are smaller) and `full` one per frame."""
-    vc = config.vision_config
-    t, h, w = (int(v) for v in grid)
-    full = [h * w] * t
-    if not hasattr(vc, "fullatt_block_indexes"):  # Qwen3-VL: every block attends over the whole image
-        return [], full
-    m, ws = vc.spatial_merge_size, vc.window_size // vc.spatial_merge_size // vc.patch_size  # ws in merged tokens
-
-    def chunks(n):
-        return [ws] * (n // ws) + ([n % ws] if n % ws else [])
-
-    windows = [a * b * m * m for a in chunks(h // m) for b in chunks(w // m)] * t
-    return windows, full
-
-
-def vision_blocks(config):
-    """(windowed blocks, full-attention blocks) of the vision tower."""
-    vc = config.vision_config
-    n_full = len(vc.fullatt_block_indexes) if hasattr(vc, "fullatt_block_indexes") else vc.depth
-    return vc.depth - n_full, n_full
+# Model FLOPs of a step: train.step_flops, the one formula (train.py's metrics line uses it too)
 
 
 def per_segment_calls(config, samples):
     """Vision attention calls per step of transformers' own loop (one sdpa call per window or image per block)."""
-    n_windowed, n_full = vision_blocks(config)
-    segments = [vision_segments(config, g) for s in samples for g in s["image_grid_thw"]]
-    return sum(n_windowed * len(win) + n_full * len(full) for win, full in segments)
-
-
-def step_flops(net, config, samples):
-    """Model FLOPs of one optimizer step over `samples` (forward + backward); `net` gives the weight shapes (a
-    model on the meta device will do)."""
-    weights = Counter()  # decoder / head / vision / merger -> matmul weight elements
-    for name, mod in net.named_modules():
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv3d)):
-            if name == "lm_head":
-                kind = "head"
-            elif name.startswith("model.visual."):
-                kind = train.param_kind(name + ".weight")  # vision (blocks, patch embedding) or merger
-            else:
-                kind = "decoder"
-            weights[kind] += mod.weight.numel()
-    tc, vc = config.text_config, config.vision_config
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    n_windowed, n_full = vision_blocks(config)
-    flops = Counter()
-    for s in samples:
-        T = len(s["input_ids"])
-        supervised = int((s["labels"][1:] != -100).sum())
-        patches = sum(int(g.prod()) for g in s["image_grid_thw"])
-        flops["language model"] += 6 * weights["decoder"] * T + 6 * weights["head"] * supervised
-        flops["language model"] += 6 * tc.num_hidden_layers * tc.num_attention_heads * head_dim * T * T
-        flops["vision"] += 6 * weights["vision"] * patches + 6 * weights["merger"] * patches // vc.spatial_merge_size**2
-        for g in s["image_grid_thw"]:
-            win, full = vision_segments(config, g)
-            flops["vision"] += 12 * vc.hidden_size * (n_windowed * sum(n * n for n in win) + n_full * sum(n * n for n in full))
-    return flops
-
-
-def matmul_peak(device, dtype):
-    """Measured matmul FLOP/s of this device in `dtype` (the MFU denominator): a large square matmul, timed."""
-    n, iters = (8192, 20) if device.type == "cuda" else (1024, 5)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
+    vc = config.vision_config
+    n_full = len(getattr(vc, "fullatt_block_indexes", range(vc.depth)))
+    segments = [train.vision_segments(config, g) for s in samples for g in s["image_grid_thw"]]
+    return sum((vc.depth - n_full) * len(win) + n_full * len(full) for win, full in segments)
 
 
 def sync(device):
@@ -438,40 +371,41 @@ class PeakRSS:
 @dataclass
 class Variant:
     path: str  # "hf" (plain transformers) or "project" (train.py's step)
+    flash: bool = False  # hf only: attn_implementation="flash_attention_2" (one varlen call per vision block)
     varlen: bool = False  # vision tower through attention.varlen_attention: one call per block, not per window
     pack: bool = False  # packed rows (train.pack_rows + model.pack) instead of right-padded micro-batches
     fused: bool = False  # fused AdamW (CUDA only)
+    shard: str = "tower"  # train.py --vision-shard: the vision tower as one FSDP unit, or one per block
     ac: str = "none"  # activation checkpointing: none | vision | full
 
     @property
     def name(self):
-        flags = [f for f, on in (("varlen", self.varlen), ("pack", self.pack), ("fused", self.fused)) if on]
+        flags = [f for f, on in (("flash", self.flash), ("varlen", self.varlen), ("pack", self.pack),
+                                 ("fused", self.fused), ("blocks", self.shard == "blocks")) if on]
         return "+".join([self.path, *flags] + ([f"ac-{self.ac}"] if self.ac != "none" else []))
 
 
-def all_variants(cuda):
-    """Every variant; the last ones add activation checkpointing to the fastest project step."""
+def all_variants(cuda, flash):
+    """Every variant: hf+flash where flash_attn imports (what a user with it installed runs), the project's step
+    alone and with each speed-up, then --vision-shard blocks and activation checkpointing on the fastest one."""
     best = dict(varlen=True, pack=True, fused=cuda)  # fused AdamW exists on CUDA only
-    return [Variant("hf"), Variant("hf", ac="full"),
-            Variant("project"), Variant("project", varlen=True), Variant("project", pack=True),
+    return [Variant("hf"), Variant("hf", ac="full")] + ([Variant("hf", flash=True)] if flash else []) + \
+           [Variant("project"), Variant("project", varlen=True), Variant("project", pack=True),
             Variant("project", varlen=True, pack=True)] + \
            ([Variant("project", varlen=True, pack=True, fused=True)] if cuda else []) + \
-           [Variant("project", **best, ac="vision"), Variant("project", **best, ac="full")]
+           [Variant("project", **best, shard="blocks"), Variant("project", **best, ac="vision"),
+            Variant("project", **best, ac="full")]
 
 
 OPTIMIZER_ARGS = SimpleNamespace(lr=1e-5, vision_lr=None, merger_lr=None, weight_decay=0.1, betas=[0.9, 0.999])  # train.py's defaults
 
 
-def project_attention(device, pack, vision_varlen):
-    """What train.py picks (train.choose_attention with no --attn): flash_attention_2 when installed on GPU, else
-    sdpa; with --pack on a GPU with a varlen kernel, varlen for the language model too. The vision tower's choice
-    is the variant's: varlen (also on CPU, where it is the exact masked-sdpa reference) or the model's own."""
-    a = SimpleNamespace(attn=None, vision_attn=None, pack=pack)
+def project_attention(device, dtype, pack):
+    """What train.py resolves with no --attn (train.choose_attention): flash_attention_2 when installed on GPU,
+    else sdpa; with --pack on a GPU with a varlen kernel, varlen for the language model too."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the no-varlen-kernel warning: this bench reports the calls instead
-        train.choose_attention(a, device)
-    a.vision_varlen = vision_varlen
-    return a
+        return train.choose_attention(SimpleNamespace(attn=None, vision_attn=None, pack=pack), device, dtype)
 
 
 def hf_step(net, optimizer, micro, n_supervised, device, dtype):
@@ -502,13 +436,14 @@ def project_step(net, optimizer, micro, n_supervised, device, dummy, trainable):
     return loss_sum.item() / n_supervised
 
 
-def run_variant(v, ctx):
-    """Build the variant's model and optimizer, run warm-up + timed steps; returns its numbers."""
-    device, dtype, samples, args, calls = ctx.device, ctx.dtype, ctx.samples, ctx.args, ctx.calls
-    pad_id = ctx.proc.pad_token_id
-    torch.manual_seed(args.seed)  # the same initial weights for every variant
+def build_variant(v, ctx):
+    """(model, step function (micro, n_supervised) -> loss, {"text", "vision"} attention) of a variant, from the
+    same seed: the same initial weights for every variant."""
+    device, dtype = ctx.device, ctx.dtype
+    torch.manual_seed(ctx.args.seed)
     if v.path == "hf":
-        net = build_model(ctx.config, device, "sdpa")
+        impl = "flash_attention_2" if v.flash else "sdpa"
+        net = build_model(ctx.config, device, impl)
         if v.ac != "none":  # transformers' own switch (gradient_checkpointing_enable before transformers 5.2x)
             enable = getattr(net, "activation_checkpointing_enable", None)
             if enable is not None:
@@ -517,50 +452,50 @@ def run_variant(v, ctx):
                 net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(net.parameters(), lr=OPTIMIZER_ARGS.lr, betas=tuple(OPTIMIZER_ARGS.betas),
                                       weight_decay=OPTIMIZER_ARGS.weight_decay, fused=False)
-        attn = SimpleNamespace(attn="sdpa", vision_varlen=False, text_varlen=False)
-    else:
-        attn = project_attention(device, v.pack, v.varlen)
-        net = build_model(ctx.config, device, attn.attn)
-        train.apply_ac(net, v.ac)
-        train.apply_fsdp(net, dtype, ctx.mesh)  # compute in dtype, fp32 master weights and gradient reduction
-        attention.use_varlen_attention(net, vision=attn.vision_varlen, text=attn.text_varlen)
-        dummy = train.DummyImage(net, ctx.proc)
-        optimizer = train.build_optimizer(net, OPTIMIZER_ARGS, fused=v.fused)
-        trainable = [p for p in net.parameters() if p.requires_grad]
+        return net, lambda micro, n: hf_step(net, optimizer, micro, n, device, dtype), {"text": impl, "vision": impl}
+    run = project_attention(device, dtype, v.pack)
+    net = build_model(ctx.config, device, run["attn"])
+    train.apply_ac(net, v.ac)
+    train.apply_fsdp(net, dtype, ctx.mesh, v.shard)  # compute in dtype, fp32 master weights and gradient reduction
+    attention.use_varlen_attention(net, vision=v.varlen, text=run["text_varlen"])
+    dummy = train.DummyImage(net, ctx.proc)
+    optimizer = train.build_optimizer(net, OPTIMIZER_ARGS, fused=v.fused)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    attn_used = {"text": "varlen" if run["text_varlen"] else run["attn"], "vision": "varlen" if v.varlen else run["attn"]}
+    return net, lambda micro, n: project_step(net, optimizer, micro, n, device, dummy, trainable), attn_used
+
+
+def run_variant(v, ctx):
+    """Build the variant, run warm-up + timed steps; returns its numbers."""
+    args, calls, samples, pad_id = ctx.args, ctx.calls, ctx.samples, ctx.proc.pad_token_id
+    net, step_fn, attn_used = build_variant(v, ctx)
     calls.install()
     calls.watch(net)
-
-    # the step's samples: right-padded micro-batches in sample order, or packed rows planned once (train.py plans
-    # rows in its data loader; model.pack and model.collate run in the loop, so they are timed here too)
+    # the step's samples: right-padded micro-batches in sample order, or packed rows planned once; collated
+    # before each step's timer starts, as train.py makes them in its DataLoader workers
     B = args.batch_size
     groups = [samples[i:i + B] for i in range(0, len(samples), B)]
     if v.pack:
         rows = train.pack_rows([len(s["input_ids"]) for s in samples], 1, args.grad_accum, B * args.max_length)[0]
         groups = [[samples[i] for i in row] or [train.filler_sample(pad_id)] for row in rows]
     n_supervised = float(sum(int((s["labels"][1:] != -100).sum()) for s in samples))
-
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         calls.reset()
-        sync(device)
-        t0 = time.perf_counter()
         micro = [M.pack(g, net) for g in groups] if v.pack else [M.collate(g, pad_id) for g in groups]
         computed = sum(b["input_ids"].numel() for b in micro)  # tokens run through the model, padding included
-        if v.path == "hf":
-            loss = hf_step(net, optimizer, micro, n_supervised, device, dtype)
-        else:
-            loss = project_step(net, optimizer, micro, n_supervised, device, dummy, trainable)
-        sync(device)
+        sync(ctx.device)
+        t0 = time.perf_counter()
+        losses.append(step_fn(micro, n_supervised))
+        sync(ctx.device)
         times.append(time.perf_counter() - t0)
-        losses.append(loss)
     vision_calls, vision_kinds = calls.summary("vision")
     text_calls, text_kinds = calls.summary("text")
     return {"step_s": statistics.median(times[args.warmup:]), "step_times_s": times, "loss_first": losses[0],
             "loss_last": losses[-1], "tokens_computed": computed, "micro_batches": len(micro),
             "pad_frac": 1 - ctx.tokens / computed, "vision_attn_calls": vision_calls, "vision_attn": vision_kinds,
             "text_attn_calls": text_calls, "text_attn": text_kinds, "tower_forwards": calls.tower_forwards,
-            "attention": {"text": "varlen" if attn.text_varlen else attn.attn,
-                          "vision": "varlen" if attn.vision_varlen else attn.attn}}
+            "attention": attn_used}
 
 
 def vision_check(ctx, n_images=2):
@@ -593,7 +528,7 @@ def vision_check(ctx, n_images=2):
         ref = features(visual, "sdpa", torch.float32)
     finally:  # main() turns TF32 on for the training steps, as train.py does
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    out = {"images": [list(map(int, g)) for g in grid], "kernel": attention.varlen_kernel(device), "dtype": str(dtype),
+    out = {"images": [list(map(int, g)) for g in grid], "kernel": ctx.kernel, "dtype": str(dtype),
            "ref_max_abs": max(float(r.abs().max()) for r in ref)}
     if dtype == torch.float32:
         out["varlen_vs_ref"] = err(features(visual, attention.VARLEN_ATTENTION, dtype), ref)
@@ -617,34 +552,17 @@ def count(n):
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def main():
-    args = get_args()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    # --- setup: one process (a 1-rank group: FSDP2 needs one), device, dtype
+def setup(args):
+    """One process (a 1-rank group: FSDP2 needs one), its device and dtype, the variants to run, the versions."""
+    train.allocator_default()  # as train.py runs
     device = M.init_dist(single_process_group=True)
     if dist.get_world_size() != 1:
         raise UserError("bench_train.py measures one process on one device: run it with python, not torchrun")
     cuda = device.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    dtype = train.DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device.type, (1,), mesh_dim_names=("shard",))
-    config_name = args.config or ("qwen2.5-3b" if cuda else "tiny")
-    variants = all_variants(cuda)
-    if args.variants:
-        wanted = [n.strip() for n in args.variants.split(",") if n.strip()]
-        unknown = [n for n in wanted if n not in [v.name for v in variants]]
-        if unknown:
-            raise UserError(f"--variants: unknown {', '.join(unknown)}; on this device: {', '.join(v.name for v in variants)}")
-        variants = [v for v in variants if v.name in wanted]
-
-    # --- versions
     import transformers
 
     try:
@@ -653,84 +571,104 @@ def main():
         flash = f"yes ({flash_attn.__version__})"
     except Exception as e:  # noqa: BLE001  absent (ImportError) or built for another CUDA/torch (OSError, ...)
         flash = "no" if isinstance(e, ImportError) else f"broken ({type(e).__name__})"
+    variants = all_variants(cuda, flash.startswith("yes") and cuda and dtype == torch.bfloat16)
+    if args.variants:
+        wanted = [n.strip() for n in args.variants.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in [v.name for v in variants]]
+        if unknown:
+            raise UserError(f"--variants: unknown {', '.join(unknown)}; on this device: {', '.join(v.name for v in variants)}")
+        variants = [v for v in variants if v.name in wanted]
+    kernel = project_attention(device, dtype, pack=True)["varlen_kernel"]
     versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                 "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(device) if cuda else None,
-                "flash_attn": flash, "varlen_kernel": attention.varlen_kernel(device), "cpu_threads": torch.get_num_threads()}
+                "flash_attn": flash, "varlen_kernel": kernel, "cpu_threads": torch.get_num_threads()}
     print(f"bench_train.py: torch {versions['torch']}, transformers {versions['transformers']}, python {versions['python']}")
     what = versions["gpu"] if cuda else f"CPU, {versions['cpu_threads']} threads"
-    print(f"  device {device} ({what}), CUDA {versions['cuda'] or '-'}, flash_attn: {flash}, varlen kernel: "
-          f"{versions['varlen_kernel']}, compute {dtype}")
+    print(f"  device {device} ({what}), CUDA {versions['cuda'] or '-'}, flash_attn: {flash}, varlen kernel: {kernel}, "
+          f"compute {dtype}")
+    from torch.distributed.device_mesh import init_device_mesh
 
-    # --- model config and image processor
-    config, image_processor = config_and_image_processor(config_name, args.family, args.seed, args.text_layers,
+    mesh = init_device_mesh(device.type, (1,), mesh_dim_names=("shard",))
+    return SimpleNamespace(args=args, device=device, dtype=dtype, mesh=mesh, kernel=kernel, versions=versions), variants
+
+
+def prepare(ctx):
+    """The model config and processor, one step's samples (the same for every variant), their model FLOPs
+    (train.step_flops, every parameter trained) and the MFU denominators."""
+    args = ctx.args
+    ctx.config_name = args.config or ("qwen2.5-3b" if ctx.device.type == "cuda" else "tiny")
+    config, image_processor = config_and_image_processor(ctx.config_name, args.family, args.seed, args.text_layers,
                                                          args.min_pixels, args.max_pixels)
     vc, tc = config.vision_config, config.text_config
-    budget = M._pixel_budget(image_processor)
+    ctx.config, ctx.budget = config, M._pixel_budget(image_processor)
     # what model.expand_image_tokens and train.DummyImage read from a processor
-    proc = SimpleNamespace(image_processor=image_processor, patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
-                           image_token_id=config.image_token_id, pad_token_id=tc.bos_token_id)  # <|endoftext|>
-
-    # --- samples (one step's, the same for every variant) and their model FLOPs
-    rng = np.random.default_rng(args.seed)
-    samples = synthetic_samples(args.batch_size * args.grad_accum, config, proc, rng)
-    lengths = [len(s["input_ids"]) for s in samples]
-    if max(lengths) > args.max_length:
-        raise UserError(f"a sample has {max(lengths)} tokens > --max-length {args.max_length}: raise it")
-    tokens = sum(lengths)
+    ctx.proc = SimpleNamespace(image_processor=image_processor, patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+                               image_token_id=config.image_token_id, pad_token_id=tc.bos_token_id)  # <|endoftext|>
+    ctx.samples = synthetic_samples(args.batch_size * args.grad_accum, config, ctx.proc, np.random.default_rng(args.seed))
+    ctx.lengths = [len(s["input_ids"]) for s in ctx.samples]
+    if max(ctx.lengths) > args.max_length:
+        raise UserError(f"a sample has {max(ctx.lengths)} tokens > --max-length {args.max_length}: raise it")
+    ctx.tokens, ctx.image_tokens = sum(ctx.lengths), [int(s["mm_token_type_ids"].sum()) for s in ctx.samples]
     from transformers import AutoModelForImageTextToText
 
     with torch.device("meta"):  # shapes only: parameter counts and FLOPs
         meta = AutoModelForImageTextToText.from_config(copy.deepcopy(config))
-    flops = step_flops(meta, config, samples)
-    n_params = sum(p.numel() for p in meta.parameters())
-    n_vision = sum(p.numel() for p in meta.model.visual.parameters())
+    ctx.flops = train.step_flops(train.matmul_costs(meta), config, [train.sample_stats(s) for s in ctx.samples])
+    ctx.n_params = sum(p.numel() for p in meta.parameters())
+    ctx.n_vision = sum(p.numel() for p in meta.model.visual.parameters())
     del meta
-    image_tokens = [int(s["mm_token_type_ids"].sum()) for s in samples]
-    print(f"  model {config_name}{f' ({args.family})' if config_name == 'tiny' else ''}: {M.family(config)}, "
-          f"{count(n_params)} parameters ({count(n_vision)} vision), {tc.num_hidden_layers} decoder layers of "
+    print(f"  model {ctx.config_name}{f' ({args.family})' if ctx.config_name == 'tiny' else ''}: {M.family(config)}, "
+          f"{count(ctx.n_params)} parameters ({count(ctx.n_vision)} vision), {tc.num_hidden_layers} decoder layers of "
           f"{tc.hidden_size}, vision {vc.depth} x {vc.hidden_size}, random init")
-    print(f"  step: {len(samples)} samples = {args.grad_accum} micro-batches x {args.batch_size}; {tokens} tokens "
-          f"(per sample {min(lengths)}..{max(lengths)}, image tokens {min(image_tokens)}..{max(image_tokens)}), "
-          f"{sum(int((s['labels'][1:] != -100).sum()) for s in samples)} supervised; pixel budget {budget[0]}..{budget[1]}; "
-          f"model FLOPs {sum(flops.values()):.3g} per step ({100 * flops['vision'] / sum(flops.values()):.0f}% vision)")
-    peak = matmul_peak(device, dtype)
-    print(f"  measured {dtype} matmul peak: {peak / 1e12:.2f} TFLOP/s (MFU denominator)")
+    print(f"  step: {len(ctx.samples)} samples = {args.grad_accum} micro-batches x {args.batch_size}; {ctx.tokens} tokens "
+          f"(per sample {min(ctx.lengths)}..{max(ctx.lengths)}, image tokens {min(ctx.image_tokens)}..{max(ctx.image_tokens)}), "
+          f"{sum(int((s['labels'][1:] != -100).sum()) for s in ctx.samples)} supervised; pixel budget "
+          f"{ctx.budget[0]}..{ctx.budget[1]}; model FLOPs {sum(ctx.flops.values()):.3g} per step "
+          f"({100 * ctx.flops['vision'] / sum(ctx.flops.values()):.0f}% vision)")
+    ctx.peaks = {"mfu": train.spec_peak(ctx.device, ctx.dtype), "mfu_measured": train.matmul_peak(ctx.device, ctx.dtype)}
+    spec = f"{ctx.peaks['mfu'] / 1e12:.0f} TFLOP/s" if ctx.peaks["mfu"] else "unknown here"
+    print(f"  MFU denominators: the card's spec {ctx.dtype} peak {spec} (MFU); a measured matmul peak "
+          f"{ctx.peaks['mfu_measured'] / 1e12:.2f} TFLOP/s (MFU meas.)")
+    ctx.calls = AttentionCalls()
 
-    # --- varlen vision attention against the per-window loop in fp32
-    calls = AttentionCalls()
-    ctx = SimpleNamespace(args=args, device=device, dtype=dtype, mesh=mesh, config=config, proc=proc,
-                          samples=samples, tokens=tokens, calls=calls)
+
+def check_vision(ctx):
+    """vision_check, reported; a kernel that does not run here must not stop the throughput numbers."""
     try:
         check = vision_check(ctx)
-        print(f"  vision varlen check ({check['kernel']} kernel, images {check['images']}): varlen in {dtype} vs "
+        print(f"  vision varlen check ({check['kernel']} kernel, images {check['images']}): varlen in {ctx.dtype} vs "
               f"transformers' sdpa loop (per window / image) in fp32: max abs err {check['varlen_vs_ref']:.3g}"
-              + (f"; the loop in {dtype} vs fp32: {check['sdpa_loop_vs_ref']:.3g}" if "sdpa_loop_vs_ref" in check else "")
+              + (f"; the loop in {ctx.dtype} vs fp32: {check['sdpa_loop_vs_ref']:.3g}" if "sdpa_loop_vs_ref" in check else "")
               + f" (features up to {check['ref_max_abs']:.3g})")
-    except Exception as e:  # noqa: BLE001  a kernel that does not run here must not stop the throughput numbers
+    except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         check = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         print(f"  vision varlen check failed: {check['error']}")
     gc.collect()
-    if cuda:
+    if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
+    return check
 
-    # --- variants, one after the other; an OOM or a failure is reported and the next one runs
-    print(f"  variants: {', '.join(v.name for v in variants)}"
-          + ("" if cuda else " (fused AdamW variants: CUDA only)"))
+
+def run_all(ctx, variants):
+    """Each variant, one after the other; an OOM or a failure is reported and the next one runs."""
+    cuda = ctx.device.type == "cuda"
+    print(f"  variants: {', '.join(v.name for v in variants)}" + ("" if cuda else " (fused AdamW variants: CUDA only)"))
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     results = []
     for v in variants:
         print(f"  running {v.name} ...", flush=True)
         r = {"name": v.name, "variant": vars(v).copy()}
         if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.reset_peak_memory_stats(ctx.device)
         try:
             with PeakRSS() as rss:
                 r.update(run_variant(v, ctx), status="ok")
-            r["mem_gb"] = (torch.cuda.max_memory_allocated(device) if cuda else rss.peak) / 2**30
-            r["tokens_per_s"] = tokens / r["step_s"]
-            r["mfu"] = sum(flops.values()) / r["step_s"] / peak
-            r["vision_calls_per_block_forward"] = r["vision_attn_calls"] / max(1, vc.depth * r["tower_forwards"])
+            r["mem_gb"] = (torch.cuda.max_memory_allocated(ctx.device) if cuda else rss.peak) / 2**30
+            r["tokens_per_s"] = ctx.tokens / r["step_s"]
+            for key, peak in ctx.peaks.items():  # train.step_metrics' two MFUs
+                r[key] = sum(ctx.flops.values()) / r["step_s"] / peak if peak else None
+            r["vision_calls_per_block_forward"] = r["vision_attn_calls"] / max(1, ctx.config.vision_config.depth * r["tower_forwards"])
         except oom:
             r["status"] = "OOM"
         except Exception as e:  # noqa: BLE001  report and go on with the next variant
@@ -743,19 +681,19 @@ def main():
         gc.collect()  # the variant's model, optimizer and activations are gone once run_variant has returned
         if cuda:
             torch.cuda.empty_cache()
+    return results
 
-    # --- table
+
+def print_table(ctx, results):
     by_name = {r["name"]: r for r in results}
-    base = by_name.get("hf", {})
-    base_ac = by_name.get("hf+ac-full", {})
     for r in results:
-        if r["status"] == "ok" and base.get("status") == "ok":
-            r["speedup_vs_hf"] = base["step_s"] / r["step_s"]
-        if r["status"] == "ok" and r["variant"]["ac"] != "none" and base_ac.get("status") == "ok":
-            r["speedup_vs_hf_ac"] = base_ac["step_s"] / r["step_s"]
-    mem = "peak GB" if cuda else "RSS GB"
+        for base, key in (("hf", "speedup_vs_hf"), ("hf+flash", "speedup_vs_hf_flash"), ("hf+ac-full", "speedup_vs_hf_ac")):
+            ok = r["status"] == "ok" and by_name.get(base, {}).get("status") == "ok"
+            if ok and (base != "hf+ac-full" or r["variant"]["ac"] != "none"):
+                r[key] = by_name[base]["step_s"] / r["step_s"]
+    mem = "peak GB" if ctx.device.type == "cuda" else "RSS GB"
     head = (f"{'variant':<38} {'step s':>8} {'tokens/s':>9} {'pad %':>6} {'vision attn/step':>24} "
-            f"{'text attn/step':>16} {'MFU %':>6} {mem:>8} {'loss@1':>9} {'vs hf':>6}")
+            f"{'text attn/step':>16} {'MFU %':>6} {'MFU meas %':>10} {mem:>8} {'loss@1':>9} {'vs hf':>6}")
     print("\n" + head)
     print("-" * len(head))
     for r in results:
@@ -763,19 +701,26 @@ def main():
             print(f"{r['name']:<38} {r['status']}")
             continue
         vision = f"{r['vision_attn']}, {r['vision_calls_per_block_forward']:.1f}/blk"
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.2f}"
         print(f"{r['name']:<38} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {100 * r['pad_frac']:>6.1f} "
-              f"{vision:>24} {r['text_attn']:>16} {100 * r['mfu']:>6.2f} {r['mem_gb']:>8.2f} {r['loss_first']:>9.5f} "
-              f"{fmt(r.get('speedup_vs_hf', '-'), '.2f'):>6}")
+              f"{vision:>24} {r['text_attn']:>16} {mfu:>6} {100 * r['mfu_measured']:>10.2f} {r['mem_gb']:>8.2f} "
+              f"{r['loss_first']:>9.5f} {fmt(r.get('speedup_vs_hf', '-'), '.2f'):>6}")
     print(f"attn/step: attention calls in one step, all micro-batches (transformers' per-segment loop: "
-          f"{per_segment_calls(config, samples)} vision calls, one per window or image per block); /blk = vision calls "
-          f"per block per tower forward (activation checkpointing repeats them in backward). MFU: useful model FLOPs "
-          f"(vision tower included; not padding, recomputation, or logits of unsupervised positions) / step time / "
-          f"measured peak. vs hf: hf step time / this step time.")
-    if not cuda:
+          f"{per_segment_calls(ctx.config, ctx.samples)} vision calls, one per window or image per block); /blk = vision "
+          f"calls per block per tower forward (activation checkpointing repeats them in backward). MFU: useful model "
+          f"FLOPs (train.step_flops: vision tower and attention included; not padding, recomputation, or logits of "
+          f"unsupervised positions) / step time / the card's spec peak (MFU %) or the matmul peak measured here (MFU "
+          f"meas %). vs hf: hf step time / this step time.")
+    if ctx.device.type != "cuda":
         print("CPU: the varlen kernel here is the exact reference (one masked sdpa over a whole micro-batch, T^2 "
               "work), so +varlen is not faster on CPU; the speed-ups this bench is for are measured on a GPU.")
 
-    # --- summary, last
+
+def summary_lines(results):
+    """The ratio lines, printed last: against plain HF, against HF with flash-attn (where it ran), and the
+    activation-checkpointed variants against HF with its own checkpointing."""
+    by_name = {r["name"]: r for r in results}
+    base = by_name.get("hf", {})
     lines = []
     for r in results:
         if r["name"] == "hf":
@@ -785,21 +730,36 @@ def main():
             lines.append(f"ratio vs plain HF: {r['name']} n/a ({why})")
         else:
             lines.append(f"ratio vs plain HF: {r['name']} {r['speedup_vs_hf']:.2f}x")
-    for r in results:
-        if "speedup_vs_hf_ac" in r and r["name"] != "hf+ac-full":
-            lines.append(f"ratio vs plain HF with AC: {r['name']} {r['speedup_vs_hf_ac']:.2f}x")
-    print(f"\nsummary ({config_name}, {device.type}, {len(samples)} samples/step, median of {args.steps} steps; "
-          f"ratio = plain HF step time / variant step time):")
+    for key, label in (("speedup_vs_hf_flash", "HF with flash-attn"), ("speedup_vs_hf_ac", "plain HF with AC")):
+        for r in results:
+            if key in r and not r["name"].startswith("hf"):
+                lines.append(f"ratio vs {label}: {r['name']} {r[key]:.2f}x")
+    return lines
+
+
+def main():
+    args = get_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    ctx, variants = setup(args)
+    prepare(ctx)
+    check = check_vision(ctx)
+    results = run_all(ctx, variants)
+    print_table(ctx, results)
+    lines = summary_lines(results)
+    print(f"\nsummary ({ctx.config_name}, {ctx.device.type}, {len(ctx.samples)} samples/step, median of {args.steps} "
+          f"steps; ratio = the baseline's step time / the variant's):")
     for line in lines:
         print(line)
-
     if args.json_out:
-        out = {"versions": versions, "args": vars(args), "device": str(device), "dtype": str(dtype),
-               "config": {"name": config_name, "family": M.family(config), "parameters": n_params,
-                          "vision_parameters": n_vision, "text_layers": tc.num_hidden_layers, "pixel_budget": budget},
-               "samples": {"lengths": lengths, "image_tokens": image_tokens, "tokens": tokens,
-                           "per_segment_vision_calls": per_segment_calls(config, samples), "vision_depth": vc.depth},
-               "flops_per_step": dict(flops), "peak_flops": peak, "vision_check": check, "variants": results,
+        vc, tc = ctx.config.vision_config, ctx.config.text_config
+        out = {"versions": ctx.versions, "args": vars(args), "device": str(ctx.device), "dtype": str(ctx.dtype),
+               "config": {"name": ctx.config_name, "family": M.family(ctx.config), "parameters": ctx.n_params,
+                          "vision_parameters": ctx.n_vision, "text_layers": tc.num_hidden_layers, "pixel_budget": ctx.budget},
+               "samples": {"lengths": ctx.lengths, "image_tokens": ctx.image_tokens, "tokens": ctx.tokens,
+                           "per_segment_vision_calls": per_segment_calls(ctx.config, ctx.samples), "vision_depth": vc.depth},
+               "flops_per_step": dict(ctx.flops), "peak_flops": ctx.peaks, "vision_check": check, "variants": results,
                "summary": lines}
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out, indent=2))

@@ -114,9 +114,11 @@ def test_auto_max_new_tokens_covers_the_longest_reference(nets, tmp_path):
     assert model.auto_max_new_tokens([{**det, "meta": {}, "task": "chat"}], proc) == 2048
 
 
+@pytest.mark.slow
 def test_bench_generate_runs_on_cpu_and_prints_its_ratios(tmp_path):
-    """bench_generate.py on the tiny model: exits 0, the built-in loop's tokens identical to generate's at every
-    batch size, one ratio line per batch size last, and the same numbers in --json-out."""
+    """bench_generate.py on the tiny model (fp32): exits 0, the built-in loop's tokens identical to generate's at
+    every batch size, batch 1 on the first few prompts only (and saying so), one ratio line per batch size last,
+    and the same numbers in --json-out."""
     import json
     import os
     import subprocess
@@ -125,16 +127,18 @@ def test_bench_generate_runs_on_cpu_and_prints_its_ratios(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "gen.json"
-    p = subprocess.run([sys.executable, "bench/bench_generate.py", "--batches", "1,4", "--prompts", "8", "--max-new-tokens",
-                        "16", "--json-out", str(out)], cwd=repo, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run([sys.executable, "bench/bench_generate.py", "--batches", "1,4", "--prompts", "8", "--batch1-prompts",
+                        "3", "--max-new-tokens", "16", "--json-out", str(out)], cwd=repo, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "(the first 3 of 8 prompts: batch 1 runs a few)" in p.stdout
     last = p.stdout.strip().splitlines()[-2:]
     assert [l.split(":")[0] for l in last] == ["ratio built-in vs generate at batch 1", "ratio built-in vs generate at batch 4"]
     assert all("identical: True" in l for l in last)
     summary = json.loads(out.read_text())
-    assert [r["batch"] for r in summary["rows"]] == [1, 4] and all(r["identical"] for r in summary["rows"])
-    assert all(r["new_tokens"] > 0 and r["answers_at_limit"] < 8 for r in summary["rows"])  # some answers ended early
+    assert [(r["batch"], r["prompts"]) for r in summary["rows"]] == [(1, 3), (4, 8)] and all(r["identical"] for r in summary["rows"])
+    assert all(r["new_tokens"] > 0 and r["answers_at_limit"] < r["prompts"] for r in summary["rows"])  # some answers ended early
+
 
 
 def test_a_replaced_vllm_engine_is_shut_down(tiny_qwen25, monkeypatch):

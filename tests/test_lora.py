@@ -6,8 +6,6 @@ checkpoint is a small fraction of a full fine-tune's; SIGKILL + resume is bit-id
 the RNG continues exactly); 2 FSDP ranks == 1 process (DoRA, with --pack and activation checkpointing, the merger
 trained in full beside the adapters); a resume with another LoRA flag is refused with one line.
 Single-process runs go through train.py's entry point in this process (~5 s of imports saved each)."""
-import contextlib
-import io
 import json
 import shutil
 import signal
@@ -24,8 +22,8 @@ import model
 import test_train
 import train
 from cli_helpers import one_error_line
-from common import UserError, read_records, run_cli
-from test_train import ENV, REPO, WRAPPER, metrics, mixture, run
+from common import UserError, read_records
+from test_train import ENV, REPO, TORCHRUN, in_process, metrics, mixture, run, wrapper
 
 
 data = test_train.data  # fixture: the record files of test_train (images, text-only)
@@ -42,29 +40,7 @@ MAIN = ["--lora", "8", "--lora-targets", "llm+vision", "--dora", "--lora-dropout
 
 
 def torchrun(args):
-    return run(["torchrun", "--standalone", "--nproc-per-node", "2", "train.py", *args])
-
-
-def in_process(argv):
-    """`python train.py ARGV` in this process: run_cli(train.main) with sys.argv set, on one thread like the
-    subprocess runs (so that their bits compare). Returns (exit code, stdout, stderr); puts back what train.py
-    changes in a process: signal handlers, process group, thread count, sys.argv."""
-    handlers = {sig: signal.getsignal(sig) for sig in train.STOP_SIGNALS}
-    threads, saved_argv = torch.get_num_threads(), sys.argv
-    out, err = io.StringIO(), io.StringIO()
-    sys.argv = ["train.py", *map(str, argv)]
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
-            run_cli(train.main)
-    finally:
-        sys.argv = saved_argv
-        torch.set_num_threads(threads)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if train.dist.is_initialized():
-            train.dist.destroy_process_group()
-    return exit_.value.code, out.getvalue(), err.getvalue()
+    return run([*TORCHRUN, "train.py", *args])
 
 
 def checkpoint_keys(ckpt):
@@ -214,31 +190,63 @@ def test_base_weights_stay_and_the_merged_export_is_the_peft_model(lora_run, dat
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_dora"], cfg["modules_to_save"]) == (8, 16, 0.1, True, None)
 
 
-def test_checkpoint_holds_only_the_adapters_and_is_small(lora_run, data, tiny_qwen25, tmp_path):
+@pytest.fixture(scope="module")
+def full_run(data, tiny_qwen25, tmp_path_factory):
+    """A full fine-tune of the same model, one step, the same flags otherwise."""
+    out = tmp_path_factory.mktemp("lora") / "full"
+    code, stdout, stderr = in_process(lora_args(data, tiny_qwen25, out, steps=1))
+    assert code == 0, stderr[-3000:]
+    return out
+
+
+def test_checkpoint_holds_only_the_adapters_and_is_small(lora_run, full_run):
     """The LoRA checkpoint holds the adapters (and their AdamW moments) only; against a full fine-tune's checkpoint
-    of the same model, one step, measured here."""
+    of the same model, measured here."""
     ckpt = lora_run / "ckpt" / "step_00000004"
     keys = checkpoint_keys(ckpt)
     assert keys and all("lora_" in k for k in keys)  # no base weight, no tied lm_head
-    full = tmp_path / "full"
-    code, stdout, stderr = in_process(lora_args(data, tiny_qwen25, full, steps=1))
-    assert code == 0, stderr[-3000:]
-    assert "model.language_model.layers.0.mlp.down_proj.weight" in checkpoint_keys(full / "ckpt" / "step_00000001")
-    lora_bytes, full_bytes = size(ckpt), size(full / "ckpt" / "step_00000001")
+    assert "model.language_model.layers.0.mlp.down_proj.weight" in checkpoint_keys(full_run / "ckpt" / "step_00000001")
+    lora_bytes, full_bytes = size(ckpt), size(full_run / "ckpt" / "step_00000001")
     print(f"checkpoint: LoRA r 8 {lora_bytes / 1e6:.2f} MB, full fine-tune {full_bytes / 1e6:.2f} MB")
     assert lora_bytes < 0.25 * full_bytes
 
 
+def test_logged_flops_are_bench_trains_formula_on_the_same_step(lora_run, full_run, data, tiny_qwen25):
+    """The FLOPs train.py logs for step 1 (full fine-tune and LoRA) equal what bench/bench_train.py computes for the
+    same sample (bench_train.prepare): train.matmul_costs of a meta-device model of the config, here with the run's
+    trained parameters, and train.step_flops. So both MFUs share one numerator. LoRA's count is lower: its frozen
+    base weights do no weight gradient (test_bench checks each rate against torch's FLOP counter)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config, proc = AutoConfig.from_pretrained(tiny_qwen25), model.load_processor(tiny_qwen25)
+    files, entries = train.build_mixture(mixture(data), seed=3)
+    lengths = [[1] * len(recs) for _, recs in files]
+    step1 = train.StepPlanner(entries, lengths, SimpleNamespace(seed=3, grad_accum=1, batch_size=1, max_tokens=0,
+                                                                max_length=512, pack=False), 1).block(0)[0]
+    samples = [train.sample_stats(model.tokenize(files[f][1][i], proc)) for f, i in step1]
+    flops = {}
+    for name, out, flags in (("full", full_run, []), ("lora", lora_run, MAIN)):
+        with torch.device("meta"):
+            meta = AutoModelForImageTextToText.from_config(config)
+        args = train.get_args(lora_args(data, tiny_qwen25, out, *flags))
+        train.apply_lora(meta, args)
+        train.set_trainable(meta, args)
+        flops[name] = sum(train.step_flops(train.matmul_costs(meta), config, samples).values())
+        assert metrics(out)[0]["flops"] == flops[name], name
+    assert flops["lora"] < flops["full"]
+
+
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_is_bit_identical(lora_run, data, tiny_qwen25, tmp_path):
     """A process of its own, SIGKILLed while inside step 3 (checkpoint 2 written), then the same command: the same
     export, adapter and losses as the uninterrupted run. The adapters' dropout draws from the RNG, so this also
     holds only if the resumed run's RNG continues exactly where checkpoint 2 left it."""
     run_dir, mark = tmp_path / "killed", tmp_path / "paused"
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
     args = lora_args(data, tiny_qwen25, run_dir, *MAIN)
-    env = {**ENV, "HOOK": "pause", "HOOK_STEP": "3", "HOOK_MARK": str(mark), "RANK": "0"}
-    p = subprocess.Popen([sys.executable, str(wrapper), *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+    env = {**ENV, "HOOKS": "pause", "HOOK_STEP": "3", "HOOK_MARK": str(mark), "RANK": "0"}
+    p = subprocess.Popen([sys.executable, str(wrapper(tmp_path)), *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
     t0 = time.time()
     try:
@@ -258,6 +266,7 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(lora_run, data, tiny_
     assert [(m["step"], m["loss"]) for m in metrics(run_dir)] == [(m["step"], m["loss"]) for m in metrics(lora_run)]
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_with_pack_and_grad_ckpt(data, tiny_qwen25, tmp_path):
     """DoRA on the language model, the merger trained in full beside it (vision frozen), no dropout: 2 FSDP ranks
     with one micro-batch each == one process with --grad-accum 2, --pack and activation checkpointing (the same

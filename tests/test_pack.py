@@ -1,14 +1,8 @@
 """Training throughput paths on CPU against their references: the vision tower's one-call-per-layer varlen
 attention against transformers' per-window loop; packed rows (model.pack) against the unpacked samples
 (logits, loss, gradients, per-sample positions, isolation); the row planner; and train.py --pack against the
-same command without it (1 and 2 ranks), plus bit-identical SIGKILL resume with --pack."""
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+same command without it, one process (two ranks with --pack, and a SIGKILL resume with it: test_train's reference
+run and the run it interrupts)."""
 
 import numpy as np
 import pytest
@@ -18,7 +12,7 @@ from PIL import Image
 import attention
 import model
 import train
-from test_train import ENV, REPO, WRAPPER, common, data, metrics, mixture, run  # noqa: F401 (data: a fixture)
+from test_train import common, data, in_process, metrics  # noqa: F401 (data: a fixture)
 
 
 FAMILIES = ["qwen2.5", "qwen3"]
@@ -223,97 +217,23 @@ def test_pack_rows_balances_ranks_and_keeps_every_sample():
     assert max(loads) - min(loads) < (max(dealt) - min(dealt)) / 5, (loads, dealt)
 
 
-def test_packed_steps_resume_and_workers(data, tiny_qwen25):
-    """Step g's rows are a function of g: restarting at a step, or reading with workers, gives the same rows;
-    the rows of all ranks together hold exactly the step's samples."""
-    proc = model.load_processor(tiny_qwen25)
-    files, entries = train.build_mixture(mixture(data), seed=0)
-    train.dist.init_process_group("gloo", store=train.dist.HashStore(), rank=0, world_size=1)
-    try:
-        lengths = train.record_lengths(files, proc, 512, "skip", torch.device("cpu"))
-    finally:
-        train.dist.destroy_process_group()
-    assert [list(x) for x in lengths] == [[len(model.tokenize(r, proc)["input_ids"]) for r in recs] for _, recs in files]
-
-    def steps(rank, start, n, workers=0):
-        ds = train.PackedSteps(files, entries, lengths, proc, rank, 2, 0, start, 6, 2, 400, 512, "skip")
-        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
-        return [[[s["id"] for s in row] for row in next(it)[1]] for _ in range(n)]
-
-    ref = [steps(r, 0, 4) for r in range(2)]
-    assert [steps(r, 2, 2) for r in range(2)] == [x[2:] for x in ref]
-    assert steps(1, 0, 4, workers=2) == ref[1]
-    for g in range(4):
-        block = [entries[train.global_entry(p, len(entries), 0)] for p in range(6 * g, 6 * g + 6)]
-        ids = sorted(files[f][1][i]["id"] for f, i in block)
-        assert sorted(i for r in range(2) for row in ref[r][g] for i in row) == ids
-        assert len(ref[0][g]) == len(ref[1][g]) >= 2
-
-
 # -----------------------------------------------------------------------------
 # train.py --pack == train.py
 
 
-def test_pack_trains_the_same_steps_as_without_on_two_ranks(data, tiny_qwen25, tmp_path):
-    """The same command with and without --pack: the same samples per step, the same losses and gradient
-    norms step by step (2 ranks, 2 micro-batches of 2 samples each; with --pack the step's 8 samples are
-    planned into rows across the ranks)."""
-    runs = {}
-    for name, extra in (("plain", []), ("pack", ["--pack", "--max-tokens", "400"])):
-        out = tmp_path / name
-        p = run(["torchrun", "--standalone", "--nproc-per-node", "2", "train.py", *common(data, tiny_qwen25, out, steps=4),
-                 "--batch-size", "2", "--grad-accum", "2", "--num-workers", "1", *extra])
-        assert p.returncode == 0, p.stderr[-3000:]
-        runs[name] = metrics(out)
-    assert len(runs["pack"]) == 4
-    for a, b in zip(runs["plain"], runs["pack"]):
-        assert a["samples"] == b["samples"] == 8 and a["supervised_tokens"] == b["supervised_tokens"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-
-
+@pytest.mark.slow
 def test_pack_qwen3_one_process_with_varlen_attention(data, tiny_qwen3, tmp_path):
     """Qwen3-VL (deepstack), one process, packed rows through attention.varlen_attention (text and vision, its CPU
     reference) against the plain command: the same losses step by step."""
     runs = {}
     for name, extra in (("plain", []), ("pack", ["--pack", "--attn", "varlen", "--vision-attn", "varlen"])):
         out = tmp_path / name
-        p = run([sys.executable, "train.py", *common(data, tiny_qwen3, out, steps=3), "--batch-size", "3",
-                 "--num-workers", "0", *extra])
-        assert p.returncode == 0, p.stderr[-3000:]
+        code, stdout, stderr = in_process([*common(data, tiny_qwen3, out, steps=3), "--batch-size", "3",
+                                           "--num-workers", "0", *extra])
+        assert code == 0, stderr[-3000:]
         runs[name] = metrics(out)
         if name == "pack":
-            assert "attention: language model varlen, vision varlen (reference kernel)" in p.stdout
+            assert "attention: language model varlen, vision varlen (reference kernel)" in stdout
     for a, b in zip(runs["plain"], runs["pack"]):
         assert a["samples"] == b["samples"] == 3 and a["supervised_tokens"] == b["supervised_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-
-
-def test_sigkill_then_resume_with_pack_is_bit_identical(data, tiny_qwen25, tmp_path):
-    base, killed, mark = tmp_path / "base", tmp_path / "killed", tmp_path / "paused"
-    extra = ["--pack", "--max-tokens", "400", "--batch-size", "2", "--num-workers", "2"]
-    p = run(["torchrun", "--standalone", "--nproc-per-node", "2", "train.py", *common(data, tiny_qwen25, base), *extra])
-    assert p.returncode == 0, p.stderr[-3000:]
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
-    env = {**ENV, "HOOK": "pause", "HOOK_STEP": "5", "HOOK_MARK": str(mark)}
-    proc = subprocess.Popen(["torchrun", "--standalone", "--nproc-per-node", "2", str(wrapper),
-                             *common(data, tiny_qwen25, killed), *extra], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    t0, pids = time.time(), {}
-    try:
-        while len(pids) < 2:
-            assert proc.poll() is None and time.time() - t0 < 200, proc.stdout.read().decode()[-3000:]
-            time.sleep(0.1)
-            pids = {r: Path(f"{mark}.{r}").read_text() for r in range(2) if Path(f"{mark}.{r}").exists()}
-            pids = {r: int(v) for r, v in pids.items() if v}
-    finally:
-        for pid in pids.values():
-            os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert [d.name for d in train.complete_checkpoints(killed / "ckpt")] == ["step_00000002", "step_00000004"]
-    r = run(["torchrun", "--standalone", "--nproc-per-node", "2", "train.py", *common(data, tiny_qwen25, killed), *extra])
-    assert r.returncode == 0 and "step_00000004 at step 4" in r.stdout, r.stderr[-3000:]
-    assert (killed / "final" / "model.safetensors").read_bytes() == (base / "final" / "model.safetensors").read_bytes()
-    assert [(m["step"], m["loss"]) for m in metrics(killed)] == [(m["step"], m["loss"]) for m in metrics(base)]

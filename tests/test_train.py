@@ -1,7 +1,11 @@
-"""train.py and launch.sh on CPU (gloo) with the tiny checkpoints: data mixture, sampler, token-budget batches
-and schedule as units; then real multi-process runs: two launch.sh "nodes" on localhost, a 2-rank FSDP run
-against one process on the same global batches, SIGKILL mid-training and while checkpointing then
---resume auto (exported weights bit-identical), a rank with only text-only records, a non-finite loss."""
+"""train.py and launch.sh on CPU (gloo) with the tiny checkpoints. Units: the mixture, the step planner (pure in
+the step, padded and packed, overlong records, workers), the schedule, flags, attention choices, the old
+checkpoint format. Then real runs, each checked against one reference: two launch.sh "nodes" with --pack
+(exported, reloaded); one process with --grad-accum, padded, activation checkpointing and workers (the same
+numbers); ONE run folder taken through every way a run is interrupted (SIGTERM to one rank; a rank listing no
+checkpoint and another SIGKILLed while saving; SIGTERM to launch.sh's process group; SIGUSR1 to every process),
+each resume continuing it (DataLoader workers that outlive the loop at 143 and at the end), and at the end
+bit-identical to the reference; a finished run re-run; input errors, also through launch.sh; a non-finite loss."""
 import json
 import math
 import os
@@ -22,12 +26,14 @@ from safetensors.torch import load_file
 
 import model
 import train
+from cli_helpers import run_main
 from common import UserError, read_records, run_cli
 
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 ENV.pop("WORLD_SIZE", None)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 def free_port():
@@ -36,11 +42,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """img.jsonl: 5 image records (vqa, caption, det rendered from meta, cls, two-image chat);
-    text.jsonl: 6 text-only records of different lengths."""
-    d = tmp_path_factory.mktemp("records")
+def write_records(d):
+    """img.jsonl: 5 image records (vqa, caption, det rendered from meta, cls, two-image chat); text.jsonl: 6
+    text-only records of different lengths."""
     rng = np.random.default_rng(0)
     sizes = [(56, 84), (112, 56), (84, 84), (56, 56), (60, 90), (90, 60)]
     for i, (h, w) in enumerate(sizes):
@@ -63,6 +67,11 @@ def data(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_records(tmp_path_factory.mktemp("records"))
+
+
 def mixture(data):
     return f"{data}/img.jsonl,{data}/text.jsonl*2"
 
@@ -73,9 +82,15 @@ def common(data, tiny, out, steps=6):
             "--seed", "3"]
 
 
-def run(cmd, timeout=240, **kw):
+# The reference run and the run taken through every interruption: 2 ranks x 2 packed rows, 8 samples a step.
+STEPS = 10
+PACKED = ["--pack", "--grad-accum", "2", "--batch-size", "2"]
+
+
+def run(cmd, timeout=240, env=None, **kw):
     t0 = time.time()
-    p = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
+    p = subprocess.run([str(c) for c in cmd], env=env or ENV, cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout, **kw)
     print(f"{time.time() - t0:.1f}s: {' '.join(map(str, cmd[:6]))} ...")
     return p
 
@@ -84,34 +99,61 @@ def metrics(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def losses(out):
+    return [(m["step"], m["loss"]) for m in metrics(out)]
+
+
 def weights(out):
     return load_file(str(Path(out) / "final" / "model.safetensors"))
 
 
-# Test-only hooks: a wrapper that runs train.main() with one function patched, so the run dies exactly where we
-# want with a real SIGKILL (no test flags in train.py).
+def checkpoints(out):
+    return [d.name for d in train.complete_checkpoints(Path(out) / "ckpt")]
+
+
+def in_process(argv, threads=1):
+    """`python train.py ARGV` in this process (~5 s of imports saved): run_cli(train.main) with sys.argv set, on
+    one thread like the subprocess runs (so that their bits compare). Returns (exit code, stdout, stderr); puts
+    back what train.py changes in a process: signal handlers, process group, thread count."""
+    import contextlib
+    import io
+
+    handlers = {sig: signal.getsignal(sig) for sig in train.STOP_SIGNALS}
+    saved_threads, saved_argv = torch.get_num_threads(), sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["train.py", *map(str, argv)]
+    torch.set_num_threads(threads)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+            run_cli(train.main)
+    finally:
+        sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if train.dist.is_initialized():
+            train.dist.destroy_process_group()
+    return exit_.value.code, out.getvalue(), err.getvalue()
+
+
+# Test-only hooks: a wrapper that runs train.main() with functions patched, so the run dies exactly where we want
+# with a real signal (no test flags in train.py). HOOKS: comma-separated; HOOK_STEP: the step they act at.
 WRAPPER = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 import train
-rank, what, at = int(os.environ["RANK"]), os.environ["HOOK"], int(os.environ["HOOK_STEP"])
-if what == "pause":  # block inside optimizer step `at` (after its forward/backward) until the test kills us
-    get_lr = train.get_lr
-    def paused(step, *a):
-        if step + 1 == at:
-            with open(os.environ["HOOK_MARK"] + f".{{rank}}", "w") as f:
-                f.write(str(os.getpid()))
-            time.sleep(600)
-        return get_lr(step, *a)
-    train.get_lr = paused
-if what == "sigterm":  # only rank 0 gets SIGTERM, during optimizer step `at` (as a scheduler's preemption)
-    get_lr = train.get_lr
-    def signalled(step, *a):
-        if step + 1 == at and rank == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return get_lr(step, *a)
-    train.get_lr = signalled
-if os.environ.get("KEEP_LOADER"):  # the DataLoader iterator stays referenced until exit (as a reference cycle can)
+rank, hooks, at = int(os.environ["RANK"]), os.environ.get("HOOKS", "").split(","), int(os.environ.get("HOOK_STEP", 0))
+get_lr = train.get_lr
+def hooked_lr(step, *a):
+    if "pause" in hooks and step + 1 == at:  # block inside step `at` (after its forward/backward) until killed
+        with open(os.environ["HOOK_MARK"] + f".{{rank}}", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(600)
+    if "sigterm" in hooks and step + 1 == at and rank == 0:  # only rank 0 gets SIGTERM, as from a scheduler
+        os.kill(os.getpid(), signal.SIGTERM)
+    return get_lr(step, *a)
+train.get_lr = hooked_lr
+if "keep_loader" in hooks:  # the DataLoader iterator stays referenced until exit (as a reference cycle can)
     import torch
     kept, make_iter = [], torch.utils.data.DataLoader.__iter__
     def keeping(self):
@@ -119,10 +161,10 @@ if os.environ.get("KEEP_LOADER"):  # the DataLoader iterator stays referenced un
         kept.append(it)
         return it
     torch.utils.data.DataLoader.__iter__ = keeping
-if what == "stale_listing":  # rank 1 lists no checkpoint (a shared filesystem that shows it files late)
+if "stale_listing" in hooks:  # rank 1 lists no checkpoint (a shared filesystem that shows it files late)
     listing = train.complete_checkpoints
     train.complete_checkpoints = lambda d: [] if rank == 1 else listing(d)
-if what == "kill_in_save":  # rank 1 is SIGKILLed right after writing its shards of checkpoint `at`
+if "kill_in_save" in hooks:  # rank 1 is SIGKILLed right after writing its shards of checkpoint `at`
     save = train.dcp.save
     class DCP:
         load = train.dcp.load
@@ -137,17 +179,23 @@ train.main()
 """
 
 
-def run_hooked(tmp_path, hook, step, train_args):
-    """torchrun with 2 ranks of WRAPPER, the hook `hook` armed at `step`; returns the finished process."""
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
-    env = {**ENV, "HOOK": hook, "HOOK_STEP": str(step)}
-    return subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(wrapper), *train_args],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+def wrapper(tmp_path):
+    path = tmp_path / "wrapper.py"
+    path.write_text(WRAPPER.format(repo=str(REPO)))
+    return path
+
+
+def run_hooked(tmp_path, hooks, step, train_args, ranks=2):
+    """torchrun (or python, ranks=1) of WRAPPER with HOOKS armed at `step`; returns the finished process."""
+    env = {**ENV, "HOOKS": hooks, "HOOK_STEP": str(step)}
+    cmd = TORCHRUN if ranks == 2 else [sys.executable]
+    if ranks == 1:
+        env["RANK"] = "0"
+    return run([*cmd, wrapper(tmp_path), *train_args], env=env)
 
 
 # -----------------------------------------------------------------------------
-# Units: mixture, sampler, batches, schedule
+# Units: mixture, planner, schedule, flags, attention, old checkpoints
 
 
 def test_parse_mixture_and_errors():
@@ -160,7 +208,17 @@ def test_parse_mixture_and_errors():
         assert why in str(e.value) and bad in str(e.value)
 
 
-def test_mixture_repeats_subsets_and_stream(tmp_path):
+def planner(entries, lengths, world=2, grad_accum=2, batch_size=2, max_tokens=0, pack=False, start=(0, 0), seed=5):
+    args = SimpleArgs(seed=seed, grad_accum=grad_accum, batch_size=batch_size, max_tokens=max_tokens, max_length=512, pack=pack)
+    return train.StepPlanner(entries, lengths, args, world, *start)
+
+
+class SimpleArgs:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_mixture_repeats_subsets_and_every_entry_once_per_pass(tmp_path):
     for name, n in (("a", 10), ("b", 40)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
             {"id": f"{name}{i}", "messages": [{"role": "user", "content": "hi"}]}) + "\n" for i in range(n)))
@@ -177,57 +235,95 @@ def test_mixture_repeats_subsets_and_stream(tmp_path):
         train.build_mixture(f"{tmp_path}/nope.jsonl", 0)
     with pytest.raises(UserError, match=f"{tmp_path} is a folder: give a record file .*a.jsonl"):
         train.build_mixture(f"{tmp_path}", 0)
-    # two ranks deal every entry of a pass exactly once; the next pass is another permutation
-    n = len(entries)
-    per_pass = [[train.stream_entry(k, r, 2, n, seed=5) for k in range(e * n // 2, (e + 1) * n // 2) for r in range(2)]
-                for e in range(2)]
-    assert sorted(per_pass[0]) == sorted(per_pass[1]) == list(range(n)) and per_pass[0] != per_pass[1]
+    # the steps of a pass (40 entries, 8 a step) hold every entry once, whatever the ranks; the next pass is
+    # another permutation
+    lengths = [np.full(30, 10), np.full(40, 10)]
+    plan = planner(entries, lengths)
+    per_pass = [[tuple(e) for g in range(5 * p, 5 * p + 5) for rank in plan.plan(g)[0] for m in rank for e in m]
+                for p in range(2)]
+    one = [tuple(e) for g in range(5) for rank in planner(entries, lengths, world=1, grad_accum=4).plan(g)[0]
+           for m in rank for e in m]
+    assert sorted(per_pass[0]) == sorted(per_pass[1]) == sorted(map(tuple, entries.tolist())) == sorted(one)
+    assert per_pass[0] != per_pass[1]
 
 
-def test_stream_workers_and_token_budget_batches_resume(data, tiny_qwen25):
+@pytest.fixture(scope="module")
+def measured(data, tiny_qwen25):
+    """(files, entries, lengths at --max-length 512, processor) of the test mixture (record_lengths on a
+    one-process group)."""
     proc = model.load_processor(tiny_qwen25)
     files, entries = train.build_mixture(mixture(data), seed=0)
+    train.dist.init_process_group("gloo", store=train.dist.HashStore(), rank=0, world_size=1)
+    try:
+        lengths = train.record_lengths(files, proc, 512, "skip", torch.device("cpu"))
+        with pytest.raises(UserError, match=r"\.jsonl:\d+ \(record '\w+'\): \d+ tokens > --max-length 40 \(see --overlong\)"):
+            train.record_lengths(files, proc, 40, "error", torch.device("cpu"))
+        with pytest.raises(UserError, match="every record is longer than --max-length 5"):
+            train.record_lengths(files, proc, 5, "skip", torch.device("cpu"))
+        short = train.record_lengths(files, proc, 40, "truncate", torch.device("cpu"))
+    finally:
+        train.dist.destroy_process_group()
+    # model.sample_length (headers only) == the tokenized length
+    assert [list(x) for x in lengths] == [[len(model.tokenize(r, proc)["input_ids"]) for r in recs] for _, recs in files]
+    assert all(n == 40 for x in short for n, m in zip(x, lengths[0]) if m > 40)
+    return files, entries, lengths, proc
 
-    def batches(start, workers, n, max_tokens=160, batch_size=3):
-        stream = train.MixtureStream(files, entries, proc, 0, 2, 0, start, 512, "skip")
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-        mb = train.MicroBatches(iter(loader), start, batch_size, max_tokens, len(entries))
-        return [[s["id"] for s in mb.next()] for _ in range(n)], mb.cursor
 
-    ref, cursor = batches(0, 0, 6)
-    # every batch within the budget (or a single sample), some split by tokens before batch_size
-    stream = train.MixtureStream(files, entries, proc, 0, 2, 0, 0, 512, "skip")
-    lens = {}
-    for k in range(cursor):
-        s = stream.load(k)
-        lens.setdefault(s["id"], len(s["input_ids"]))
-    for b in ref:
-        assert len(b) == 1 or len(b) * max(lens[i] for i in b) <= 160
-    assert any(len(b) < 3 for b in ref) and any(len(b) > 1 for b in ref)
-    # two DataLoader workers give the same order; restarting at the cursor continues exactly
-    assert batches(0, 2, 6)[0] == ref
-    first, mid = batches(0, 0, 3)
-    assert first == ref[:3] and batches(mid, 2, 3)[0] == ref[3:]
-    # overlong: skip counts, error names the record, truncate cuts to max_length
-    long = train.MixtureStream(files, entries, proc, 0, 1, 0, 0, 40, "error")
-    with pytest.raises(UserError, match=r"\.jsonl:\d+ \(record '\w+'\): \d+ tokens > --max-length 40"):
-        train.MicroBatches(iter(long), 0, 1, 10**6, len(entries)).next()
-    lengths = [len(train.MixtureStream(files, entries, proc, 0, 1, 0, 0, 512, "skip").load(k)["input_ids"])
-               for k in range(len(entries))]
-    limit = sorted(lengths)[len(lengths) // 2]  # about half the records are longer
-    skip = train.MicroBatches(iter(train.MixtureStream(files, entries, proc, 0, 1, 0, 0, limit, "skip")), 0, 1, 10**6,
-                              len(entries))
-    kept = [len(skip.next()[0]["input_ids"]) for _ in range(sum(n <= limit for n in lengths))]
-    assert skip.skipped == sum(n > limit for n in lengths[: skip.cursor]) > 0
-    assert sorted(kept) == sorted(n for n in lengths if n <= limit)
-    # nothing fits at all: an error, not an endless loop
-    none_fit = train.MicroBatches(iter(train.MixtureStream(files, entries, proc, 0, 1, 0, 0, 5, "skip")), 0, 1, 10**6,
-                                  len(entries))
-    with pytest.raises(RuntimeError, match="in a row are longer than --max-length"):
-        none_fit.next()
-    trunc = train.MixtureStream(files, entries, proc, 0, 1, 0, 0, 40, "truncate")
-    text_only = [k for k in range(len(entries)) if not trunc.record(k)[1]["images"] and lengths[k] > 40]
-    assert text_only and all(len(trunc.load(k)["input_ids"]) == 40 for k in text_only)
+def test_planner_is_a_function_of_the_step_padded_and_packed(measured):
+    """Every rank gets the same number of micro-batches; padded ones within --batch-size and --max-tokens (some
+    split by tokens), packed rows within --max-tokens; both hold exactly the step's block; restarting at a step,
+    or on another number of ranks at the same stream position, plans the same samples."""
+    files, entries, lengths, _ = measured
+    for pack in (False, True):
+        ref = planner(entries, lengths, max_tokens=120, pack=pack)
+        split = False
+        for g in range(6):
+            plan, skipped = ref.plan(g)
+            assert skipped == 0 and len({len(rank) for rank in plan}) == 1
+            kept, _ = ref.block(g)
+            assert sorted(map(tuple, kept)) == sorted(tuple(e) for rank in plan for m in rank for e in m)
+            for m in (m for rank in plan for m in rank):
+                sizes = [int(lengths[f][i]) for f, i in m]
+                assert len(m) <= 1 or (len(m) * max(sizes) <= 120 if not pack else sum(sizes) <= 120)
+                assert pack or len(m) <= 2
+                split |= not pack and 0 < len(m) < 2
+            assert len(plan[0]) >= 2 or not pack
+        assert split or pack
+        again = planner(entries, lengths, max_tokens=120, pack=pack, start=(3, ref.position(3)))
+        assert [again.plan(g) for g in (3, 4)] == [ref.plan(g) for g in (3, 4)]
+        one_rank = planner(entries, lengths, world=1, grad_accum=4, pack=pack, start=(3, ref.position(3)))
+        assert sorted(map(tuple, one_rank.block(3)[0])) == sorted(map(tuple, ref.block(3)[0]))
+    # overlong records (-1) are left out of the plan and counted
+    short = [np.where(x > 60, -1, x) for x in lengths]
+    kept, skipped = planner(entries, short).block(0)
+    assert skipped > 0 and len(kept) + skipped == 8 and all(short[f][i] > 0 for f, i in kept)
+
+
+def test_steps_are_the_same_with_workers_and_truncate_cuts(measured, tiny_qwen25):
+    """The DataLoader with two workers hands back the micro-batches of one in order; --overlong truncate cuts a
+    text-only record to --max-length; a bad image read in a worker comes back as its one line."""
+    files, entries, lengths, proc = measured
+    net, _ = model.load(tiny_qwen25)
+    args = SimpleArgs(max_length=512, pack=True)
+
+    def steps(start, workers, n, plan=None, files=files, max_length=512):
+        args.max_length = max_length
+        ds = train.Steps(plan or planner(entries, lengths, pack=True), 1, start, files, proc, net, args)
+        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+        return [next(it) for _ in range(n)]
+
+    ref = steps(0, 0, 4)
+    for (g, micro, info), (g2, micro2, info2) in zip(ref[2:], steps(2, 2, 2)):
+        assert g == g2 and [s[:2] for s in info["samples"]] == [s[:2] for s in info2["samples"]]
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(micro, micro2) for k in a if a[k] is not None)
+    text = [i for i, n in enumerate(lengths[1]) if n > 40]
+    cut = train.load_sample(files, (1, text[0]), proc, 40)
+    assert len(cut["input_ids"]) == 40 and text
+    gone = [(path, [dict(r, images=[str(Path(r["images"][0]).with_name("gone.png"))]) if r["images"] else r
+                    for r in recs]) for path, recs in files]
+    out = steps(0, 0, 3, files=gone)
+    assert any(m is None and re.search(r"img\.jsonl:\d+ \(record '\w+'\): cannot read image .*gone\.png", info)
+               for _, m, info in out)
 
 
 def test_lr_schedule():
@@ -239,36 +335,88 @@ def test_lr_schedule():
     assert train.get_lr(100, 100, 10, 0.1) == pytest.approx(0.1)
 
 
+def test_flag_mistakes_are_one_line_errors():
+    base = ["--model", "m", "--data", "d", "--out", "o"]
+    assert train.get_args(base).ac == "none" and train.get_args(base + ["--ac", "every-3"]).ac == "every-3"
+    for extra, expected in ((["--ac", "every-0"], "--ac: expected none, full, vision or every-K"),
+                            (["--grad-ckpt"], "unrecognized arguments: --grad-ckpt"),
+                            (["--attn", "sdap"], "--attn: invalid choice: 'sdap'"),
+                            (["--lr", "x"], "--lr: invalid float value: 'x'"),
+                            (["--grad-accum", "0"], "--grad-accum: must be >= 1")):
+        with pytest.raises(UserError, match=re.escape(expected)):
+            train.get_args(base + extra)
+
+
+def test_attention_choices_leave_args_alone_and_fp32_gets_no_flash_kernel(monkeypatch):
+    """On a (simulated) GPU: bf16 gets flash_attention_2 / varlen, fp32 the exact paths (flash kernels take bf16
+    only), and an explicit flash request in fp32 is one line. The flags are never rewritten."""
+    monkeypatch.setattr(model, "default_attn", lambda device: "flash_attention_2")
+    monkeypatch.setattr(model, "varlen_kernel", lambda device, dtype: "reference" if dtype == torch.float32 else "flash_attn")
+    gpu = torch.device("cuda", 0)
+    args = train.get_args(["--model", "m", "--data", "d", "--out", "o", "--pack"])
+    before = dict(vars(args))
+    assert train.choose_attention(args, gpu, torch.bfloat16) == {
+        "attn": "flash_attention_2", "text_varlen": False, "vision_varlen": True, "varlen_kernel": "flash_attn"}
+    assert train.choose_attention(args, gpu, torch.float32) == {
+        "attn": "sdpa", "text_varlen": False, "vision_varlen": False, "varlen_kernel": "reference"}
+    monkeypatch.setattr(model, "default_attn", lambda device: "sdpa")
+    assert train.choose_attention(args, gpu, torch.bfloat16)["text_varlen"]  # --pack, no flash-attn: varlen rows
+    assert vars(args) == before
+    args.attn = "flash_attention_2"
+    with pytest.raises(UserError, match="--attn flash_attention_2 with --dtype fp32"):
+        train.choose_attention(args, gpu, torch.float32)
+    with pytest.raises(UserError, match="--attn varlen needs --pack"):
+        train.choose_attention(train.get_args(["--model", "m", "--data", "d", "--out", "o", "--attn", "varlen"]),
+                               torch.device("cpu"), torch.float32)
+
+
+def test_a_checkpoint_of_the_old_format_continues_at_the_slowest_rank(capsys):
+    """Checkpoints before the step planner saved each rank's stream cursor, not a position: the run continues
+    at the slowest rank's place (exact for --pack runs, whose cursors were equal) and says so in one line."""
+    rng = train.rng_state()
+    old = {"step": 4, "world_size": 2, "ranks": [{"cursor": 9, "rng": rng}, {"cursor": 8, "rng": rng}]}
+    assert train.resume_point(old, "ckpt/step_00000004", 2, 0) == (4, 16)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["  ckpt/step_00000004 predates the step planner (per-rank stream cursors): continuing at stream "
+                     "position 16, the slowest rank's; samples between the ranks' cursors may come twice"]
+    new = {"step": 4, "position": 32, "world_size": 4, "ranks": [{"rng": rng}] * 4}
+    assert train.resume_point(new, "x", 2, 1) == (4, 32)
+    assert "the checkpoint has 4 ranks, this run 2" in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
-# Real runs
+# The reference run: two launch.sh "nodes" on localhost, --pack
 
 
 @pytest.fixture(scope="module")
 def baseline(data, tiny_qwen25, tmp_path_factory):
-    """Uninterrupted reference: two launch.sh 'nodes' on localhost (NNODES=2, one process each)."""
+    """Uninterrupted reference: two launch.sh 'nodes' on localhost (NNODES=2, one process each), --pack."""
     out = tmp_path_factory.mktemp("runs") / "baseline"
-    env = {**ENV, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NPROC_PER_NODE": "1"}
-    args = common(data, tiny_qwen25, out, steps=6) + ["--num-workers", "0"]
+    port = free_port()
+    env = {**ENV, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NPROC_PER_NODE": "1"}
+    args = [*common(data, tiny_qwen25, out, steps=STEPS), *PACKED, "--num-workers", "0"]
     t0 = time.time()
     nodes = [subprocess.Popen(["bash", "launch.sh", f"NODE_RANK={i}", *args], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (1, 0)]
     logs = [p.communicate(timeout=240)[0] for p in nodes]
     print(f"{time.time() - t0:.1f}s: baseline (two launch.sh nodes)")
     assert all(p.returncode == 0 for p in nodes), logs[1][-3000:] + logs[0][-3000:]
-    return out, logs[1]
+    return out, logs[1], port
 
 
+@pytest.mark.slow
 def test_two_node_launch_trains_exports_and_reloads(baseline, data, tiny_qwen25):
     from transformers import AutoModelForImageTextToText
 
-    out, log = baseline
-    assert "node 0 of 2, 1 processes" in log and "2 rank(s) on cpu" in log
+    out, log, port = baseline
+    assert f"node 0 of 2, 1 processes, master 127.0.0.1:{port}" in log and "2 rank(s) on cpu" in log
     m = metrics(out)
-    assert [r["step"] for r in m] == list(range(1, 7)) and m[-1]["loss"] < m[0]["loss"]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mem_gb"} <= set(m[0])
-    assert (out / "loss.png").stat().st_size > 0 and json.loads((out / "args.json").read_text())["max_steps"] == 6
-    # --keep-last 2 of the checkpoints at steps 2, 4, 6
-    assert [d.name for d in train.complete_checkpoints(out / "ckpt")] == ["step_00000004", "step_00000006"]
+    assert [r["step"] for r in m] == list(range(1, STEPS + 1)) and m[-1]["loss"] < m[0]["loss"]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "flops", "mem_gb"} <= set(m[0]) and m[0]["samples"] == 8
+    assert (out / "loss.png").stat().st_size > 0 and json.loads((out / "args.json").read_text())["max_steps"] == STEPS
+    assert json.loads((out / "args.json").read_text())["attn"] is None  # what was given, not what it resolved to
+    assert json.loads((out / "resolved.json").read_text())["attn"] == "sdpa"
+    assert checkpoints(out) == ["step_00000008", "step_00000010"]  # --keep-last 2
     # the export reloads with model.load (processor included) and with transformers, and generates
     net, proc = model.load(out / "final")
     recs = read_records(data / "img.jsonl")[:2] + read_records(data / "text.jsonl")[:1]
@@ -280,31 +428,32 @@ def test_two_node_launch_trains_exports_and_reloads(baseline, data, tiny_qwen25)
     assert all(torch.equal(v, exported[k]) for k, v in hf.state_dict().items() if k in exported)
 
 
-def test_two_ranks_match_one_process_and_text_only_rank(baseline, data, tiny_qwen25, tmp_path):
-    """The 2-rank run (1 micro-batch per rank) and one process with --grad-accum 2 see the same global batches
-    (one sample per micro-batch): same loss and gradient norm at every step. The single process also runs
-    activation checkpointing and two DataLoader workers, which must change nothing."""
-    out, _ = baseline
-    files, entries = train.build_mixture(mixture(data), seed=3)
-    has_image = [[bool(files[f][1][i]["images"]) for f, i in [entries[train.stream_entry(k, r, 2, len(entries), 3)]
-                                                              for r in range(2)]] for k in range(6)]
-    # the premise: at some step exactly one rank has an image (the other must still join the vision collectives)
+@pytest.mark.slow
+def test_one_process_padded_matches_two_ranks_packed(baseline, measured, data, tiny_qwen25, tmp_path):
+    """One process with --grad-accum 4 (padded micro-batches of 2, activation checkpointing, two DataLoader
+    workers) sees the reference's steps (2 ranks x 2 packed rows): the same samples, losses and gradient norms at
+    every step. So --pack changes the speed, not the numbers, and neither do ranks, AC or workers."""
+    out, _, _ = baseline
+    files, entries, lengths, _ = measured
+    plan = planner(entries, lengths, pack=True, seed=3)
+    has_image = [[any(files[f][1][i]["images"] for m in rank for f, i in m) for rank in plan.plan(g)[0]] for g in range(STEPS)]
+    # the premise: at some step one rank has no image (it must still join the vision tower's collectives)
     assert any(a != b for a, b in has_image), has_image
     one = tmp_path / "one"
-    p = run([sys.executable, "train.py", *common(data, tiny_qwen25, one), "--grad-accum", "2", "--grad-ckpt",
-             "--num-workers", "2"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    code, stdout, stderr = in_process([*common(data, tiny_qwen25, one, steps=STEPS), "--grad-accum", "4",
+                                       "--batch-size", "2", "--ac", "full", "--num-workers", "2"])
+    assert code == 0, stderr[-3000:]
     ref, got = metrics(out), metrics(one)
     for a, b in zip(ref, got):
-        assert a["samples"] == b["samples"] == 2 and a["supervised_tokens"] == b["supervised_tokens"]
+        assert a["samples"] == b["samples"] == 8 and a["supervised_tokens"] == b["supervised_tokens"]
+        assert a["flops"] == b["flops"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    # reference for step 1, without FSDP or train.py's loss code: plain transformers forward/backward on the
-    # same two samples, cross-entropy summed over supervised tokens / their number (not a mean of means)
+    # reference for step 1, without FSDP or train.py's loss code: plain transformers forward/backward on the step's
+    # samples, cross-entropy summed over supervised tokens / their number (not a mean of means)
     net, proc = model.load(tiny_qwen25)
     net.train()
     total, n_tokens = 0.0, 0
-    for r in range(2):
-        f, i = entries[train.stream_entry(0, r, 2, len(entries), 3)]
+    for f, i in plan.block(0)[0]:
         b = model.collate([model.tokenize(files[f][1][i], proc)], proc.pad_token_id)
         labels = b.pop("labels")
         logits = net(**{k: v for k, v in b.items() if v is not None}).logits
@@ -317,61 +466,64 @@ def test_two_ranks_match_one_process_and_text_only_rank(baseline, data, tiny_qwe
     assert ref[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
     w1, w2 = weights(out), weights(one)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
-    # and the run really trained: weights moved
     start = load_file(str(Path(tiny_qwen25) / "model.safetensors"))
-    assert max((w1[k] - start[k]).abs().max().item() for k in w1) > 1e-4
+    assert max((w1[k] - start[k]).abs().max().item() for k in w1) > 1e-4  # and the run really trained
 
 
-def test_sigkill_mid_training_then_resume_is_bit_identical(baseline, data, tiny_qwen25, tmp_path):
-    out, _ = baseline
-    run_dir, mark = tmp_path / "killed", tmp_path / "paused"
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
-    # pause inside step 5 (checkpoint 4 written, step 5 forward/backward done), then SIGKILL every process
-    env = {**ENV, "HOOK": "pause", "HOOK_STEP": "5", "HOOK_MARK": str(mark)}
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", str(wrapper), *common(data, tiny_qwen25, run_dir),
-           "--num-workers", "2"]
-    t0 = time.time()
-    p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         start_new_session=True)
-    pids = {}
-    try:
-        while len(pids) < 2:
-            assert p.poll() is None and time.time() - t0 < 200, p.stdout.read().decode()[-3000:]
-            time.sleep(0.1)
-            pids = {r: Path(f"{mark}.{r}").read_text() for r in range(2) if Path(f"{mark}.{r}").exists()}
-            pids = {r: int(v) for r, v in pids.items() if v}
-    finally:  # SIGKILL the training processes (torchrun starts each in its own session), then torchrun
-        for pid in pids.values():
-            os.kill(pid, signal.SIGKILL)
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    print(f"{time.time() - t0:.1f}s: run killed in step 5")
-    assert not (run_dir / "final").exists()
-    assert [d.name for d in train.complete_checkpoints(run_dir / "ckpt")] == ["step_00000002", "step_00000004"]
-    # resume (plain launch.sh, one node, two processes) and finish
-    r = run(["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny_qwen25, run_dir), "--resume", "auto",
-             "--num-workers", "0"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resuming from" in r.stdout + r.stderr and "step_00000004 at step 4" in r.stdout + r.stderr
-    # bit-identical: same exported bytes, same logged losses (metrics.jsonl has steps 1..6 once each)
-    assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
-    assert [(m["step"], m["loss"]) for m in metrics(run_dir)] == [(m["step"], m["loss"]) for m in metrics(out)]
+# -----------------------------------------------------------------------------
+# One run folder through every interruption, each resume continuing it; at the end bit-identical to the reference
 
 
-def test_sigterm_saves_at_the_next_step_on_every_rank_then_resume_is_bit_identical(baseline, data, tiny_qwen25, tmp_path):
-    out, _ = baseline
-    run_dir = tmp_path / "preempted"
-    p = run_hooked(tmp_path, "sigterm", 2, [*common(data, tiny_qwen25, run_dir), "--num-workers", "2"])
-    # rank 0 noticed the signal during step 2; both ranks agreed at step 3's all-reduce, finished step 3,
-    # saved it (not a --save-every step) and left with 143; the DataLoader workers did not die on the way
-    assert p.returncode != 0 and "stopping on a signal after step 3" in p.stdout + p.stderr, p.stderr[-3000:]
-    assert [d.name for d in train.complete_checkpoints(run_dir / "ckpt")] == ["step_00000002", "step_00000003"]
-    assert not (run_dir / "final").exists()
-    r = run(["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny_qwen25, run_dir), "--num-workers", "0"])
-    assert r.returncode == 0 and "step_00000003 at step 3" in r.stdout + r.stderr, r.stderr[-3000:]
-    assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+@pytest.fixture(scope="module")
+def chain(data, tiny_qwen25, tmp_path_factory):
+    """The run folder and its command; each stage's fixture takes it one interruption further."""
+    run_dir = tmp_path_factory.mktemp("chain") / "run"
+    return run_dir, [*common(data, tiny_qwen25, run_dir, steps=STEPS), *PACKED]
+
+
+def assert_same_so_far(run_dir, baseline):
+    """Every step logged so far has the reference's loss, bit for bit (metrics.jsonl: each step once)."""
+    got = losses(run_dir)
+    assert got == losses(baseline[0])[:len(got)], (got, losses(baseline[0]))
+
+
+@pytest.fixture(scope="module")
+def signalled(chain, baseline, tmp_path_factory):
+    """1. SIGTERM to rank 0 alone, inside step 2, the DataLoader iterator kept alive until exit (its workers
+    ignore SIGTERM: train.py must end them itself or the exit waits forever)."""
+    run_dir, cmd = chain
+    p = run_hooked(tmp_path_factory.mktemp("hooks"), "sigterm,keep_loader", 2, [*cmd, "--num-workers", "2"])
+    return p
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_saves_the_next_step_on_every_rank(signalled, chain, baseline):
+    run_dir, _ = chain
+    # rank 0 noticed the signal during step 2; both ranks agreed at step 3's all-reduce, finished step 3, saved it
+    # (not a --save-every step) and left with 143; the DataLoader workers did not die on the way
+    assert signalled.returncode != 0 and "stopping on a signal after step 3" in signalled.stdout, signalled.stderr[-3000:]
+    assert "killed by signal" not in signalled.stderr
+    assert checkpoints(run_dir) == ["step_00000002", "step_00000003"] and not (run_dir / "final").exists()
+    assert_same_so_far(run_dir, baseline)
+
+
+@pytest.fixture(scope="module")
+def torn(signalled, chain, tmp_path_factory):
+    """2. Resumed with rank 1 listing no checkpoint (both must resume from rank 0's choice, step 3), then rank 1
+    SIGKILLed right after writing its shards of checkpoint 4."""
+    run_dir, cmd = chain
+    return run_hooked(tmp_path_factory.mktemp("hooks"), "stale_listing,kill_in_save", 4, [*cmd, "--num-workers", "0"])
+
+
+@pytest.mark.slow
+def test_resume_follows_rank_0_and_a_torn_checkpoint_stays_a_tmp(torn, chain, baseline):
+    run_dir, _ = chain
+    assert "step_00000003 at step 3" in torn.stdout, torn.stderr[-3000:]
+    assert torn.returncode != 0 and "SIGKILL" in torn.stderr + torn.stdout
+    # rank 1 wrote its shards and died before the checkpoint was complete: only a .tmp, never a step_00000004
+    assert (run_dir / "ckpt" / "step_00000004.tmp").is_dir()
+    assert checkpoints(run_dir) == ["step_00000002", "step_00000003"]
+    assert_same_so_far(run_dir, baseline)
 
 
 def children(pid):
@@ -387,18 +539,18 @@ def children(pid):
     return out
 
 
-def preempt_launch(tmp_path, run_dir, data, tiny, how):
-    """bash launch.sh with 2 ranks and 2 DataLoader workers each; once step 1 is logged the ranks are frozen
-    (SIGSTOP: so the signal lands inside training, however fast the steps are), the scheduler's signal is sent,
-    and the ranks thawed. how: 'term-group' = SIGTERM to launch.sh's process group (bash + torchrun, as a
+def preempt_launch(run_dir, cmd, how):
+    """bash launch.sh with 2 ranks and 2 DataLoader workers each; once the resumed run logs a step the ranks are
+    frozen (SIGSTOP: so the signal lands inside training, however fast the steps are), the scheduler's signal is
+    sent, and the ranks thawed. how: 'term-group' = SIGTERM to launch.sh's process group (bash + torchrun, as a
     terminal or `kill -- -PGID` does), 'usr1-all' = SIGUSR1 to every process: launch.sh, torchrun, the ranks
     and their workers (as `scancel --signal=USR1` does). Returns (exit code, stdout, stderr)."""
-    cmd = ["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny, run_dir), "--num-workers", "2"]
-    p = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    logged = len(metrics(run_dir))
+    p = subprocess.Popen(["bash", "launch.sh", "NPROC_PER_NODE=2", *cmd, "--num-workers", "2"], env=ENV, cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     t0 = time.time()
     try:
-        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
+        while len((run_dir / "metrics.jsonl").read_text().splitlines()) <= logged:
             assert p.poll() is None and time.time() - t0 < 200, p.communicate()
             time.sleep(0.05)
         torchrun = children(p.pid)
@@ -411,7 +563,7 @@ def preempt_launch(tmp_path, run_dir, data, tiny, how):
             os.killpg(p.pid, signal.SIGTERM)
         else:
             for pid in [p.pid, *torchrun, *ranks, *workers]:
-                try:  # as scancel: every process alive now (a pass's DataLoader workers end with their pass)
+                try:  # as scancel: every process alive now
                     os.kill(pid, signal.SIGUSR1)
                 except ProcessLookupError:
                     pass
@@ -426,65 +578,85 @@ def preempt_launch(tmp_path, run_dir, data, tiny, how):
     return p.returncode, stdout, stderr
 
 
-@pytest.mark.parametrize("how", ["term-group", "usr1-all"])
-def test_preemption_through_launch_saves_exits_143_and_resumes_bit_identical(baseline, data, tiny_qwen25, tmp_path, how):
-    out, _ = baseline
-    run_dir = tmp_path / "preempted"
-    code, stdout, stderr = preempt_launch(tmp_path, run_dir, data, tiny_qwen25, how)
+def assert_preempted(result, run_dir, baseline, resumed_at):
+    code, stdout, stderr = result
+    assert f"step_{resumed_at:08d} at step {resumed_at}" in stdout, stderr[-3000:]
     assert code == 143, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == ("launch.sh: every rank saved a checkpoint and stopped on a signal; "
                                               "the same command resumes")
     stopped = int(re.search(r"stopping on a signal after step (\d+)", stdout).group(1))
-    assert 1 < stopped < 6 and not (run_dir / "final").exists()
-    assert train.complete_checkpoints(run_dir / "ckpt")[-1].name == f"step_{stopped:08d}"
+    assert resumed_at < stopped < STEPS and not (run_dir / "final").exists()
+    assert checkpoints(run_dir)[-1] == f"step_{stopped:08d}"
     assert "killed by signal" not in stderr and "ConnectionResetError" not in stderr  # no worker died
-    r = run(["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny_qwen25, run_dir), "--num-workers", "2"])
-    assert r.returncode == 0 and f"step_{stopped:08d} at step {stopped}" in r.stdout, r.stderr[-3000:]
-    assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
-    assert [(m["step"], m["loss"]) for m in metrics(run_dir)] == [(m["step"], m["loss"]) for m in metrics(out)]
+    assert "Traceback" not in stderr  # torchrun ignores the stop signals: no report of its own
+    assert_same_so_far(run_dir, baseline)
+    return stopped
 
 
-def test_every_rank_resumes_from_rank0s_choice(baseline, data, tiny_qwen25, tmp_path):
-    """Rank 1 lists no checkpoint at all; rank 0 lists step 4: both must resume at step 4 (else rank 1 would
-    start from scratch beside a resumed rank 0), and the result is the uninterrupted run's, bit for bit."""
-    out, _ = baseline
-    run_dir = tmp_path / "stale"
-    (run_dir / "ckpt").mkdir(parents=True)
-    shutil.copytree(out / "ckpt" / "step_00000004", run_dir / "ckpt" / "step_00000004")
-    p = run_hooked(tmp_path, "stale_listing", 0, [*common(data, tiny_qwen25, run_dir), "--num-workers", "0"])
-    assert p.returncode == 0 and "step_00000004 at step 4" in p.stdout, p.stderr[-3000:]
-    assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+@pytest.fixture(scope="module")
+def term_group(torn, chain):
+    """3. Resumed by launch.sh (from step 3: the torn .tmp is ignored), then SIGTERM to its process group."""
+    return preempt_launch(*chain, "term-group")
 
 
-def test_resume_keeps_the_schedule_and_refuses_another(data, tiny_qwen25, tmp_path):
-    """--epochs 1 over 5 records: 5 steps on 1 process, 3 on 2 ranks. A run resumed at step 4 on 2 ranks keeps
-    the 5-step schedule (recomputing would end the run at once) with the same learning rate at step 5; a
-    resume that asks for another --lr is refused with one line."""
-    run_dir = tmp_path / "sched"
-    args = ["--model", tiny_qwen25, "--data", f"{data}/img.jsonl", "--out", str(run_dir), "--max-steps", "0",
-            "--epochs", "1", "--save-every", "2", "--keep-last", "5", "--lr", "1e-3", "--warmup-ratio", "0.2",
-            "--num-workers", "0", "--max-length", "512"]
-    p = run([sys.executable, "train.py", *args])
-    assert p.returncode == 0, p.stderr[-3000:]
-    first = metrics(run_dir)
-    assert [m["step"] for m in first] == [1, 2, 3, 4, 5]
-    shutil.rmtree(run_dir / "ckpt" / "step_00000005")
-    shutil.rmtree(run_dir / "final")
-    r = run(["torchrun", "--standalone", "--nproc-per-node", "2", "train.py", *args])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "keeping the checkpoint's schedule: 5 steps, warmup 1 (this run's 2 ranks would make it 3 steps)" in r.stdout
-    again = metrics(run_dir)
-    assert [m["step"] for m in again] == [1, 2, 3, 4, 5] and again[4]["lr"] == first[4]["lr"] > 0
-    # another learning rate: refused before any step, one line naming the flag and the values
-    bad = run([sys.executable, "train.py", *[a if a != "1e-3" else "2e-3" for a in args]])
-    lines = bad.stderr.strip().splitlines()
-    assert bad.returncode == 2 and len(lines) == 1, bad.stderr
-    assert "another schedule (--lr 0.001 -> 0.002)" in lines[0] and lines[0].startswith("error: ")
+@pytest.mark.slow
+def test_sigterm_to_launch_group_saves_and_exits_143(term_group, chain, baseline):
+    run_dir, _ = chain
+    assert_preempted(term_group, run_dir, baseline, resumed_at=3)
+    assert not (run_dir / "ckpt" / "step_00000004.tmp").exists()
 
 
-def test_input_errors_are_one_line_exit_2(data, tiny_qwen25, tmp_path, capfd, monkeypatch):
-    """User mistakes end with exit code 2 and one stderr line that names the input; no traceback."""
-    good = ["--model", tiny_qwen25, "--data", f"{data}/img.jsonl", "--out", str(tmp_path / "o"), "--max-steps", "1",
+@pytest.fixture(scope="module")
+def usr1_all(term_group, chain):
+    """4. Resumed by launch.sh, then SIGUSR1 to every process (workers too)."""
+    return preempt_launch(*chain, "usr1-all")
+
+
+@pytest.mark.slow
+def test_usr1_to_every_process_saves_and_exits_143(usr1_all, term_group, chain, baseline):
+    run_dir, _ = chain
+    before = int(re.search(r"stopping on a signal after step (\d+)", term_group[1]).group(1))
+    assert_preempted(usr1_all, run_dir, baseline, resumed_at=before)
+
+
+@pytest.fixture(scope="module")
+def finished(usr1_all, chain, tmp_path_factory):
+    """5. Resumed and run to the end, the DataLoader iterator kept alive until exit (its workers ignore SIGTERM:
+    train.py must end them itself, or the exit waits forever; the way out with 143: stage 1)."""
+    return run_hooked(tmp_path_factory.mktemp("hooks"), "keep_loader", 0, [*chain[1], "--num-workers", "2"])
+
+
+@pytest.mark.slow
+def test_the_interrupted_run_ends_bit_identical_to_the_reference(finished, usr1_all, chain, baseline):
+    run_dir, _ = chain
+    stopped = int(re.search(r"stopping on a signal after step (\d+)", usr1_all[1]).group(1))
+    assert finished.returncode == 0 and f"step_{stopped:08d} at step {stopped}" in finished.stdout, finished.stderr[-3000:]
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == (baseline[0] / "final" / "model.safetensors").read_bytes()
+    assert losses(run_dir) == losses(baseline[0])
+
+
+@pytest.mark.slow
+def test_a_finished_run_run_again_keeps_its_export(finished, chain, data, tiny_qwen25):
+    """The same command after the end (--resume auto, here in one process: the 2-rank checkpoint resumes on
+    another number of ranks): nothing to train, OUT/final not rewritten while a reader may be using it."""
+    run_dir, cmd = chain
+    final = run_dir / "final" / "model.safetensors"
+    stamp = (final.stat().st_ino, final.stat().st_mtime_ns)
+    code, stdout, stderr = in_process([*cmd, "--num-workers", "0"])
+    assert code == 0, stderr[-3000:]
+    assert f"{run_dir / 'final'} is already written: kept as it is" in stdout
+    assert "the checkpoint has 2 ranks, this run 1" in stdout
+    assert (final.stat().st_ino, final.stat().st_mtime_ns) == stamp and len(metrics(run_dir)) == STEPS
+
+
+# -----------------------------------------------------------------------------
+# Errors and other ways out
+
+
+def test_input_errors_are_one_line_exit_2_and_leave_no_folder(data, tiny_qwen25, tmp_path, monkeypatch, capsys):
+    """User mistakes end with exit code 2 and one stderr line that names the input; no traceback, no empty --out."""
+    out = tmp_path / "o"
+    good = ["--model", tiny_qwen25, "--data", f"{data}/img.jsonl", "--out", str(out), "--max-steps", "1",
             "--num-workers", "0"]
 
     def with_(flag, value):
@@ -492,112 +664,72 @@ def test_input_errors_are_one_line_exit_2(data, tiny_qwen25, tmp_path, capfd, mo
 
     export = tmp_path / "run_x" / "final"  # a user points --model at the run folder instead of run_x/final
     shutil.copytree(tiny_qwen25, export)
+    bad = tmp_path / "bad.jsonl"
+    records = [json.loads(l) for l in (data / "img.jsonl").read_text().splitlines()]
+    for r in records:
+        r["images"] = [str(data / i) for i in r["images"]]
+    records[3]["images"] = [str(tmp_path / "gone.png")]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
     cases = [(with_("--data", str(data)), f"{data} is a folder: give a record file (.jsonl), e.g. {data}/img.jsonl"),
              (with_("--data", f"{data}/nope.jsonl"), f"--data file '{data}/nope.jsonl' not found"),
              (with_("--data", f"{data}/img.jsonl*1.5"), "repeat *1.5 must be a whole number"),
+             (with_("--data", str(bad)), f"{bad}:4 (record 'cls3'): cannot read image {tmp_path / 'gone.png'}"),
              (with_("--model", str(export.parent)), f"{export.parent}: no config.json, not a Hugging Face checkpoint "
                                                     f"directory; checkpoints below it: {export}"),
              (good + ["--resume", str(tmp_path)], f"--resume {tmp_path}: not a complete checkpoint")]
     # the first case as the script runs (a process of its own), the others through the same entry point
-    # (run_cli(train.main)) in this process: 5 s of imports each saved
     p = run([sys.executable, "train.py", *cases[0][0]])
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: " + cases[0][1]), p.stderr
     handlers = {sig: signal.getsignal(sig) for sig in train.STOP_SIGNALS}
     try:
         for argv, expected in cases[1:]:
-            capfd.readouterr()
-            with pytest.raises(SystemExit) as e, monkeypatch.context() as m:
-                m.setattr(sys, "argv", ["train.py", *argv])
-                run_cli(train.main)
-            lines = capfd.readouterr().err.strip().splitlines()
-            assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
+            code, _, err = run_main("train.py", train.main, argv, monkeypatch, capsys)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
             assert expected in lines[0], (expected, lines[0])
+            assert not out.exists()
+            if train.dist.is_initialized():
+                train.dist.destroy_process_group()
+        # --debug brings the traceback back
+        monkeypatch.setattr(sys, "argv", ["train.py", *with_("--data", str(data)), "--debug"])
+        with pytest.raises(UserError):
+            run_cli(train.main)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if train.dist.is_initialized():
             train.dist.destroy_process_group()
-    # --debug brings the traceback back
-    p = run([sys.executable, "train.py", *with_("--data", str(data)), "--debug"])
-    assert p.returncode == 1 and "Traceback" in p.stderr and "UserError" in p.stderr
 
 
+@pytest.mark.slow
 def test_bad_record_in_a_dataloader_worker_is_the_last_line_under_launch(data, tiny_qwen25, tmp_path):
-    """A record whose image is missing, read by a DataLoader worker on one of two ranks under launch.sh: exit 2,
-    and the last line printed names the file:line and the record (not a worker traceback nor torchrun's)."""
+    """A record whose image has a readable header but no pixels (so it passes the start-up length check), read by
+    a DataLoader worker of one of two ranks under launch.sh: exit 2, at most 3 lines on stderr, the last naming
+    the file:line and the record; no worker traceback, no torchrun failure block."""
     records = [json.loads(l) for l in (data / "img.jsonl").read_text().splitlines()]
     for r in records:
         r["images"] = [str(data / i) for i in r["images"]]
-    records[3]["images"] = [str(tmp_path / "gone.png")]
+    cut = tmp_path / "cut.png"
+    cut.write_bytes((data / "im3.png").read_bytes()[:120])  # the header, then the file ends
+    records[3]["images"] = [str(cut)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in records))
-    p = run(["bash", "launch.sh", "NPROC_PER_NODE=2", "--model", tiny_qwen25, "--data", str(bad), "--out",
-             str(tmp_path / "o"), "--max-steps", "4", "--num-workers", "2", "--max-length", "512"])
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 2, p.stderr[-3000:]
+    p = run(["bash", "launch.sh", "NPROC_PER_NODE=2", "--model", tiny_qwen25, "--data", bad, "--out", tmp_path / "o",
+             "--max-steps", "4", "--num-workers", "2", "--max-length", "512"])
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) <= 3, p.stderr[-3000:]
     assert re.fullmatch(rf"launch.sh: rank \d: error: {re.escape(str(bad))}:4 \(record 'cls3'\): cannot read image "
-                        rf"{re.escape(str(tmp_path / 'gone.png'))}: .*", last), last
-
-
-def test_exits_when_its_dataloader_workers_outlive_main(data, tiny_qwen25, tmp_path):
-    """The workers ignore SIGTERM (a scheduler's signal must not kill them before their rank saves), and
-    Python's exit sends them SIGTERM and waits: a run whose DataLoader iterator is still referenced at exit would
-    wait forever, unless train.py ends the workers itself (train.stop_workers, registered with atexit). Both ways
-    out: done (0), and stopped by a signal (143: SIGTERM during step 2 of 6)."""
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
-    for hook, steps, code in (("none", 3, 0), ("sigterm", 6, 143)):
-        env = {**ENV, "HOOK": hook, "HOOK_STEP": "2", "RANK": "0", "KEEP_LOADER": "1"}
-        p = subprocess.run([sys.executable, str(wrapper), *common(data, tiny_qwen25, tmp_path / hook, steps=steps),
-                            "--num-workers", "2"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert p.returncode == code, (hook, p.stderr[-3000:])
-
-
-def test_kill_while_checkpointing_resumes_from_previous(baseline, data, tiny_qwen25, tmp_path):
-    out, _ = baseline
-    run_dir = tmp_path / "torn"
-    p = run_hooked(tmp_path, "kill_in_save", 4, [*common(data, tiny_qwen25, run_dir), "--num-workers", "0"])
-    assert p.returncode != 0 and "SIGKILL" in p.stderr + p.stdout
-    # rank 1 wrote its shards, died before the checkpoint was complete: only a .tmp, never a step_00000004
-    assert (run_dir / "ckpt" / "step_00000004.tmp").is_dir()
-    assert [d.name for d in train.complete_checkpoints(run_dir / "ckpt")] == ["step_00000002"]
-    r = run(["bash", "launch.sh", "NPROC_PER_NODE=2", *common(data, tiny_qwen25, run_dir), "--num-workers", "0"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "step_00000002 at step 2" in r.stdout + r.stderr
-    assert not (run_dir / "ckpt" / "step_00000004.tmp").exists()
-    assert (run_dir / "final" / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+                        rf"{re.escape(str(cut))}: .*", lines[-1]), lines[-1]
+    assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tiny_qwen25, tmp_path):
     out = tmp_path / "nan"
     # lr 1e30 blows the weights up in step 1; step 2's loss is NaN
-    args = common(data, tiny_qwen25, out) + ["--lr", "1e30", "--save-every", "1", "--num-workers", "0"]
-    p = run([sys.executable, "train.py", *args])
-    assert p.returncode == 1
-    assert "step 2: non-finite loss" in p.stderr and "step_00000001" in p.stderr
-    assert [d.name for d in train.complete_checkpoints(out / "ckpt")] == ["step_00000001"]
+    code, _, stderr = in_process(common(data, tiny_qwen25, out) + ["--lr", "1e30", "--save-every", "1", "--num-workers", "0"])
+    assert code == 1
+    assert "step 2: non-finite loss" in stderr and "step_00000001" in stderr
+    assert checkpoints(out) == ["step_00000001"]
     assert not list((out / "ckpt").glob("*.tmp")) and not (out / "final").exists()
     assert [m["step"] for m in metrics(out)] == [1]
-
-
-def test_qwen3_two_ranks_text_only_rank_frozen_vision(data, tiny_qwen3, tmp_path):
-    """Qwen3-VL (deepstack features from the vision tower) with text-only micro-batches on a rank, the vision
-    tower frozen (its FSDP unit also holds the trained merger), an intermediate export."""
-    out = tmp_path / "q3"
-    files, entries = train.build_mixture(mixture(data), seed=3)
-    imgs = [[bool(files[f][1][i]["images"]) for f, i in [entries[train.stream_entry(k, r, 2, len(entries), 3)]
-                                                          for r in range(2)]] for k in range(3)]
-    assert any(a != b for a, b in imgs), imgs
-    p = run(["torchrun", "--standalone", "--nproc-per-node", "2", "train.py", *common(data, tiny_qwen3, out, steps=3),
-             "--num-workers", "0", "--save-every", "100", "--freeze-vision", "--export-every", "2"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
-    start, end = load_file(str(Path(tiny_qwen3) / "model.safetensors")), weights(out)
-    moved = {k: not torch.equal(start[k], end[k]) for k in start}
-    kind = {k: train.param_kind(k) for k in start}  # Qwen3-VL files use the in-memory names (model.visual...)
-    assert sum(kind[k] == "vision" for k in start) > 10 and not any(moved[k] for k in start if kind[k] == "vision")
-    assert any(moved[k] for k in start if kind[k] == "merger") and any(moved[k] for k in start if kind[k] == "llm")
-    assert (out / "export" / "step_2" / "model.safetensors").is_file()
-    net, proc = model.load(out / "final")
-    assert len(model.generate(net, proc, read_records(data / "img.jsonl")[:1], max_new_tokens=3)) == 1
