@@ -74,6 +74,15 @@ def init_dist(single_process_group=False, timeout_minutes=60):
     return device
 
 
+def param_kind(name):
+    """'vision', 'merger' or 'llm' for a parameter name of Qwen2.5-VL / Qwen3-VL (transformers 5 layout)."""
+    if name.startswith("model.visual.merger") or name.startswith("model.visual.deepstack_merger_list"):
+        return "merger"
+    if name.startswith("model.visual."):
+        return "vision"
+    return "llm"
+
+
 # -----------------------------------------------------------------------------
 # Processor: tokenizer + image processor + chat template. A small container instead of HF's
 # Qwen2_5_VLProcessor, which cannot be built without torchvision (its video processor needs it).

@@ -24,7 +24,6 @@ import argparse
 import atexit
 import contextlib
 import functools
-import itertools
 import json
 import math
 import os
@@ -36,7 +35,6 @@ import signal
 import sys
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +48,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import attention
+import flops
+import mixture
 import model as M
-from common import UserError, add_debug_flag, print0, read_records, record_where, run_cli
+from common import UserError, add_debug_flag, print0, run_cli
 
 
 # The model's output carries the image features split per image (views); we never modify outputs in place,
@@ -186,257 +186,6 @@ def check_lora_args(args):
 
 
 # -----------------------------------------------------------------------------
-# The mixture: "a.jsonl*25,b.jsonl%50" -> the records and one pass's (file, record) entries, every record's length
-
-
-def parse_mixture(spec):
-    """'a.jsonl*25,b.jsonl%50,c.jsonl' -> [(path, repeat, percent)]. `*N` (a whole number >= 1) repeats the
-    file N times, `%P` (0 < P <= 100) keeps a seeded P% subset; both may be given (`a.jsonl%50*2`)."""
-    out = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        m = re.fullmatch(r"([^*%]+)((?:[*%][^*%]*)*)", item)
-        if not m:
-            raise UserError(f"bad --data entry '{item}': expected PATH, PATH*N or PATH%P")
-        path, repeat, percent = m.group(1).strip(), 1, 100.0
-        for op, num in re.findall(r"([*%])([^*%]*)", m.group(2)):
-            try:
-                value = float(num)
-            except ValueError:
-                raise UserError(f"bad --data entry '{item}': '{op}{num}' is not a number") from None
-            if op == "*":
-                if value != int(value) or value < 1:
-                    raise UserError(f"bad --data entry '{item}': repeat *{num} must be a whole number >= 1 (use %P to subsample)")
-                repeat = int(value)
-            else:
-                if not 0 < value <= 100:
-                    raise UserError(f"bad --data entry '{item}': percent %{num} must be in (0, 100]")
-                percent = value
-        out.append((path, repeat, percent))
-    if not out:
-        raise UserError(f"--data '{spec}' names no file")
-    return out
-
-
-def build_mixture(spec, seed):
-    """Read every file of the mixture. Returns (files [(path, records)], entries (N, 2) int64 array of
-    (file index, record index)): one pass over the mixture, repeats and subsets applied, not shuffled."""
-    files, entries = [], []
-    for i, (path, repeat, percent) in enumerate(parse_mixture(spec)):
-        if not Path(path).exists():
-            raise UserError(f"--data file '{path}' not found")
-        records = read_records(path)  # a folder or an empty file: a UserError naming it
-        idx = np.arange(len(records))
-        if percent < 100:
-            # seeded per entry position, so adding a file later in the list does not change this subset
-            k = round(len(records) * percent / 100)
-            idx = np.sort(np.random.default_rng([seed, i]).choice(len(records), size=k, replace=False))
-        files.append((path, records))
-        entries += [np.stack([np.full(len(idx), i), idx], 1)] * repeat
-        print0(f"  {path}: x{repeat} {percent:g}% -> {len(idx) * repeat} samples per pass")
-    entries = np.concatenate(entries) if entries else np.zeros((0, 2), np.int64)
-    if len(entries) == 0:
-        raise UserError(f"--data '{spec}' has no records")
-    return files, entries.astype(np.int64)
-
-
-def record_lengths(files, processor, max_length, overlong, device):
-    """Token length of every record of the mixture, [int64 array per file], from image headers and text alone
-    (model.sample_length, ~1 ms a record), each rank a share, summed over ranks: what the step planner cuts
-    micro-batches and rows with. -1 marks a record skipped as overlong (--overlong skip); with truncate a longer
-    record counts as max_length. A bad record or --overlong error is a UserError on every rank, before the model
-    loads."""
-    t0, rank, world = time.time(), dist.get_rank(), dist.get_world_size()
-    sizes = [len(records) for _, records in files]
-    flat = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
-    error = ""
-    for j, rec in enumerate(rec for _, records in files for rec in records):
-        if j % world != rank or error:
-            continue
-        try:
-            n = M.sample_length(rec, processor)
-        except UserError as e:
-            error, n = str(e), 0
-        if n > max_length:
-            if overlong == "error":
-                error = f"{record_where(rec)}: {n} tokens > --max-length {max_length} (see --overlong)"
-            n = -1 if overlong == "skip" else max_length
-        flat[j] = n + 1  # each record on one rank only: the sum over ranks is its value
-    errors = [None] * world
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        raise UserError(next(e for e in errors if e))
-    dist.all_reduce(flat)
-    lengths = flat.cpu().numpy() - 1
-    kept = lengths[lengths >= 0]
-    if len(kept) == 0:
-        raise UserError(f"every record is longer than --max-length {max_length}: raise it or lower --max-pixels")
-    print0(f"  {len(lengths)} records measured in {time.time() - t0:.1f} s: {kept.mean():.0f} tokens on average "
-           f"(max {kept.max()}), {len(lengths) - len(kept)} over --max-length {max_length} ({overlong})")
-    return np.split(lengths, np.cumsum(sizes)[:-1])
-
-
-def load_sample(files, entry, processor, max_length):
-    """The model.tokenize dict (+ "id", "n_images") of one entry (file index, record index), cut to max_length
-    when longer (only --overlong truncate gets here: the planner drops skipped records, and `error` stopped the run
-    at start); {"error": line} for bad input (the line names the record's file:line), handed to the main process
-    as data so that it ends the run with that one line, not a DataLoader worker's traceback."""
-    path, records = files[entry[0]]
-    rec = records[entry[1]]
-    try:
-        sample = M.tokenize(rec, processor)
-        if len(sample["input_ids"]) > max_length:
-            sample = M.tokenize(rec, processor, max_length=max_length, truncate=True)
-    except UserError as e:
-        return {"error": str(e)}  # model.tokenize names the record
-    except Exception as e:  # a bug: keep the traceback, but name the record
-        raise RuntimeError(f"cannot tokenize record '{rec['id']}' of {path}: {e}") from e
-    sample["id"], sample["n_images"] = rec["id"], len(rec["images"])
-    return sample
-
-
-# -----------------------------------------------------------------------------
-# The step planner: which samples each rank trains on at step g, a pure function of g
-#
-# Step g takes the next world x grad-accum x batch-size entries of the global stream (pass after pass over the
-# mixture, each pass a fresh seeded permutation) and drops the records skipped as overlong. Without --pack the
-# rest are dealt to the ranks in turn and cut into micro-batches of <= --batch-size samples and <= --max-tokens
-# padded tokens (samples x the longest); with --pack they are planned into rows of <= --max-tokens tokens,
-# balanced over the ranks (pack_rows). Every rank gets the same number of micro-batches (an empty one becomes a
-# one-token filler): FSDP needs every rank to run the same forwards. --max-tokens thus never changes which samples
-# a step holds, only how many micro-batches they take; the loss (summed over supervised tokens, divided by their
-# number over all ranks) is the same either way. Resuming is knowing the step and where its block starts.
-
-
-@functools.lru_cache(maxsize=2)
-def pass_permutation(seed, epoch, n):
-    """The order of pass `epoch` over the n entries (int64: 8 MB per million entries; two passes cached)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-class StepPlanner:
-    """plan(g): the micro-batches of every rank at step g, as lists of entries. `start_position` is the stream
-    position of step `start_step`'s first entry (0, 0 for a fresh run; a checkpoint says where a resumed run is,
-    so a resume on another number of ranks continues at the same place of the stream)."""
-
-    def __init__(self, entries, lengths, args, world, start_step=0, start_position=0):
-        self.entries, self.lengths, self.seed, self.world = entries, lengths, args.seed, world
-        self.grad_accum, self.batch_size, self.pack = args.grad_accum, args.batch_size, args.pack
-        self.max_tokens = args.max_tokens or args.batch_size * args.max_length
-        self.per_step = world * args.grad_accum * args.batch_size
-        self.start_step, self.start_position = start_step, start_position
-
-    def position(self, g):
-        return self.start_position + (g - self.start_step) * self.per_step
-
-    def block(self, g):
-        """(the entries step g keeps, in stream order; how many it skipped as overlong)."""
-        n, p = len(self.entries), self.position(g)
-        block = [tuple(self.entries[pass_permutation(self.seed, q // n, n)[q % n]].tolist()) for q in range(p, p + self.per_step)]
-        kept = [e for e in block if self.lengths[e[0]][e[1]] >= 0]  # (file, record) tuples
-        return kept, len(block) - len(kept)
-
-    def plan(self, g):
-        """([rank][micro-batch] -> list of entries, number skipped) of step g."""
-        kept, skipped = self.block(g)
-        sizes = [int(self.lengths[f][i]) for f, i in kept]
-        if self.pack:
-            ranks = pack_rows(sizes, self.world, self.grad_accum, self.max_tokens)
-        else:
-            ranks = [split_padded(range(r, len(kept), self.world), sizes, self.batch_size, self.max_tokens)
-                     for r in range(self.world)]
-            most = max(1, *(len(m) for m in ranks))
-            ranks = [m + [[] for _ in range(most - len(m))] for m in ranks]
-        return [[[kept[i] for i in group] for group in rank] for rank in ranks], skipped
-
-
-def split_padded(idx, sizes, batch_size, max_tokens):
-    """The samples idx (in order) as consecutive micro-batches of <= batch_size samples and <= max_tokens padded
-    tokens (samples x the longest; a longer sample forms a micro-batch alone)."""
-    groups, longest = [], 0
-    for i in idx:
-        T = max(longest, sizes[i])
-        if groups and len(groups[-1]) < batch_size and (len(groups[-1]) + 1) * T <= max_tokens:
-            groups[-1].append(i)
-            longest = T
-        else:
-            groups.append([i])
-            longest = sizes[i]
-    return groups
-
-
-def pack_rows(lengths, world, rows_per_rank, capacity):
-    """Split one step's samples (their token lengths) into rows: at least rows_per_rank on each rank and the
-    same number on every rank; a row holds at most `capacity` tokens (a longer sample gets a row of its own).
-    Longest sample first onto the row with the fewest tokens where it fits (a row may stay empty: it becomes a
-    filler); when it fits nowhere, `world` more rows are opened. Then rows are dealt heaviest first to the rank
-    with the fewest tokens that still needs rows. Returns rank -> [row -> [sample index, ascending]]; deterministic."""
-    rows, load = [[] for _ in range(world * rows_per_rank)], [0] * (world * rows_per_rank)
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        fits = [r for r in range(len(rows)) if not rows[r] or load[r] + lengths[i] <= capacity]
-        if not fits:
-            rows += [[] for _ in range(world)]
-            load += [0] * world
-            fits = list(range(len(rows) - world, len(rows)))
-        r = min(fits, key=lambda r: (load[r], r))
-        rows[r].append(i)
-        load[r] += lengths[i]
-    per_rank = len(rows) // world
-    ranks, rank_load = [[] for _ in range(world)], [0] * world
-    for r in sorted(range(len(rows)), key=lambda r: (-load[r], r)):
-        k = min((k for k in range(world) if len(ranks[k]) < per_rank), key=lambda k: (rank_load[k], k))
-        ranks[k].append(sorted(rows[r]))
-        rank_load[k] += load[r]
-    return ranks
-
-
-def filler_sample(pad_token_id):
-    """A micro-batch for a rank with fewer samples than micro-batches: one pad token, no label, no image (the
-    vision tower still runs on a blank image, see DummyImage): the forward and backward every rank must run."""
-    ids = torch.tensor([pad_token_id])
-    return {"input_ids": ids, "labels": torch.tensor([-100]), "attention_mask": torch.ones_like(ids),
-            "mm_token_type_ids": torch.zeros_like(ids), "pixel_values": None, "image_grid_thw": None,
-            "id": None, "n_images": 0}
-
-
-def sample_stats(s):
-    """(tokens, supervised tokens, image grid (n, 3) or None) of a tokenized sample: what the loss normaliser and
-    the FLOPs count. A sample's first token is never a target."""
-    return len(s["input_ids"]), int((s["labels"][1:] != -100).sum()), s["image_grid_thw"]
-
-
-class Steps(torch.utils.data.IterableDataset):
-    """Yields (g, micro, info) for steps start, start+1, ...: this rank's micro-batches of step g, collated
-    (model.collate pads, model.pack packs a row) in the DataLoader's workers so the loader can pin them, and
-    info = {"samples": [sample_stats], "skipped"}; or (g, None, line) when a record is bad input. Worker w of W
-    takes steps start+w, start+w+W, ...; the DataLoader hands them back in order."""
-
-    def __init__(self, planner, rank, start, files, processor, model, args):
-        super().__init__()
-        self.planner, self.rank, self.start, self.files, self.processor = planner, rank, start, files, processor
-        self.model, self.max_length, self.pack = model, args.max_length, args.pack  # model: pack's rope positions
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        for g in itertools.count(self.start + worker, n_workers):
-            yield self.load(g)
-
-    def load(self, g):
-        plan, skipped = self.planner.plan(g)
-        groups = [[load_sample(self.files, e, self.processor, self.max_length) for e in group] for group in plan[self.rank]]
-        errors = [s["error"] for group in groups for s in group if "error" in s]
-        if errors:
-            return g, None, errors[0]
-        pad = self.processor.pad_token_id
-        filler = filler_sample(pad)
-        micro = [M.pack(group or [filler], self.model) if self.pack else M.collate(group or [filler], pad) for group in groups]
-        return g, micro, {"samples": [sample_stats(s) for group in groups for s in group], "skipped": skipped}
-
-
-# -----------------------------------------------------------------------------
 # Model: build on meta, shard, then load
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -516,15 +265,6 @@ def checkpoint_dtype(path):
     return torch.float32
 
 
-def param_kind(name):
-    """'vision', 'merger' or 'llm' for a parameter name of Qwen2.5-VL / Qwen3-VL (transformers 5 layout)."""
-    if name.startswith("model.visual.merger") or name.startswith("model.visual.deepstack_merger_list"):
-        return "merger"
-    if name.startswith("model.visual."):
-        return "vision"
-    return "llm"
-
-
 def apply_ac(model, ac):
     """Activation checkpointing (--ac none|full|vision|every-K): decoder layers and vision blocks are transformers
     GradientCheckpointingLayers, which rerun their forward in backward when their `gradient_checkpointing` flag
@@ -555,7 +295,7 @@ def lora_config(model, args, modules_to_save=None):
 
     kinds = LORA_TARGETS[args.lora_targets]
     names = [name for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and name != "lm_head" and param_kind(name + ".weight") in kinds]
+             if isinstance(m, torch.nn.Linear) and name != "lm_head" and M.param_kind(name + ".weight") in kinds]
     stacks = {}  # "model.language_model.layers" -> {"mlp.down_proj", ...}
     for name in names:
         stack, _, inner = re.fullmatch(r"(.*?)\.(\d+)\.(.*)", name).groups()
@@ -587,7 +327,7 @@ def set_trainable(model, args):
     frozen = {"vision": args.freeze_vision, "merger": args.freeze_merger, "llm": args.freeze_llm}
     lora_kinds = LORA_TARGETS[args.lora_targets] if args.lora else ()
     for name, p in model.named_parameters():
-        kind = param_kind(name)
+        kind = M.param_kind(name)
         p.requires_grad_("lora_" in name if kind in lora_kinds else not frozen[kind])  # PEFT's own adapter test
 
 
@@ -693,123 +433,6 @@ def _tensors(x):
 
 
 # -----------------------------------------------------------------------------
-# FLOPs and MFU: the one formula, used by the metrics line and by bench/bench_train.py
-#
-# Useful model FLOPs of a step: padding, recomputation (activation checkpointing), the blank image of DummyImage
-# and logits of unsupervised positions are not counted, so every way of running the same step does the same FLOPs.
-#   Weight matmuls, per weight element and token through it: forward 2, the input's gradient 2 (only when
-#   something before the weight in the forward trains: else no gradient flows back through it), the weight's
-#   gradient 2 (only when it trains). So 6 for a trained weight with trained ones before it, 4 for a frozen one
-#   under them (LoRA's base weights, a frozen language model under a trained merger), 2 for a frozen part nothing
-#   before trains (a frozen vision tower), 4 for the first trained weight (the patch embedding). Tokens: decoder
-#   layers x sample tokens, lm_head x supervised positions, vision blocks and patch embedding x patches,
-#   merger(s) x merged tokens. Token embeddings are a lookup, not a matmul: 0.
-#   "Before" is the modules' definition order, which for Qwen-VL is the forward's (vision tower, merger,
-#   embeddings, decoder layers in order, lm_head), except that siblings reading one input are in sequence: with
-#   adapters only, the first decoder layer's k/v base weights count an input gradient they do not need (q's
-#   adapters come first; < 0.1% of a 7B step), as do Qwen3-VL's deepstack mergers under a trained merger (they read
-#   the vision blocks; < 0.5%). Text-only samples are counted as if the vision tower had run before them.
-#   Attention: the language model causal within each sample, 2 H D T^2 per layer forward; the vision tower 4 C n^2
-#   per block and window or image (C its width); backward 2x forward when something before it trains.
-
-
-def matmul_costs(model):
-    """{"per_token": {"text"|"head"|"patch"|"merged": FLOPs per token of those weights}, "text_attn": [1 or 3 per
-    decoder layer], "vision_attn": [1 or 3 per vision block]} of a model (meta, sharded or real), from which
-    parameters train (requires_grad)."""
-    per_token, attn, trains_before = Counter(), {"text": {}, "vision": {}}, False
-    for name, m in model.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)):
-            where = ("head" if name == "lm_head" else "merged" if param_kind(name + ".weight") == "merger"
-                     else "patch" if name.startswith("model.visual.") else "text")
-            per_token[where] += (2 + 2 * trains_before + 2 * m.weight.requires_grad) * m.weight.numel()
-        block = re.fullmatch(r"model\.(?:language_model\.layers|visual\.blocks)\.(\d+)\.(?:self_attn\.o_proj|attn\.proj)", name)
-        if block:  # the attention output's projection: backward reaches the attention iff it reaches this input
-            attn["vision" if name.startswith("model.visual") else "text"][int(block.group(1))] = 3 if trains_before else 1
-        trains_before |= any(p.requires_grad for p in m.parameters(recurse=False))
-    return {"per_token": dict(per_token), "text_attn": [attn["text"][i] for i in sorted(attn["text"])],
-            "vision_attn": [attn["vision"][i] for i in sorted(attn["vision"])]}
-
-
-def vision_segments(config, grid):
-    """Sequence lengths (in patches) one image attends over: (windows, full) where `windows` is one entry per
-    window (Qwen2.5-VL's windowed blocks; edge windows are smaller) and `full` one per frame."""
-    vc = config.vision_config
-    t, h, w = (int(v) for v in grid)
-    full = [h * w] * t
-    if not hasattr(vc, "fullatt_block_indexes"):  # Qwen3-VL: every block attends over the whole image
-        return [], full
-    m, ws = vc.spatial_merge_size, vc.window_size // vc.spatial_merge_size // vc.patch_size  # ws in merged tokens
-
-    def chunks(n):
-        return [ws] * (n // ws) + ([n % ws] if n % ws else [])
-
-    windows = [a * b * m * m for a in chunks(h // m) for b in chunks(w // m)] * t
-    return windows, full
-
-
-def step_flops(costs, config, samples):
-    """{"language model", "vision"}: model FLOPs of forward + backward over samples [sample_stats] (matmul_costs
-    gives the weights' part)."""
-    tc, vc = config.text_config, config.vision_config
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    full_blocks = set(getattr(vc, "fullatt_block_indexes", range(vc.depth)))
-    merge, rate = vc.spatial_merge_size ** 2, costs["per_token"]
-    flops = Counter()
-    for tokens, supervised, grid in samples:
-        flops["language model"] += rate.get("text", 0) * tokens + rate.get("head", 0) * supervised
-        flops["language model"] += sum(costs["text_attn"]) * 2 * tc.num_attention_heads * head_dim * tokens**2
-        for g in ([] if grid is None else grid):
-            patches = int(g.prod())
-            flops["vision"] += rate.get("patch", 0) * patches + rate.get("merged", 0) * patches // merge
-            win, full = vision_segments(config, g)
-            for block, mult in enumerate(costs["vision_attn"]):
-                flops["vision"] += mult * 4 * vc.hidden_size * sum(n * n for n in (full if block in full_blocks else win))
-    return flops
-
-
-# Dense bf16 tensor-core peak per GPU from the vendors' data sheets (what papers divide by); the first name found
-# in torch.cuda.get_device_name wins.
-SPEC_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H100", 989e12), ("H200", 989e12),
-                  ("H800", 989e12), ("H20", 148e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("B200", 2250e12))
-
-
-def spec_peak(device, dtype):
-    """The card's spec dense bf16 FLOP/s; None off CUDA, in fp32, or for a card not in the table."""
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in SPEC_BF16_PEAK if key in name), None)
-
-
-def mfu_peaks(device, dtype):
-    """The two MFU denominators of the metrics line, said once: {"mfu": the card's spec peak, "mfu_measured": the
-    matmul peak measured here (GPU only: a CPU's says little)}."""
-    peaks = {"mfu": spec_peak(device, dtype), "mfu_measured": matmul_peak(device, dtype) if device.type == "cuda" else None}
-    if any(peaks.values()):
-        print0("  MFU against " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items() if v)
-               + " per GPU (mfu: the card's spec dense bf16 peak; mfu_measured: a matmul measured now)")
-    return peaks
-
-
-def matmul_peak(device, dtype):
-    """Measured matmul FLOP/s of this device in `dtype`: a large square matmul, timed (the measured MFU's
-    denominator: what this card, clock and software stack really deliver)."""
-    n, iters = (8192, 20) if device.type == "cuda" else (1024, 5)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
-
-
-# -----------------------------------------------------------------------------
 # Optimizer and schedule
 
 
@@ -822,7 +445,7 @@ def build_optimizer(model, args, fused=None):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        kind, decay = param_kind(name), p.ndim >= 2
+        kind, decay = M.param_kind(name), p.ndim >= 2
         key = f"{kind}{'' if decay else '_no_decay'}"
         groups.setdefault(key, {"name": key, "params": [], "base_lr": peak[kind],
                                 "weight_decay": args.weight_decay if decay else 0.0})["params"].append(p)
@@ -1194,7 +817,7 @@ class Logger:
 
 
 def step_metrics(step, loss, lr, grad_norm, counts, seconds, peaks, world, device):
-    """The metrics line of a step. mfu: model FLOPs (step_flops, all ranks) / time / the card's spec bf16 peak x
+    """The metrics line of a step. mfu: model FLOPs (flops.step_flops, all ranks) / time / the card's spec bf16 peak x
     ranks (the number papers report); mfu_measured: the same against the matmul peak measured at start."""
     m = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": counts["tokens"] / seconds,
          **{k: int(counts[k]) for k in ("supervised_tokens", "samples", "images", "skipped_overlong")},
@@ -1362,14 +985,14 @@ STEP_COUNTS = ("supervised_tokens", "tokens", "samples", "images", "skipped_over
 
 
 def step_counts(info, rank, stopping, costs, config, device):
-    """{name: sum over ranks} of STEP_COUNTS for this step (info: Steps's): supervised tokens (the loss
+    """{name: sum over ranks} of STEP_COUNTS for this step (info: mixture.Steps's): supervised tokens (the loss
     normaliser), tokens, samples, images, overlong records skipped (every rank plans the same step: counted on
     rank 0), model FLOPs, and the ranks that caught a stop signal (so every rank stops after the same step)."""
     samples = info["samples"]
     local = {"supervised_tokens": sum(s[1] for s in samples), "tokens": sum(s[0] for s in samples),
              "samples": len(samples), "images": sum(0 if g is None else len(g) for _, _, g in samples),
              "skipped_overlong": info["skipped"] if rank == 0 else 0,
-             "flops": sum(step_flops(costs, config, samples).values()), "ranks_stopping": int(stopping)}
+             "flops": sum(flops.step_flops(costs, config, samples).values()), "ranks_stopping": int(stopping)}
     counts = torch.tensor([local[k] for k in STEP_COUNTS], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     return dict(zip(STEP_COUNTS, counts.tolist()))
@@ -1434,7 +1057,7 @@ def describe_model(model, optimizer, args):
     if args.lora:
         n_layers = sum(hasattr(m, "lora_A") for m in model.modules())
         n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-        full_parts = sorted({param_kind(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n})
+        full_parts = sorted({M.param_kind(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n})
         print0(f"  LoRA r {args.lora}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g}{', DoRA' if args.dora else ''} "
                f"on {n_layers} linears ({args.lora_targets}): {n_adapter:,} adapter parameters; also trained in full: "
                f"{', '.join(full_parts) or 'nothing'}")
@@ -1463,8 +1086,8 @@ def main(argv=None):
 
     # --- data: the mixture, every record's length (what the step planner plans with), the schedule
     processor = M.load_processor(args.model, args.min_pixels, args.max_pixels)
-    files, entries = build_mixture(args.data, args.seed)
-    lengths = record_lengths(files, processor, args.max_length, args.overlong, device)
+    files, entries = mixture.build_mixture(args.data, args.seed)
+    lengths = mixture.record_lengths(files, processor, args.max_length, args.overlong, device)
     schedule = make_schedule(args, len(entries), world)
 
     # --- model, optimizer
@@ -1472,7 +1095,7 @@ def main(argv=None):
     dummy = DummyImage(model, processor)
     optimizer = build_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    costs = matmul_costs(model)  # FLOPs per token of what trains and what does not
+    costs = flops.matmul_costs(model)  # FLOPs per token of what trains and what does not
     describe_model(model, optimizer, args)
 
     # --- resume: weights, optimizer, schedule, where the stream continues, this rank's RNG
@@ -1484,16 +1107,16 @@ def main(argv=None):
         print0(f"  resuming from {resume_from} at step {step}")
     write_run_files(out, args, run, rank)  # after the resume checks: a refused command leaves the run's own
     max_steps, warmup_steps = schedule["max_steps"], schedule["warmup_steps"]
-    planner = StepPlanner(entries, lengths, args, world, step, position)
+    planner = mixture.StepPlanner(entries, lengths, args, world, step, position)
     print0(f"  {len(entries)} samples per pass; {max_steps} steps of {planner.per_step} samples ({world} ranks x "
            f"{args.grad_accum} x {args.batch_size}{', packed' if args.pack else ''}); warmup {warmup_steps} steps")
 
     # --- data loader: this rank's micro-batches of steps step, step + 1, ..., made in its worker processes
-    batches = start_loader(Steps(planner, rank, step, files, processor, model, args), args, rank, device)
+    batches = start_loader(mixture.Steps(planner, rank, step, files, processor, model, args), args, rank, device)
 
     # --- loop
     logger = Logger(args, out, rank, step, max_steps)
-    peaks = mfu_peaks(device, DTYPES[run["dtype"]])
+    peaks = flops.mfu_peaks(device, DTYPES[run["dtype"]])
     while step < max_steps:
         t0 = time.time()
         g, micro, info = next(batches)

@@ -12,12 +12,12 @@ Variants, each measured in the same run:
   project[+varlen][+pack][+fused][+ac-K]
                          train.py's step: train.apply_fsdp on a 1-process mesh, train.forward_backward,
                          train.build_optimizer; +varlen = the vision tower through attention.varlen_attention (one call
-                         per block), +pack = packed rows (train.pack_rows + model.pack; language-model attention
+                         per block), +pack = packed rows (mixture.pack_rows + model.pack; language-model attention
                          varlen too on a GPU with a varlen kernel), +fused = fused AdamW (CUDA only), +blocks =
                          one FSDP unit per vision block (train.py --vision-shard blocks), +ac-vision / +ac-full =
                          activation checkpointing of the vision blocks / of every block (train.py --ac)
 Per variant: step time (median after warm-up), tokens/s, padding fraction, attention calls per step (vision and
-language model, counted by wrapping transformers' attention functions), MFU (train.step_flops, the formula
+language model, counted by wrapping transformers' attention functions), MFU (flops.step_flops, the formula
 train.py logs with, against the card's spec bf16 peak and, separately, a matmul peak measured in this run), peak
 memory, the first step's loss (the same for every variant: same weights, same samples) and the speed-up over `hf`
 (and over `hf+flash` where it ran). The summary comes last.
@@ -62,6 +62,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: model, train, ...
 
 import attention
+import flops
+import mixture
 import model as M
 import synth
 import train
@@ -236,7 +238,7 @@ def ordinary_token_ids(config):
 
 
 def synthetic_samples(n, config, proc, rng):
-    """n samples in model.tokenize's format (+ "id", "n_images" as train.load_sample adds): one image each, a
+    """n samples in model.tokenize's format (+ "id", "n_images" as mixture.load_sample adds): one image each, a
     short prompt, a detection answer; labels only on the answer and its end-of-turn token."""
     ordinary = ordinary_token_ids(config)
     eos = config.text_config.eos_token_id  # <|im_end|>
@@ -318,14 +320,14 @@ class AttentionCalls:
 
 
 # -----------------------------------------------------------------------------
-# Model FLOPs of a step: train.step_flops, the one formula (train.py's metrics line uses it too)
+# Model FLOPs of a step: flops.step_flops, the one formula (train.py's metrics line uses it too)
 
 
 def per_segment_calls(config, samples):
     """Vision attention calls per step of transformers' own loop (one sdpa call per window or image per block)."""
     vc = config.vision_config
     n_full = len(getattr(vc, "fullatt_block_indexes", range(vc.depth)))
-    segments = [train.vision_segments(config, g) for s in samples for g in s["image_grid_thw"]]
+    segments = [flops.vision_segments(config, g) for s in samples for g in s["image_grid_thw"]]
     return sum((vc.depth - n_full) * len(win) + n_full * len(full) for win, full in segments)
 
 
@@ -373,7 +375,7 @@ class Variant:
     path: str  # "hf" (plain transformers) or "project" (train.py's step)
     flash: bool = False  # hf only: attn_implementation="flash_attention_2" (one varlen call per vision block)
     varlen: bool = False  # vision tower through attention.varlen_attention: one call per block, not per window
-    pack: bool = False  # packed rows (train.pack_rows + model.pack) instead of right-padded micro-batches
+    pack: bool = False  # packed rows (mixture.pack_rows + model.pack) instead of right-padded micro-batches
     fused: bool = False  # fused AdamW (CUDA only)
     shard: str = "tower"  # train.py --vision-shard: the vision tower as one FSDP unit, or one per block
     ac: str = "none"  # activation checkpointing: none | vision | full
@@ -476,8 +478,8 @@ def run_variant(v, ctx):
     B = args.batch_size
     groups = [samples[i:i + B] for i in range(0, len(samples), B)]
     if v.pack:
-        rows = train.pack_rows([len(s["input_ids"]) for s in samples], 1, args.grad_accum, B * args.max_length)[0]
-        groups = [[samples[i] for i in row] or [train.filler_sample(pad_id)] for row in rows]
+        rows = mixture.pack_rows([len(s["input_ids"]) for s in samples], 1, args.grad_accum, B * args.max_length)[0]
+        groups = [[samples[i] for i in row] or [mixture.filler_sample(pad_id)] for row in rows]
     n_supervised = float(sum(int((s["labels"][1:] != -100).sum()) for s in samples))
     times, losses = [], []
     for step in range(args.warmup + args.steps):
@@ -594,7 +596,7 @@ def setup(args):
 
 def prepare(ctx):
     """The model config and processor, one step's samples (the same for every variant), their model FLOPs
-    (train.step_flops, every parameter trained) and the MFU denominators."""
+    (flops.step_flops, every parameter trained) and the MFU denominators."""
     args = ctx.args
     ctx.config_name = args.config or ("qwen2.5-3b" if ctx.device.type == "cuda" else "tiny")
     config, image_processor = config_and_image_processor(ctx.config_name, args.family, args.seed, args.text_layers,
@@ -613,7 +615,7 @@ def prepare(ctx):
 
     with torch.device("meta"):  # shapes only: parameter counts and FLOPs
         meta = AutoModelForImageTextToText.from_config(copy.deepcopy(config))
-    ctx.flops = train.step_flops(train.matmul_costs(meta), config, [train.sample_stats(s) for s in ctx.samples])
+    ctx.flops = flops.step_flops(flops.matmul_costs(meta), config, [mixture.sample_stats(s) for s in ctx.samples])
     ctx.n_params = sum(p.numel() for p in meta.parameters())
     ctx.n_vision = sum(p.numel() for p in meta.model.visual.parameters())
     del meta
@@ -625,7 +627,7 @@ def prepare(ctx):
           f"{sum(int((s['labels'][1:] != -100).sum()) for s in ctx.samples)} supervised; pixel budget "
           f"{ctx.budget[0]}..{ctx.budget[1]}; model FLOPs {sum(ctx.flops.values()):.3g} per step "
           f"({100 * ctx.flops['vision'] / sum(ctx.flops.values()):.0f}% vision)")
-    ctx.peaks = {"mfu": train.spec_peak(ctx.device, ctx.dtype), "mfu_measured": train.matmul_peak(ctx.device, ctx.dtype)}
+    ctx.peaks = {"mfu": flops.spec_peak(ctx.device, ctx.dtype), "mfu_measured": flops.matmul_peak(ctx.device, ctx.dtype)}
     spec = f"{ctx.peaks['mfu'] / 1e12:.0f} TFLOP/s" if ctx.peaks["mfu"] else "unknown here"
     print(f"  MFU denominators: the card's spec {ctx.dtype} peak {spec} (MFU); a measured matmul peak "
           f"{ctx.peaks['mfu_measured'] / 1e12:.2f} TFLOP/s (MFU meas.)")
@@ -708,7 +710,7 @@ def print_table(ctx, results):
     print(f"attn/step: attention calls in one step, all micro-batches (transformers' per-segment loop: "
           f"{per_segment_calls(ctx.config, ctx.samples)} vision calls, one per window or image per block); /blk = vision "
           f"calls per block per tower forward (activation checkpointing repeats them in backward). MFU: useful model "
-          f"FLOPs (train.step_flops: vision tower and attention included; not padding, recomputation, or logits of "
+          f"FLOPs (flops.step_flops: vision tower and attention included; not padding, recomputation, or logits of "
           f"unsupervised positions) / step time / the card's spec peak (MFU %) or the matmul peak measured here (MFU "
           f"meas %). vs hf: hf step time / this step time.")
     if ctx.device.type != "cuda":

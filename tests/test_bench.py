@@ -115,14 +115,14 @@ def test_window_plan_matches_transformers():
     if not hasattr(vision_utils, "get_vision_window_index"):
         pytest.skip("this transformers has no vision_utils.get_vision_window_index")
     import bench_train
-    import train
+    import flops
 
     config = bench_train.real_config("qwen2.5-3b")
     vc = config.vision_config
     for grid in [(1, 72, 72), (1, 58, 58), (1, 36, 36), (1, 72, 48), (1, 40, 26), (1, 8, 8)]:
         _, cu = vision_utils.get_vision_window_index(torch.tensor([grid]), vc.spatial_merge_size, vc.window_size,
                                                      vc.patch_size)
-        windows, full = train.vision_segments(config, torch.tensor(grid))
+        windows, full = flops.vision_segments(config, torch.tensor(grid))
         assert sorted(windows) == sorted((cu[1:] - cu[:-1]).tolist()) and full == [grid[1] * grid[2]], grid
     # a 1008x1008 image: 81 windows in 28 windowed blocks + 4 full-attention blocks (model.py's note)
     one = [{"image_grid_thw": torch.tensor([[1, 72, 72]])}]
@@ -170,7 +170,7 @@ def test_real_configs_have_the_published_parameter_counts(name, billions, vision
 @pytest.mark.slow
 @pytest.mark.parametrize("fam,lora", [("qwen2.5", False), ("qwen3", False), ("qwen2.5", True)])
 def test_step_flops_match_torch_flop_counter(fam, lora, tiny_qwen25, tiny_qwen3):
-    """train.step_flops (the MFU numerator of train.py and bench_train.py) against torch's FLOP counter on a real
+    """flops.step_flops (the MFU numerator of train.py and bench_train.py) against torch's FLOP counter on a real
     forward + backward (tiny widths, a 1008-px image so Qwen2.5-VL's tower has many windows): the vision tower
     exactly; the language model exactly once its attention is counted the way sdpa's math kernel runs it (the
     whole T x T square, where step_flops counts the causal half). Every parameter trained: 4 FLOPs per weight
@@ -188,6 +188,8 @@ def test_step_flops_match_torch_flop_counter(fam, lora, tiny_qwen25, tiny_qwen3)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     import bench_train
+    import flops
+    import mixture
     import train
 
     tiny = tiny_qwen25 if fam == "qwen2.5" else tiny_qwen3
@@ -204,12 +206,12 @@ def test_step_flops_match_torch_flop_counter(fam, lora, tiny_qwen25, tiny_qwen3)
         args = train.get_args(["--model", tiny, "--data", "x", "--out", "x", "--lora", "4", "--freeze-vision"])
         train.apply_lora(net, args)
         train.set_trainable(net, args)
-    flops = train.step_flops(train.matmul_costs(net), config, [train.sample_stats(sample)])
+    step = flops.step_flops(flops.matmul_costs(net), config, [mixture.sample_stats(sample)])
 
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         out = net.model.visual(sample["pixel_values"], grid_thw=sample["image_grid_thw"])
         (out.pooler_output.sum() + sum(f.sum() for f in (getattr(out, "deepstack_features", None) or []))).backward()
-    assert counter.get_total_flops() == flops["vision"]
+    assert counter.get_total_flops() == step["vision"]
 
     T = len(sample["input_ids"])
     keep = (sample["labels"][1:] != -100).nonzero().squeeze(1)  # logits only where the next token is a target
@@ -220,4 +222,4 @@ def test_step_flops_match_torch_flop_counter(fam, lora, tiny_qwen25, tiny_qwen3)
         net.lm_head(hidden[:, keep]).sum().backward()
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     masked_half = 6 * tc.num_hidden_layers * tc.num_attention_heads * head_dim * T * T
-    assert counter.get_total_flops() == flops["language model"] + masked_half
+    assert counter.get_total_flops() == step["language model"] + masked_half

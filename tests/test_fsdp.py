@@ -17,8 +17,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 import model
 import train
 from common import read_records
-from test_train import (ENV, REPO, common, data, free_port, in_process, measured, metrics, mixture,  # noqa: F401 (fixtures)
-                        planner, weights)
+from test_train import (ENV, REPO, common, data, free_port, in_process, measured, metrics,  # noqa: F401 (fixtures)
+                        mixture_spec, planner, weights)
 
 
 def untie(tiny, out):
@@ -125,7 +125,7 @@ def test_per_block_vision_units_match_the_one_unit_tower(family, data, layout, r
 
 def hsdp_args(data, tiny, out):
     """--epochs 1 over the 17 entries: 5 steps of 4 samples (4 ranks x 1, or 1 process x 4)."""
-    return ["--model", tiny, "--data", mixture(data), "--out", str(out), "--max-steps", "0", "--epochs", "1",
+    return ["--model", tiny, "--data", mixture_spec(data), "--out", str(out), "--max-steps", "0", "--epochs", "1",
             "--save-every", "2", "--keep-last", "5", "--max-length", "512", "--lr", "1e-3", "--warmup-ratio", "0.2",
             "--seed", "3", "--num-workers", "0", "--vision-shard", "blocks", "--freeze-vision", "--export-every", "2"]
 
@@ -162,7 +162,7 @@ def test_hsdp_2x2_matches_one_process_and_resumes_on_one_rank_with_its_schedule(
     assert_same_weights(one, hsdp, start)
     name = "model.language_model.layers.0.mlp.down_proj.weight"
     assert (chunks(one / "ckpt" / "step_00000004", name), chunks(hsdp / "ckpt" / "step_00000004", name)) == (1, 2)
-    end, kind = weights(hsdp), {k: train.param_kind(k) for k in start}
+    end, kind = weights(hsdp), {k: model.param_kind(k) for k in start}
     moved = {k: not torch.equal(start[k], end[k]) for k in start}
     assert sum(kind[k] == "vision" for k in start) > 10 and not any(moved[k] for k in start if kind[k] == "vision")
     assert any(moved[k] for k in start if kind[k] == "merger") and any(moved[k] for k in start if kind[k] == "llm")

@@ -18,19 +18,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import flops
+import mixture
 import model
 import test_train
 import train
 from cli_helpers import one_error_line
 from common import UserError, read_records
-from test_train import ENV, REPO, TORCHRUN, in_process, metrics, mixture, run, wrapper
+from test_train import ENV, REPO, TORCHRUN, in_process, metrics, mixture_spec, run, wrapper
 
 
 data = test_train.data  # fixture: the record files of test_train (images, text-only)
 
 
 def lora_args(data, tiny, out, *extra, steps=4):
-    return ["--model", tiny, "--data", mixture(data), "--out", str(out), "--max-steps", str(steps), "--save-every", "2",
+    return ["--model", tiny, "--data", mixture_spec(data), "--out", str(out), "--max-steps", str(steps), "--save-every", "2",
             "--max-length", "512", "--lr", "1e-2", "--warmup-ratio", "0", "--seed", "3", "--num-workers", "0", *extra]
 
 
@@ -120,7 +122,7 @@ def test_adapters_trained_parameters_and_learning_rates(family, tiny_qwen25, tin
         # the targeted parts' own weights are frozen; a part not targeted follows the freeze flags (the vision
         # tower and the merger train in full in the second case)
         in_full = trained - adapters
-        assert {train.param_kind(n) for n in in_full} == (set() if vision else {"vision", "merger"})
+        assert {model.param_kind(n) for n in in_full} == (set() if vision else {"vision", "merger"})
         assert all(not p.requires_grad for n, p in net.named_parameters() if ".base_layer." in n)
         # learning rates per part, weight decay on matrices only (DoRA's magnitudes are vectors)
         groups = {g["name"]: g for g in train.build_optimizer(net, args).param_groups}
@@ -213,29 +215,29 @@ def test_checkpoint_holds_only_the_adapters_and_is_small(lora_run, full_run):
 
 def test_logged_flops_are_bench_trains_formula_on_the_same_step(lora_run, full_run, data, tiny_qwen25):
     """The FLOPs train.py logs for step 1 (full fine-tune and LoRA) equal what bench/bench_train.py computes for the
-    same sample (bench_train.prepare): train.matmul_costs of a meta-device model of the config, here with the run's
-    trained parameters, and train.step_flops. So both MFUs share one numerator. LoRA's count is lower: its frozen
+    same sample (bench_train.prepare): flops.matmul_costs of a meta-device model of the config, here with the run's
+    trained parameters, and flops.step_flops. So both MFUs share one numerator. LoRA's count is lower: its frozen
     base weights do no weight gradient (test_bench checks each rate against torch's FLOP counter)."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config, proc = AutoConfig.from_pretrained(tiny_qwen25), model.load_processor(tiny_qwen25)
-    files, entries = train.build_mixture(mixture(data), seed=3)
+    files, entries = mixture.build_mixture(mixture_spec(data), seed=3)
     lengths = [[1] * len(recs) for _, recs in files]
-    step1 = train.StepPlanner(entries, lengths, SimpleNamespace(seed=3, grad_accum=1, batch_size=1, max_tokens=0,
+    step1 = mixture.StepPlanner(entries, lengths, SimpleNamespace(seed=3, grad_accum=1, batch_size=1, max_tokens=0,
                                                                 max_length=512, pack=False), 1).block(0)[0]
-    samples = [train.sample_stats(model.tokenize(files[f][1][i], proc)) for f, i in step1]
-    flops = {}
+    samples = [mixture.sample_stats(model.tokenize(files[f][1][i], proc)) for f, i in step1]
+    logged = {}
     for name, out, flags in (("full", full_run, []), ("lora", lora_run, MAIN)):
         with torch.device("meta"):
             meta = AutoModelForImageTextToText.from_config(config)
         args = train.get_args(lora_args(data, tiny_qwen25, out, *flags))
         train.apply_lora(meta, args)
         train.set_trainable(meta, args)
-        flops[name] = sum(train.step_flops(train.matmul_costs(meta), config, samples).values())
-        assert metrics(out)[0]["flops"] == flops[name], name
-    assert flops["lora"] < flops["full"]
+        logged[name] = sum(flops.step_flops(flops.matmul_costs(meta), config, samples).values())
+        assert metrics(out)[0]["flops"] == logged[name], name
+    assert logged["lora"] < logged["full"]
 
 
 @pytest.mark.slow

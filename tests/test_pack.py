@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import attention
+import mixture
 import model
 import train
 from test_train import common, data, in_process, metrics  # noqa: F401 (data: a fixture)
@@ -198,8 +199,8 @@ def test_pack_rows_balances_ranks_and_keeps_every_sample():
         world, rows_per_rank = int(rng.integers(1, 5)), int(rng.integers(1, 3))
         capacity = int(rng.integers(300, 3000))
         lengths = rng.integers(20, 2500, int(rng.integers(0, 40))).tolist()
-        plan = train.pack_rows(lengths, world, rows_per_rank, capacity)
-        assert plan == train.pack_rows(lengths, world, rows_per_rank, capacity)  # deterministic
+        plan = mixture.pack_rows(lengths, world, rows_per_rank, capacity)
+        assert plan == mixture.pack_rows(lengths, world, rows_per_rank, capacity)  # deterministic
         counts = {len(r) for r in plan}
         assert len(counts) == 1 and counts.pop() >= rows_per_rank  # the same number of rows on every rank
         flat = sorted(i for rank in plan for row in rank for i in row)
@@ -211,7 +212,7 @@ def test_pack_rows_balances_ranks_and_keeps_every_sample():
     # balance: 16 samples of mixed lengths on 4 ranks: the spread between the heaviest and the lightest rank is
     # a fraction of what dealing the same samples in stream order (unpacked training) gives
     lengths = [300, 6000, 450, 2200, 5100, 800, 300, 3900, 1200, 600, 5800, 350, 2500, 700, 4100, 900]
-    plan = train.pack_rows(lengths, 4, 1, 12288)
+    plan = mixture.pack_rows(lengths, 4, 1, 12288)
     loads = [sum(lengths[i] for row in rank for i in row) for rank in plan]
     dealt = [sum(lengths[r::4]) for r in range(4)]
     assert max(loads) - min(loads) < (max(dealt) - min(dealt)) / 5, (loads, dealt)

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import attention
+import mixture
 import model
 import train
 from cli_helpers import run_main
@@ -72,12 +74,12 @@ def data(tmp_path_factory):
     return write_records(tmp_path_factory.mktemp("records"))
 
 
-def mixture(data):
+def mixture_spec(data):
     return f"{data}/img.jsonl,{data}/text.jsonl*2"
 
 
 def common(data, tiny, out, steps=6):
-    return ["--model", tiny, "--data", mixture(data), "--out", str(out), "--max-steps", str(steps),
+    return ["--model", tiny, "--data", mixture_spec(data), "--out", str(out), "--max-steps", str(steps),
             "--save-every", "2", "--keep-last", "2", "--max-length", "512", "--lr", "1e-3", "--warmup-ratio", "0.2",
             "--seed", "3"]
 
@@ -199,18 +201,18 @@ def run_hooked(tmp_path, hooks, step, train_args, ranks=2):
 
 
 def test_parse_mixture_and_errors():
-    assert train.parse_mixture("a.jsonl*25, b.jsonl%50,c.jsonl,d.jsonl%12.5*2") == [
+    assert mixture.parse_mixture("a.jsonl*25, b.jsonl%50,c.jsonl,d.jsonl%12.5*2") == [
         ("a.jsonl", 25, 100.0), ("b.jsonl", 1, 50.0), ("c.jsonl", 1, 100.0), ("d.jsonl", 2, 12.5)]
     for bad, why in (("a.jsonl*1.5", "whole number"), ("a.jsonl%0", "(0, 100]"), ("a.jsonl%150", "(0, 100]"),
                      ("a.jsonl*x", "not a number"), (",", "names no file")):
         with pytest.raises(ValueError) as e:
-            train.parse_mixture(bad)
+            mixture.parse_mixture(bad)
         assert why in str(e.value) and bad in str(e.value)
 
 
 def planner(entries, lengths, world=2, grad_accum=2, batch_size=2, max_tokens=0, pack=False, start=(0, 0), seed=5):
     args = SimpleArgs(seed=seed, grad_accum=grad_accum, batch_size=batch_size, max_tokens=max_tokens, max_length=512, pack=pack)
-    return train.StepPlanner(entries, lengths, args, world, *start)
+    return mixture.StepPlanner(entries, lengths, args, world, *start)
 
 
 class SimpleArgs:
@@ -222,19 +224,19 @@ def test_mixture_repeats_subsets_and_every_entry_once_per_pass(tmp_path):
     for name, n in (("a", 10), ("b", 40)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
             {"id": f"{name}{i}", "messages": [{"role": "user", "content": "hi"}]}) + "\n" for i in range(n)))
-    files, entries = train.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", seed=0)
+    files, entries = mixture.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", seed=0)
     assert np.bincount(entries[:, 0]).tolist() == [30, 10]
     a = entries[entries[:, 0] == 0, 1]
     assert sorted(a.tolist()) == sorted(list(range(10)) * 3)
     b = entries[entries[:, 0] == 1, 1]
     assert len(set(b.tolist())) == 10
     # the subset is seeded: same seed same subset, another seed another subset
-    assert np.array_equal(train.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", 0)[1], entries)
-    assert not np.array_equal(train.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", 1)[1], entries)
+    assert np.array_equal(mixture.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", 0)[1], entries)
+    assert not np.array_equal(mixture.build_mixture(f"{tmp_path}/a.jsonl*3,{tmp_path}/b.jsonl%25", 1)[1], entries)
     with pytest.raises(UserError, match="nope.jsonl"):
-        train.build_mixture(f"{tmp_path}/nope.jsonl", 0)
+        mixture.build_mixture(f"{tmp_path}/nope.jsonl", 0)
     with pytest.raises(UserError, match=f"{tmp_path} is a folder: give a record file .*a.jsonl"):
-        train.build_mixture(f"{tmp_path}", 0)
+        mixture.build_mixture(f"{tmp_path}", 0)
     # the steps of a pass (40 entries, 8 a step) hold every entry once, whatever the ranks; the next pass is
     # another permutation
     lengths = [np.full(30, 10), np.full(40, 10)]
@@ -252,15 +254,15 @@ def measured(data, tiny_qwen25):
     """(files, entries, lengths at --max-length 512, processor) of the test mixture (record_lengths on a
     one-process group)."""
     proc = model.load_processor(tiny_qwen25)
-    files, entries = train.build_mixture(mixture(data), seed=0)
+    files, entries = mixture.build_mixture(mixture_spec(data), seed=0)
     train.dist.init_process_group("gloo", store=train.dist.HashStore(), rank=0, world_size=1)
     try:
-        lengths = train.record_lengths(files, proc, 512, "skip", torch.device("cpu"))
+        lengths = mixture.record_lengths(files, proc, 512, "skip", torch.device("cpu"))
         with pytest.raises(UserError, match=r"\.jsonl:\d+ \(record '\w+'\): \d+ tokens > --max-length 40 \(see --overlong\)"):
-            train.record_lengths(files, proc, 40, "error", torch.device("cpu"))
+            mixture.record_lengths(files, proc, 40, "error", torch.device("cpu"))
         with pytest.raises(UserError, match="every record is longer than --max-length 5"):
-            train.record_lengths(files, proc, 5, "skip", torch.device("cpu"))
-        short = train.record_lengths(files, proc, 40, "truncate", torch.device("cpu"))
+            mixture.record_lengths(files, proc, 5, "skip", torch.device("cpu"))
+        short = mixture.record_lengths(files, proc, 40, "truncate", torch.device("cpu"))
     finally:
         train.dist.destroy_process_group()
     # model.sample_length (headers only) == the tokenized length
@@ -308,7 +310,7 @@ def test_steps_are_the_same_with_workers_and_truncate_cuts(measured, tiny_qwen25
 
     def steps(start, workers, n, plan=None, files=files, max_length=512):
         args.max_length = max_length
-        ds = train.Steps(plan or planner(entries, lengths, pack=True), 1, start, files, proc, net, args)
+        ds = mixture.Steps(plan or planner(entries, lengths, pack=True), 1, start, files, proc, net, args)
         it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
         return [next(it) for _ in range(n)]
 
@@ -317,7 +319,7 @@ def test_steps_are_the_same_with_workers_and_truncate_cuts(measured, tiny_qwen25
         assert g == g2 and [s[:2] for s in info["samples"]] == [s[:2] for s in info2["samples"]]
         assert all(torch.equal(a[k], b[k]) for a, b in zip(micro, micro2) for k in a if a[k] is not None)
     text = [i for i, n in enumerate(lengths[1]) if n > 40]
-    cut = train.load_sample(files, (1, text[0]), proc, 40)
+    cut = mixture.load_sample(files, (1, text[0]), proc, 40)
     assert len(cut["input_ids"]) == 40 and text
     gone = [(path, [dict(r, images=[str(Path(r["images"][0]).with_name("gone.png"))]) if r["images"] else r
                     for r in recs]) for path, recs in files]
@@ -350,8 +352,8 @@ def test_flag_mistakes_are_one_line_errors():
 def test_attention_choices_leave_args_alone_and_fp32_gets_no_flash_kernel(monkeypatch):
     """On a (simulated) GPU: bf16 gets flash_attention_2 / varlen, fp32 the exact paths (flash kernels take bf16
     only), and an explicit flash request in fp32 is one line. The flags are never rewritten."""
-    monkeypatch.setattr(model, "default_attn", lambda device: "flash_attention_2")
-    monkeypatch.setattr(model, "varlen_kernel", lambda device, dtype: "reference" if dtype == torch.float32 else "flash_attn")
+    monkeypatch.setattr(attention, "default_attn", lambda device: "flash_attention_2")
+    monkeypatch.setattr(attention, "varlen_kernel", lambda device, dtype: "reference" if dtype == torch.float32 else "flash_attn")
     gpu = torch.device("cuda", 0)
     args = train.get_args(["--model", "m", "--data", "d", "--out", "o", "--pack"])
     before = dict(vars(args))
@@ -359,7 +361,7 @@ def test_attention_choices_leave_args_alone_and_fp32_gets_no_flash_kernel(monkey
         "attn": "flash_attention_2", "text_varlen": False, "vision_varlen": True, "varlen_kernel": "flash_attn"}
     assert train.choose_attention(args, gpu, torch.float32) == {
         "attn": "sdpa", "text_varlen": False, "vision_varlen": False, "varlen_kernel": "reference"}
-    monkeypatch.setattr(model, "default_attn", lambda device: "sdpa")
+    monkeypatch.setattr(attention, "default_attn", lambda device: "sdpa")
     assert train.choose_attention(args, gpu, torch.bfloat16)["text_varlen"]  # --pack, no flash-attn: varlen rows
     assert vars(args) == before
     args.attn = "flash_attention_2"
