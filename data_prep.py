@@ -5,7 +5,6 @@ arguments and summary). Layouts, tiling rules, record format: docs/data.md; benc
 
     python data_prep.py dota --root DOTA/train DOTA/val --split train --patch 512 --out data/dota
     python data_prep.py dota --root DOTA/val --split val --out data/dota          # every patch + ground truth
-    python data_prep.py dota --root DOTA/test --split test --out data/dota        # no labels: prompts only
     python data_prep.py dota --root DOTA/train --split train --rates 0.5,1.0,1.5 --gap 500 --out data/dota_ms
     python data_prep.py fair1m --root FAIR1M/train/part1 --split train --out data/fair1m
     python data_prep.py dior --root DIOR-R --split trainval --out data/dior     # --split all: every annotated image
@@ -42,7 +41,7 @@ Image.MAX_IMAGE_PIXELS = None  # DOTA-v2 has 20000 x 20000 images
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 # -----------------------------------------------------------------------------
-# Records (the wording of every prompt is model.py's "Prompts" section)
+# Records (the wording of every prompt is prompts.py's)
 
 
 def box_forms(args, default):
