@@ -478,11 +478,8 @@ def lrs_tables(rows, rule):
 def score_lrs_vqa(records, preds, cut):
     """Per dataset: the official and rscovlm rules' tables (lrs_tables), and RSCoVLM's contain beside them."""
     wn, where = load_wordnet()
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         rows = []
         for r in recs:
             meta = r.get("meta") or {}
@@ -549,11 +546,8 @@ def mme_letter(text, choices):
 def score_mme(records, preds, cut):
     """Per dataset: accuracy per category and overall under the official letter rule and RSCoVLM's contain rule;
     how many answers the official rule reads as E (the "not in the image" option) and as no letter."""
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         rows, chose_e, no_letter = [], 0, 0
         for r in recs:
             meta = r.get("meta") or {}
@@ -675,11 +669,8 @@ def xlrs_letters(text):
 
 def score_xlrs(records, preds, cut):
     """Per dataset: official micro and macro accuracy, per task and per subtask."""
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         rows = []
         for r in recs:
             meta = r.get("meta") or {}
@@ -797,12 +788,9 @@ def vhm_counting(recs, preds):
 def score_vhm(records, preds):
     """Per dataset (one VHM part each, meta["vhm_part"]): counting MAE/MAPE, else accuracy in percent under the
     official and rscovlm rules ("accuracy" = rscovlm's, the headline)."""
-    by_dataset = defaultdict(list)
-    for r in records:
-        by_dataset[r["dataset"]].append(r)
     score = {"presence": vhm_presence, "color": vhm_color, **{p: vhm_choice for p in VHM_CHOICE}}
     out = {}
-    for name, recs in sorted(by_dataset.items()):
+    for name, recs in by_dataset(records):
         part = recs[0]["meta"]["vhm_part"]
         res = {"part": part, "n": len(recs), "missing": sum(r["id"] not in preds for r in recs)}
         if part == "counting":
