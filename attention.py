@@ -4,8 +4,9 @@ layer, each sequence attending only to itself.
 
 transformers' Qwen-VL vision attention calls sdpa once per image or window (a Python loop over
 `lengths.tolist()`: ~81 calls x 32 blocks per 1008-px image), unless the implementation's name contains
-"flash", in which case it makes ONE call with the sequence boundaries (cu_seqlens). Measured on an H100
-(BENCHMARKS.md): a 7B training step 5.6 s with the loop, 1.9 s with one varlen call per layer. The same
+"flash", in which case it makes ONE call with the sequence boundaries (cu_seqlens). Measured on an H100 before
+this project's BENCHMARKS.md existed (torch 2.11, no flash-attn; not re-measured since): a 7B training step 5.6 s
+with the loop, 1.9 s with one varlen call per layer. The same
 function serves packed language-model rows (train.py --pack): one row holds several samples, their boundaries
 come with the row from model.pack(), and attention is causal within each sample only.
 

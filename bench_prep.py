@@ -1,7 +1,7 @@
 """
 bench_prep.py — convert the benchmarks RSCoVLM reports on into rscovlm records (JSONL), from their published
 files. The training sets' converters and the helpers these build on (atomic writes, summaries, --skip-bad,
-the answer-token report) are data_prep.py's; docs/data.md lists where each benchmark comes from.
+the answer-token report) are data_prep.py's; docs/bench_prep.md lists where each benchmark comes from.
 
     python bench_prep.py lrs-vqa --json LRS_VQA/LRS_VQA_merged.jsonl --images ROOT --split test --out data/bench/lrs
     python bench_prep.py mme-realworld --json MME-RealWorld/MME_RealWorld_remote_sensing.json --out data/bench/mme
@@ -908,7 +908,7 @@ def run_xlrs_bench(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description="Benchmark files -> rscovlm records (docs/bench_prep.md)", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__)
     add_debug_flag(p)
     sub = p.add_subparsers(dest="source", required=True)

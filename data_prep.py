@@ -1102,7 +1102,7 @@ def add_box_forms_flag(sp, det=True):
         sp.add_argument("--box-format", choices=list(prompts.DET_FORMAT), default="poly", metavar="F",
                         help="box kind in answers: poly, hbox or rbox")
     sp.add_argument("--box-forms", default=None, metavar="F,..",
-                    help="one record per box form, e.g. hbox,rbox,poly (default: --box-format)")
+                    help="one record per box form, e.g. hbox,rbox,poly (default: --box-format, hbox for rsvg)")
 
 
 def build_parser():

@@ -979,7 +979,7 @@ def get_args(argv=None):
     ap.add_argument("--out", help="output folder: predictions.jsonl, metrics.json, merged/, vis/ (required with --ckpt; "
                                   "default with --preds: the predictions file's folder)")
     ap.add_argument("--json-out", help="metrics file (default: OUT/metrics.json when --out is given)")
-    ap.add_argument("--gt", help="DOTA labelTxt folder: ground truth for --dota-task1, and for scoring --merge results")
+    ap.add_argument("--gt", help="ground-truth folder (DOTA labelTxt or FAIR1M labelXml) for --dota-task1 and --merge")
     ap.add_argument("--imageset", help="file with one image name per line: score only these (default: every label file in --gt)")
     ap.add_argument("--task", type=int, choices=[1, 2], default=1, help="--dota-task1: 1 = oriented polygons, 2 = horizontal boxes (default %(default)s)")
     ap.add_argument("--classes", help="class list: dota1.0 | dota1.5 | dota2.0 | dior | fair1m | a file with one class per line "

@@ -68,7 +68,7 @@ def table_value(label, value):
 
 # The headline metric of each section, for the row of a task that --limit left without records (n = 0).
 HEADLINE_LABEL = {"det": "mAP", "ground": "Acc@0.5", "vqa": "OA", "cls": "accuracy", "caption": "CIDEr-D",
-                  "lrs_vqa": "average", "mme_realworld": "overall"}
+                  **{s: f"{label} ({rule})" for s, (label, rule) in eval_vqa.BENCHMARK_HEADLINES.items()}}
 
 # The secondary metrics of each section of a metrics.json, after its headline: (label, getter of one dataset's
 # result). A getter that finds no number (METEOR without Java, a key an older metrics.json lacks) adds no row.
@@ -153,10 +153,10 @@ def find_benchmarks(bench, only, out):
 
 
 def section_of(record):
-    """The metrics.json section a record is scored in: its task, or for LRS-VQA / MME-RealWorld questions the
-    benchmark's own (eval_vqa.evaluate's routing)."""
+    """The metrics.json section a record is scored in: its task, or for LRS-VQA / MME-RealWorld / XLRS-Bench
+    questions the benchmark's own (eval_vqa.evaluate's routing)."""
     bench = (record.get("meta") or {}).get("benchmark")
-    return bench if record["task"] == "vqa" and bench in ("lrs_vqa", "mme_realworld") else record["task"]
+    return bench if record["task"] == "vqa" and bench in eval_vqa.BENCHMARK_HEADLINES else record["task"]
 
 
 # -----------------------------------------------------------------------------

@@ -14,8 +14,9 @@ scores), the printed tables percent:
   two rules named in the output: "exact" (normalised exact match, below) and "contain" (RSCoVLM's rule:
   the lower-cased, '.'-stripped GT is a substring of the prediction). Counting questions also report MAE
   where both the GT and the prediction are numbers; the rest are counted as not numeric.
-  RSVQA bucketed answers (LR counts "0 | between 1 and 10 | ... | more than 1000", HR areas in m2) are
-  compared by bucket: "34" is exact-correct for "between 11 and 100".
+  RSVQA bucketed answers (LR counts "0 | between 0 and 10 | between 10 and 100 | ... | more than 1000", HR areas in
+  m2; the paper's "between 11 and 100" spelling reads the same) are compared by bucket: "34" is exact-correct for
+  "between 10 and 100".
 - cls: accuracy (exact, contain), a confusion matrix in the JSON (rows GT, columns the class the
   normalised prediction equals, or "(other)"), a PNG of it with --vis.
 - caption: BLEU-1..4, METEOR (needs Java; the output says when it was skipped), ROUGE-L and CIDEr-D,
@@ -786,7 +787,7 @@ def vhm_counting(recs, preds):
 
 
 def score_vhm(records, preds):
-    """Per dataset (one VHM part each, meta["vhm_part"]): counting MAE/MAPE, else accuracy in percent under the
+    """Per dataset (one VHM part each, meta["vhm_part"]): counting MAE/MAPE, else accuracy (a fraction) under the
     official and rscovlm rules ("accuracy" = rscovlm's, the headline)."""
     score = {"presence": vhm_presence, "color": vhm_color, **{p: vhm_choice for p in VHM_CHOICE}}
     out = {}
@@ -817,6 +818,12 @@ def add_benchmark_scores(metrics, records, preds):
         metrics["headline_rules"] = rules
 
 
+# The vqa benchmarks scored by their own rules (their own metrics.json sections): the headline metric and its rule
+# (RSCoVLM's where it has one)
+BENCHMARK_HEADLINES = {"lrs_vqa": ("average", "rscovlm"), "mme_realworld": ("overall", "rscovlm"),
+                       "xlrs_bench": ("micro", "official")}
+
+
 def benchmark_headline(metrics, heads):
     """heads with the benchmarks' own numbers: contain accuracy where the records name it (GeoChat-Bench,
     VRSBench), VHM's MAE / MAPE / accuracy instead of the exact-rule OA."""
@@ -833,11 +840,9 @@ def benchmark_headline(metrics, heads):
             heads[f"vqa/{ds}: MAE"], heads[f"vqa/{ds}: MAPE"] = res["MAE"], res["MAPE"]
         else:
             heads[f"vqa/{ds}: accuracy (rscovlm)"] = res["rscovlm"]
-    for section, label, rule, key in (("lrs_vqa", "average", "rscovlm", "average"),
-                                      ("mme_realworld", "overall", "rscovlm", "overall"),
-                                      ("xlrs_bench", "micro", "official", "micro")):
+    for section, (label, rule) in BENCHMARK_HEADLINES.items():
         for ds, res in metrics.get(section, {}).items():  # RSCoVLM's rule where it has one
-            heads[f"{section}/{ds}: {label} ({rule})"] = res[rule][key]
+            heads[f"{section}/{ds}: {label} ({rule})"] = res[rule][label]
     return heads
 
 
@@ -868,7 +873,7 @@ def evaluate(records, preds, meteor=True, all_records=None, cut=None, zoom=None)
     by_task, bench = defaultdict(list), defaultdict(list)
     for r in records:
         b = (r.get("meta") or {}).get("benchmark") if r["task"] == "vqa" else None
-        (bench[b] if b in ("lrs_vqa", "mme_realworld", "xlrs_bench") else by_task[r["task"]]).append(r)
+        (bench[b] if b in BENCHMARK_HEADLINES else by_task[r["task"]]).append(r)
     scored = {r["id"] for r in records if r["task"] in TASKS}
     file_ids = {r["id"] for r in all_records}
     counts = {"records": len(all_records), "scored": len(scored),

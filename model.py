@@ -2,8 +2,9 @@
 model.py — everything in rscovlm that depends on the checkpoint.
 
 Loading a Qwen2.5-VL or Qwen3-VL checkpoint and its processor, the chat template, turning a record into
-training tensors (image tokens + label masking), batched generation, the resumable prediction loop the
-evaluation scripts share, and a tiny random-init checkpoint for tests and the CPU demo.
+training tensors (image tokens + label masking), batched generation (the built-in loop, transformers' generate,
+vLLM), the resumable prediction loop the evaluation scripts share, and the zoom-in chain. The tiny random-init
+checkpoint of the tests and the CPU demo is synth.py's; the attention kernels are attention.py's.
 
     from common import read_records
     from model import load, tokenize, generate

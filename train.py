@@ -210,7 +210,7 @@ def choose_attention(args, device, dtype):
         raise UserError(f"--vision-attn {vision}: give varlen or the language model's ({impl})")
     if device.type == "cuda" and vision != "varlen" and "flash" not in impl and dtype != torch.float32:
         warnings.warn("no varlen attention kernel (flash_attn, or torch >= 2.10's varlen_attn on sm80+): the vision "
-                      "tower runs one sdpa call per window, measured on an H100 at ~76% of a 7B step (BENCHMARKS.md). "
+                      "tower runs one sdpa call per window, measured on an H100 at ~76% of a 7B step (attention.py). "
                       "Install flash-attn or a newer torch.")
     return {"attn": impl, "text_varlen": text == "varlen", "vision_varlen": vision == "varlen", "varlen_kernel": kernel}
 

@@ -365,6 +365,21 @@ def test_limit_keeps_a_row_for_tasks_left_without_records(synth_data, tmp_path):
     assert eval_suite.fmt(None) == "-"
 
 
+def test_benchmark_sections_get_their_own_rows_and_no_stray_vqa_row():
+    """LRS-VQA / MME-RealWorld / XLRS-Bench questions are scored in their own metrics.json sections: a table of a
+    full run has their headline rows and no extra "vqa/...: OA" row with n = 0; under --limit their empty rows
+    carry the headline's rule label, as a full run's rows do."""
+    parts = [("vqa", eval_suite.section_of({"task": "vqa", "meta": {"benchmark": b}}), b) for b in
+             ("lrs_vqa", "mme_realworld", "xlrs_bench")]
+    assert [p[1] for p in parts] == ["lrs_vqa", "mme_realworld", "xlrs_bench"]
+    bench = {"name": "b", "split": "test", "parts": parts}
+    full = [{"metric": f"{s}/{ds}: x"} for _, s, ds in parts]  # every section has rows
+    assert eval_suite.rows_without_records(bench, "eval_vqa", full) == []
+    empty = [r["metric"] for r in eval_suite.rows_without_records(bench, "eval_vqa", [])]
+    assert empty == ["lrs_vqa/lrs_vqa: average (rscovlm)", "mme_realworld/mme_realworld: overall (rscovlm)",
+                     "xlrs_bench/xlrs_bench: micro (official)"]
+
+
 # -----------------------------------------------------------------------------
 # --watch: every checkpoint of a run, in step order, as it appears, resumable
 
