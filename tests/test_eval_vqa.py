@@ -245,8 +245,10 @@ def test_caption_scores_equal_pycocoevalcap():
     assert 0 < ours["CIDEr-D"] and 0 < ours["BLEU-4"] < ours["BLEU-1"] < 1  # the data is not degenerate
 
 
-@pytest.mark.slow  # METEOR's Java start (its paraphrase tables): 20-60 s
-def test_meteor_equals_pycocoevalcap():
+@pytest.mark.slow  # METEOR's Java start (its paraphrase tables): 10-30 s
+def test_meteor_equals_pycocoevalcap(monkeypatch):
+    """score_captions' METEOR equals pycocoevalcap's on the inputs pycocoevalcap's own evaluation makes. One Java
+    process serves both (each start loads the paraphrase tables): score_captions gets the same scorer."""
     if shutil.which("java") is None:
         pytest.skip("no java: METEOR is skipped (test_meteor_without_java_says_skipped)")
     from pycocoevalcap.meteor.meteor import Meteor
@@ -256,9 +258,11 @@ def test_meteor_equals_pycocoevalcap():
     gts, res = direct_inputs()
     gts, res = {k: gts[k] for k in preds}, {k: res[k] for k in preds}
     try:
-        direct = Meteor().compute_score(gts, res)[0]
+        meteor = Meteor()
+        direct = meteor.compute_score(gts, res)[0]
     except Exception as e:
         pytest.skip(f"pycocoevalcap METEOR does not run here: {e}")
+    monkeypatch.setattr(ev, "start_meteor", lambda: (meteor, None))
     assert ev.score_captions(records, preds)["rsicd"]["METEOR"] == direct
 
 
