@@ -11,9 +11,10 @@ Variants, each measured in the same run:
                          bf16): what a user with flash-attn installed gets from transformers alone
   project[+varlen][+pack][+fused][+ac-K]
                          train.py's step: train.apply_fsdp on a 1-process mesh, train.forward_backward,
-                         train.build_optimizer; +varlen = the vision tower through attention.varlen_attention (one call
+                         train.build_optimizer, the patch embedding as a matmul
+                         (model.use_linear_patch_embed); +varlen = the vision tower through attention.varlen_attention (one call
                          per block), +pack = packed rows (mixture.pack_rows + model.pack; language-model attention
-                         varlen too on a GPU with a varlen kernel), +fused = fused AdamW (CUDA only), +blocks =
+                         varlen too on a GPU with a varlen kernel), +fused = fused AdamW (train.py's default), +blocks =
                          one FSDP unit per vision block (train.py --vision-shard blocks), +ac-vision / +ac-full =
                          activation checkpointing of the vision blocks / of every block (train.py --ac)
 Per variant: step time (median after warm-up), tokens/s, padding fraction, attention calls per step (vision and
@@ -376,7 +377,7 @@ class Variant:
     flash: bool = False  # hf only: attn_implementation="flash_attention_2" (one varlen call per vision block)
     varlen: bool = False  # vision tower through attention.varlen_attention: one call per block, not per window
     pack: bool = False  # packed rows (mixture.pack_rows + model.pack) instead of right-padded micro-batches
-    fused: bool = False  # fused AdamW (CUDA only)
+    fused: bool = False  # fused AdamW (train.py's default; without: torch's per-parameter loop)
     shard: str = "tower"  # train.py --vision-shard: the vision tower as one FSDP unit, or one per block
     ac: str = "none"  # activation checkpointing: none | vision | full
 
@@ -387,14 +388,14 @@ class Variant:
         return "+".join([self.path, *flags] + ([f"ac-{self.ac}"] if self.ac != "none" else []))
 
 
-def all_variants(cuda, flash):
+def all_variants(flash):
     """Every variant: hf+flash where flash_attn imports (what a user with it installed runs), the project's step
     alone and with each speed-up, then --vision-shard blocks and activation checkpointing on the fastest one."""
-    best = dict(varlen=True, pack=True, fused=cuda)  # fused AdamW exists on CUDA only
+    best = dict(varlen=True, pack=True, fused=True)
     return [Variant("hf"), Variant("hf", ac="full")] + ([Variant("hf", flash=True)] if flash else []) + \
            [Variant("project"), Variant("project", varlen=True), Variant("project", pack=True),
             Variant("project", varlen=True, pack=True)] + \
-           ([Variant("project", varlen=True, pack=True, fused=True)] if cuda else []) + \
+           [Variant("project", varlen=True, pack=True, fused=True)] + \
            [Variant("project", **best, shard="blocks"), Variant("project", **best, ac="vision"),
             Variant("project", **best, ac="full")]
 
@@ -460,6 +461,7 @@ def build_variant(v, ctx):
     train.apply_ac(net, v.ac)
     train.apply_fsdp(net, dtype, ctx.mesh, v.shard)  # compute in dtype, fp32 master weights and gradient reduction
     attention.use_varlen_attention(net, vision=v.varlen, text=run["text_varlen"])
+    M.use_linear_patch_embed(net)
     dummy = train.DummyImage(net, ctx.proc)
     optimizer = train.build_optimizer(net, OPTIMIZER_ARGS, fused=v.fused)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -573,7 +575,7 @@ def setup(args):
         flash = f"yes ({flash_attn.__version__})"
     except Exception as e:  # noqa: BLE001  absent (ImportError) or built for another CUDA/torch (OSError, ...)
         flash = "no" if isinstance(e, ImportError) else f"broken ({type(e).__name__})"
-    variants = all_variants(cuda, flash.startswith("yes") and cuda and dtype == torch.bfloat16)
+    variants = all_variants(flash.startswith("yes") and cuda and dtype == torch.bfloat16)
     if args.variants:
         wanted = [n.strip() for n in args.variants.split(",") if n.strip()]
         unknown = [n for n in wanted if n not in [v.name for v in variants]]
@@ -655,7 +657,7 @@ def check_vision(ctx):
 def run_all(ctx, variants):
     """Each variant, one after the other; an OOM or a failure is reported and the next one runs."""
     cuda = ctx.device.type == "cuda"
-    print(f"  variants: {', '.join(v.name for v in variants)}" + ("" if cuda else " (fused AdamW variants: CUDA only)"))
+    print(f"  variants: {', '.join(v.name for v in variants)}")
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     results = []
     for v in variants:

@@ -37,7 +37,8 @@ def test_every_variant_runs_and_the_summary_ends_with_its_ratio_lines(bench_run)
     stdout, report = bench_run
     runs = variants(report)
     assert {"hf", "hf+ac-full", "project", "project+varlen", "project+pack", "project+varlen+pack",
-            "project+varlen+pack+blocks", "project+varlen+pack+ac-vision", "project+varlen+pack+ac-full"} <= set(runs)
+            "project+varlen+pack+fused", "project+varlen+pack+fused+blocks", "project+varlen+pack+fused+ac-vision",
+            "project+varlen+pack+fused+ac-full"} <= set(runs)
     assert all(v["status"] == "ok" for v in runs.values()), {n: v["status"] for n, v in runs.items()}
     lines = stdout.strip().splitlines()
     ratio = [ln for ln in lines if ln.startswith("ratio vs plain HF: ")]
@@ -69,9 +70,9 @@ def test_attention_calls_varlen_one_per_block_hf_one_per_window(bench_run):
         assert v["vision_attn_calls"] == per_segment > depth * v["tower_forwards"]
     # activation checkpointing reruns the blocks' forward in backward: twice the calls
     assert runs["hf+ac-full"]["vision_attn_calls"] == 2 * per_segment
-    assert runs["project+varlen+pack+ac-vision"]["vision_calls_per_block_forward"] == 2.0
-    assert runs["project+varlen+pack+ac-vision"]["text_attn_calls"] == runs["project+varlen+pack"]["text_attn_calls"]
-    assert runs["project+varlen+pack+ac-full"]["text_attn_calls"] == 2 * runs["project+varlen+pack"]["text_attn_calls"]
+    assert runs["project+varlen+pack+fused+ac-vision"]["vision_calls_per_block_forward"] == 2.0
+    assert runs["project+varlen+pack+fused+ac-vision"]["text_attn_calls"] == runs["project+varlen+pack"]["text_attn_calls"]
+    assert runs["project+varlen+pack+fused+ac-full"]["text_attn_calls"] == 2 * runs["project+varlen+pack"]["text_attn_calls"]
 
 
 @pytest.mark.slow
@@ -167,11 +168,11 @@ def test_real_configs_have_the_published_parameter_counts(name, billions, vision
         assert s["labels"][s["labels"] != -100][-1] == config.text_config.eos_token_id
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fam,lora", [("qwen2.5", False), ("qwen3", False), ("qwen2.5", True)])
 def test_step_flops_match_torch_flop_counter(fam, lora, tiny_qwen25, tiny_qwen3):
     """flops.step_flops (the MFU numerator of train.py and bench_train.py) against torch's FLOP counter on a real
-    forward + backward (tiny widths, a 1008-px image so Qwen2.5-VL's tower has many windows): the vision tower
+    forward + backward (tiny widths, a 308-px image: Qwen2.5-VL's tower runs 3 x 3 windows, the edge ones partial;
+    the window plan of larger images: test_window_plan_matches_transformers): the vision tower
     exactly; the language model exactly once its attention is counted the way sdpa's math kernel runs it (the
     whole T x T square, where step_flops counts the causal half). Every parameter trained: 4 FLOPs per weight
     and token for the patch embedding (no input gradient: the pixels need none), 6 for the rest. LoRA on the
@@ -196,7 +197,7 @@ def test_step_flops_match_torch_flop_counter(fam, lora, tiny_qwen25, tiny_qwen3)
     config = AutoConfig.from_pretrained(tiny)
     vc, tc = config.vision_config, config.text_config
     ip = Qwen2VLImageProcessorPil(patch_size=vc.patch_size, merge_size=2, temporal_patch_size=2,
-                                  size={"shortest_edge": bench_train.RSCOVLM_PIXELS[0], "longest_edge": bench_train.RSCOVLM_PIXELS[1]})
+                                  size={"shortest_edge": bench_train.RSCOVLM_PIXELS[0], "longest_edge": 128 * 28 * 28})
     proc = SimpleNamespace(image_processor=ip, patch_size=vc.patch_size, merge_size=2, image_token_id=config.image_token_id)
     sample = next(s for s in bench_train.synthetic_samples(8, config, proc, np.random.default_rng(0))
                   if int(s["image_grid_thw"][0, 1]) % (2 * 4))  # an image whose edge windows are partial

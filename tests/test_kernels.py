@@ -284,3 +284,29 @@ def test_a_row_without_boundaries_is_refused():
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="model.pack"):
         attention.varlen_attention(types.SimpleNamespace(is_causal=True), q, q, q, position_ids=torch.arange(4))
+
+
+@pytest.mark.parametrize("fam", ["qwen2.5", "qwen3"])
+def test_patch_embedding_as_a_matmul_equals_the_conv3d(fam, tiny_qwen25, tiny_qwen3):
+    """model.load (and train.py, bench_train.py's project step) run the vision patch embedding as x @ W.T + b:
+    the same output and the same weight/bias gradients as transformers' Conv3d over the processor's flattened
+    patches (a wrong flattening order or a dropped bias fails this), and the checkpoint's weights untouched."""
+    from transformers import AutoModelForImageTextToText
+
+    ckpt = tiny_qwen25 if fam == "qwen2.5" else tiny_qwen3
+    ours = model.load(ckpt)[0].model.visual.patch_embed
+    ref = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).model.visual.patch_embed
+    assert "forward" in vars(ours) and "forward" not in vars(ref)  # ours is patched, the reference is not
+    assert ours.proj.weight.shape == ref.proj.weight.shape and torch.equal(ours.proj.weight, ref.proj.weight)
+    x = torch.randn(37, ref.proj.weight[0].numel(), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for embed in (ours, ref):
+        y = embed(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y, embed.proj.weight.grad, embed.proj.bias.grad if embed.proj.bias is not None else None))
+    (y, gw, gb), (y_ref, gw_ref, gb_ref) = outs
+    assert y.shape == y_ref.shape and torch.allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(gw, gw_ref, atol=1e-5, rtol=1e-5)
+    assert (gb is None) == (gb_ref is None) == (fam == "qwen2.5")  # Qwen2.5-VL's patch embedding has no bias
+    if gb is not None:
+        assert torch.allclose(gb, gb_ref, atol=1e-5, rtol=1e-5)

@@ -1,6 +1,7 @@
 """model.py on the tiny checkpoints: loading, tokenization and label masking, image tokens, generation,
 the resumable prediction loop."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,46 @@ def test_load_image_as_transformers_and_the_processor_read_it(tmp_path):
         assert not np.array_equal(ours, np.asarray(Image.open(path).convert("RGB"))), name
     with pytest.raises(UserError, match="cannot read image .*nothing.png"):
         model.load_image(tmp_path / "nothing.png")
+
+
+def png_chunks(path):
+    """[(type, whole chunk bytes)] of a PNG file after its signature"""
+    data, chunks, i = Path(path).read_bytes(), [], 8
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        chunks.append((data[i + 4:i + 8], data[i:i + 12 + n]))
+        i += 12 + n
+    return chunks
+
+
+def test_image_size_reads_headers_only_and_agrees_with_load_image(tmp_path, monkeypatch):
+    """model.image_size (what train.py measures every record with) decodes no pixels of a JPEG or of a PNG without
+    trailing metadata (PIL's PNG getexif decodes the whole image), and still sees an EXIF orientation that a PNG
+    keeps after its pixel data: the size is always load_image's."""
+    from PIL import ImageFile
+
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # 90 degrees clockwise: load_image returns 40 wide, 64 high
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    Image.fromarray(pixels).save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    Image.fromarray(pixels).save(tmp_path / "rot_head.png", exif=exif.tobytes())
+    chunks = png_chunks(tmp_path / "rot_head.png")  # the same file with its eXIf chunk moved after the pixels
+    kinds = [k for k, _ in chunks]
+    assert kinds.index(b"eXIf") < kinds.index(b"IDAT")
+    moved = [c for c in chunks if c[0] != b"eXIf"]
+    moved.insert(len(moved) - 1, next(c for c in chunks if c[0] == b"eXIf"))  # before IEND
+    (tmp_path / "rot_tail.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(b for _, b in moved))
+    expected = {"plain.png": (40, 64), "rot.jpg": (64, 40), "rot_head.png": (64, 40), "rot_tail.png": (64, 40)}
+    for name, hw in expected.items():
+        assert model.load_image(tmp_path / name).size[::-1] == hw, name  # (w, h) -> (h, w)
+        assert model.image_size(tmp_path / name) == hw, name
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.format) or real_load(im))
+    for name in expected:
+        model.image_size(tmp_path / name)
+    assert decoded == ["PNG"]  # rot_tail.png alone: its orientation is after the pixels
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
