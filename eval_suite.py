@@ -25,8 +25,9 @@ ranks; rank 0 scores and writes the tables.
 
 --watch RUN (a train.py --out folder) scores the model the run started from as step 0, each RUN/export/step_N as
 it appears and RUN/final, each as one suite run named step_N (OUT/step_N/...), and writes a line per step to
-OUT/metrics_by_step.jsonl ({"step", "ckpt", "headline": {"BENCHMARK: task/dataset: metric": value}}) and a PNG of
-each headline against the step; it waits for a run that has not started yet, resumes, and ends once final is scored.
+OUT/metrics_by_step.jsonl ({"step", "ckpt", "headline": {"BENCHMARK: task/dataset: metric": value},
+"seconds": scoring time}) and a PNG of each headline against the step; it waits for a run that has not started
+yet, resumes, and ends once final is scored.
 
 Both eval scripts write fractions (0..1) into metrics.json; the tables show them x 100 (percent), except values
 in their own units (TABLE_UNITS: MAE). Each task/dataset gives its headline metric (the eval script's
@@ -442,7 +443,7 @@ def run_checkpoints(run_dir):
 
 def watch_run(run_dir, out_dir, evaluate, poll_s=30, idle_minutes=60):
     """Score a training run while it goes: evaluate(step, checkpoint) -> {headline name: value} for each
-    checkpoint of run_checkpoints, in step order, each a line {"step", "ckpt", "headline"} of
+    checkpoint of run_checkpoints, in step order, each a line {"step", "ckpt", "headline", "seconds"} of
     OUT/metrics_by_step.jsonl (steps already there are skipped: a stopped watcher resumes) and a point of
     OUT/metrics_by_step.png. Waits for a run that has not started; gives up (UserError) after idle_minutes
     without a new export while the run's metrics.jsonl does not grow either. Returns the lines once final is
@@ -458,7 +459,9 @@ def watch_run(run_dir, out_dir, evaluate, poll_s=30, idle_minutes=60):
         done = {line["step"] for line in lines}
         for step, ckpt in [(s, c) for s, c in run_checkpoints(run) if s not in done] if started else []:
             print(f"\n=== watch {run}: step {step} ({ckpt})", flush=True)
-            lines.append({"step": step, "ckpt": ckpt, "headline": evaluate(step, ckpt)})
+            t0 = time.time()
+            headline = evaluate(step, ckpt)
+            lines.append({"step": step, "ckpt": ckpt, "headline": headline, "seconds": round(time.time() - t0, 1)})
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(lines[-1]) + "\n")
             plot_metrics_by_step(lines, out / "metrics_by_step.png", title=str(run))

@@ -134,3 +134,10 @@ def test_demo_short_run_end_to_end(tmp_path):
     assert len(list(out.glob("pred_*.png"))) == 6  # 3 detection + 3 grounding images, boxes drawn
     table = (out / "summary.md").read_text()
     assert all(f"| {t} | {m} |" in table for t, m in tasks.items()) and "text prior" in table and table in p.stdout
+    # where the time went: each stage's seconds, adding up to the total; the table says the steps and the scoring
+    stages = summary["seconds_by_stage"]
+    assert list(stages) == ["model (synth.py model)", "data (synth.py data)", "training (launch.sh -> train.py)",
+                            "scoring (eval_suite.py --watch)", "this table", "total"]
+    assert all(v >= 0 for v in stages.values()) and stages["training (launch.sh -> train.py)"] > 1
+    assert sum(list(stages.values())[:-1]) == pytest.approx(stages["total"], abs=0.3)
+    assert "| 2 steps at " in table and "step 0 " in table and f"| total | {stages['total']:.0f} |" in table

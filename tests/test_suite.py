@@ -404,32 +404,35 @@ def export(path):
 def test_watch_waits_for_the_run_scores_exports_as_they_appear_and_resumes(tmp_path, monkeypatch, capsys):
     """Started together with launch.sh: the run folder appears late, then its exports one by one."""
     run, base = tmp_path / "run", tmp_path / "base"
-    seen = []
+    seen, said = [], []
 
     def evaluate(step, ckpt):
         seen.append(ckpt)
+        time.sleep(0.3 if step == 4 else 0)  # each line records its scoring time
         return {"b: ground/d: Acc@0.5": len(seen) / 10}
 
-    def wait_for(condition):  # then a while more: the watcher polls (every 0.1 s) and says it waits (0.15 s)
-        while not condition():
-            time.sleep(0.05)
-        time.sleep(0.35)
+    def saying(*a, **k):  # eval_suite's print, recorded: the run goes on once the watcher has said it waits
+        said.append(" ".join(map(str, a)))
+        print(*a, **k)
 
-    def scored():
-        log = tmp_path / "out" / "metrics_by_step.jsonl"
-        return len(log.read_text().splitlines()) if log.exists() else 0
+    def wait_until_said(text):  # however long the watcher takes (a busy machine: seconds), not a fixed sleep
+        t0 = time.time()
+        while not any(text in line for line in said):
+            assert time.time() - t0 < 30, (text, said)
+            time.sleep(0.05)
 
     def training_goes_on():
-        wait_for((tmp_path / "out").exists)  # the watcher has started and waits for the run to start
+        wait_until_said("waiting for the run to start")
         fake_run(run, base)
         export(run / "export" / "step_4")
         (run / "export" / "step_8.tmp").mkdir()  # an export being written: not a checkpoint yet
-        wait_for(lambda: scored() == 2)
+        wait_until_said("waiting for the next export (scored steps [0, 4])")
         shutil.rmtree(run / "export" / "step_8.tmp")
         export(run / "export" / "step_8")
-        wait_for(lambda: scored() == 3)
+        wait_until_said("waiting for the next export (scored steps [0, 4, 8])")
         export(run / "final")
 
+    monkeypatch.setattr(eval_suite, "print", saying, raising=False)
     monkeypatch.setattr(eval_suite, "WATCH_SAY_S", 0.15)  # its "still waiting" line (every 60 s in a log file)
     t = threading.Thread(target=training_goes_on)
     t.start()
@@ -440,6 +443,7 @@ def test_watch_waits_for_the_run_scores_exports_as_they_appear_and_resumes(tmp_p
     assert f"watch {run}: waiting for the next export (scored steps [0, 4])" in out
     assert seen == [str(base), str(run / "export" / "step_4"), str(run / "export" / "step_8"), str(run / "final")]
     assert [line["step"] for line in lines] == [0, 4, 8, 12]  # final at the run's last logged step
+    assert lines[1]["seconds"] >= 0.3 and all(0 <= line["seconds"] < 0.3 for line in lines[::2])
     logged = [json.loads(x) for x in (tmp_path / "out" / "metrics_by_step.jsonl").read_text().splitlines()]
     assert logged == lines and (tmp_path / "out" / "metrics_by_step.png").stat().st_size > 0
     # a watcher stopped after step 8 resumes with the final export only
