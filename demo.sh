@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# demo.sh — the whole rscovlm pipeline on the built-in default, on 2 CPU cores in about 9.5 minutes, with a
+# demo.sh — the whole rscovlm pipeline on the built-in default, on 2 CPU cores in about 10 minutes, with a
 # model that learns to find objects (BENCHMARKS.md "CPU demo that localises": the table over three seeds):
 #   tiny random-init Qwen3-VL (synth.py model) -> synthetic remote-sensing data (synth.py data: rich
 #   scenes for VQA/captions/classification, plus a localisation level of one large object per image) ->
@@ -11,9 +11,10 @@
 #   bash demo.sh SEED=1 OUT=runs/demo_s1  # another seed (model init, data, order)
 #   bash demo.sh STEPS=200 OUT=/tmp/quick # a quick pass through every stage (it does not localise yet)
 #
-# Outputs in OUT: summary.json and summary.md (the table), curves.png (each task's headline metric against the
-# step), pred_*.png (held-out images, ground truth green, prediction red), train/ (checkpoints, exports,
-# loss.png), eval/ (per step: eval/step_N/BENCHMARK/eval_det|eval_vqa/). Re-running resumes each stage.
+# Outputs in OUT: summary.json and summary.md (the table, and the seconds each stage took), curves.png (each
+# task's headline metric against the step), pred_*.png (held-out images, ground truth green, prediction red),
+# train/ (checkpoints, exports, loss.png), eval/ (per step: eval/step_N/BENCHMARK/eval_det|eval_vqa/).
+# Re-running resumes each stage.
 # Why this model and data localise when the old 64-wide demo did not: BENCHMARKS.md "CPU demo".
 set -euo pipefail
 for kv in "$@"; do export "$kv"; done
