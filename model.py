@@ -463,7 +463,7 @@ def image_size(path):
         with Image.open(path) as im:
             w, h = im.size
             # PIL's PNG getexif decodes the whole image first, in case an eXIf or XMP chunk follows the pixels
-            # (train.py measured every record that way: 2 ms a 512-px PNG, ~50 ms a DOTA 4000-px one)
+            # (train.py measured every record that way: ~90 ms for a 1,100-px DOTA PNG, 0.2 ms for its header)
             header_only = im.format == "PNG" and not _png_chunks_after_pixels(path)
             exif = Image.Image.getexif(im) if header_only else im.getexif()
             if exif.get(0x0112) in (5, 6, 7, 8):  # the orientations that turn the image by 90 degrees
