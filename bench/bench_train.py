@@ -11,12 +11,12 @@ Variants, each measured in the same run:
                          bf16): what a user with flash-attn installed gets from transformers alone
   project[+varlen][+pack][+fused][+ac-K]
                          train.py's step: train.apply_fsdp on a 1-process mesh, train.forward_backward,
-                         train.build_optimizer, the patch embedding as a matmul
-                         (model.use_linear_patch_embed); +varlen = the vision tower through attention.varlen_attention (one call
-                         per block), +pack = packed rows (mixture.pack_rows + model.pack; language-model attention
-                         varlen too on a GPU with a varlen kernel), +fused = fused AdamW (train.py's default), +blocks =
-                         one FSDP unit per vision block (train.py --vision-shard blocks), +ac-vision / +ac-full =
-                         activation checkpointing of the vision blocks / of every block (train.py --ac)
+                         train.build_optimizer, the patch embedding as a matmul (model.use_linear_patch_embed);
+                         +varlen = the vision tower through attention.varlen_attention (one call per block), +pack =
+                         packed rows (mixture.pack_rows + model.pack; language-model attention varlen too on a GPU
+                         with a varlen kernel), +fused = fused AdamW (train.py's default), +blocks = one FSDP unit
+                         per vision block (train.py --vision-shard blocks), +ac-vision / +ac-full = activation
+                         checkpointing of the vision blocks / of every block (train.py --ac)
 Per variant: step time (median after warm-up), tokens/s, padding fraction, attention calls per step (vision and
 language model, counted by wrapping transformers' attention functions), MFU (flops.step_flops, the formula
 train.py logs with, against the card's spec bf16 peak and, separately, a matmul peak measured in this run), peak
