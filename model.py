@@ -221,8 +221,9 @@ def use_linear_patch_embed(model):
 
     for name, embed in model.named_modules():  # model.visual.patch_embed; under PEFT, base_model.model.model.visual...
         conv = getattr(embed, "proj", None)
-        if name.endswith("visual.patch_embed") and isinstance(conv, torch.nn.Conv3d) and conv.stride == conv.kernel_size \
-                and conv.padding == (0, 0, 0) and conv.dilation == (1, 1, 1) and conv.groups == 1:
+        patchify = isinstance(conv, torch.nn.Conv3d) and conv.stride == conv.kernel_size and conv.groups == 1 \
+            and conv.padding == (0, 0, 0) and conv.dilation == (1, 1, 1)
+        if name.endswith("visual.patch_embed") and patchify:
             embed.forward = types.MethodType(_patch_embed_as_linear, embed)
 
 

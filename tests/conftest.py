@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-init checkpoints (built once per test session, per xdist worker) and the real samples."""
+"""Shared fixtures: tiny random-init checkpoints (built once per test session and xdist worker), the real samples."""
 import os
 from pathlib import Path
 
